@@ -1,0 +1,70 @@
+"""What one chunk of inference asked of the GPU: the record the core hands to a backend.
+
+The simulator prices exactly this record (it never re-derives routing), and hardware traces
+store it beside their measurements so that a run can be replayed through the simulator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class ExpertCost:
+    """Cost of one token through one expert: forward FLOPs and bytes moved (weights amortised
+    over the tokens of a chunk are not included; `weight_bytes` is reported separately)."""
+
+    flops: float
+    bytes: float
+    weight_bytes: float = 0.0
+    kind: str = "ffn"  # "ffn" | "zero" | "copy" | "constant" | "lact"
+
+
+@dataclass
+class LayerWorkload:
+    """One MoE (or dense) block's feed-forward work for the chunk."""
+
+    tokens_per_expert: list[int]          # [E] tokens routed to each expert (after drops)
+    expert_costs: list[ExpertCost]        # [E]
+    router_flops_per_token: float = 0.0
+    dropped_tokens: int = 0
+
+
+@dataclass
+class ChunkWorkload:
+    """Everything a backend needs to price or run one chunk.
+
+    tokens = batch * seq_len. Attention FLOPs follow from the shape fields.
+    """
+
+    tokens: int
+    batch: int
+    seq_len: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    layers: list[LayerWorkload] = field(default_factory=list)  # one per block, in order
+    dtype_bytes: int = 2
+    policy: str = ""
+
+    def expert_counts(self) -> list[list[int]]:
+        """Per-layer per-expert token counts, [L][E]."""
+        return [list(layer.tokens_per_expert) for layer in self.layers]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict) -> "ChunkWorkload":
+        layers = [
+            LayerWorkload(
+                tokens_per_expert=list(l["tokens_per_expert"]),
+                expert_costs=[ExpertCost(**c) for c in l["expert_costs"]],
+                router_flops_per_token=l.get("router_flops_per_token", 0.0),
+                dropped_tokens=l.get("dropped_tokens", 0),
+            )
+            for l in d.get("layers", [])
+        ]
+        rest = {k: v for k, v in d.items() if k != "layers"}
+        return ChunkWorkload(layers=layers, **rest)
