@@ -36,6 +36,9 @@ class TelemetryWindow:
     energy_mJ_start: float | None = None  # raw counter readings at the window edges
     energy_mJ_end: float | None = None
     flags: list[str] = field(default_factory=list)  # e.g. "stale", "counter_reset", "nan_repaired"
+    # Energy from integrating instant-power samples over the window (J): the counter's cross-check,
+    # and the estimate to use when the window is flagged "short_window" (shorter than one update).
+    energy_power_J: float | None = None
 
     @property
     def duration_s(self) -> float:

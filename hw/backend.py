@@ -1,0 +1,127 @@
+"""The hardware telemetry backend: runs a chunk's compute inside a measured NVML energy window.
+
+`NvmlBackend` implements `nectar.telemetry.TelemetryBackend`. It owns an NVML adapter, a
+background `SensorSampler` (instant power, temperatures, memory, SM clock, throttle reasons) and
+an `EnergyMeter`; `run_chunk` synchronises, reads the counter, runs `compute()`, synchronises,
+reads the counter again and returns a `TelemetryWindow`. Read-only: GPU settings are never changed.
+
+`device_index` is NVML's index; the default sync waits on torch's *current* CUDA device, so on a
+multi-GPU host set CUDA_DEVICE_ORDER=PCI_BUS_ID (same order as NVML) or pass your own `sync`.
+Without the sampler (`sample_period_s=None`) mean/peak power come from the two edge readings only.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable
+
+from hw.energy_meter import EnergyMeter, Measurement
+from hw.nvml_api import NvmlApi
+from hw.sampler import SensorSampler
+from nectar.telemetry import TelemetryWindow
+from nectar.workload import ChunkWorkload
+
+
+def measurement_to_window(m: Measurement) -> TelemetryWindow:
+    """TelemetryWindow of a closed Measurement; mean power falls back to energy / duration."""
+    s = m.sensors
+    flags = list(m.flags)
+    mean_power_W, peak_power_W = s.mean_power_W, s.peak_power_W
+    if mean_power_W is None:
+        mean_power_W = m.energy_J / m.duration_s if m.duration_s > 0 else math.nan
+        peak_power_W = mean_power_W
+        flags.append("power_from_energy")
+    return TelemetryWindow(
+        t_start_s=m.t_start_s,
+        t_end_s=m.t_end_s,
+        energy_J=m.energy_J,
+        mean_power_W=mean_power_W,
+        peak_power_W=peak_power_W,
+        gpu_temp_C=math.nan if s.gpu_temp_C is None else s.gpu_temp_C,
+        mem_temp_C=s.mem_temp_C,
+        mem_used_B=s.mem_used_B,
+        mem_total_B=s.mem_total_B,
+        sm_clock_MHz=s.sm_clock_MHz,
+        throttle_reasons=s.throttle_reasons,
+        samples=s.count,
+        energy_mJ_start=m.energy_mJ_start,
+        energy_mJ_end=m.energy_mJ_end,
+        flags=flags,
+        energy_power_J=m.power_energy_J,
+    )
+
+
+class NvmlBackend:
+    """Measured telemetry from one GPU. `sample_period_s=None` runs without the sampler thread."""
+
+    name = "nvml"
+
+    def __init__(
+        self,
+        device_index: int = 0,
+        sample_period_s: float | None = 0.01,
+        sync: Callable[[], Any] | None = None,
+        nvml: Any = None,
+        *,
+        clock: Callable[[], float] = time.perf_counter,
+        sleep: Callable[[float], Any] = time.sleep,
+        counter_period_s: float = 0.1,
+    ):
+        if sample_period_s is not None and not sample_period_s > 0:
+            raise ValueError(f"sample_period_s must be > 0 seconds or None (no sampler), got {sample_period_s}")
+        self.nvml = nvml if nvml is not None else NvmlApi(device_index)
+        self.sleep = sleep
+        self.sampler = None
+        if sample_period_s is not None:
+            self.sampler = SensorSampler(self.nvml, sample_period_s, clock=clock)
+        self.meter = EnergyMeter(
+            self.nvml, sync=sync, clock=clock, sampler=self.sampler, counter_period_s=counter_period_s,
+        )
+        if self.sampler is not None:
+            self.sampler.start()
+        self.last_measurement: Measurement | None = None
+        self._windows = 0
+        self._closed = False
+
+    def gpu_name(self) -> str:
+        return self.nvml.name()
+
+    def run_chunk(self, workload: ChunkWorkload | None, compute: Callable[[], Any] | None = None) -> TelemetryWindow:
+        """Measure `compute()` (the chunk's real forward pass); `workload` is carried, not priced."""
+        if workload is not None and not isinstance(workload, ChunkWorkload):
+            raise ValueError(f"workload must be a nectar.workload.ChunkWorkload or None, got {type(workload).__name__}")
+        if compute is not None and not callable(compute):
+            raise ValueError("compute must be a zero-argument callable (the chunk's forward pass) or None")
+        return self._measure("chunk", compute)
+
+    def idle(self, seconds: float) -> TelemetryWindow:
+        """Measure `seconds` of idle GPU (the host sleeps; the device is synchronised first)."""
+        if not (isinstance(seconds, (int, float)) and math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"idle seconds must be a finite number >= 0, got {seconds!r}")
+        return self._measure("idle", lambda: self.sleep(seconds))
+
+    def _measure(self, kind: str, compute: Callable[[], Any] | None) -> TelemetryWindow:
+        if self._closed:
+            raise RuntimeError("NvmlBackend is closed; create a new one")
+        self._windows += 1
+        with self.meter.window(f"{kind}#{self._windows}") as handle:
+            if compute is not None:
+                compute()
+        self.last_measurement = handle.measurement
+        return measurement_to_window(handle.measurement)
+
+    def close(self) -> None:
+        """Stop the sampler and shut NVML down; safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.sampler is not None:
+            self.sampler.stop()
+        self.nvml.shutdown()
+
+    def __enter__(self) -> "NvmlBackend":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,193 @@
+"""The NECTAR controller: the "meta" part that decides, per chunk, whether and how strongly the
+energy-aware routers adapt, from telemetry and the quality guard.
+
+Per chunk (after the chunk ran):
+1. the online cost model takes the chunk's workload and measured energy window;
+2. temperature and power pressure are dual variables: ν_T grows while the GPU temperature is
+   within `temp_margin_C` of the cap (or the slowdown threshold), ν_P while mean power exceeds
+   the budget; the effective quality weight is λ_eff = λ / (1 + ν_T + ν_P), so adaptation gets
+   stronger as headroom shrinks, and relaxes when it comes back;
+3. memory pressure above a threshold, or an untrustworthy telemetry window, skips the update;
+4. each layer's bias takes one optimizer step (`BiasOptimizer`) on the convex chunk problem with
+   the cost model's per-expert costs (normalised by the layer's most expensive expert);
+5. the quality guard scores the new candidate routing on held-out tokens and sets fallback/α;
+6. if the temperature is still above the cap with the routing already at its cheapest, the
+   controller asks for an idle pause (duty cycling), the last resort that costs throughput, not
+   quality.
+One `ControlRecord` per chunk is returned for the log.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nectar.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
+from nectar.cost_model import OnlineCostModel
+from nectar.energy_router import EnergyAwareRouter
+from nectar.quality_guard import QualityGuard
+from nectar.telemetry import TelemetryWindow
+from nectar.workload import ChunkWorkload
+
+
+@dataclass
+class ControllerConfig:
+    lam: float = 0.3                   # quality weight λ (per unit of normalised expert cost per nat)
+    lr: float = 0.5
+    momentum: float = 0.5
+    optimizer_mode: str = "dual"       # "dual" (KKT primal + dual ascent) or "gradient"
+    temp_cap_C: float | None = None    # hold the GPU below this temperature
+    slowdown_C: float = 89.0           # always keep away from the slowdown threshold
+    temp_margin_C: float = 2.0
+    power_budget_W: float | None = None
+    dual_lr: float = 0.5
+    max_pressure: float = 50.0
+    mem_pressure_skip: float = 0.95
+    allow_pause: bool = True
+
+    def __post_init__(self):
+        if not (math.isfinite(self.lam) and self.lam > 0):
+            raise ValueError(f"lambda must be a finite number > 0, got {self.lam}")
+        if self.temp_cap_C is not None and not 20.0 <= self.temp_cap_C <= 100.0:
+            raise ValueError(f"temp cap must be in [20, 100] °C, got {self.temp_cap_C}")
+        if self.power_budget_W is not None and not 10.0 <= self.power_budget_W <= 2000.0:
+            raise ValueError(f"power budget must be in [10, 2000] W, got {self.power_budget_W}")
+        if self.temp_margin_C <= 0 or self.dual_lr <= 0:
+            raise ValueError("temp_margin_C and dual_lr must be > 0")
+
+
+@dataclass
+class ControlRecord:
+    """What the controller saw and decided after one chunk."""
+
+    lam_eff: float
+    nu_temp: float
+    nu_power: float
+    alpha: float
+    fallback: bool
+    guard_excess: float | None
+    cost_residual: float | None
+    pause_s: float = 0.0
+    skipped: str = ""                  # why the update was skipped ("" = updated)
+    biases: list[list[float]] = field(default_factory=list)  # [L][E] after the update
+
+
+class NectarController:
+    """Drives one EnergyAwareRouter per MoE layer from telemetry, costs and the guard."""
+
+    def __init__(
+        self,
+        routers: list[EnergyAwareRouter],
+        cost_model: OnlineCostModel,
+        guard: QualityGuard,
+        config: ControllerConfig | None = None,
+        cost_layers: list[int] | None = None,
+    ):
+        self.config = config or ControllerConfig()
+        self.routers = routers
+        self.cost_model = cost_model
+        self.guard = guard
+        # which cost-model layer each router belongs to (dense blocks are in the cost model too)
+        self.cost_layers = cost_layers if cost_layers is not None else list(range(len(routers)))
+        self.optimizers = [
+            BiasOptimizer(r.num_experts, BiasOptimizerConfig(
+                lam=self.config.lam, lr=self.config.lr, momentum=self.config.momentum,
+                mode=self.config.optimizer_mode))
+            for r in routers
+        ]
+        self.nu_temp = 0.0
+        self.nu_power = 0.0
+        self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
+
+    def _temperature_limit(self) -> float:
+        cap = self.config.slowdown_C - self.config.temp_margin_C
+        return cap if self.config.temp_cap_C is None else min(cap, self.config.temp_cap_C)
+
+    def _update_pressure(self, window: TelemetryWindow) -> None:
+        cfg = self.config
+        limit = self._temperature_limit()
+        temp_signal = (window.gpu_temp_C - (limit - cfg.temp_margin_C)) / cfg.temp_margin_C
+        self.nu_temp = min(cfg.max_pressure, max(0.0, self.nu_temp + cfg.dual_lr * temp_signal))
+        if cfg.power_budget_W is not None:
+            power_signal = (window.mean_power_W - cfg.power_budget_W) / (0.1 * cfg.power_budget_W)
+            self.nu_power = min(cfg.max_pressure, max(0.0, self.nu_power + cfg.dual_lr * power_signal))
+
+    @property
+    def lam_eff(self) -> float:
+        return self.config.lam / (1.0 + self.nu_temp + self.nu_power)
+
+    def _normalised_costs(self) -> list[torch.Tensor]:
+        costs = self.cost_model.expert_costs()
+        out = []
+        for layer in self.cost_layers:
+            c = costs[layer].double()                                          # [E]
+            out.append(c / c.max().clamp_min(1e-12))
+        return out
+
+    def _skip_reason(self, window: TelemetryWindow) -> str:
+        if not window.is_valid():
+            return "invalid_telemetry"
+        pressure = window.memory_pressure
+        if pressure is not None and pressure > self.config.mem_pressure_skip:
+            return "memory_pressure"
+        return ""
+
+    def after_chunk(
+        self,
+        workload: ChunkWorkload,
+        window: TelemetryWindow,
+        layer_logits: list[torch.Tensor],
+        guard_nll: Callable[[], float],
+    ) -> ControlRecord:
+        """One control step. `layer_logits[l]` [N, E] are the chunk's gate logits per MoE layer;
+        `guard_nll()` scores the held-out guard batch under the routers' current candidate."""
+        skipped = self._skip_reason(window)
+        residual = None
+        if not skipped:
+            update = self.cost_model.update(workload, window)
+            residual = None if update is None else update.rel_error
+            self._update_pressure(window)
+            for layer, (opt, router, logits, c) in enumerate(
+                    zip(self.optimizers, self.routers, layer_logits, self._normalised_costs())):
+                opt.config.lam = self.lam_eff
+                q = torch.softmax(logits.double() / router.temperature, dim=-1)  # [N, E]
+                opt.step(q, c)
+                router.bias = opt.bias.float()
+                if layer == 0:
+                    self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": self.lam_eff,
+                                          "bias_online": opt.bias.numpy(),
+                                          "p_online": opt.routing_distribution(q).numpy()}
+        verdict = self._judge(guard_nll)
+        return ControlRecord(
+            lam_eff=self.lam_eff, nu_temp=self.nu_temp, nu_power=self.nu_power,
+            alpha=self.guard.alpha, fallback=self.guard.fallback,
+            guard_excess=None if verdict is None else verdict.excess,
+            cost_residual=residual, pause_s=self._pause(window), skipped=skipped,
+            biases=[r.bias.tolist() for r in self.routers],
+        )
+
+    def _judge(self, guard_nll: Callable[[], float]):
+        for router in self.routers:          # score the adapted candidate, not the fallback
+            router.fallback = False
+            router.alpha = self.guard.alpha
+        verdict = self.guard.judge(guard_nll())
+        for router in self.routers:
+            router.fallback = verdict.fallback
+            router.alpha = verdict.alpha
+        return verdict
+
+    def _pause(self, window: TelemetryWindow) -> float:
+        """Idle time to insert before the next chunk when routing alone cannot hold the cap."""
+        cfg = self.config
+        if not cfg.allow_pause or not window.is_valid():
+            return 0.0
+        over_temp = window.gpu_temp_C - self._temperature_limit()
+        over_power = 0.0 if cfg.power_budget_W is None else window.mean_power_W / cfg.power_budget_W - 1.0
+        saturated = self.nu_temp + self.nu_power >= 0.5 * cfg.max_pressure
+        if not saturated or (over_temp <= 0 and over_power <= 0):
+            return 0.0
+        fraction = max(over_temp / cfg.temp_margin_C, over_power * 10.0, 0.0)
+        return window.duration_s * min(1.0, fraction)
