@@ -1,0 +1,200 @@
+"""LaCT Algorithm 1: large-chunk test-time training of a SwiGLU fast-weight network.
+
+The functional kernel `swiglu_fast_weight` runs a token stream through per-head fast weights
+f_W(x) = W1 · (silu(W0 x) ⊙ (W2 x)) that take one update per chunk of `chunk_size` tokens. The
+update is the hand-derived minus-gradient of the inner loss L = −Σ_i η_i ⟨f_W(k_i), v_i⟩
+(DESIGN.md §4), followed by optional momentum, optional Muon (Newton–Schulz orthogonalisation)
+and weight normalisation back to the initial row norms. Heads are folded into the batch axis B.
+
+The pieces are exposed so that other fast-weight users (the LaCT expert, the fast-weight router)
+share one implementation: `swiglu_apply`, `swiglu_chunk_update`, `fast_weight_step`,
+`zeropower_via_newtonschulz5`, `renormalize_rows`, `row_norms`.
+
+Everything computes in the dtype of its inputs (fp64 in, fp64 out); mixed precision is the
+caller's choice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+NS5_STEPS = 5
+MUON_EPS = 1e-7
+WEIGHT_NORM_EPS = 1e-5
+
+Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def swiglu_apply(x: torch.Tensor, w0: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """f_W(x) = W1 · (silu(W0 x) ⊙ (W2 x)) for every token: x [B, L, dk] -> [B, L, dv]."""
+    gate = torch.bmm(x, w0.transpose(1, 2))  # [B, L, dh]
+    up = torch.bmm(x, w2.transpose(1, 2))  # [B, L, dh]
+    hidden = F.silu(gate) * up  # [B, L, dh]
+    return torch.bmm(hidden, w1.transpose(1, 2))  # [B, L, dv]
+
+
+def silu_derivative(x: torch.Tensor) -> torch.Tensor:
+    """d silu(x) / dx = σ(x) · (1 + x · (1 − σ(x)))."""
+    sigma = torch.sigmoid(x)
+    return sigma * (1 + x * (1 - sigma))
+
+
+def swiglu_chunk_update(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+) -> Weights:
+    """Hand-derived update (dW0, dW1, dW2) from one chunk: k [B, l, dk], v [B, l, dv], lr* [B, l, 1].
+
+    dWj = −∂Lj/∂Wj with Lj = −Σ_i lrj_i ⟨f_W(k_i), v_i⟩, i.e. with g = W0 k, h = W2 k,
+    hid = silu(g) ⊙ h and dhid = W1ᵀ v:
+        dW1 = Σ_i lr1_i v_i hid_iᵀ
+        dW2 = Σ_i lr2_i (dhid ⊙ silu(g))_i k_iᵀ
+        dW0 = Σ_i lr0_i (dhid ⊙ h ⊙ silu′(g))_i k_iᵀ
+    """
+    gate = torch.bmm(k, w0.transpose(1, 2))  # [B, l, dh]
+    up = torch.bmm(k, w2.transpose(1, 2))  # [B, l, dh]
+    gate_act = F.silu(gate)  # [B, l, dh]
+    hidden = gate_act * up  # [B, l, dh]
+    dhidden = torch.bmm(v, w1)  # [B, l, dh]  (rows of W1ᵀ v)
+    dup = dhidden * gate_act  # [B, l, dh]
+    dgate = dhidden * up * silu_derivative(gate)  # [B, l, dh]
+    dw1 = torch.bmm((v * lr1).transpose(1, 2), hidden)  # [B, dv, dh]
+    dw2 = torch.bmm((dup * lr2).transpose(1, 2), k)  # [B, dh, dk]
+    dw0 = torch.bmm((dgate * lr0).transpose(1, 2), k)  # [B, dh, dk]
+    return dw0, dw1, dw2
+
+
+def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int = NS5_STEPS, eps: float = MUON_EPS) -> torch.Tensor:
+    """Muon's Newton–Schulz quintic: push the singular values of each matrix g [..., r, c] towards 1.
+
+    X ← X / (‖X‖_F + eps), transposed when r > c so that A = X Xᵀ is the smaller Gram matrix,
+    then `steps` times X ← aX + (bA + cA²)X with (a, b, c) = (3.4445, −4.7750, 2.0315). The
+    quintic is tuned for speed, not exactness: singular values land near, not at, 1.
+    """
+    if g.ndim < 2:
+        raise ValueError(f"Newton–Schulz needs matrices [..., rows, cols], got shape {tuple(g.shape)}")
+    a, b, c = NS5_COEFFICIENTS
+    transpose = g.shape[-2] > g.shape[-1]
+    x = g.mT if transpose else g  # [..., r', c'] with r' <= c'
+    x = x / (torch.linalg.matrix_norm(x, ord="fro", keepdim=True) + eps)
+    for _ in range(steps):
+        gram = x @ x.mT  # [..., r', r']
+        x = a * x + (b * gram + c * gram @ gram) @ x  # [..., r', c']
+    return x.mT if transpose else x
+
+
+def row_norms(w: torch.Tensor) -> torch.Tensor:
+    """Norm of every row (over the last dimension): w [..., r, c] -> [..., r, 1]."""
+    return w.norm(dim=-1, keepdim=True)
+
+
+def renormalize_rows(w: torch.Tensor, target_norms: torch.Tensor, eps: float = WEIGHT_NORM_EPS) -> torch.Tensor:
+    """Weight norm: rescale each row of w [..., r, c] to `target_norms` [..., r, 1] (+eps in the divisor)."""
+    return w / (row_norms(w) + eps) * target_norms
+
+
+def fast_weight_step(
+    weights: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    previous_deltas: Sequence[torch.Tensor] | None = None,
+    momentum_gate: torch.Tensor | float | None = None,
+    use_muon: bool = False,
+    target_norms: Sequence[torch.Tensor] | None = None,
+    scale: float = 1.0,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """One optimizer step of matrix fast weights, in LaCT's order.
+
+    deltas are the raw updates (LaCT: minus gradient times per-token learning rates). With
+    `momentum_gate` m (a scalar or a tensor broadcasting against each delta, e.g. [B, 1, 1]) and
+    `previous_deltas`, dW ← dW + m·dW_prev. Then Muon (if `use_muon`), W ← W + scale·dW, and
+    weight norm to `target_norms` (if given). `scale` is 1 in LaCT; an optimizer with one scalar
+    learning rate passes minus gradients as deltas and the rate as `scale` (Muon's convention:
+    the rate multiplies the orthogonalised step). Returns (new weights, momentum-accumulated
+    deltas), the latter to pass as `previous_deltas` at the next chunk.
+    """
+    if len(weights) != len(deltas):
+        raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
+    accumulated = list(deltas)
+    if momentum_gate is not None and previous_deltas is not None:
+        accumulated = [d + momentum_gate * p for d, p in zip(deltas, previous_deltas)]
+    new_weights = []
+    for index, (w, d) in enumerate(zip(weights, accumulated)):
+        step = zeropower_via_newtonschulz5(d) if use_muon else d
+        w = w + step if scale == 1.0 else w + scale * step
+        if target_norms is not None:
+            w = renormalize_rows(w, target_norms[index])
+        new_weights.append(w)
+    return tuple(new_weights), tuple(accumulated)
+
+
+def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:
+    if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"expected q, k [B, L, dk] and v [B, L, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    batch, _, dk = q.shape
+    dv = v.shape[2]
+    dh = w0.shape[1] if w0.ndim == 3 else -1
+    expected = {"w0": (batch, dh, dk), "w2": (batch, dh, dk), "w1": (batch, dv, dh)}
+    for name, w in (("w0", w0), ("w1", w1), ("w2", w2)):
+        if tuple(w.shape) != expected[name]:
+            raise ValueError(f"{name} must have shape {expected[name]} (B, rows, cols), got {tuple(w.shape)}")
+    for name, lr in zip(("lr0", "lr1", "lr2"), lrs):
+        if tuple(lr.shape) != (batch, q.shape[1], 1):
+            raise ValueError(f"{name} must have shape {(batch, q.shape[1], 1)}, got {tuple(lr.shape)}")
+    if momentum is not None and tuple(momentum.shape) != (batch, q.shape[1], 1):
+        raise ValueError(f"momentum must be None or of shape {(batch, q.shape[1], 1)}, got {tuple(momentum.shape)}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def swiglu_fast_weight(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w0: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+    chunk_size: int,
+    *,
+    use_muon: bool = False,
+    momentum: torch.Tensor | None = None,
+    weight_norm: bool = True,
+    causal: bool = True,
+) -> tuple[torch.Tensor, Weights]:
+    """Run a stream through chunk-wise updated SwiGLU fast weights.
+
+    q, k [B, L, dk]; v [B, L, dv]; w0, w2 [B, dh, dk]; w1 [B, dv, dh]; lr0, lr1, lr2 [B, L, 1];
+    momentum None or [B, L, 1] in (0, 1). Returns out [B, L, dv] and the weights after the
+    update with every chunk (the last, possibly shorter, chunk included), so that a stream can
+    continue in a later call. causal=True: apply-then-update per chunk; causal=False:
+    update-then-apply. Weight norm restores the row norms of the weights passed in.
+    Momentum state does not cross calls (it starts at zero in each call).
+    """
+    _check_kernel_inputs(q, k, v, w0, w1, w2, (lr0, lr1, lr2), chunk_size, momentum)
+    weights: tuple[torch.Tensor, ...] = (w0, w1, w2)
+    target_norms = tuple(row_norms(w) for w in weights) if weight_norm else None  # [B, rows, 1] each
+    previous: tuple[torch.Tensor, ...] | None = None
+    outputs = []
+    for start in range(0, q.shape[1], chunk_size):
+        chunk = slice(start, start + chunk_size)
+        if causal:
+            outputs.append(swiglu_apply(q[:, chunk], *weights))  # [B, l, dv]
+        deltas = swiglu_chunk_update(k[:, chunk], v[:, chunk], *weights, lr0[:, chunk], lr1[:, chunk], lr2[:, chunk])
+        gate = None if momentum is None else momentum[:, chunk].mean(dim=1, keepdim=True)  # [B, 1, 1]
+        weights, previous = fast_weight_step(weights, deltas, previous, gate, use_muon, target_norms)
+        if not causal:
+            outputs.append(swiglu_apply(q[:, chunk], *weights))  # [B, l, dv]
+    out = torch.cat(outputs, dim=1) if outputs else v.new_zeros(v.shape)  # [B, L, dv]
+    return out, (weights[0], weights[1], weights[2])
