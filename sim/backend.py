@@ -1,0 +1,169 @@
+"""`SimBackend`: the simulator behind `nectar.telemetry.TelemetryBackend`.
+
+`run_chunk(workload)` prices the workload the core produced (roofline per kernel), runs it on the
+simpy GPU (power, leakage, RC thermal model, slowdown, power limit) and returns the telemetry
+window an NVML reader would have measured: counter differences at the edges, instant-power
+samples, integer temperatures. The controller sees only those sensor values; the noise-free truth
+of the same window is kept beside it in `last_truth` (and, with `record_trace=True`, every
+constant-power segment in `trace`) for tests and calibration.
+
+Deterministic: every random draw comes from numpy Generators spawned from `seed`; the simulated
+clock is simpy's, and no wall-clock value enters any result.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import simpy
+
+from nectar.telemetry import TelemetryWindow
+from nectar.workload import ChunkWorkload
+from sim.faults import FaultConfig, FaultInjector
+from sim.gpu import GPUState, SimGPU, TraceSegment
+from sim.pricing import ChunkPricer, memory_footprint_B
+from sim.power import PowerModel
+from sim.presets import GPUPreset, load_preset
+from sim.reader import WindowReader
+from sim.sensor import NvmlLikeSensor
+from sim.thermal import ThermalModel, steady_temperature
+
+
+@dataclass(frozen=True)
+class WindowTruth:
+    """What really happened during a window (never shown to the controller)."""
+
+    t_start_s: float
+    t_end_s: float
+    energy_J: float
+    mean_power_W: float
+    peak_power_W: float
+    temp_end_C: float
+    clock_end_MHz: float
+    throttled_s: float
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def _faults(faults: FaultConfig | str | None) -> FaultConfig:
+    if faults is None or isinstance(faults, str):
+        return FaultConfig.parse(faults)
+    if isinstance(faults, FaultConfig):
+        return faults
+    raise ValueError("faults must be a FaultConfig, a spec string like 'stale:0.1,nan:0.05' or None, "
+                     f"got {type(faults).__name__}")
+
+
+def _seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    return int(seed)
+
+
+class SimBackend:
+    """Simulated GPU telemetry. `preset`: a shipped name, a JSON path or a GPUPreset."""
+
+    name = "sim"
+
+    def __init__(self, preset: str | Path | GPUPreset = "h100_sxm", seed: int = 0,
+                 faults: FaultConfig | str | None = None, ambient_C: float | None = None,
+                 power_limit_W: float | None = None, record_trace: bool = False):
+        self.preset = load_preset(preset)
+        if power_limit_W is not None:
+            self.preset = self.preset.replace(power_limit_W=float(power_limit_W))
+        self.faults = _faults(faults)
+        ambient = self._ambient(ambient_C)
+        sensor_seq, fault_seq = np.random.SeedSequence(_seed(seed)).spawn(2)
+        self.env = simpy.Environment()
+        self.power = PowerModel(self.preset)
+        self.thermal = ThermalModel(self.preset.thermal_resistance_C_per_W, self.preset.thermal_capacitance_J_per_C, ambient)
+        injector = FaultInjector(self.faults, np.random.default_rng(fault_seq))
+        self.gpu = SimGPU(self.env, self.preset, self.power, self.thermal, injector.forced_throttle,
+                          self._initial_temp(), record_trace)
+        self.sensor = NvmlLikeSensor(self.env, self.gpu, self.preset, injector, np.random.default_rng(sensor_seq))
+        self.reader = WindowReader(self.env, self.sensor, self.preset,
+                                   counter_modulus_mJ=float(self.faults.wrap or 2**64))
+        self.pricer = ChunkPricer(self.preset)
+        self.last_truth: WindowTruth | None = None
+        self._mem_used_B = self.preset.memory_baseline_B
+        self._closed = False
+
+    def _ambient(self, ambient_C: float | None) -> float:
+        """Ambient °C: the fault hot_ambient wins over the argument, which wins over the preset."""
+        if ambient_C is not None and not (isinstance(ambient_C, (int, float)) and math.isfinite(ambient_C)):
+            raise ValueError(f"ambient_C must be a finite temperature in °C, got {ambient_C!r}")
+        value = self.preset.ambient_C if ambient_C is None else float(ambient_C)
+        if self.faults.hot_ambient is not None:
+            value = float(self.faults.hot_ambient)
+        if not value < self.preset.slowdown_C:
+            raise ValueError(f"ambient {value} °C is at or above the slowdown threshold {self.preset.slowdown_C} °C")
+        return value
+
+    def _initial_temp(self) -> float:
+        if self.preset.initial_temp_C is not None:
+            return self.preset.initial_temp_C
+        p = self.preset
+        return steady_temperature(p.idle_power_W, p.leakage_W_per_C, p.leakage_ref_C, self.thermal)
+
+    # ------------------------------------------------------------ TelemetryBackend
+    def gpu_name(self) -> str:
+        return self.preset.gpu_name
+
+    def run_chunk(self, workload: ChunkWorkload, compute: Callable[[], Any] | None = None) -> TelemetryWindow:
+        """Price and run `workload` on the simulated GPU; `compute` is ignored (nothing real runs)."""
+        self._check_open()
+        priced = self.pricer.price(workload)  # validates the workload first
+        self._mem_used_B = memory_footprint_B(workload, self.preset)
+        return self._measure(self.gpu.run_chunk(priced))
+
+    def idle(self, seconds: float) -> TelemetryWindow:
+        """Let the GPU idle for `seconds` of simulated time and return that window."""
+        self._check_open()
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (math.isfinite(seconds) and seconds >= 0):
+            raise ValueError(f"idle seconds must be a finite number >= 0, got {seconds!r}")
+        return self._measure(self.gpu.run_idle(float(seconds)))
+
+    def close(self) -> None:
+        self._closed = True
+
+    def __enter__(self) -> "SimBackend":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------ inspection
+    @property
+    def state(self) -> GPUState:
+        """True GPU state now (temperature, clock, power, energy, simulated time)."""
+        return self.gpu.state
+
+    @property
+    def trace(self) -> list[TraceSegment]:
+        if self.gpu.trace is None:
+            raise ValueError("no trace was recorded; create the backend with record_trace=True")
+        return self.gpu.trace
+
+    # ------------------------------------------------------------ internals
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("SimBackend is closed; create a new one")
+
+    def _measure(self, process) -> TelemetryWindow:
+        before = self.gpu.state
+        self.gpu.reset_peak()
+        self.reader.begin()
+        self.env.run(until=self.env.process(process))
+        window = self.reader.end(self._mem_used_B)
+        after = self.gpu.state
+        duration = after.time_s - before.time_s
+        energy = after.energy_J - before.energy_J
+        self.last_truth = WindowTruth(
+            before.time_s, after.time_s, energy, energy / duration if duration > 0 else math.nan,
+            self.gpu.peak_power_W, after.temperature_C, after.clock_MHz, after.throttled_s - before.throttled_s)
+        return window

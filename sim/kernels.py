@@ -1,0 +1,148 @@
+"""Workload → kernels: what one chunk asks of the GPU, kernel by kernel, with its roofline.
+
+A chunk is split into phases: token embedding, one phase per transformer block, final norm + LM
+head. Each phase holds the kernels an eager PyTorch MoE-GPT-2 launches (layer norms, qkv and
+output projections, fused causal attention, residual adds, router, token dispatch, one group of
+GEMMs per expert that received tokens). Per kernel the roofline gives
+
+    compute time = flops / (peak · efficiency)        (at max clock; scales as 1/clock)
+    memory time  = bytes / (bandwidth · efficiency)   (independent of the SM clock)
+    kernel time  = max(compute time / clock fraction, memory time) + launches · overhead
+
+This module is the readable definition (lists of `Kernel` records); `sim.pricing` evaluates the
+same formulas vectorised over layers and experts. Experts with no tokens launch nothing and read
+no weights; the MoE formulas below take scalars or numpy arrays alike so both paths share them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nectar.workload import ChunkWorkload
+from sim.presets import GPUPreset
+
+GEMM, ATTENTION, MEMORY = 0, 1, 2  # efficiency classes
+ROUTER_LAUNCHES = 3                # gate matmul, softmax, top-k
+DISPATCH_LAUNCHES = 2              # gather, scatter-add
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """One kernel (or group of identical launches): FLOPs, bytes moved and launch count."""
+
+    name: str
+    flops: float
+    bytes: float
+    launches: int
+    kind: int = GEMM  # GEMM | ATTENTION | MEMORY
+
+    def compute_s(self, preset: GPUPreset) -> float:
+        """Compute time at the max clock."""
+        if self.flops == 0:
+            return 0.0
+        eff = preset.attention_efficiency if self.kind == ATTENTION else preset.gemm_efficiency
+        return self.flops / (preset.peak_tflops * 1e12 * eff)
+
+    def memory_s(self, preset: GPUPreset) -> float:
+        return self.bytes / (preset.mem_bandwidth_GBps * 1e9 * preset.bandwidth_efficiency)
+
+    def time_s(self, preset: GPUPreset, clock_fraction: float = 1.0) -> float:
+        """Roofline time at `clock_fraction` of the max clock, launch overhead included."""
+        return max(self.compute_s(preset) / clock_fraction, self.memory_s(preset)) + self.launches * preset.launch_overhead_s
+
+
+@dataclass(frozen=True)
+class Shape:
+    tokens: int
+    batch: int
+    seq_len: int
+    d_model: int
+    n_heads: int
+    vocab_size: int
+    dtype_bytes: int
+
+
+def shape_of(w: ChunkWorkload) -> Shape:
+    return Shape(w.tokens, w.batch, w.seq_len, w.d_model, w.n_heads, w.vocab_size, w.dtype_bytes)
+
+
+def embedding_kernels(s: Shape) -> list[Kernel]:
+    """Token and position embedding gathers plus their sum."""
+    nd = s.tokens * s.d_model * s.dtype_bytes
+    return [Kernel("wte_gather", 0.0, 2 * nd, 1, MEMORY), Kernel("wpe_gather", 0.0, 2 * nd, 1, MEMORY),
+            Kernel("embed_add", 0.0, 3 * nd, 1, MEMORY)]
+
+
+def attention_block_kernels(s: Shape) -> list[Kernel]:
+    """The dense part of one transformer block (everything but the MoE feed-forward)."""
+    n, d, dt = s.tokens, s.d_model, s.dtype_bytes
+    nd = n * d * dt
+    causal_pairs = s.batch * s.seq_len * (s.seq_len + 1) / 2  # (query, key) pairs per head
+    return [
+        Kernel("ln_1", 0.0, 2 * nd, 1, MEMORY),
+        Kernel("qkv_proj", 2.0 * n * d * 3 * d, nd + 3 * nd + 3 * d * d * dt, 1, GEMM),
+        Kernel("attention", 4.0 * causal_pairs * d, 4 * nd, 1, ATTENTION),  # QKᵀ and AV, all heads
+        Kernel("out_proj", 2.0 * n * d * d, 2 * nd + d * d * dt, 1, GEMM),
+        Kernel("residual_1", 0.0, 3 * nd, 1, MEMORY),
+        Kernel("ln_2", 0.0, 2 * nd, 1, MEMORY),
+        Kernel("residual_2", 0.0, 3 * nd, 1, MEMORY),
+    ]
+
+
+def head_kernels(s: Shape) -> list[Kernel]:
+    """Final layer norm, tied LM head and the loss over the logits (in fp32, as HF computes it)."""
+    n, d, v, dt = s.tokens, s.d_model, s.vocab_size, s.dtype_bytes
+    return [
+        Kernel("ln_f", 0.0, 2 * n * d * dt, 1, MEMORY),
+        Kernel("lm_head", 2.0 * n * d * v, (n * d + n * v + v * d) * dt, 1, GEMM),
+        Kernel("loss", 0.0, n * v * (dt + 4 + 4), 2, MEMORY),  # upcast logits to fp32, log-softmax + NLL
+    ]
+
+
+# ---------------------------------------------------------------- MoE formulas (scalars or arrays)
+def router_flops_bytes(tokens, d_model, dtype_bytes, n_experts, router_flops_per_token):
+    """Gate matmul over all tokens; fp32 logits written then read by softmax/top-k."""
+    return tokens * router_flops_per_token, tokens * d_model * dtype_bytes + 2 * tokens * n_experts * 4
+
+
+def dispatch_bytes(routed_tokens, d_model, dtype_bytes):
+    """Gather routed rows (read + write) and scatter-add outputs (read, read-modify-write)."""
+    return 5.0 * routed_tokens * d_model * dtype_bytes
+
+
+def expert_flops_bytes(count, flops_per_token, bytes_per_token, weight_bytes):
+    """An expert's work: per-token FLOPs and activations, plus its weights once if it has tokens."""
+    return count * flops_per_token, count * bytes_per_token + weight_bytes * (count > 0)
+
+
+def expert_launches(flops_per_token: float, bytes_per_token: float, preset: GPUPreset) -> int:
+    """Matmul experts launch `launches_per_expert` kernels, copy/constant ones fewer, zero experts none."""
+    if flops_per_token > 0:
+        return preset.launches_per_expert
+    return preset.launches_per_light_expert if bytes_per_token > 0 else 0
+
+
+def moe_kernels(workload: ChunkWorkload, layer_index: int, preset: GPUPreset) -> list[Kernel]:
+    """Router, dispatch and one kernel group per expert that received tokens."""
+    layer = workload.layers[layer_index]
+    n, d, dt = workload.tokens, workload.d_model, workload.dtype_bytes
+    router = router_flops_bytes(n, d, dt, len(layer.tokens_per_expert), layer.router_flops_per_token)
+    kernels = [Kernel("router", *router, ROUTER_LAUNCHES, GEMM),
+               Kernel("dispatch", 0.0, dispatch_bytes(sum(layer.tokens_per_expert), d, dt), DISPATCH_LAUNCHES, MEMORY)]
+    for e, (count, cost) in enumerate(zip(layer.tokens_per_expert, layer.expert_costs)):
+        launches = expert_launches(cost.flops, cost.bytes, preset)
+        if count > 0 and launches > 0:
+            flops, nbytes = expert_flops_bytes(count, cost.flops, cost.bytes, cost.weight_bytes)
+            kernels.append(Kernel(f"expert_{e}", flops, nbytes, launches, GEMM))
+    return kernels
+
+
+def chunk_kernels(workload: ChunkWorkload, preset: GPUPreset) -> list[list[Kernel]]:
+    """The kernels of every phase, [P][K]: embed, one block per layer, head."""
+    s = shape_of(workload)
+    blocks = [attention_block_kernels(s) + moe_kernels(workload, l, preset) for l in range(workload.n_layers)]
+    return [embedding_kernels(s), *blocks, head_kernels(s)]
+
+
+def phase_names(n_layers: int) -> list[str]:
+    return ["embed", *(f"block_{l}" for l in range(n_layers)), "head"]
