@@ -95,7 +95,9 @@ class GELUExpert(Expert):
         self.activation = activation
         self.c_fc = Conv1D(hidden, d_model)    # weight [D, H], bias [H]
         self.c_proj = Conv1D(d_model, hidden)  # weight [H, D], bias [D]
-        self.act = ACT2FN[activation]
+        # gelu_new is the tanh approximation of GELU; torch's fused kernel computes the same
+        # function several times faster on CPU than transformers' element-wise formula.
+        self.act = ACT2FN["gelu_pytorch_tanh" if activation == "gelu_new" else activation]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)

@@ -1,0 +1,346 @@
+"""MoE-DistilGPT2: a Hugging Face GPT-2 language model whose chosen blocks' MLP is a MoELayer.
+
+`MoEGPT2LMHeadModel` *is* a `GPT2LMHeadModel` (same embeddings, attention, LM head, KV cache,
+`generate()`, `save_pretrained`/`from_pretrained`); only `block.mlp` of the blocks listed in
+`config.moe_layers` is replaced by `MoEMLP`, a thin adapter around `nectar.moe_layer.MoELayer`
+(GPT-2 calls `block.mlp(hidden [B, T, D])` and expects a tensor back).
+
+- `from_dense` performs sparse upcycling (Komatsuzaki et al. 2022): every weight of a dense GPT-2
+  is copied, every GELU expert of an MoE block starts as a copy of that block's MLP, and the new
+  gate is initialised small. With identical experts and renormalised gates the logits equal the
+  dense model's whatever the gate says.
+- Routers are runtime policy, not weights: `set_router` / `set_router_by_name` swap them without
+  touching the gates (the saved config records the router the model was built/trained with).
+- `chunk_workload` turns the last forward into the `ChunkWorkload` a telemetry backend prices.
+
+The config names its top-k / top-p fields `moe_top_k` / `moe_top_p`: `top_k` and `top_p` are
+generation parameters in transformers, which refuses to save a model config that sets them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from nectar.experts import GELUExpert, SwiGLUExpert, ExpertSpec, build_experts
+from nectar.hybrid_attention import HybridLaCTAttention
+from nectar.moe_layer import MoELayer, MoEMetrics
+from nectar.routers import ROUTERS, make_router
+from nectar.routing import Router
+from nectar.workload import ChunkWorkload, LayerWorkload
+
+MODEL_TYPE = "nectar_moe_gpt2"
+DEFAULT_ROUTER_INIT_STD = 1e-3
+ATTENTION_TYPES = ("gpt2", "hybrid_lact")
+RouterFactory = Callable[[int, int], Router]
+
+
+class MoEGPT2Config(GPT2Config):
+    """GPT2Config plus the MoE fields.
+
+    moe_layers          block indices with an MoE MLP, or "all"
+    expert_specs        [{kind, hidden, count}, ...]; default n_experts × gelu(n_inner or 4·n_embd)
+    n_experts           used only when expert_specs is None
+    router              "topk" | "capacity" | "topp"
+    moe_top_k           k of topk / capacity routing
+    capacity_factor     capacity routing: slots per expert = ceil(cf · N · k / E)
+    moe_top_p           top-p routing threshold (max_k = moe_top_k_max or E)
+    router_temperature  softmax temperature of the routers
+    router_init_std     std of the freshly initialised gate weights
+    attention_type      "gpt2" (GPT-2 attention) | "hybrid_lact" (nectar.hybrid_attention, LaCT
+                        Algorithm 2, in every block; it keeps no KV cache, so use_cache is False;
+                        its lact_* settings are read from this config as extra attributes)
+    """
+
+    model_type = MODEL_TYPE
+
+    def __init__(self, moe_layers: str | list[int] = "all", expert_specs: list[dict] | None = None,
+                 n_experts: int = 8, router: str = "topk", moe_top_k: int = 2, capacity_factor: float = 1.25,
+                 moe_top_p: float = 0.5, moe_top_k_max: int | None = None, router_temperature: float = 1.0,
+                 router_init_std: float = DEFAULT_ROUTER_INIT_STD, attention_type: str = "gpt2", **kwargs):
+        self.moe_layers = list(moe_layers) if not isinstance(moe_layers, str) else moe_layers
+        self.expert_specs = [dict(spec) for spec in expert_specs] if expert_specs is not None else None
+        self.n_experts = n_experts
+        self.router = router
+        self.moe_top_k = moe_top_k
+        self.capacity_factor = capacity_factor
+        self.moe_top_p = moe_top_p
+        self.moe_top_k_max = moe_top_k_max
+        self.router_temperature = router_temperature
+        self.router_init_std = router_init_std
+        self.attention_type = attention_type
+        super().__init__(**kwargs)
+        self.validate_moe()
+        if attention_type == "hybrid_lact":
+            self.use_cache = False  # the hybrid layer recomputes the prefix instead of caching
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+    def moe_layer_indices(self) -> list[int]:
+        """Sorted block indices that carry an MoE MLP."""
+        if self.moe_layers == "all":
+            return list(range(self.n_layer))
+        if isinstance(self.moe_layers, str):
+            raise ValueError(f'moe_layers must be "all" or a list of block indices, got {self.moe_layers!r}')
+        indices = sorted(set(int(i) for i in self.moe_layers))
+        if len(indices) != len(self.moe_layers) or any(not 0 <= i < self.n_layer for i in indices):
+            raise ValueError(f"moe_layers must be distinct block indices in [0, {self.n_layer}), got {self.moe_layers}")
+        return indices
+
+    def resolved_expert_specs(self) -> list[ExpertSpec]:
+        """ExpertSpecs of one MoE layer; FFN kinds without `hidden` get the dense inner width."""
+        if self.expert_specs is None:
+            return [ExpertSpec("gelu", self.inner_dim, self.n_experts)]
+        specs = []
+        for raw in self.expert_specs:
+            unknown = set(raw) - {"kind", "hidden", "count"}
+            if "kind" not in raw or unknown:
+                raise ValueError(f"expert spec must be {{kind, hidden?, count?}}, got {raw!r}")
+            hidden = raw.get("hidden")
+            if hidden is None and raw["kind"] in ("gelu", "swiglu"):
+                hidden = self.inner_dim
+            specs.append(ExpertSpec(raw["kind"], hidden, raw.get("count", 1)))
+        for spec in specs:
+            spec.validate()
+        return specs
+
+    def num_experts(self) -> int:
+        return sum(spec.count for spec in self.resolved_expert_specs())
+
+    def router_kwargs(self) -> dict:
+        """Keyword arguments of `make_router(self.router, E, **kwargs)`."""
+        common = {"temperature": self.router_temperature}
+        if self.router == "topk":
+            return {"k": self.moe_top_k, **common}
+        if self.router == "capacity":
+            return {"k": self.moe_top_k, "capacity_factor": self.capacity_factor, **common}
+        if self.router == "topp":
+            return {"p": self.moe_top_p, "max_k": self.moe_top_k_max, **common}
+        raise ValueError(f"unknown router {self.router!r}; choose one of {sorted(ROUTERS)}")
+
+    def validate_moe(self) -> None:
+        self.moe_layer_indices()
+        experts = self.num_experts()
+        if self.router in ("topk", "capacity") and not 1 <= self.moe_top_k <= experts:
+            raise ValueError(f"moe_top_k must be in [1, {experts}] (the number of experts), got {self.moe_top_k}")
+        self.router_kwargs()
+        if self.attention_type not in ATTENTION_TYPES:
+            raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
+        if not self.router_init_std >= 0:
+            raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
+
+
+class MoEMLP(nn.Module):
+    """Drop-in for GPT2MLP: hidden [B, T, D] -> dropout(MoELayer(hidden)) [B, T, D]."""
+
+    def __init__(self, moe: MoELayer, resid_pdrop: float):
+        super().__init__()
+        self.moe = moe
+        self.dropout = nn.Dropout(resid_pdrop)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.moe(hidden_states))  # [B, T, D]
+
+
+def build_expert_pool(config: MoEGPT2Config) -> nn.ModuleList:
+    """The experts of one MoE layer; GELU experts use the config's activation (as GPT2MLP does)."""
+    experts = []
+    for spec in config.resolved_expert_specs():
+        if spec.kind == "gelu":
+            experts += [GELUExpert(config.n_embd, spec.hidden, config.activation_function) for _ in range(spec.count)]
+        else:
+            experts += list(build_experts([spec], config.n_embd))
+    return nn.ModuleList(experts)
+
+
+def build_moe_mlp(config: MoEGPT2Config) -> MoEMLP:
+    experts = build_expert_pool(config)
+    router = make_router(config.router, len(experts), **config.router_kwargs())
+    return MoEMLP(MoELayer(config.n_embd, experts, router), config.resid_pdrop)
+
+
+class MoEGPT2LMHeadModel(GPT2LMHeadModel):
+    """GPT-2 LM with MoE MLPs in `config.moe_layers` (see the module docstring)."""
+
+    config_class = MoEGPT2Config
+
+    def __init__(self, config: MoEGPT2Config):
+        if not isinstance(config, MoEGPT2Config):
+            raise ValueError(f"MoEGPT2LMHeadModel needs a MoEGPT2Config, got {type(config).__name__}")
+        super().__init__(config)
+        for idx in config.moe_layer_indices():
+            self.transformer.h[idx].mlp = build_moe_mlp(config)
+        if config.attention_type == "hybrid_lact":
+            for idx, block in enumerate(self.transformer.h):
+                block.attn = HybridLaCTAttention(config, layer_idx=idx)
+        self.post_init()  # initialises only the new (not yet initialised) modules, re-ties weights
+        self._init_moe_weights()
+
+    @torch.no_grad()
+    def _init_moe_weights(self) -> None:
+        """Small gates; GPT-2's depth-scaled init for the experts' output projections."""
+        out_std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+        for _, layer in self.moe_layers():
+            nn.init.normal_(layer.gate.weight, std=self.config.router_init_std)
+            for expert in layer.experts:
+                if isinstance(expert, GELUExpert):
+                    nn.init.normal_(expert.c_proj.weight, std=out_std)
+                elif isinstance(expert, SwiGLUExpert):
+                    nn.init.normal_(expert.down_proj.weight, std=out_std)
+
+    # ----- sparse upcycling -------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, dense: GPT2LMHeadModel, num_experts: int = 8, top_k: int = 2,
+                   moe_layers: str | list[int] = "all", top_p: float | None = None,
+                   **config_kwargs) -> "MoEGPT2LMHeadModel":
+        """Upcycle a dense GPT-2 LM: copy all weights, each GELU expert = that block's MLP.
+
+        `config_kwargs` go to MoEGPT2Config (router, capacity_factor, router_temperature,
+        expert_specs, router_init_std...). Experts that are not GELU of the dense width keep
+        their fresh initialisation (e.g. MoE++ zero/copy experts).
+        """
+        if not isinstance(dense, GPT2LMHeadModel) or isinstance(dense, MoEGPT2LMHeadModel):
+            raise ValueError(f"from_dense needs a dense transformers.GPT2LMHeadModel, got {type(dense).__name__}")
+        if top_p is not None:
+            config_kwargs["moe_top_p"] = top_p
+        base = {k: v for k, v in dense.config.to_dict().items() if k not in ("model_type", "architectures")}
+        config = MoEGPT2Config(**{**base, "moe_layers": moe_layers, "n_experts": num_experts, "moe_top_k": top_k,
+                                  **config_kwargs})
+        parameter = next(dense.parameters())
+        model = cls(config).to(device=parameter.device, dtype=parameter.dtype)
+        model._copy_dense_weights(dense)
+        model.train(dense.training)
+        return model
+
+    @torch.no_grad()
+    def _copy_dense_weights(self, dense: GPT2LMHeadModel) -> None:
+        moe_blocks = set(self.config.moe_layer_indices())
+        dense_mlp_keys = {k for k in dense.state_dict() if _block_of(k) in moe_blocks and ".mlp." in k}
+        state = {k: v for k, v in dense.state_dict().items() if k not in dense_mlp_keys}
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not self._is_new_parameter(k, moe_blocks)]
+        if missing or unexpected:
+            raise ValueError(f"dense model does not match the MoE layout: missing {missing}, unexpected {unexpected}")
+        for idx, layer in self.moe_layers():
+            dense_mlp = dense.transformer.h[idx].mlp
+            for expert in layer.experts:
+                if isinstance(expert, GELUExpert) and expert.c_fc.weight.shape == dense_mlp.c_fc.weight.shape:
+                    expert.c_fc.load_state_dict(dense_mlp.c_fc.state_dict())
+                    expert.c_proj.load_state_dict(dense_mlp.c_proj.state_dict())
+        self.tie_weights()
+
+    def _is_new_parameter(self, key: str, moe_blocks: set[int]) -> bool:
+        """Keys with no dense counterpart: MoE MLPs, and the LaCT extras of hybrid attention."""
+        if _block_of(key) in moe_blocks and ".mlp.moe." in key:
+            return True
+        hybrid = self.config.attention_type == "hybrid_lact"
+        return hybrid and ".attn." in key and not any(f".attn.{n}." in key for n in ("c_attn", "c_proj"))
+
+    # ----- routing ----------------------------------------------------------------------------
+    def moe_layers(self) -> list[tuple[int, MoELayer]]:
+        """(block index, MoELayer) for every MoE block, in order."""
+        return [(i, block.mlp.moe) for i, block in enumerate(self.transformer.h) if isinstance(block.mlp, MoEMLP)]
+
+    def set_router(self, factory: RouterFactory) -> None:
+        """Replace every MoE layer's router by `factory(block_idx, num_experts)`; gates untouched."""
+        for idx, layer in self.moe_layers():
+            router = factory(idx, layer.num_experts)
+            if not isinstance(router, Router) or router.num_experts != layer.num_experts:
+                raise ValueError(f"router factory returned {router!r} for block {idx}; need a Router over "
+                                 f"{layer.num_experts} experts")
+            layer.router = router.to(layer.gate.weight.device)
+
+    def set_router_by_name(self, name: str, **kwargs) -> None:
+        """set_router with `make_router(name, E, **kwargs)` ("topk", "capacity", "topp")."""
+        self.set_router(lambda _idx, num_experts: make_router(name, num_experts, **kwargs))
+
+    def routing_metrics(self) -> dict[int, MoEMetrics]:
+        """Block index -> metrics of the last forward (ValueError before any forward)."""
+        metrics = {idx: layer.last_metrics for idx, layer in self.moe_layers()}
+        if any(m is None for m in metrics.values()):
+            raise ValueError("routing_metrics needs a forward pass first")
+        return metrics
+
+    def chunk_workload(self, batch: int, seq_len: int, policy: str = "") -> ChunkWorkload:
+        """The last forward as a ChunkWorkload; dense blocks appear as one GELU expert."""
+        tokens = batch * seq_len
+        metrics = self.routing_metrics()
+        for idx, m in metrics.items():
+            if m.num_tokens != tokens:
+                raise ValueError(f"the last forward routed {m.num_tokens} tokens in block {idx}, "
+                                 f"not batch*seq_len = {batch}*{seq_len} = {tokens}")
+        dtype_bytes = self.dtype.itemsize
+        layers = [_copy_layer_workload(metrics[i].workload) if i in metrics
+                  else _dense_layer_workload(self.config, tokens, dtype_bytes) for i in range(self.config.n_layer)]
+        return ChunkWorkload(tokens=tokens, batch=batch, seq_len=seq_len, d_model=self.config.n_embd,
+                             n_layers=self.config.n_layer, n_heads=self.config.n_head,
+                             vocab_size=self.config.vocab_size, layers=layers, dtype_bytes=dtype_bytes,
+                             policy=policy)
+
+
+def _block_of(key: str) -> int | None:
+    """Block index of a state-dict key `transformer.h.<i>....`, else None."""
+    parts = key.split(".")
+    return int(parts[2]) if len(parts) > 3 and parts[:2] == ["transformer", "h"] else None
+
+
+def _copy_layer_workload(work: LayerWorkload) -> LayerWorkload:
+    return LayerWorkload(list(work.tokens_per_expert), list(work.expert_costs),
+                         work.router_flops_per_token, work.dropped_tokens)
+
+
+def _dense_layer_workload(config: GPT2Config, tokens: int, dtype_bytes: int) -> LayerWorkload:
+    inner = config.n_inner if config.n_inner is not None else 4 * config.n_embd
+    with torch.device("meta"):  # only the shapes are needed to price it
+        cost = GELUExpert(config.n_embd, inner, config.activation_function).cost_per_token(dtype_bytes)
+    return LayerWorkload(tokens_per_expert=[tokens], expert_costs=[cost])
+
+
+AutoConfig.register(MODEL_TYPE, MoEGPT2Config, exist_ok=True)
+AutoModelForCausalLM.register(MoEGPT2Config, MoEGPT2LMHeadModel, exist_ok=True)
+
+
+# ----- loading dense weights and presets ------------------------------------------------------
+def load_dense_gpt2(path_or_name: str | os.PathLike, local_files_only: bool = True, **kwargs) -> GPT2LMHeadModel:
+    """A GPT-2 / DistilGPT2 LM from a local directory or the HF cache (no download by default)."""
+    try:
+        return GPT2LMHeadModel.from_pretrained(str(path_or_name), local_files_only=local_files_only, **kwargs)
+    except OSError as exc:
+        raise FileNotFoundError(
+            f"GPT-2 weights {str(path_or_name)!r} not found locally (local_files_only={local_files_only}). "
+            "Pass a directory holding config.json + model.safetensors (e.g. one written by save_pretrained), "
+            "or put the model in the Hugging Face cache; this project never downloads weights."
+        ) from exc
+
+
+PRESETS: dict[str, dict] = {
+    "distilgpt2": dict(n_layer=6, n_embd=768, n_head=12, n_inner=3072, n_positions=1024),
+    "tiny": dict(n_layer=4, n_embd=128, n_head=4, n_inner=512, n_positions=256,
+                 resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+}
+MOE_PRESETS: dict[str, dict] = {
+    "distilgpt2-moe": dict(base="distilgpt2", n_experts=8, moe_top_k=2),
+    "tiny-moe": dict(base="tiny", n_experts=4, moe_top_k=2),
+}
+
+
+def preset_config(name: str, vocab_size: int = 8192, eos_token_id: int = 0, **overrides) -> GPT2Config:
+    """Config of a named preset: "distilgpt2", "tiny" (dense GPT2Config) or "<name>-moe" (MoE)."""
+    if name in PRESETS:
+        fields = dict(PRESETS[name])
+        config_cls = GPT2Config
+    elif name in MOE_PRESETS:
+        moe = dict(MOE_PRESETS[name])
+        fields = {**PRESETS[moe.pop("base")], **moe}
+        config_cls = MoEGPT2Config
+    else:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS) + sorted(MOE_PRESETS)}")
+    fields.update(vocab_size=vocab_size, bos_token_id=eos_token_id, eos_token_id=eos_token_id)
+    return config_cls(**{**fields, **overrides})
