@@ -85,7 +85,8 @@ class OnlineCostModel:
             return None
         phi = self.features(workload, window.duration_s)                        # [F]
         predicted = float(phi @ self.theta)
-        error = window.energy_J - predicted
+        measured = window.energy_estimate_J
+        error = measured - predicted
         rho = self.config.forgetting
         P_phi = self.P @ phi                                                       # [F]
         gain = P_phi / (rho + phi @ P_phi)                                         # [F]
@@ -95,7 +96,7 @@ class OnlineCostModel:
         trace = float(torch.trace(self.P))
         if trace > self.config.max_cov_trace:
             self.P *= self.config.max_cov_trace / trace
-        record = CostUpdate(predicted, window.energy_J, abs(error) / max(window.energy_J, 1e-12))
+        record = CostUpdate(predicted, measured, abs(error) / max(measured, 1e-12))
         self.history.append(record)
         return record
 

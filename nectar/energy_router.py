@@ -131,3 +131,35 @@ def _check_cheap(cheap: list[int], num_experts: int, extra_slots: int) -> None:
         raise ValueError(f"cheap expert ids {cheap} out of range for {num_experts} experts")
     if not 1 <= extra_slots <= 2:
         raise ValueError(f"extra_slots must be 1 or 2, got {extra_slots}")
+
+
+class MixedTrainingRouter(Router):
+    """Fine-tuning router that teaches the model to live with cheap second slots.
+
+    Static top-k, except that for a random `cheap_prob` share of tokens the slots after the first
+    go to the best cheap experts by the trained logits (as `CheapStaticRouter` would choose).
+    Gates are the static softmax gathered at the chosen experts and renormalised, so the gate
+    keeps learning from every token. Seeded: the same generator state gives the same choices.
+    """
+
+    def __init__(self, num_experts: int, cheap_experts: list[int], k: int = 2, cheap_prob: float = 0.3,
+                 temperature: float = 1.0, seed: int = 0):
+        super().__init__(num_experts, temperature)
+        _check_cheap(cheap_experts, num_experts, k - 1 if k > 1 else 1)
+        if not 0.0 <= cheap_prob <= 1.0:
+            raise ValueError(f"cheap_prob must be in [0, 1], got {cheap_prob}")
+        self.k = k
+        self.cheap_prob = cheap_prob
+        self.cheap = CheapStaticRouter(num_experts, cheap_experts, extra_slots=k - 1, temperature=temperature)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def max_slots(self) -> int:
+        return self.k
+
+    def forward(self, logits: torch.Tensor) -> RoutingDecision:
+        static = logits.topk(self.k, dim=-1).indices                              # [N, k]
+        cheap = self.cheap(logits.detach()).experts                               # [N, k]
+        pick = torch.rand(logits.shape[0], generator=self.generator) < self.cheap_prob  # [N]
+        experts = torch.where(pick.to(logits.device).unsqueeze(-1), cheap, static)  # [N, k]
+        return _decision(logits, experts, self.temperature)

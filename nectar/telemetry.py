@@ -45,6 +45,16 @@ class TelemetryWindow:
         return self.t_end_s - self.t_start_s
 
     @property
+    def energy_estimate_J(self) -> float:
+        """Best per-window energy: the counter difference for windows of a second or more, the
+        integrated instant power for shorter ones (the counter moves only every ~100 ms, so a
+        0.2 s window can be off by half), falling back to the counter when there are no samples."""
+        short = self.duration_s < 1.0 or "short_window" in self.flags
+        if short and self.energy_power_J is not None and math.isfinite(self.energy_power_J):
+            return self.energy_power_J
+        return self.energy_J
+
+    @property
     def memory_pressure(self) -> float | None:
         if not self.mem_used_B or not self.mem_total_B:
             return None

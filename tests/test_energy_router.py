@@ -84,3 +84,20 @@ def test_guard_falls_back_for_one_chunk_and_returns():
         GuardConfig(max_ppl_increase=0.0)
     with pytest.raises(ValueError):
         QualityGuard(float("inf"))
+
+
+def test_mixed_training_router_mixes_cheap_second_slots_at_the_asked_rate():
+    from nectar.energy_router import MixedTrainingRouter
+
+    logits = _logits(n=4000, seed=4)
+    router = MixedTrainingRouter(6, cheap_experts=[4, 5], k=2, cheap_prob=0.3, seed=0)
+    d = router(logits)
+    static = logits.topk(2, -1).indices
+    assert torch.equal(d.experts[:, 0], static[:, 0])
+    changed = (d.experts[:, 1] != static[:, 1]).float().mean().item()
+    # a token is re-routed with probability 0.3, unless its static second expert already is the cheap pick
+    assert 0.15 < changed <= 0.33
+    again = MixedTrainingRouter(6, cheap_experts=[4, 5], k=2, cheap_prob=0.3, seed=0)(logits)
+    assert torch.equal(again.experts, d.experts)
+    with pytest.raises(ValueError):
+        MixedTrainingRouter(6, cheap_experts=[4], cheap_prob=1.5)

@@ -1,0 +1,291 @@
+"""The main experiment: routing policies on one token stream against a telemetry backend.
+
+Every policy sees the same held-out token stream, chunk by chunk. With the simulator each policy
+runs on its own simulated GPU that starts in the same state (seeded, isolated: temperature history
+cannot favour one policy); on a real GPU the policies share the device and are interleaved in
+time (A B C D, then B C D A, …) so that temperature drift spreads over all of them.
+The `nectar` policy's controller takes one step after each of its chunks.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from nectar.controller import ControllerConfig, NectarController
+from nectar.cost_model import OnlineCostModel
+from nectar.energy_router import EnergyAwareRouter
+from nectar.policies import DEFAULT_POLICIES, check_policies, make_router
+from nectar.quality_guard import GuardConfig, QualityGuard
+from nectar.telemetry import TelemetryBackend, TelemetryWindow
+from nectar.trace import TraceRow
+from nectar.workload import ChunkWorkload
+from nectar.workload_scaling import TARGETS, rescale
+
+
+@dataclass
+class RunConfig:
+    policies: list[str] = field(default_factory=lambda: list(DEFAULT_POLICIES))
+    tokens: int = 65536                 # stream tokens per policy
+    chunk_tokens: int = 4096            # tokens per chunk (one controller step per chunk)
+    seq_len: int = 256
+    seed: int = 0
+    guard_tokens: int = 1024
+    price_as: str | None = "distilgpt2"  # simulator only: price routing at this shape
+    price_batch: int = 128              # simulator only: sequences per priced chunk (≈0.25 s on an H100)
+    interleave: bool = False            # share one backend and interleave policies in time
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+    def __post_init__(self):
+        check_policies(self.policies)
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.chunk_tokens < self.seq_len or self.chunk_tokens % self.seq_len:
+            raise ValueError(f"chunk_tokens ({self.chunk_tokens}) must be a positive multiple of seq_len ({self.seq_len})")
+        if self.tokens < self.chunk_tokens:
+            raise ValueError(f"tokens ({self.tokens}) must be at least one chunk ({self.chunk_tokens})")
+        if self.price_as is not None and self.price_as not in TARGETS:
+            raise ValueError(f"unknown price-as target {self.price_as!r}; choose one of {sorted(TARGETS)} or none")
+        if self.guard_tokens < self.seq_len:
+            raise ValueError(f"guard_tokens ({self.guard_tokens}) must be at least seq_len ({self.seq_len})")
+
+
+@dataclass
+class ChunkRecord:
+    """One row of the per-chunk log."""
+
+    policy: str
+    chunk: int
+    t_start_s: float
+    t_end_s: float
+    tokens: int
+    energy_J: float
+    mean_power_W: float
+    peak_power_W: float
+    temp_C: float
+    sm_clock_MHz: float | None
+    nll_sum: float
+    nll_tokens: int
+    routing_agreement: float
+    guard_energy_J: float = 0.0
+    pause_s: float = 0.0
+    pause_energy_J: float = 0.0
+    fallback: bool = False
+    alpha: float = 1.0
+    lam_eff: float | None = None
+    guard_excess: float | None = None
+    cost_residual: float | None = None
+    skipped: str = ""
+    expert_counts: list[list[int]] = field(default_factory=list)
+    flags: list[str] = field(default_factory=list)
+    energy_mJ_start: float | None = None
+    energy_mJ_end: float | None = None
+
+
+@dataclass
+class PolicyRun:
+    name: str
+    routers: list
+    backend: Any
+    controller: NectarController | None = None
+    records: list[ChunkRecord] = field(default_factory=list)
+    trace: list[TraceRow] = field(default_factory=list)   # every telemetry window, in order
+
+
+# ----------------------------------------------------------------------------------- forward
+
+
+def install(model, routers) -> None:
+    for (_, layer), router in zip(model.moe_layers(), routers):
+        layer.router = router
+
+
+def _forward(model, batch: torch.Tensor) -> dict:
+    """Run one chunk [B, T]; next-token NLL (sum) and routing agreement with static top-2."""
+    with torch.no_grad():
+        logits = model(input_ids=batch).logits                                # [B, T, V]
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
+    decisions = [layer.last_decision for _, layer in model.moe_layers()]
+    return {
+        "nll_sum": float(nll),
+        "nll_tokens": batch[:, 1:].numel(),
+        "agreement": sum(static_agreement(d) for d in decisions) / max(len(decisions), 1),
+        "logits": [d.logits.detach() for d in decisions],
+    }
+
+
+def static_agreement(decision, k: int = 2) -> float:
+    """Fraction of the static top-k (token, expert) selections that `decision` also computes."""
+    static = decision.logits.topk(min(k, decision.num_experts), dim=-1).indices  # [N, k]
+    active = decision.active                                                    # [N, K]
+    same = (decision.experts.unsqueeze(-1) == static.unsqueeze(-2)) & active.unsqueeze(-1)  # [N, K, k]
+    return float(same.any(dim=1).float().mean())
+
+
+def _workload(model, batch: torch.Tensor, policy: str, backend, cfg: RunConfig) -> ChunkWorkload:
+    """The chunk's workload; on the simulator with `price_as`, rescaled to the target shape: a
+    stream chunk is priced as `price_batch` sequences, a guard batch as its own number of
+    sequences (at the target sequence length)."""
+    workload = model.chunk_workload(batch.shape[0], batch.shape[1], policy=policy)
+    if cfg.price_as and getattr(backend, "name", "") == "sim":
+        is_guard = policy.startswith("guard")
+        target = replace(TARGETS[cfg.price_as], batch=batch.shape[0] if is_guard else cfg.price_batch)
+        workload = rescale(workload, target)
+    return workload
+
+
+def measure(backend: TelemetryBackend, model, batch, policy: str, cfg: RunConfig) -> tuple[dict, ChunkWorkload, TelemetryWindow]:
+    """Forward pass + its telemetry window. The simulator prices the workload afterwards; a
+    measuring backend (NVML) runs the forward inside its window."""
+    if getattr(backend, "name", "") == "sim":
+        result = _forward(model, batch)
+        workload = _workload(model, batch, policy, backend, cfg)
+        return result, workload, backend.run_chunk(workload)
+    box: dict = {}
+    window = backend.run_chunk(None, lambda: box.setdefault("result", _forward(model, batch)))
+    return box["result"], _workload(model, batch, policy, backend, cfg), window
+
+
+# ----------------------------------------------------------------------------------- policies
+
+
+def _guard_scorer(model, guard_batch: torch.Tensor, run: "PolicyRun", index: int, cfg: RunConfig, spent: dict) -> Callable[[], float]:
+    def score() -> float:
+        result, workload, window = measure(run.backend, model, guard_batch, "guard", cfg)
+        run.trace.append(TraceRow(window, workload, kind="chunk", policy=f"{run.name}:guard", chunk_index=index))
+        spent["energy_J"] += window.energy_J if window.is_valid() else 0.0
+        return result["nll_sum"] / result["nll_tokens"]
+    return score
+
+
+def build_policy(name: str, model, backend, cfg: RunConfig, static_guard_nll: float, flops) -> PolicyRun:
+    routers = [make_router(name, layer) for _, layer in model.moe_layers()]
+    run = PolicyRun(name, routers, backend)
+    if name == "nectar":
+        moe_blocks = [idx for idx, _ in model.moe_layers()]
+        run.controller = NectarController(
+            [r for r in routers if isinstance(r, EnergyAwareRouter)],
+            OnlineCostModel(flops), QualityGuard(static_guard_nll, cfg.guard), cfg.controller,
+            cost_layers=moe_blocks)
+    return run
+
+
+def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard_batch) -> ChunkRecord:
+    install(model, run.routers)
+    result, workload, window = measure(run.backend, model, batch, run.name, cfg)
+    record = ChunkRecord(
+        policy=run.name, chunk=index, t_start_s=window.t_start_s, t_end_s=window.t_end_s,
+        tokens=workload.tokens, energy_J=window.energy_J, mean_power_W=window.mean_power_W,
+        peak_power_W=window.peak_power_W, temp_C=window.gpu_temp_C, sm_clock_MHz=window.sm_clock_MHz,
+        nll_sum=result["nll_sum"], nll_tokens=result["nll_tokens"], routing_agreement=result["agreement"],
+        expert_counts=workload.expert_counts(), flags=list(window.flags),
+        energy_mJ_start=window.energy_mJ_start, energy_mJ_end=window.energy_mJ_end)
+    run.trace.append(TraceRow(window, workload, kind="chunk", policy=run.name, chunk_index=index))
+    if run.controller is not None:
+        record.fallback = run.controller.guard.fallback
+        spent = {"energy_J": 0.0}
+        scorer = _guard_scorer(model, guard_batch, run, index, cfg, spent)
+        control = run.controller.after_chunk(workload, window, result["logits"], scorer)
+        record.alpha, record.lam_eff = control.alpha, control.lam_eff
+        record.guard_excess, record.cost_residual = control.guard_excess, control.cost_residual
+        record.skipped, record.guard_energy_J = control.skipped, spent["energy_J"]
+        if control.pause_s > 0:
+            pause = run.backend.idle(control.pause_s)
+            run.trace.append(TraceRow(pause, None, kind="idle", policy=run.name, chunk_index=index))
+            record.pause_s, record.pause_energy_J = pause.duration_s, pause.energy_J
+    return record
+
+
+# ----------------------------------------------------------------------------------- the run
+
+
+def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
+    """Cut the 1-D token stream into `tokens // chunk_tokens` chunks [chunk_tokens // seq_len,
+    seq_len]. A stream shorter than `tokens` is cycled (every policy still sees the same tokens)."""
+    rows = cfg.chunk_tokens // cfg.seq_len
+    n_chunks = cfg.tokens // cfg.chunk_tokens
+    if stream.numel() < cfg.seq_len:
+        raise ValueError(f"the stream has {stream.numel()} tokens, fewer than one sequence ({cfg.seq_len})")
+    needed = n_chunks * cfg.chunk_tokens
+    usable = stream.repeat(math.ceil(needed / stream.numel()))[:needed]
+    return list(usable.view(n_chunks, rows, cfg.seq_len))
+
+
+def guard_nll_static(model, guard_batch, backend, cfg: RunConfig) -> tuple[float, list[list[float]]]:
+    """Guard NLL under static top-2 routing, and the per-layer per-expert FLOPs (cost prior)."""
+    install(model, [make_router("static-top2", layer) for _, layer in model.moe_layers()])
+    result, workload, _ = measure(backend, model, guard_batch, "guard-static", cfg)
+    flops = [[c.flops for c in layer.expert_costs] for layer in workload.layers]
+    return result["nll_sum"] / result["nll_tokens"], flops
+
+
+def run_experiment(model, stream: torch.Tensor, guard: torch.Tensor, backend_factory: Callable[[], Any],
+                   cfg: RunConfig, progress: bool = True) -> list[PolicyRun]:
+    """Run every policy over the same chunks; returns the per-policy runs with their records."""
+    model.eval()
+    device = next(model.parameters()).device
+    chunks = chunks_of(stream.to(device), cfg)
+    guard_rows = cfg.guard_tokens // cfg.seq_len
+    if guard.numel() < guard_rows * cfg.seq_len:
+        raise ValueError(f"the guard stream has {guard.numel()} tokens, fewer than guard_tokens={cfg.guard_tokens}")
+    guard_batch = guard[: guard_rows * cfg.seq_len].view(guard_rows, cfg.seq_len).to(device)
+    shared = backend_factory() if cfg.interleave else None
+    reference_backend = shared or backend_factory()
+    static_nll, flops = guard_nll_static(model, guard_batch, reference_backend, cfg)
+    runs = [build_policy(n, model, shared or backend_factory(), cfg, static_nll, flops) for n in cfg.policies]
+    schedule = [(i, (i + j) % len(runs) if cfg.interleave else j) for i in range(len(chunks)) for j in range(len(runs))]
+    if not cfg.interleave:
+        schedule.sort(key=lambda item: item[1])
+    for i, j in tqdm(schedule, desc="chunks", disable=not progress):
+        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg, guard_batch))
+    return runs
+
+
+def summarise(runs: list[PolicyRun]) -> dict[str, dict]:
+    """Per-policy totals in the schema of `nectar run --json`."""
+    out = {}
+    for run in runs:
+        r = run.records
+        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in r)
+        duration = sum((x.t_end_s - x.t_start_s) + x.pause_s for x in r)
+        tokens = sum(x.tokens for x in r)
+        nll = sum(x.nll_sum for x in r) / max(sum(x.nll_tokens for x in r), 1)
+        out[run.name] = {
+            "tokens": tokens,
+            "energy_J": energy,
+            "duration_s": duration,
+            "J_per_token": energy / tokens,
+            "mean_power_W": energy / duration if duration > 0 else float("nan"),
+            "max_temp_C": max(x.temp_C for x in r),
+            "perplexity": math.exp(nll),
+            "routing_agreement": sum(x.routing_agreement for x in r) / len(r),
+            "fallback_chunks": sum(x.fallback for x in r),
+            "guard_energy_J": sum(x.guard_energy_J for x in r),
+            "pause_s": sum(x.pause_s for x in r),
+        }
+        if run.controller is not None:
+            out[run.name]["cost_model_residual"] = run.controller.cost_model.fit_residual()
+    return out
+
+
+def record_rows(runs: list[PolicyRun]) -> list[dict]:
+    rows = []
+    for run in runs:
+        for rec in run.records:
+            rows.append(asdict(rec))
+    return rows
+
+
+def build_summary(runs: list[PolicyRun], cfg: RunConfig, backend: str, **extra) -> dict:
+    """The run's summary in the schema of `nectar run --json` (plus the run's settings)."""
+    return {"backend": backend, "seed": cfg.seed, "gpu": runs[0].backend.gpu_name(),
+            "priced_as": cfg.price_as, "price_batch": cfg.price_batch if cfg.price_as else None,
+            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "lambda": cfg.controller.lam,
+            "temp_cap_C": cfg.controller.temp_cap_C, "power_budget_W": cfg.controller.power_budget_W,
+            "max_ppl_increase": cfg.guard.max_ppl_increase, **extra, "policies": summarise(runs)}
