@@ -153,9 +153,9 @@ class NectarController:
             for layer, (opt, router, logits, c) in enumerate(
                     zip(self.optimizers, self.routers, layer_logits, self._normalised_costs())):
                 opt.config.lam = self.lam_eff
-                q = torch.softmax(logits.double() / router.temperature, dim=-1)  # [N, E]
+                q = torch.softmax(logits.double() / router.temperature, dim=-1).cpu()  # [N, E]
                 opt.step(q, c)
-                router.bias = opt.bias.float()
+                router.bias = opt.bias.to(device=router.bias.device, dtype=torch.float32)
                 if layer == 0:
                     self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": self.lam_eff,
                                           "bias_online": opt.bias.numpy(),

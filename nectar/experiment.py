@@ -102,10 +102,10 @@ class PolicyRun:
 
 def install(model, routers) -> None:
     for (_, layer), router in zip(model.moe_layers(), routers):
-        layer.router = router
+        layer.router = router.to(layer.gate.weight.device)
 
 
-def _forward(model, batch: torch.Tensor) -> dict:
+def forward_chunk(model, batch: torch.Tensor) -> dict:
     """Run one chunk [B, T]; next-token NLL (sum) and routing agreement with static top-2."""
     with torch.no_grad():
         logits = model(input_ids=batch).logits                                # [B, T, V]
@@ -118,6 +118,15 @@ def _forward(model, batch: torch.Tensor) -> dict:
         "agreement": sum(static_agreement(d) for d in decisions) / max(len(decisions), 1),
         "logits": [d.logits.detach() for d in decisions],
     }
+
+
+def window_energy(window: TelemetryWindow) -> float:
+    """The window's energy for accounting: the best estimate (integrated power for sub-second
+    windows, the counter otherwise), else mean power × duration, else NaN (left out of totals)."""
+    for value in (window.energy_estimate_J, window.mean_power_W * window.duration_s):
+        if math.isfinite(value) and value >= 0:
+            return value
+    return float("nan")
 
 
 def static_agreement(decision, k: int = 2) -> float:
@@ -144,11 +153,11 @@ def measure(backend: TelemetryBackend, model, batch, policy: str, cfg: RunConfig
     """Forward pass + its telemetry window. The simulator prices the workload afterwards; a
     measuring backend (NVML) runs the forward inside its window."""
     if getattr(backend, "name", "") == "sim":
-        result = _forward(model, batch)
+        result = forward_chunk(model, batch)
         workload = _workload(model, batch, policy, backend, cfg)
         return result, workload, backend.run_chunk(workload)
     box: dict = {}
-    window = backend.run_chunk(None, lambda: box.setdefault("result", _forward(model, batch)))
+    window = backend.run_chunk(None, lambda: box.setdefault("result", forward_chunk(model, batch)))
     return box["result"], _workload(model, batch, policy, backend, cfg), window
 
 
@@ -159,7 +168,7 @@ def _guard_scorer(model, guard_batch: torch.Tensor, run: "PolicyRun", index: int
     def score() -> float:
         result, workload, window = measure(run.backend, model, guard_batch, "guard", cfg)
         run.trace.append(TraceRow(window, workload, kind="chunk", policy=f"{run.name}:guard", chunk_index=index))
-        spent["energy_J"] += window.energy_J if window.is_valid() else 0.0
+        spent["energy_J"] += window_energy(window)
         return result["nll_sum"] / result["nll_tokens"]
     return score
 
@@ -181,7 +190,7 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard_ba
     result, workload, window = measure(run.backend, model, batch, run.name, cfg)
     record = ChunkRecord(
         policy=run.name, chunk=index, t_start_s=window.t_start_s, t_end_s=window.t_end_s,
-        tokens=workload.tokens, energy_J=window.energy_J, mean_power_W=window.mean_power_W,
+        tokens=workload.tokens, energy_J=window_energy(window), mean_power_W=window.mean_power_W,
         peak_power_W=window.peak_power_W, temp_C=window.gpu_temp_C, sm_clock_MHz=window.sm_clock_MHz,
         nll_sum=result["nll_sum"], nll_tokens=result["nll_tokens"], routing_agreement=result["agreement"],
         expert_counts=workload.expert_counts(), flags=list(window.flags),
@@ -198,7 +207,7 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard_ba
         if control.pause_s > 0:
             pause = run.backend.idle(control.pause_s)
             run.trace.append(TraceRow(pause, None, kind="idle", policy=run.name, chunk_index=index))
-            record.pause_s, record.pause_energy_J = pause.duration_s, pause.energy_J
+            record.pause_s, record.pause_energy_J = pause.duration_s, window_energy(pause)
     return record
 
 
@@ -252,15 +261,16 @@ def summarise(runs: list[PolicyRun]) -> dict[str, dict]:
     out = {}
     for run in runs:
         r = run.records
-        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in r)
-        duration = sum((x.t_end_s - x.t_start_s) + x.pause_s for x in r)
-        tokens = sum(x.tokens for x in r)
+        valid = [x for x in r if math.isfinite(x.energy_J + x.guard_energy_J + x.pause_energy_J)]
+        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
+        duration = sum((x.t_end_s - x.t_start_s) + x.pause_s for x in valid)
+        tokens = sum(x.tokens for x in valid)
         nll = sum(x.nll_sum for x in r) / max(sum(x.nll_tokens for x in r), 1)
         out[run.name] = {
             "tokens": tokens,
             "energy_J": energy,
             "duration_s": duration,
-            "J_per_token": energy / tokens,
+            "J_per_token": energy / tokens if tokens else float("nan"),
             "mean_power_W": energy / duration if duration > 0 else float("nan"),
             "max_temp_C": max(x.temp_C for x in r),
             "perplexity": math.exp(nll),
@@ -268,6 +278,7 @@ def summarise(runs: list[PolicyRun]) -> dict[str, dict]:
             "fallback_chunks": sum(x.fallback for x in r),
             "guard_energy_J": sum(x.guard_energy_J for x in r),
             "pause_s": sum(x.pause_s for x in r),
+            "invalid_energy_chunks": len(r) - len(valid),
         }
         if run.controller is not None:
             out[run.name]["cost_model_residual"] = run.controller.cost_model.fit_residual()

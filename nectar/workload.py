@@ -68,3 +68,26 @@ class ChunkWorkload:
         ]
         rest = {k: v for k, v in d.items() if k != "layers"}
         return ChunkWorkload(layers=layers, **rest)
+
+
+def merge_workloads(workloads: list[ChunkWorkload], policy: str = "") -> ChunkWorkload:
+    """One workload for several chunks run back to back (a long calibration window): token
+    counts add up, shapes and expert costs are those of the first chunk."""
+    if not workloads:
+        raise ValueError("merge_workloads needs at least one workload")
+    first = workloads[0]
+    if any(len(w.layers) != len(first.layers) for w in workloads):
+        raise ValueError("cannot merge workloads with different numbers of layers")
+    layers = [
+        LayerWorkload(
+            tokens_per_expert=[sum(counts) for counts in zip(*(w.layers[i].tokens_per_expert for w in workloads))],
+            expert_costs=list(first.layers[i].expert_costs),
+            router_flops_per_token=first.layers[i].router_flops_per_token,
+            dropped_tokens=sum(w.layers[i].dropped_tokens for w in workloads),
+        )
+        for i in range(len(first.layers))
+    ]
+    return ChunkWorkload(
+        tokens=sum(w.tokens for w in workloads), batch=sum(w.batch for w in workloads), seq_len=first.seq_len,
+        d_model=first.d_model, n_layers=first.n_layers, n_heads=first.n_heads, vocab_size=first.vocab_size,
+        layers=layers, dtype_bytes=first.dtype_bytes, policy=policy or first.policy)

@@ -4,42 +4,21 @@ import json
 import math
 
 import pytest
-import torch
 
-from nectar.demo_model import DemoModel, save_demo_model
 from nectar.experiment_cli import main as run_main
-from nectar.model import MoEGPT2LMHeadModel, preset_config
-from nectar.tokenizer import train_tokenizer
 
-SPECS = [{"kind": "gelu", "hidden": 64, "count": 3}, {"kind": "gelu", "hidden": 16}, {"kind": "zero"}, {"kind": "copy"}]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    torch.manual_seed(0)
-    texts = [f"the expert {i} routes token {i * 7 % 13} to layer {i % 5}." for i in range(400)]
-    tokenizer = train_tokenizer(texts, vocab_size=300)
-    config = preset_config("tiny-moe", vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_inner=64,
-                           n_positions=64, expert_specs=SPECS, n_experts=0)
-    model = MoEGPT2LMHeadModel(config).eval()
-    ids = torch.cat([torch.tensor(tokenizer(t)["input_ids"]) for t in texts * 3])
-    path = tmp_path_factory.mktemp("model")
-    save_demo_model(DemoModel(model, tokenizer, ids, {"test": True}), path)
-    return path
-
-
-def _run(model_dir, out, *extra):
-    args = ["--model", str(model_dir), "--out", str(out), "--tokens", "2048", "--chunk-tokens", "512",
+def _run(tiny_model_dir, out, *extra):
+    args = ["--model", str(tiny_model_dir), "--out", str(out), "--tokens", "2048", "--chunk-tokens", "512",
             "--seq-len", "64", "--guard-tokens", "256", "--price-batch", "64", "--json", "--no-progress", *extra]
     assert run_main(args) == 0
     return json.loads((out / "summary.json").read_text())
 
 
-def test_run_writes_summary_outputs_and_is_deterministic(model_dir, tmp_path, capsys):
-    a = _run(model_dir, tmp_path / "a")
+def test_run_writes_summary_outputs_and_is_deterministic(tiny_model_dir, tmp_path, capsys):
+    a = _run(tiny_model_dir, tmp_path / "a")
     printed = json.loads(capsys.readouterr().out)
     assert printed == a
-    b = _run(model_dir, tmp_path / "b")
+    b = _run(tiny_model_dir, tmp_path / "b")
     assert a == b
     assert a["backend"] == "sim" and "H100" in a["gpu"]
     assert set(a["policies"]) == {"static-top2", "static-top1", "static-cheap", "nectar"}
@@ -58,8 +37,8 @@ def test_run_writes_summary_outputs_and_is_deterministic(model_dir, tmp_path, ca
         assert (tmp_path / "a" / name).exists(), name
 
 
-def test_faults_do_not_crash_and_the_guard_bounds_quality(model_dir, tmp_path):
-    s = _run(model_dir, tmp_path / "f", "--faults", "nan:0.2,stale:0.2,spike:0.1", "--policies", "static-top2,nectar",
+def test_faults_do_not_crash_and_the_guard_bounds_quality(tiny_model_dir, tmp_path):
+    s = _run(tiny_model_dir, tmp_path / "f", "--faults", "nan:0.2,stale:0.2,spike:0.1", "--policies", "static-top2,nectar",
              "--lambda", "0.05")
     rows = (tmp_path / "f" / "chunks.csv").read_text().splitlines()
     assert len(rows) > 1 and math.isfinite(s["policies"]["nectar"]["J_per_token"])
@@ -67,8 +46,8 @@ def test_faults_do_not_crash_and_the_guard_bounds_quality(model_dir, tmp_path):
 
 @pytest.mark.parametrize("bad", [["--lambda", "0"], ["--temp-cap", "500"], ["--power-budget", "-3"],
                                  ["--policies", "static-top9"], ["--chunk-tokens", "100"], ["--faults", "gremlins:1"]])
-def test_bad_options_give_a_clear_error(model_dir, tmp_path, bad, capsys):
-    args = ["--model", str(model_dir), "--out", str(tmp_path / "x"), "--seq-len", "64", "--no-progress", *bad]
+def test_bad_options_give_a_clear_error(tiny_model_dir, tmp_path, bad, capsys):
+    args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--seq-len", "64", "--no-progress", *bad]
     try:
         code = run_main(args)
     except SystemExit as exc:  # argparse rejects malformed values itself

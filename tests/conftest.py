@@ -1,0 +1,27 @@
+"""Shared fixtures."""
+
+import pytest
+import torch
+
+from nectar.demo_model import DemoModel, save_demo_model
+from nectar.model import MoEGPT2LMHeadModel, preset_config
+from nectar.tokenizer import train_tokenizer
+
+SPECS = [{"kind": "gelu", "hidden": 64, "count": 3}, {"kind": "gelu", "hidden": 16}, {"kind": "zero"}, {"kind": "copy"}]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A tiny MoE-GPT2 with full, narrow, zero and copy experts, saved the way `nectar run --model` loads it."""
+    torch.manual_seed(0)
+    texts = [f"the expert {i} routes token {i * 7 % 13} to layer {i % 5}." for i in range(400)]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    config = preset_config("tiny-moe", vocab_size=len(tokenizer), n_layer=2, n_embd=32, n_head=2, n_inner=64,
+                           n_positions=64, expert_specs=SPECS, n_experts=0)
+    model = MoEGPT2LMHeadModel(config).eval()
+    ids = torch.cat([torch.tensor(tokenizer(t)["input_ids"]) for t in texts * 3])
+    path = tmp_path_factory.mktemp("model")
+    save_demo_model(DemoModel(model, tokenizer, ids, {"test": True}), path)
+    return path
+
+
