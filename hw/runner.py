@@ -69,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--long-seconds", type=float, default=240.0)
     p.add_argument("--warmup-s", type=float, default=10.0)
     p.add_argument("--calibration-s", type=float, default=5.0)
-    p.add_argument("--chunk-tokens", type=int, default=65536)
+    p.add_argument("--chunk-tokens", type=int, default=1048576,
+                   help="tokens per controller chunk; ~0.8 s on an H100, so the NVML counter is usable per chunk")
+    p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward inside a chunk")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--guard-tokens", type=int, default=4096)
     p.add_argument("--lambda", dest="lam", type=float, default=ControllerConfig.lam)
@@ -100,7 +102,8 @@ def _build_model(args):
 
 
 def _chunk(stream: torch.Tensor, args, device) -> torch.Tensor:
-    rows = args.chunk_tokens // args.seq_len
+    """One micro-batch [micro_batch, seq_len] of the stream, for warm-up and calibration."""
+    rows = min(args.micro_batch, args.chunk_tokens // args.seq_len)
     need = rows * args.seq_len
     return stream.repeat(math.ceil(need / stream.numel()))[:need].view(rows, args.seq_len).to(device)
 
@@ -113,8 +116,7 @@ def measured_block(model, backend, chunk, policy: str, seconds: float, kind: str
     def compute():
         start = time.perf_counter()
         while time.perf_counter() - start < seconds:
-            forward_chunk(model, chunk)
-            workloads.append(model.chunk_workload(chunk.shape[0], chunk.shape[1], policy=policy))
+            workloads.append(forward_chunk(model, chunk, policy=policy)["workload"])
 
     if backend.name == "sim":  # the simulator prices what ran; NVML measures it while it runs
         compute()
@@ -135,6 +137,7 @@ def run_segment(seg: Segment, model, stream, guard, backend, args, tokens_per_s,
     cfg = RunConfig(policies=seg.policies, tokens=_tokens_for(seg.seconds / len(seg.policies), tokens_per_s, args.chunk_tokens, args.max_chunks),
                     chunk_tokens=args.chunk_tokens, seq_len=args.seq_len, seed=args.seed,
                     guard_tokens=args.guard_tokens, price_as=None, interleave=seg.interleave,
+                    micro_batch_rows=args.micro_batch,
                     controller=controller, guard=GuardConfig(max_ppl_increase=args.max_ppl_increase))
     runs = run_experiment(model, stream, guard, lambda: backend, cfg, progress=not args.no_progress)
     summary = build_summary(runs, cfg, backend=args.backend, segment=seg.name, model=info)

@@ -87,7 +87,10 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
                      progress: bool = True, time_budget_s: float | None = None) -> DemoModel:
     """Dense training → upcycling → MoE fine-tune with cheap-slot mixing. Deterministic on CPU."""
     torch.manual_seed(seed)
-    deadline = None if time_budget_s is None else time.monotonic() + time_budget_s
+    start = time.monotonic()
+    # the dense stage may use 60 % of the budget, the MoE fine-tune the rest
+    dense_deadline = None if time_budget_s is None else start + 0.6 * time_budget_s
+    moe_deadline = None if time_budget_s is None else start + time_budget_s
     data = prepare_data(vocab_size=recipe.vocab_size)
     eos = data.tokenizer.eos_token_id or 0
     config = preset_config(recipe.base, vocab_size=len(data.tokenizer), eos_token_id=eos, **recipe.dense)
@@ -95,7 +98,7 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
     stage = dict(batch=recipe.batch, seq_len=recipe.seq_len, lr=recipe.lr, device=device, dtype=dtype,
                  seed=seed, progress=progress)
     dense_result = train_lm(dense, data.train_ids, TrainConfig(steps=recipe.dense_steps, **stage),
-                            deadline=deadline, desc="dense")
+                            deadline=dense_deadline, desc="dense")
     inner = config.n_inner or 4 * config.n_embd
     moe = MoEGPT2LMHeadModel.from_dense(dense, num_experts=0, top_k=recipe.top_k,
                                         expert_specs=recipe.expert_specs(inner))
@@ -105,7 +108,7 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
                                            cheap_prob=recipe.cheap_prob, seed=seed)
     cfg = TrainConfig(steps=recipe.moe_steps, **stage)
     aux = lambda m: moe_aux_loss(m, cfg.balance_coef, cfg.z_coef)  # noqa: E731
-    moe_result = train_lm(moe, data.train_ids, cfg, aux_loss=aux, deadline=deadline, desc="moe")
+    moe_result = train_lm(moe, data.train_ids, cfg, aux_loss=aux, deadline=moe_deadline, desc="moe")
     moe.set_router_by_name("topk", k=recipe.top_k)
     info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "seed": seed,
             "dense_steps": dense_result.steps, "moe_steps": moe_result.steps,

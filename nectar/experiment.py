@@ -23,7 +23,7 @@ from nectar.policies import DEFAULT_POLICIES, check_policies, make_router
 from nectar.quality_guard import GuardConfig, QualityGuard
 from nectar.telemetry import TelemetryBackend, TelemetryWindow
 from nectar.trace import TraceRow
-from nectar.workload import ChunkWorkload
+from nectar.workload import ChunkWorkload, merge_workloads
 from nectar.workload_scaling import TARGETS, rescale
 
 
@@ -37,6 +37,7 @@ class RunConfig:
     guard_tokens: int = 1024
     price_as: str | None = "distilgpt2"  # simulator only: price routing at this shape
     price_batch: int = 128              # simulator only: sequences per priced chunk (≈0.25 s on an H100)
+    micro_batch_rows: int | None = None  # forward a chunk in micro-batches of this many sequences
     interleave: bool = False            # share one backend and interleave policies in time
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -105,18 +106,35 @@ def install(model, routers) -> None:
         layer.router = router.to(layer.gate.weight.device)
 
 
-def forward_chunk(model, batch: torch.Tensor) -> dict:
-    """Run one chunk [B, T]; next-token NLL (sum) and routing agreement with static top-2."""
+def forward_chunk(model, batch: torch.Tensor, micro_rows: int | None = None, policy: str = "",
+                  max_controller_tokens: int = 65536) -> dict:
+    """Run one chunk [B, T] in micro-batches of `micro_rows` sequences (a long chunk window need
+    not fit in memory at once). Returns the next-token NLL (sum), the routing agreement with static
+    top-2, each MoE layer's gate logits (the first `max_controller_tokens` tokens, for the
+    controller) and the chunk's merged workload."""
+    parts = batch.split(micro_rows or batch.shape[0])
+    nll = torch.zeros((), device=batch.device)
+    agreement, workloads = 0.0, []
+    layer_logits: list[list[torch.Tensor]] = []
     with torch.no_grad():
-        logits = model(input_ids=batch).logits                                # [B, T, V]
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch[:, 1:].reshape(-1), reduction="sum")
-    decisions = [layer.last_decision for _, layer in model.moe_layers()]
+        for part in parts:
+            logits = model(input_ids=part).logits                                  # [b, T, V]
+            nll += torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), part[:, 1:].reshape(-1), reduction="sum")
+            decisions = [layer.last_decision for _, layer in model.moe_layers()]
+            agreement += part.numel() * sum(static_agreement(d) for d in decisions) / max(len(decisions), 1)
+            if sum(x.shape[0] for x in (layer_logits[0] if layer_logits else [])) < max_controller_tokens:
+                for i, d in enumerate(decisions):
+                    if len(layer_logits) <= i:
+                        layer_logits.append([])
+                    layer_logits[i].append(d.logits.detach())
+            workloads.append(model.chunk_workload(part.shape[0], part.shape[1], policy=policy))
     return {
         "nll_sum": float(nll),
         "nll_tokens": batch[:, 1:].numel(),
-        "agreement": sum(static_agreement(d) for d in decisions) / max(len(decisions), 1),
-        "logits": [d.logits.detach() for d in decisions],
+        "agreement": agreement / batch.numel(),
+        "logits": [torch.cat(chunks)[:max_controller_tokens] for chunks in layer_logits],    # [N, E] per layer
+        "workload": merge_workloads(workloads, policy),
     }
 
 
@@ -137,28 +155,27 @@ def static_agreement(decision, k: int = 2) -> float:
     return float(same.any(dim=1).float().mean())
 
 
-def _workload(model, batch: torch.Tensor, policy: str, backend, cfg: RunConfig) -> ChunkWorkload:
-    """The chunk's workload; on the simulator with `price_as`, rescaled to the target shape: a
-    stream chunk is priced as `price_batch` sequences, a guard batch as its own number of
-    sequences (at the target sequence length)."""
-    workload = model.chunk_workload(batch.shape[0], batch.shape[1], policy=policy)
-    if cfg.price_as and getattr(backend, "name", "") == "sim":
-        is_guard = policy.startswith("guard")
-        target = replace(TARGETS[cfg.price_as], batch=batch.shape[0] if is_guard else cfg.price_batch)
-        workload = rescale(workload, target)
-    return workload
+def _priced(workload: ChunkWorkload, rows: int, backend, cfg: RunConfig) -> ChunkWorkload:
+    """On the simulator with `price_as`, the workload rescaled to the target shape: a stream chunk
+    is priced as `price_batch` sequences, a guard batch as its own number of sequences (at the
+    target sequence length). Otherwise the workload as it ran."""
+    if not cfg.price_as or getattr(backend, "name", "") != "sim":
+        return workload
+    is_guard = workload.policy.startswith("guard")
+    return rescale(workload, replace(TARGETS[cfg.price_as], batch=rows if is_guard else cfg.price_batch))
 
 
 def measure(backend: TelemetryBackend, model, batch, policy: str, cfg: RunConfig) -> tuple[dict, ChunkWorkload, TelemetryWindow]:
     """Forward pass + its telemetry window. The simulator prices the workload afterwards; a
     measuring backend (NVML) runs the forward inside its window."""
+    run = lambda: forward_chunk(model, batch, cfg.micro_batch_rows, policy)  # noqa: E731
     if getattr(backend, "name", "") == "sim":
-        result = forward_chunk(model, batch)
-        workload = _workload(model, batch, policy, backend, cfg)
+        result = run()
+        workload = _priced(result["workload"], batch.shape[0], backend, cfg)
         return result, workload, backend.run_chunk(workload)
     box: dict = {}
-    window = backend.run_chunk(None, lambda: box.setdefault("result", forward_chunk(model, batch)))
-    return box["result"], _workload(model, batch, policy, backend, cfg), window
+    window = backend.run_chunk(None, lambda: box.setdefault("result", run()))
+    return box["result"], box["result"]["workload"], window
 
 
 # ----------------------------------------------------------------------------------- policies

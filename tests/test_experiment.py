@@ -54,3 +54,24 @@ def test_bad_options_give_a_clear_error(tiny_model_dir, tmp_path, bad, capsys):
         code = exc.code
     assert code == 2
     assert "error" in capsys.readouterr().err.lower()
+
+
+def test_micro_batched_chunk_equals_one_forward(tiny_model_dir):
+    import torch
+
+    from nectar.demo_model import load_demo_model
+    from nectar.experiment import forward_chunk, install
+    from nectar.policies import make_router
+
+    demo = load_demo_model(tiny_model_dir)
+    model = demo.model
+    install(model, [make_router("static-top2", layer) for _, layer in model.moe_layers()])
+    batch = demo.heldout_ids[: 8 * 32].view(8, 32)
+    whole = forward_chunk(model, batch)
+    parts = forward_chunk(model, batch, micro_rows=3)
+    assert parts["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-5)
+    assert parts["agreement"] == pytest.approx(whole["agreement"])
+    assert parts["workload"].expert_counts() == whole["workload"].expert_counts()
+    assert parts["workload"].tokens == whole["workload"].tokens == 256
+    for a, b in zip(parts["logits"], whole["logits"]):
+        assert torch.allclose(a, b, atol=1e-5)
