@@ -73,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokens per controller chunk; ~0.8 s on an H100, so the NVML counter is usable per chunk")
     p.add_argument("--micro-batch", type=int, default=64, help="sequences per forward inside a chunk")
     p.add_argument("--seq-len", type=int, default=1024)
-    p.add_argument("--guard-tokens", type=int, default=4096)
+    p.add_argument("--guard-tokens", type=int, default=8192)
+    p.add_argument("--guard-check-tokens", type=int, default=2048)
     p.add_argument("--lambda", dest="lam", type=float, default=ControllerConfig.lam)
     p.add_argument("--max-ppl-increase", type=float, default=GuardConfig.max_ppl_increase)
     p.add_argument("--temp-cap", type=float, default=None, help="default: static-top2's peak in 'main' − 4 °C")
@@ -136,7 +137,8 @@ def run_segment(seg: Segment, model, stream, guard, backend, args, tokens_per_s,
     controller = ControllerConfig(lam=args.lam, temp_cap_C=seg.temp_cap_C, power_budget_W=seg.power_budget_W)
     cfg = RunConfig(policies=seg.policies, tokens=_tokens_for(seg.seconds / len(seg.policies), tokens_per_s, args.chunk_tokens, args.max_chunks),
                     chunk_tokens=args.chunk_tokens, seq_len=args.seq_len, seed=args.seed,
-                    guard_tokens=args.guard_tokens, price_as=None, interleave=seg.interleave,
+                    guard_tokens=args.guard_tokens, guard_check_tokens=args.guard_check_tokens,
+                    price_as=None, interleave=seg.interleave,
                     micro_batch_rows=args.micro_batch,
                     controller=controller, guard=GuardConfig(max_ppl_increase=args.max_ppl_increase))
     runs = run_experiment(model, stream, guard, lambda: backend, cfg, progress=not args.no_progress)

@@ -5,8 +5,11 @@ Per chunk (after the chunk ran):
 1. the online cost model takes the chunk's workload and measured energy window;
 2. temperature and power pressure are dual variables: ν_T grows while the GPU temperature is
    within `temp_margin_C` of the cap (or the slowdown threshold), ν_P while mean power exceeds
-   the budget; the effective quality weight is λ_eff = λ / (1 + ν_T + ν_P), so adaptation gets
-   stronger as headroom shrinks, and relaxes when it comes back;
+   the budget; the effective quality weight is λ_eff = λ_q / (1 + ν_T + ν_P), so adaptation gets
+   stronger as headroom shrinks, and relaxes when it comes back. λ_q starts at λ and, with a
+   `quality_target`, follows the guard: log λ_q moves down while the guard's perplexity excess is
+   below target × bound and up while above (dual ascent on the quality constraint), so NECTAR
+   spends the quality budget it is given on energy, and no more;
 3. memory pressure above a threshold, or an untrustworthy telemetry window, skips the update;
 4. each layer's bias takes one optimizer step (`BiasOptimizer`) on the convex chunk problem with
    the cost model's per-expert costs (normalised by the layer's most expensive expert);
@@ -47,6 +50,9 @@ class ControllerConfig:
     max_pressure: float = 50.0
     mem_pressure_skip: float = 0.95
     allow_pause: bool = True
+    quality_target: float | None = 0.7  # aim the guard's excess at this share of its bound (None: fixed λ)
+    quality_lr: float = 0.5            # step of log λ_q per chunk, per unit of relative excess error
+    lam_range: tuple[float, float] = (0.02, 20.0)
 
     def __post_init__(self):
         if not (math.isfinite(self.lam) and self.lam > 0):
@@ -57,6 +63,8 @@ class ControllerConfig:
             raise ValueError(f"power budget must be in [10, 2000] W, got {self.power_budget_W}")
         if self.temp_margin_C <= 0 or self.dual_lr <= 0:
             raise ValueError("temp_margin_C and dual_lr must be > 0")
+        if self.quality_target is not None and not 0 < self.quality_target < 1:
+            raise ValueError(f"quality_target must be in (0, 1) or None, got {self.quality_target}")
 
 
 @dataclass
@@ -100,6 +108,7 @@ class NectarController:
         ]
         self.nu_temp = 0.0
         self.nu_power = 0.0
+        self.lam_quality = self.config.lam
         self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
 
     def _temperature_limit(self) -> float:
@@ -117,7 +126,19 @@ class NectarController:
 
     @property
     def lam_eff(self) -> float:
-        return self.config.lam / (1.0 + self.nu_temp + self.nu_power)
+        return self.lam_quality / (1.0 + self.nu_temp + self.nu_power)
+
+    def _update_quality_weight(self, excess: float) -> None:
+        """Dual ascent on the quality constraint, in log λ (λ is a scale parameter)."""
+        cfg = self.config
+        if cfg.quality_target is None or not math.isfinite(excess):
+            if not math.isfinite(excess):
+                self.lam_quality = min(cfg.lam_range[1], self.lam_quality * 2)
+            return
+        bound = self.guard.config.max_ppl_increase
+        error = (excess - cfg.quality_target * bound) / bound
+        step = math.exp(cfg.quality_lr * max(-1.0, min(2.0, error)))
+        self.lam_quality = min(cfg.lam_range[1], max(cfg.lam_range[0], self.lam_quality * step))
 
     def _normalised_costs(self) -> list[torch.Tensor]:
         costs = self.cost_model.expert_costs()
@@ -140,10 +161,11 @@ class NectarController:
         workload: ChunkWorkload,
         window: TelemetryWindow,
         layer_logits: list[torch.Tensor],
-        guard_nll: Callable[[], float],
+        guard_nll: Callable[[], float | tuple[float, float]],
     ) -> ControlRecord:
         """One control step. `layer_logits[l]` [N, E] are the chunk's gate logits per MoE layer;
-        `guard_nll()` scores the held-out guard batch under the routers' current candidate."""
+        `guard_nll()` scores a held-out guard batch under the routers' current candidate and returns
+        its NLL, or (NLL, the same batch's NLL under static routing)."""
         skipped = self._skip_reason(window)
         residual = None
         if not skipped:
@@ -161,6 +183,8 @@ class NectarController:
                                           "bias_online": opt.bias.numpy(),
                                           "p_online": opt.routing_distribution(q).numpy()}
         verdict = self._judge(guard_nll)
+        if not skipped:
+            self._update_quality_weight(verdict.excess)
         return ControlRecord(
             lam_eff=self.lam_eff, nu_temp=self.nu_temp, nu_power=self.nu_power,
             alpha=self.guard.alpha, fallback=self.guard.fallback,
@@ -169,11 +193,12 @@ class NectarController:
             biases=[r.bias.tolist() for r in self.routers],
         )
 
-    def _judge(self, guard_nll: Callable[[], float]):
+    def _judge(self, guard_nll: Callable[[], float | tuple[float, float]]):
         for router in self.routers:          # score the adapted candidate, not the fallback
             router.fallback = False
             router.alpha = self.guard.alpha
-        verdict = self.guard.judge(guard_nll())
+        scored = guard_nll()
+        verdict = self.guard.judge(*scored) if isinstance(scored, tuple) else self.guard.judge(scored)
         for router in self.routers:
             router.fallback = verdict.fallback
             router.alpha = verdict.alpha

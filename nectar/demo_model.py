@@ -56,8 +56,8 @@ class ModelRecipe:
 
 RECIPES = {
     "cpu-demo": ModelRecipe(),
-    "distilgpt2": ModelRecipe(preset="distilgpt2", base="distilgpt2", dense={}, full_experts=6, dense_steps=1500,
-                              moe_steps=500, batch=32, seq_len=512, lr=1e-3, vocab_size=8192),
+    "distilgpt2": ModelRecipe(preset="distilgpt2", base="distilgpt2", dense={}, full_experts=6, dense_steps=800,
+                              moe_steps=400, batch=32, seq_len=512, lr=1e-3, vocab_size=8192),
 }
 
 

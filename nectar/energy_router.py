@@ -6,8 +6,11 @@ optionally, a fast-weight network of the token). Safeguards (DESIGN.md §2, step
 
 - the static top-1 expert (argmax of the trained logits) always takes the first slot;
 - the remaining 1–2 slots go to the best experts by the *adapted* scores, which the energy bias
-  steers towards cheap experts (narrow, zero-compute) — or only among cheap experts when
-  `restrict_to_cheap`;
+  steers towards cheap experts (narrow, zero-compute). Which experts may take them is set by
+  `candidates`: "static-or-cheap" (default) — the static router's own choices or the best cheap
+  experts by the trained logits, i.e. exactly the two kinds of routing the model was fine-tuned
+  with (`MixedTrainingRouter`), so adaptation decides per token *whether* to go cheap and never
+  leaves the trained distribution; "all" — any expert; "cheap" — cheap experts only;
 - combine gates come from the unbiased static probabilities, renormalised over the chosen slots
   (the bias steers selection only, as in auxiliary-loss-free balancing);
 - `fallback = True` turns the router into the static top-k router (the quality guard sets it).
@@ -42,6 +45,9 @@ def _static_top1_plus(scores: torch.Tensor, logits: torch.Tensor, extra: int) ->
     return torch.cat([top1, rest], dim=-1)
 
 
+CANDIDATES = ("static-or-cheap", "all", "cheap")
+
+
 class CheapStaticRouter(Router):
     """Static baseline with cheap experts: the static top-1 expert plus the best `extra` cheap
     experts by the trained logits. No adaptation."""
@@ -72,17 +78,22 @@ class EnergyAwareRouter(Router):
         cheap_experts: list[int],
         extra_slots: int = 1,
         temperature: float = 1.0,
-        restrict_to_cheap: bool = False,
+        candidates: str = "static-or-cheap",
         fallback_k: int = 2,
         fast_net: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ):
         super().__init__(num_experts, temperature)
         _check_cheap(cheap_experts, num_experts, extra_slots)
+        if candidates not in CANDIDATES:
+            raise ValueError(f"candidates must be one of {CANDIDATES}, got {candidates!r}")
         if not 1 <= fallback_k <= num_experts:
             raise ValueError(f"fallback_k must be in [1, {num_experts}], got {fallback_k}")
         self.cheap_experts = list(cheap_experts)
         self.extra_slots = extra_slots
-        self.restrict_to_cheap = restrict_to_cheap
+        self.candidates = candidates
+        cheap_mask = torch.full((num_experts,), float("-inf"))
+        cheap_mask[cheap_experts] = 0.0
+        self.register_buffer("cheap_mask", cheap_mask, persistent=False)       # [E]
         self.fallback_k = fallback_k
         self.fast_net = fast_net
         self.register_buffer("bias", torch.zeros(num_experts), persistent=False)  # [E]
@@ -110,11 +121,23 @@ class EnergyAwareRouter(Router):
             experts = logits.topk(self.fallback_k, dim=-1).indices             # [N, k]
             return _decision(logits, experts, self.temperature)
         scores = logits / self.temperature + self.alpha * self.dynamic_scores(logits)  # [N, E]
-        if self.restrict_to_cheap:
-            blocked = torch.full_like(scores, float("-inf"))
-            blocked[:, self.cheap_experts] = 0.0
-            scores = scores + blocked
+        scores = scores + self._allowed(logits)
         return _decision(logits, _static_top1_plus(scores, logits, self.extra_slots), self.temperature)
+
+    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere."""
+        cheap = self.cheap_mask.to(logits.dtype).expand_as(logits)             # [N, E]
+        if self.candidates == "all":
+            return torch.zeros_like(logits)
+        if self.candidates == "cheap":
+            return cheap
+        k = 1 + self.extra_slots
+        static = logits.topk(k, dim=-1).indices                                  # [N, k]
+        not_top1 = torch.zeros_like(logits).scatter(-1, static[:, :1], float("-inf"))  # [N, E]
+        best_cheap = (logits + cheap + not_top1).topk(self.extra_slots, dim=-1).indices  # [N, extra]
+        allowed = torch.full_like(logits, float("-inf"))
+        allowed.scatter_(-1, torch.cat([static, best_cheap], dim=-1), 0.0)
+        return allowed
 
     def attach(self, layer: torch.nn.Module) -> None:
         """Capture the gate's inputs of `layer` (a MoELayer) so the fast net can see the tokens."""

@@ -34,7 +34,8 @@ class RunConfig:
     chunk_tokens: int = 4096            # tokens per chunk (one controller step per chunk)
     seq_len: int = 256
     seed: int = 0
-    guard_tokens: int = 1024
+    guard_tokens: int = 8192            # held-out guard set (scored once under static routing)
+    guard_check_tokens: int = 1024      # guard tokens scored after each nectar chunk, in rotation
     price_as: str | None = "distilgpt2"  # simulator only: price routing at this shape
     price_batch: int = 128              # simulator only: sequences per priced chunk (≈0.25 s on an H100)
     micro_batch_rows: int | None = None  # forward a chunk in micro-batches of this many sequences
@@ -52,8 +53,9 @@ class RunConfig:
             raise ValueError(f"tokens ({self.tokens}) must be at least one chunk ({self.chunk_tokens})")
         if self.price_as is not None and self.price_as not in TARGETS:
             raise ValueError(f"unknown price-as target {self.price_as!r}; choose one of {sorted(TARGETS)} or none")
-        if self.guard_tokens < self.seq_len:
-            raise ValueError(f"guard_tokens ({self.guard_tokens}) must be at least seq_len ({self.seq_len})")
+        if self.guard_check_tokens < self.seq_len or self.guard_tokens < self.guard_check_tokens:
+            raise ValueError(f"need seq_len ({self.seq_len}) <= guard_check_tokens ({self.guard_check_tokens}) "
+                             f"<= guard_tokens ({self.guard_tokens})")
 
 
 @dataclass
@@ -96,6 +98,7 @@ class PolicyRun:
     controller: NectarController | None = None
     records: list[ChunkRecord] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)   # every telemetry window, in order
+    setup_energy_J: float = 0.0         # one-time cost (the guard's static reference), in the totals
 
 
 # ----------------------------------------------------------------------------------- forward
@@ -181,19 +184,36 @@ def measure(backend: TelemetryBackend, model, batch, policy: str, cfg: RunConfig
 # ----------------------------------------------------------------------------------- policies
 
 
-def _guard_scorer(model, guard_batch: torch.Tensor, run: "PolicyRun", index: int, cfg: RunConfig, spent: dict) -> Callable[[], float]:
-    def score() -> float:
-        result, workload, window = measure(run.backend, model, guard_batch, "guard", cfg)
+@dataclass
+class GuardSet:
+    """Held-out guard batches [check_rows, T] and their NLL under static routing."""
+
+    batches: list[torch.Tensor]
+    static_nll: list[float]
+    checks: int = 0
+
+    def next(self) -> tuple[torch.Tensor, float]:
+        i = self.checks % len(self.batches)
+        self.checks += 1
+        return self.batches[i], self.static_nll[i]
+
+
+def _guard_scorer(model, guard: GuardSet, run: "PolicyRun", index: int, cfg: RunConfig, spent: dict):
+    def score() -> tuple[float, float]:
+        batch, static_nll = guard.next()
+        result, workload, window = measure(run.backend, model, batch, "guard", cfg)
         run.trace.append(TraceRow(window, workload, kind="chunk", policy=f"{run.name}:guard", chunk_index=index))
         spent["energy_J"] += window_energy(window)
-        return result["nll_sum"] / result["nll_tokens"]
+        return result["nll_sum"] / result["nll_tokens"], static_nll
     return score
 
 
-def build_policy(name: str, model, backend, cfg: RunConfig, static_guard_nll: float, flops) -> PolicyRun:
+def build_policy(name: str, model, backend, cfg: RunConfig, guard: GuardSet, flops, setup_J: float) -> PolicyRun:
     routers = [make_router(name, layer) for _, layer in model.moe_layers()]
     run = PolicyRun(name, routers, backend)
     if name == "nectar":
+        run.setup_energy_J = setup_J
+        static_guard_nll = sum(guard.static_nll) / len(guard.static_nll)
         moe_blocks = [idx for idx, _ in model.moe_layers()]
         run.controller = NectarController(
             [r for r in routers if isinstance(r, EnergyAwareRouter)],
@@ -202,7 +222,7 @@ def build_policy(name: str, model, backend, cfg: RunConfig, static_guard_nll: fl
     return run
 
 
-def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard_batch) -> ChunkRecord:
+def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard: GuardSet) -> ChunkRecord:
     install(model, run.routers)
     result, workload, window = measure(run.backend, model, batch, run.name, cfg)
     record = ChunkRecord(
@@ -216,7 +236,7 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard_ba
     if run.controller is not None:
         record.fallback = run.controller.guard.fallback
         spent = {"energy_J": 0.0}
-        scorer = _guard_scorer(model, guard_batch, run, index, cfg, spent)
+        scorer = _guard_scorer(model, guard, run, index, cfg, spent)
         control = run.controller.after_chunk(workload, window, result["logits"], scorer)
         record.alpha, record.lam_eff = control.alpha, control.lam_eff
         record.guard_excess, record.cost_residual = control.guard_excess, control.cost_residual
@@ -243,12 +263,22 @@ def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
     return list(usable.view(n_chunks, rows, cfg.seq_len))
 
 
-def guard_nll_static(model, guard_batch, backend, cfg: RunConfig) -> tuple[float, list[list[float]]]:
-    """Guard NLL under static top-2 routing, and the per-layer per-expert FLOPs (cost prior)."""
+def static_guard_set(model, guard: torch.Tensor, backend, cfg: RunConfig) -> tuple[GuardSet, list[list[float]], float]:
+    """Score every guard batch under static top-2 routing. Returns the guard set, the per-layer
+    per-expert FLOPs (the cost model's prior) and the energy this one-time reference cost."""
     install(model, [make_router("static-top2", layer) for _, layer in model.moe_layers()])
-    result, workload, _ = measure(backend, model, guard_batch, "guard-static", cfg)
-    flops = [[c.flops for c in layer.expert_costs] for layer in workload.layers]
-    return result["nll_sum"] / result["nll_tokens"], flops
+    rows = cfg.guard_check_tokens // cfg.seq_len
+    n_batches = cfg.guard_tokens // cfg.guard_check_tokens
+    if guard.numel() < n_batches * rows * cfg.seq_len:
+        raise ValueError(f"the guard stream has {guard.numel()} tokens, fewer than guard_tokens={cfg.guard_tokens}")
+    batches = list(guard[: n_batches * rows * cfg.seq_len].view(n_batches, rows, cfg.seq_len))
+    nlls, energy, flops = [], 0.0, []
+    for batch in batches:
+        result, workload, window = measure(backend, model, batch, "guard-static", cfg)
+        nlls.append(result["nll_sum"] / result["nll_tokens"])
+        energy += window_energy(window)
+        flops = [[c.flops for c in layer.expert_costs] for layer in workload.layers]
+    return GuardSet(batches, nlls), flops, energy
 
 
 def run_experiment(model, stream: torch.Tensor, guard: torch.Tensor, backend_factory: Callable[[], Any],
@@ -257,19 +287,15 @@ def run_experiment(model, stream: torch.Tensor, guard: torch.Tensor, backend_fac
     model.eval()
     device = next(model.parameters()).device
     chunks = chunks_of(stream.to(device), cfg)
-    guard_rows = cfg.guard_tokens // cfg.seq_len
-    if guard.numel() < guard_rows * cfg.seq_len:
-        raise ValueError(f"the guard stream has {guard.numel()} tokens, fewer than guard_tokens={cfg.guard_tokens}")
-    guard_batch = guard[: guard_rows * cfg.seq_len].view(guard_rows, cfg.seq_len).to(device)
     shared = backend_factory() if cfg.interleave else None
     reference_backend = shared or backend_factory()
-    static_nll, flops = guard_nll_static(model, guard_batch, reference_backend, cfg)
-    runs = [build_policy(n, model, shared or backend_factory(), cfg, static_nll, flops) for n in cfg.policies]
+    guard_set, flops, setup_J = static_guard_set(model, guard.to(device), reference_backend, cfg)
+    runs = [build_policy(n, model, shared or backend_factory(), cfg, guard_set, flops, setup_J) for n in cfg.policies]
     schedule = [(i, (i + j) % len(runs) if cfg.interleave else j) for i in range(len(chunks)) for j in range(len(runs))]
     if not cfg.interleave:
         schedule.sort(key=lambda item: item[1])
     for i, j in tqdm(schedule, desc="chunks", disable=not progress):
-        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg, guard_batch))
+        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg, guard_set))
     return runs
 
 
@@ -279,7 +305,7 @@ def summarise(runs: list[PolicyRun]) -> dict[str, dict]:
     for run in runs:
         r = run.records
         valid = [x for x in r if math.isfinite(x.energy_J + x.guard_energy_J + x.pause_energy_J)]
-        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
+        energy = run.setup_energy_J + sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
         duration = sum((x.t_end_s - x.t_start_s) + x.pause_s for x in valid)
         tokens = sum(x.tokens for x in valid)
         nll = sum(x.nll_sum for x in r) / max(sum(x.nll_tokens for x in r), 1)
@@ -293,7 +319,7 @@ def summarise(runs: list[PolicyRun]) -> dict[str, dict]:
             "perplexity": math.exp(nll),
             "routing_agreement": sum(x.routing_agreement for x in r) / len(r),
             "fallback_chunks": sum(x.fallback for x in r),
-            "guard_energy_J": sum(x.guard_energy_J for x in r),
+            "guard_energy_J": run.setup_energy_J + sum(x.guard_energy_J for x in r),
             "pause_s": sum(x.pause_s for x in r),
             "invalid_energy_chunks": len(r) - len(valid),
         }

@@ -59,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=float, default=GuardConfig.max_ppl_increase,
                    help="quality guard bound, relative perplexity increase (0.01 = 1%%)")
     p.add_argument("--guard-tokens", type=_positive_int, default=RunConfig.guard_tokens,
-                   help="held-out tokens the quality guard scores after each nectar chunk")
+                   help="held-out guard set, scored once under static routing")
+    p.add_argument("--guard-check-tokens", type=_positive_int, default=RunConfig.guard_check_tokens,
+                   help="guard tokens scored after each nectar chunk (in rotation through the set)")
     p.add_argument("--faults", default=None, help="simulator fault injection, e.g. 'stale:0.1,nan:0.05,hot_ambient:45'")
     p.add_argument("--gpu", default="h100_sxm", help="simulator GPU preset (name or JSON path)")
     p.add_argument("--price-as", default="distilgpt2", help="simulator: price routing at this shape ('none' = as is)")
@@ -76,6 +78,7 @@ def _configs(args) -> RunConfig:
     price_as = None if args.backend != "sim" or args.price_as == "none" else args.price_as
     return RunConfig(policies=args.policies, tokens=args.tokens, chunk_tokens=args.chunk_tokens,
                      seq_len=args.seq_len, seed=args.seed, guard_tokens=args.guard_tokens,
+                     guard_check_tokens=args.guard_check_tokens,
                      price_as=price_as, price_batch=args.price_batch,
                      interleave=args.interleave or args.backend == "nvml",
                      controller=controller, guard=guard)
@@ -110,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         factory().close()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
         from nectar.demo_model import load_or_train
 
-        model, stream, guard = load_or_train(args.model, seed=args.seed, progress=not args.no_progress)
+        model, stream, guard = load_or_train(args.model, seed=args.seed, progress=not args.no_progress,
+                                             guard_tokens=args.guard_tokens)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"nectar run: error: {exc}", file=sys.stderr)
         return 2

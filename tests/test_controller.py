@@ -33,7 +33,7 @@ def _controller(**cfg):
 
 
 def test_bias_reaches_closed_form_for_the_cost_models_costs():
-    ctl, router = _controller(lam=0.5)
+    ctl, router = _controller(lam=0.5, quality_target=None)
     logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         ctl.after_chunk(_workload([100, 100, 50, 6]), _window(), [logits], lambda: 2.0)
@@ -44,7 +44,7 @@ def test_bias_reaches_closed_form_for_the_cost_models_costs():
 
 
 def test_temperature_near_cap_strengthens_adaptation_and_relaxes_after():
-    ctl, _ = _controller(lam=0.5, temp_cap_C=70.0, temp_margin_C=2.0)
+    ctl, _ = _controller(lam=0.5, temp_cap_C=70.0, temp_margin_C=2.0, quality_target=None)
     logits = torch.zeros(8, 4)
     ctl.after_chunk(_workload([2, 2, 2, 2]), _window(temp=50.0), [logits], lambda: 2.0)
     assert ctl.lam_eff == pytest.approx(0.5)
@@ -83,3 +83,14 @@ def test_bad_controller_options():
     for bad in (dict(lam=0.0), dict(lam=float("nan")), dict(temp_cap_C=5.0), dict(power_budget_W=-1.0)):
         with pytest.raises(ValueError):
             ControllerConfig(**bad)
+
+
+def test_quality_dual_spends_the_guard_budget():
+    """With a guard whose excess grows as λ shrinks, λ_q settles where the excess meets the target."""
+    ctl, _ = _controller(lam=5.0, quality_target=0.7)
+    logits = torch.zeros(8, 4)
+    excess = lambda: 0.004 / ctl.lam_eff  # noqa: E731  more aggressive routing, more quality loss
+    for _ in range(80):
+        ctl.after_chunk(_workload([2, 2, 2, 2]), _window(), [logits], lambda: 2.0 + math.log1p(excess()))
+    assert ctl.lam_quality == pytest.approx(0.004 / 0.007, rel=0.05)
+    assert excess() <= 0.01

@@ -16,7 +16,7 @@ def _logits(n=64, e=6, seed=0):
 
 def test_static_top1_always_kept_whatever_the_bias():
     logits = _logits()
-    router = EnergyAwareRouter(6, cheap_experts=[4, 5])
+    router = EnergyAwareRouter(6, cheap_experts=[4, 5], candidates="all")
     router.bias = torch.tensor([-50.0, -50, -50, -50, 0, 0])
     d = router(logits)
     assert torch.equal(d.experts[:, 0], logits.argmax(-1))
@@ -52,7 +52,7 @@ def test_soft_distribution_is_the_convex_problems_form():
 
 def test_restrict_to_cheap_and_cheap_static_router():
     logits = _logits(seed=3)
-    router = EnergyAwareRouter(6, cheap_experts=[2, 5], restrict_to_cheap=True)
+    router = EnergyAwareRouter(6, cheap_experts=[2, 5], candidates="cheap")
     second = router(logits).experts[:, 1]
     assert set(second.tolist()) <= {2, 5}
     static = CheapStaticRouter(6, cheap_experts=[2, 5])(logits)
@@ -101,3 +101,18 @@ def test_mixed_training_router_mixes_cheap_second_slots_at_the_asked_rate():
     assert torch.equal(again.experts, d.experts)
     with pytest.raises(ValueError):
         MixedTrainingRouter(6, cheap_experts=[4], cheap_prob=1.5)
+
+
+def test_static_or_cheap_candidates_choose_between_the_trained_routings():
+    logits = _logits(n=500, seed=5)
+    router = EnergyAwareRouter(6, cheap_experts=[4, 5])
+    static = TopKRouter(6, 2)(logits).experts
+    cheap = CheapStaticRouter(6, cheap_experts=[4, 5])(logits).experts
+    for bias in (torch.zeros(6), torch.tensor([-9.0, -9, -9, -9, 0, 0]), torch.tensor([0.0, 0, 0, 0, -9, -9])):
+        router.bias = bias
+        second = router(logits).experts[:, 1]
+        assert bool(((second == static[:, 1]) | (second == cheap[:, 1])).all())
+    router.bias = torch.tensor([-9.0, -9, -9, -9, 0, 0])
+    assert torch.equal(router(logits).experts[:, 1], cheap[:, 1])
+    with pytest.raises(ValueError):
+        EnergyAwareRouter(6, cheap_experts=[4], candidates="some")

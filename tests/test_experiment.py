@@ -9,7 +9,7 @@ from nectar.experiment_cli import main as run_main
 
 def _run(tiny_model_dir, out, *extra):
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--tokens", "2048", "--chunk-tokens", "512",
-            "--seq-len", "64", "--guard-tokens", "256", "--price-batch", "64", "--json", "--no-progress", *extra]
+            "--seq-len", "64", "--guard-tokens", "256", "--guard-check-tokens", "128", "--price-batch", "64", "--json", "--no-progress", *extra]
     assert run_main(args) == 0
     return json.loads((out / "summary.json").read_text())
 

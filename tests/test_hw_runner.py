@@ -11,7 +11,7 @@ def test_runner_segments_calibration_and_outputs(tiny_model_dir, tmp_path):
     code = hw_main(["--backend", "sim", "--device", "cpu", "--model", str(tiny_model_dir), "--out", str(out),
                     "--segments", "main,thermal,power", "--policy-seconds", "0.5", "--thermal-seconds", "0.5",
                     "--power-seconds", "0.5", "--warmup-s", "0.2", "--calibration-s", "0.2", "--chunk-tokens", "256",
-                    "--seq-len", "64", "--guard-tokens", "128", "--max-chunks", "2", "--no-progress"])
+                    "--seq-len", "64", "--guard-tokens", "128", "--guard-check-tokens", "64", "--max-chunks", "2", "--no-progress"])
     assert code == 0
     main = json.loads((out / "main" / "summary.json").read_text())
     assert set(main["policies"]) == {"static-top2", "static-top1", "static-cheap", "nectar"}
