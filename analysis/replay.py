@@ -88,10 +88,15 @@ def unsimulated_load(replayed: Sequence[ReplayRow], idle_power_W: float, factor:
             and r.measured_energy_J / r.measured_duration_s > factor * idle_power_W]
 
 
+MIN_SCORED_WINDOW_S = 0.1  # shorter windows (e.g. the quality guard's) are below the counter's period
+
+
 def usable_window(window: TelemetryWindow, energy_J: float) -> bool:
-    """Finite, positive energy and duration and a finite temperature: the window can be compared."""
+    """Finite, positive energy, a finite temperature and a duration of at least one NVML counter
+    period (DESIGN.md §5: shorter windows measure nothing reliable): the window can be compared."""
     values = (energy_J, window.duration_s, window.gpu_temp_C)
-    return all(math.isfinite(v) for v in values) and energy_J > 0 and window.duration_s > 0
+    return (all(math.isfinite(v) for v in values) and energy_J > 0
+            and window.duration_s >= MIN_SCORED_WINDOW_S)
 
 
 def segment_starts(rows: Sequence[TraceRow], breaks: frozenset[int] = frozenset()) -> list[int]:

@@ -127,6 +127,25 @@ def measured_block(model, backend, chunk, policy: str, seconds: float, kind: str
     return TraceRow(window, merge_workloads(workloads, policy), kind=kind, policy=policy)
 
 
+def _report_speed(model, chunk) -> None:
+    """Print the forward throughput of the built model (plain call and forward_chunk), so a slow
+    run can be told apart from a slow measurement."""
+    install(model, [make_router("static-top2", layer) for _, layer in model.moe_layers()])
+    sync = torch.cuda.synchronize if chunk.is_cuda else (lambda: None)
+    dtypes = sorted({str(p.dtype) for p in model.parameters()})
+    for label, fn in (("plain forward", lambda: model(input_ids=chunk, use_cache=False)),
+                      ("forward_chunk", lambda: forward_chunk(model, chunk))):
+        with torch.no_grad():
+            fn()
+            sync()
+            start = time.perf_counter()
+            for _ in range(3):
+                fn()
+            sync()
+        rate = 3 * chunk.numel() / (time.perf_counter() - start)
+        print(f"speed {label}: {rate / 1e6:.3f} M tokens/s (param dtypes {dtypes})", flush=True)
+
+
 def _tokens_for(seconds: float, tokens_per_s: float, chunk_tokens: int, max_chunks: int | None) -> int:
     """Stream tokens per policy so that each policy runs about `seconds` on the GPU."""
     chunks = max(1, round(seconds * tokens_per_s / chunk_tokens))
@@ -199,6 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     model, stream, guard, info = _build_model(args)
     print(f"model ready after {time.monotonic() - started:.0f} s: {json.dumps({k: info.get(k) for k in ('dense_steps', 'moe_steps', 'dense_heldout_ppl')})}", flush=True)
     chunk = _chunk(stream, args, next(model.parameters()).device)
+    _report_speed(model, chunk)
     calibration = [measured_block(model, backend, chunk, "static-top2", args.warmup_s, "warmup"),
                    TraceRow(backend.idle(args.calibration_s), None, kind="idle", policy="idle")]
     calibration += [measured_block(model, backend, chunk, p, args.calibration_s, "calibration") for p in ("static-top2", "static-top1")]

@@ -29,15 +29,16 @@ class CostModelConfig:
     forgetting: float = 0.99          # ρ in (0, 1]; 1 = ordinary recursive least squares
     prior_joule_per_gflop: float = 2e-3  # prior marginal energy of compute (J per GFLOP)
     prior_idle_W: float = 150.0       # prior for e0
-    prior_rel_std: float = 3.0        # prior std, relative to the parameter's prior (or the mean expert prior)
-    noise_J: float = 0.5              # std of a chunk's energy measurement (J): prior vs data weight
+    prior_rel_std: float = 0.5        # prior std, relative to the parameter's prior (or the mean expert prior)
+    noise_J: float | None = None      # std of a chunk's energy measurement (J); None: noise_rel × first window
+    noise_rel: float = 0.05           # relative measurement noise when noise_J is None
     max_cov_trace: float = 1e12       # anti-windup cap on trace(P)
 
     def __post_init__(self):
         if not 0 < self.forgetting <= 1:
             raise ValueError(f"forgetting must be in (0, 1], got {self.forgetting}")
-        if self.prior_rel_std <= 0 or self.noise_J <= 0:
-            raise ValueError("prior_rel_std and noise_J must be > 0")
+        if self.prior_rel_std <= 0 or (self.noise_J is not None and self.noise_J <= 0) or self.noise_rel <= 0:
+            raise ValueError("prior_rel_std, noise_J and noise_rel must be > 0")
 
 
 @dataclass
@@ -66,8 +67,17 @@ class OnlineCostModel:
         floor = self.theta[1:].abs().mean() if len(prior) > 1 else self.theta.abs()[0]
         std = torch.maximum(self.theta.abs(), floor) * self.config.prior_rel_std  # [F]
         # Bayesian RLS with unit-variance residuals: the prior covariance in units of noise².
-        self.P = torch.diag((std / self.config.noise_J) ** 2)                     # [F, F]
+        # With noise_J unset, the scale is fixed at the first window (noise_rel × its energy), so
+        # one setting serves a 0.3 s simulated window and a 1 s measured one alike.
+        self.P = torch.diag(std**2)                                                # [F, F]
+        self._noise_set = False
+        if self.config.noise_J is not None:
+            self._scale_prior(self.config.noise_J)
         self.history: list[CostUpdate] = []
+
+    def _scale_prior(self, noise_J: float) -> None:
+        self.P = self.P / noise_J**2
+        self._noise_set = True
 
     def features(self, workload: ChunkWorkload, duration_s: float) -> torch.Tensor:
         """[F] regression features: chunk duration, then per-layer per-expert counts (k-tokens)."""
@@ -86,6 +96,8 @@ class OnlineCostModel:
         phi = self.features(workload, window.duration_s)                        # [F]
         predicted = float(phi @ self.theta)
         measured = window.energy_estimate_J
+        if not self._noise_set:
+            self._scale_prior(max(self.config.noise_rel * measured, 1e-6))
         error = measured - predicted
         rho = self.config.forgetting
         P_phi = self.P @ phi                                                       # [F]

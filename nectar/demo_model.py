@@ -47,6 +47,7 @@ class ModelRecipe:
     lr: float = 3e-3
     cheap_prob: float = 0.3
     vocab_size: int = 4096
+    moe_lr_scale: float = 1.0
 
     def expert_specs(self, inner: int) -> list[dict]:
         specs = [{"kind": "gelu", "hidden": inner, "count": self.full_experts},
@@ -57,7 +58,7 @@ class ModelRecipe:
 RECIPES = {
     "cpu-demo": ModelRecipe(),
     "distilgpt2": ModelRecipe(preset="distilgpt2", base="distilgpt2", dense={}, full_experts=6, dense_steps=800,
-                              moe_steps=400, batch=32, seq_len=512, lr=1e-3, vocab_size=8192),
+                              moe_steps=400, batch=32, seq_len=512, lr=1e-3, vocab_size=8192, moe_lr_scale=0.3),
 }
 
 
@@ -106,7 +107,7 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
     for _, layer in moe.moe_layers():
         layer.router = MixedTrainingRouter(layer.num_experts, cheap_experts(layer), k=recipe.top_k,
                                            cheap_prob=recipe.cheap_prob, seed=seed)
-    cfg = TrainConfig(steps=recipe.moe_steps, **stage)
+    cfg = TrainConfig(steps=recipe.moe_steps, **{**stage, "lr": recipe.lr * recipe.moe_lr_scale})
     aux = lambda m: moe_aux_loss(m, cfg.balance_coef, cfg.z_coef)  # noqa: E731
     moe_result = train_lm(moe, data.train_ids, cfg, aux_loss=aux, deadline=moe_deadline, desc="moe")
     moe.set_router_by_name("topk", k=recipe.top_k)
@@ -131,7 +132,7 @@ def save_demo_model(demo: DemoModel, directory: Path) -> None:
 def load_demo_model(directory: Path) -> DemoModel:
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"{directory} holds no saved model (config.json missing)")
-    model = MoEGPT2LMHeadModel.from_pretrained(directory).eval()
+    model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()  # committed weights are fp16
     model.set_router_by_name("topk", k=model.config.moe_top_k)
     tokenizer = load_tokenizer(directory)
     heldout_path = directory / "heldout_ids.pt"
@@ -148,6 +149,11 @@ def default_cache(preset: str, seed: int) -> Path:
     return Path("runs") / "models" / f"{preset}-seed{seed}-v{RECIPE_VERSION}"
 
 
+def committed_model(preset: str) -> Path:
+    """data/models/<preset> in the repository (made by `nectar train --recipe <preset>`)."""
+    return Path(__file__).resolve().parent.parent / "data" / "models" / preset
+
+
 def load_or_train(model_dir: Path | None, seed: int = 0, progress: bool = True, preset: str = "cpu-demo",
                   guard_tokens: int = 8192, device: str = "cpu", dtype: str = "float32"
                   ) -> tuple[MoEGPT2LMHeadModel, torch.Tensor, torch.Tensor]:
@@ -157,6 +163,8 @@ def load_or_train(model_dir: Path | None, seed: int = 0, progress: bool = True, 
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(RECIPES)}")
     if model_dir is not None:
         demo = load_demo_model(Path(model_dir))
+    elif seed == 0 and (committed_model(preset) / "config.json").exists():
+        demo = load_demo_model(committed_model(preset))
     else:
         cache = default_cache(preset, seed)
         if (cache / "config.json").exists():

@@ -121,7 +121,7 @@ def forward_chunk(model, batch: torch.Tensor, micro_rows: int | None = None, pol
     layer_logits: list[list[torch.Tensor]] = []
     with torch.no_grad():
         for part in parts:
-            logits = model(input_ids=part).logits                                  # [b, T, V]
+            logits = model(input_ids=part, use_cache=False).logits                 # [b, T, V]
             nll += torch.nn.functional.cross_entropy(
                 logits[:, :-1].reshape(-1, logits.shape[-1]).float(), part[:, 1:].reshape(-1), reduction="sum")
             decisions = [layer.last_decision for _, layer in model.moe_layers()]

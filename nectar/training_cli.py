@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="wall-clock budget for both training stages (split in proportion to their steps)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--recipe", default=None,
+                   help="train an experiment model instead (nectar.demo_model recipe: cpu-demo | distilgpt2): "
+                        "dense → upcycle with narrow/zero/copy experts → fine-tune with cheap-slot mixing; "
+                        "saves what `nectar run --model` loads (fp16 weights with --fp16)")
+    p.add_argument("--fp16", action="store_true", help="with --recipe: store the weights in float16")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -146,10 +152,29 @@ def make_summary(args, data: PreparedData, dense: StageOutcome, moe: StageOutcom
     }
 
 
+def train_recipe(args) -> int:
+    """`nectar train --recipe NAME`: the experiment model of `nectar run` (data/models/cpu-demo was
+    made with `nectar train --recipe cpu-demo --threads 1 --fp16 --out data/models/cpu-demo`)."""
+    from nectar.demo_model import RECIPES, save_demo_model, train_demo_model
+
+    if args.recipe not in RECIPES:
+        print(f"nectar train: error: unknown recipe {args.recipe!r}; choose one of {sorted(RECIPES)}", file=sys.stderr)
+        return 2
+    demo = train_demo_model(RECIPES[args.recipe], seed=args.seed, device=args.device, dtype=args.dtype,
+                            progress=not args.no_progress, time_budget_s=args.time_budget_s)
+    if args.fp16:
+        demo.model = demo.model.to(torch.float16)
+    save_demo_model(demo, args.out)
+    print(json.dumps(demo.info, indent=2))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args, expert_specs = parse_args(argv)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.recipe is not None:
+        return train_recipe(args)
     start = time.monotonic()
     dense_deadline, moe_deadline = deadlines(args, start)
     data = prepare_data(vocab_size=args.vocab_size)

@@ -43,7 +43,7 @@ def test_rls_equals_closed_form_ridge_solution():
 
 
 def test_forgetting_tracks_a_cost_change():
-    model = OnlineCostModel([[1e6, 1e6]], CostModelConfig(forgetting=0.9))
+    model = OnlineCostModel([[1e6, 1e6]], CostModelConfig(forgetting=0.9, noise_J=0.01))
     gen = torch.Generator().manual_seed(1)
     for cost in (0.002, 0.006):  # the expert-0 cost quadruples half way (a hotter, slower GPU)
         for _ in range(60):
