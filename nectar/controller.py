@@ -13,6 +13,10 @@ Per chunk (after the chunk ran):
 3. memory pressure above a threshold, or an untrustworthy telemetry window, skips the update;
 4. each layer's bias takes one optimizer step (`BiasOptimizer`) on the convex chunk problem with
    the cost model's per-expert costs (normalised by the layer's most expensive expert);
+   A router with a fast-weight network (LaCT machinery) also takes one step on it: the gradient of
+   the same chunk objective with respect to the network's parameters, heavy-ball momentum, Muon on
+   the matrices, row norms restored. (At the bias's optimum of the unconstrained problem this
+   gradient vanishes: the network can only add token-dependent corrections the bias cannot.)
 5. the quality guard scores the new candidate routing on held-out tokens and sets fallback/α;
 6. if the temperature is still above the cap with the routing already at its cheapest, the
    controller asks for an idle pause (duty cycling), the last resort that costs throughput, not
@@ -50,6 +54,9 @@ class ControllerConfig:
     max_pressure: float = 50.0
     mem_pressure_skip: float = 0.95
     allow_pause: bool = True
+    fast_lr: float = 0.05              # fast-weight router network: step size, momentum, Muon
+    fast_momentum: float = 0.9
+    fast_muon: bool = True
     quality_target: float | None = 0.7  # aim the guard's excess at this share of its bound (None: fixed λ)
     quality_lr: float = 0.5            # step of log λ_q per chunk, per unit of relative excess error
     lam_range: tuple[float, float] = (0.02, 20.0)
@@ -178,6 +185,7 @@ class NectarController:
                 q = torch.softmax(logits.double() / router.temperature, dim=-1).cpu()  # [N, E]
                 opt.step(q, c)
                 router.bias = opt.bias.to(device=router.bias.device, dtype=torch.float32)
+                self._step_fast_net(router, c)
                 if layer == 0:
                     self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": self.lam_eff,
                                           "bias_online": opt.bias.numpy(),
@@ -192,6 +200,24 @@ class NectarController:
             cost_residual=residual, pause_s=self._pause(window), skipped=skipped,
             biases=[r.bias.tolist() for r in self.routers],
         )
+
+    def _step_fast_net(self, router: EnergyAwareRouter, c: torch.Tensor) -> None:
+        """One fast-weight step on the chunk objective for the last micro-batch's tokens."""
+        if router.fast_net is None or router.last_inputs is None or router.last_logits is None:
+            return
+        logits = router.last_logits.float()                                          # [N, E]
+        log_q = torch.log_softmax(logits / router.temperature, dim=-1)               # [N, E]
+        cost = c.to(device=logits.device, dtype=torch.float32)                       # [E]
+        bias = router.bias.to(logits.device)
+        lam = self.lam_eff
+
+        def chunk_loss(scores: torch.Tensor) -> torch.Tensor:
+            log_p = torch.log_softmax(log_q + router.alpha * (bias + scores), dim=-1)  # [N, E]
+            p = log_p.exp()
+            return (p @ cost + lam * (p * (log_p - log_q)).sum(-1)).mean()
+
+        router.fast_net.step(chunk_loss, lr=self.config.fast_lr, momentum=self.config.fast_momentum,
+                             use_muon=self.config.fast_muon, inputs=router.last_inputs.float())
 
     def _judge(self, guard_nll: Callable[[], float | tuple[float, float]]):
         for router in self.routers:          # score the adapted candidate, not the fallback

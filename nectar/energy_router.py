@@ -100,6 +100,7 @@ class EnergyAwareRouter(Router):
         self.alpha = 1.0            # mixing coefficient in [0, 1], adapted by the controller
         self.fallback = False       # True → static top-k routing
         self.last_inputs: torch.Tensor | None = None  # [N, D] gate inputs, for the fast net
+        self.last_logits: torch.Tensor | None = None  # [N, E] the matching gate logits
 
     @property
     def max_slots(self) -> int:
@@ -109,7 +110,7 @@ class EnergyAwareRouter(Router):
         """[N, E] the dynamic part: per-expert bias plus the fast-weight network's output."""
         dyn = self.bias.to(logits.dtype).expand_as(logits)                     # [N, E]
         if self.fast_net is not None and self.last_inputs is not None:
-            dyn = dyn + self.fast_net(self.last_inputs).to(logits.dtype)
+            dyn = dyn + self.fast_net(self.last_inputs.float()).to(logits.dtype)
         return dyn
 
     def soft_distribution(self, logits: torch.Tensor) -> torch.Tensor:
@@ -117,6 +118,7 @@ class EnergyAwareRouter(Router):
         return torch.softmax(logits / self.temperature + self.alpha * self.dynamic_scores(logits), dim=-1)
 
     def forward(self, logits: torch.Tensor) -> RoutingDecision:
+        self.last_logits = logits.detach()
         if self.fallback:
             experts = logits.topk(self.fallback_k, dim=-1).indices             # [N, k]
             return _decision(logits, experts, self.temperature)

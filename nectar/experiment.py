@@ -39,6 +39,7 @@ class RunConfig:
     price_as: str | None = "distilgpt2"  # simulator only: price routing at this shape
     price_batch: int = 128              # simulator only: sequences per priced chunk (≈0.25 s on an H100)
     micro_batch_rows: int | None = None  # forward a chunk in micro-batches of this many sequences
+    fast_router: bool = False           # NECTAR's router gets a fast-weight network beside its bias
     interleave: bool = False            # share one backend and interleave policies in time
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
@@ -209,7 +210,7 @@ def _guard_scorer(model, guard: GuardSet, run: "PolicyRun", index: int, cfg: Run
 
 
 def build_policy(name: str, model, backend, cfg: RunConfig, guard: GuardSet, flops, setup_J: float) -> PolicyRun:
-    routers = [make_router(name, layer) for _, layer in model.moe_layers()]
+    routers = [make_router(name, layer, fast_router=cfg.fast_router) for _, layer in model.moe_layers()]
     run = PolicyRun(name, routers, backend)
     if name == "nectar":
         run.setup_energy_J = setup_J

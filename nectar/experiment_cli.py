@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--price-batch", type=_positive_int, default=RunConfig.price_batch,
                    help="simulator: sequences of 1024 tokens per priced chunk (128 ≈ 0.25 s on an H100)")
     p.add_argument("--interleave", action="store_true", help="one shared backend, policies interleaved in time")
+    p.add_argument("--fast-router", action="store_true",
+                   help="give NECTAR's router a fast-weight network (LaCT machinery, Muon steps) beside its bias")
     p.add_argument("--no-progress", action="store_true")
     return p
 
@@ -80,7 +82,7 @@ def _configs(args) -> RunConfig:
                      seq_len=args.seq_len, seed=args.seed, guard_tokens=args.guard_tokens,
                      guard_check_tokens=args.guard_check_tokens,
                      price_as=price_as, price_batch=args.price_batch,
-                     interleave=args.interleave or args.backend == "nvml",
+                     interleave=args.interleave or args.backend == "nvml", fast_router=args.fast_router,
                      controller=controller, guard=guard)
 
 

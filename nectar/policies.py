@@ -10,6 +10,7 @@ layer's most expensive expert (narrow and zero-computation experts).
 from __future__ import annotations
 
 from nectar.energy_router import CheapStaticRouter, EnergyAwareRouter
+from nectar.fastweight_router import FastWeightRouterNet
 from nectar.moe_layer import MoELayer
 from nectar.routers import TopKRouter
 from nectar.routing import Router
@@ -34,8 +35,9 @@ def check_policies(names: list[str]) -> list[str]:
     return list(names)
 
 
-def make_router(policy: str, layer: MoELayer, temperature: float = 1.0) -> Router:
-    """A fresh router of `policy` for `layer`."""
+def make_router(policy: str, layer: MoELayer, temperature: float = 1.0, fast_router: bool = False) -> Router:
+    """A fresh router of `policy` for `layer`; `fast_router` gives NECTAR's router a fast-weight
+    network (LaCT machinery) beside its per-expert bias."""
     num = layer.num_experts
     if policy.startswith("static-top"):
         k = int(policy.removeprefix("static-top"))
@@ -48,7 +50,8 @@ def make_router(policy: str, layer: MoELayer, temperature: float = 1.0) -> Route
     if policy == "static-cheap":
         return CheapStaticRouter(num, cheap, temperature=temperature)
     if policy == "nectar":
-        router = EnergyAwareRouter(num, cheap, temperature=temperature)
+        net = FastWeightRouterNet(layer.d_model, num) if fast_router else None
+        router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=net)
         router.attach(layer)
         return router
     raise ValueError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")

@@ -94,3 +94,27 @@ def test_quality_dual_spends_the_guard_budget():
         ctl.after_chunk(_workload([2, 2, 2, 2]), _window(), [logits], lambda: 2.0 + math.log1p(excess()))
     assert ctl.lam_quality == pytest.approx(0.004 / 0.007, rel=0.05)
     assert excess() <= 0.01
+
+
+def test_fast_weight_router_network_takes_muon_steps_on_the_chunk_objective():
+    """The optional LaCT fast-weight network beside the bias: it is stepped once per chunk on the
+    chunk objective (scores → Σ c·p + λ KL), and the step does not increase that objective."""
+    from nectar.fastweight_router import FastWeightRouterNet
+
+    torch.manual_seed(0)
+    net = FastWeightRouterNet(d_model=8, num_experts=4, hidden=4)
+    router = EnergyAwareRouter(4, cheap_experts=[2, 3], fast_net=net)
+    ctl = NectarController([router], OnlineCostModel([FLOPS]), QualityGuard(2.0),
+                           ControllerConfig(lam=0.5, quality_target=None, optimizer_mode="gradient", lr=0.05))
+    x = torch.randn(64, 8)
+    logits = torch.randn(64, 4)
+    router.last_inputs = x
+    router(logits)
+    before = [w.clone() for w in net.fast_weights()]
+    objective = lambda: (router.soft_distribution(logits) @ torch.tensor([1.0, 1.0, 0.25, 0.0])).mean().item()  # noqa: E731
+    start = objective()
+    for _ in range(5):
+        ctl.after_chunk(_workload([16, 16, 16, 16]), _window(), [logits], lambda: 2.0)
+    assert any(not torch.equal(a, b) for a, b in zip(before, net.fast_weights()))
+    assert objective() <= start + 1e-6
+    assert net.steps_done == 5

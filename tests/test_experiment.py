@@ -37,6 +37,11 @@ def test_run_writes_summary_outputs_and_is_deterministic(tiny_model_dir, tmp_pat
         assert (tmp_path / "a" / name).exists(), name
 
 
+def test_fast_weight_router_option_runs(tiny_model_dir, tmp_path):
+    s = _run(tiny_model_dir, tmp_path / "fw", "--policies", "static-top2,nectar", "--fast-router")
+    assert math.isfinite(s["policies"]["nectar"]["perplexity"])
+
+
 def test_faults_do_not_crash_and_the_guard_bounds_quality(tiny_model_dir, tmp_path):
     s = _run(tiny_model_dir, tmp_path / "f", "--faults", "nan:0.2,stale:0.2,spike:0.1", "--policies", "static-top2,nectar",
              "--lambda", "0.05")
