@@ -235,7 +235,8 @@ class NectarController:
         cfg = self.config
         if not cfg.allow_pause or not window.is_valid():
             return 0.0
-        over_temp = window.gpu_temp_C - self._temperature_limit()
+        # act half a margin below the limit, so that integer sensor readings settle under it
+        over_temp = window.gpu_temp_C - (self._temperature_limit() - 0.5 * cfg.temp_margin_C)
         over_power = 0.0 if cfg.power_budget_W is None else window.mean_power_W / cfg.power_budget_W - 1.0
         saturated = self.nu_temp + self.nu_power >= 0.5 * cfg.max_pressure
         if not saturated or (over_temp <= 0 and over_power <= 0):
