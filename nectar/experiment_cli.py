@@ -1,6 +1,8 @@
 """`nectar run`: the main job — routing policies on one token stream against a telemetry backend.
 
-Default backend: the deterministic simulator. Writes DIR/summary.json, DIR/chunks.csv (one row per
+Default backend: the deterministic simulator. With `--backend nvml` the model runs on the GPU in
+bf16 inside NVML energy windows (for the full GPU experiment — training DistilGPT2-MoE, calibration
+windows, thermal and power segments — use `nectar hw-run`). Writes DIR/summary.json, DIR/chunks.csv (one row per
 policy chunk), DIR/trace.csv.gz (every telemetry window, the backend-neutral trace format),
 DIR/meta.json, DIR/convexity_instance.npz (for `nectar verify-convexity --run DIR`) and plots;
 prints a table, or the summary as JSON with --json.
@@ -120,6 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"nectar run: error: {exc}", file=sys.stderr)
         return 2
+    if args.backend == "nvml":  # measure the model where NVML looks: on the GPU, in bf16
+        if not torch.cuda.is_available():
+            print("nectar run: error: --backend nvml needs a CUDA GPU for the model", file=sys.stderr)
+            return 2
+        model = model.to("cuda", torch.bfloat16)
     torch.manual_seed(args.seed)
     runs = run_experiment(model, stream, guard, factory, cfg, progress=not args.no_progress)
     summary = build_summary(runs, cfg, backend=args.backend, faults=args.faults)
