@@ -11,7 +11,6 @@ keeps both numbers, the counter's and the integrated one (`power_energy_J`).
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from hw.sample import SensorSample, read_sample
 from hw.sample_summary import SampleSummary, summarise
 from hw.sampler import SensorSampler
 from hw.sync import default_sync
+from nectar.telemetry import counter_or_power_energy
 
 
 @dataclass
@@ -165,7 +165,9 @@ class EnergyMeter:
         if stale:
             flags.append("stale")
         counter_J = None if delta.energy_mJ is None or stale else delta.energy_mJ / 1000.0
-        energy_J = self._best_energy(counter_J, sensors.energy_J, flags)
+        energy_J, fallback = counter_or_power_energy(counter_J, sensors.energy_J)
+        if fallback:
+            flags.append(fallback)
         return Measurement(
             name=name, t_start_s=opened.t_start_s, t_end_s=t_end_s,
             energy_mJ_start=opened.energy_mJ_start, energy_mJ_end=energy_mJ_end,
@@ -173,15 +175,6 @@ class EnergyMeter:
             sensors=sensors, flags=flags,
         )
 
-    @staticmethod
-    def _best_energy(counter_J: float | None, power_J: float | None, flags: list[str]) -> float:
-        if counter_J is not None:
-            return counter_J
-        if power_J is not None:
-            flags.append("energy_from_power")
-            return power_J
-        flags.append("no_energy")
-        return math.nan
 
     def _device_flags(self) -> list[str]:
         flags = [f"unsupported:{key}" for key in sorted(getattr(self.nvml, "unsupported", ()))]

@@ -17,6 +17,16 @@ class TelemetryError(RuntimeError):
     """A reading could not be trusted (NaN, stale, counter reset) and was not repaired."""
 
 
+def counter_or_power_energy(counter_J: float | None, power_J: float | None) -> tuple[float, str | None]:
+    """A window's energy as both backends choose it: the counter difference when it can be
+    trusted, else integrated instant power, else NaN; with the flag that says which fallback."""
+    if counter_J is not None:
+        return counter_J, None
+    if power_J is not None:
+        return power_J, "energy_from_power"
+    return math.nan, "no_energy"
+
+
 @dataclass
 class TelemetryWindow:
     """Measurements over one window [t_start_s, t_end_s] (seconds on the backend's clock)."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from nectar.telemetry import TelemetryWindow
+from nectar.telemetry import TelemetryWindow, counter_or_power_energy
 from sim.faults import SensorReadError
 from sim.presets import GPUPreset
 from sim.sensor import NvmlLikeSensor
@@ -152,7 +152,9 @@ class WindowReader:
         elif counter_J == 0 and duration > self.stale_periods * self.preset.energy_counter_period_s and (mean_W or 0) > 1:
             flags.add("stale")
             counter_J = None
-        energy_J = self._best_energy(counter_J, power_J, flags)
+        energy_J, fallback = counter_or_power_energy(counter_J, power_J)
+        if fallback:
+            flags.add(fallback)
         peak_W = max(w.power_W) if w.power_W else None
         if mean_W is None:
             flags.add("power_from_energy")
@@ -166,12 +168,3 @@ class WindowReader:
             energy_power_J=power_J,
         )
 
-    @staticmethod
-    def _best_energy(counter_J: float | None, power_J: float | None, flags: set[str]) -> float:
-        if counter_J is not None:
-            return counter_J
-        if power_J is not None:
-            flags.add("energy_from_power")
-            return power_J
-        flags.add("no_energy")
-        return math.nan
