@@ -1,4 +1,4 @@
-"""Benchmark: LaCT fast-weight throughput (nectar.fastweight) next to the device's matmul rate.
+"""Benchmark: LaCT fast-weight throughput (nectar.lact.fastweight) next to the device's matmul rate.
 
 For each chunk size L it times, on the chosen device and dtype,
   kernel  swiglu_fast_weight over `--chunks` chunks (apply-then-update), and
@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from nectar.fastweight import fast_weight_step, row_norms, swiglu_chunk_update, swiglu_fast_weight
+from nectar.lact.fastweight import fast_weight_step, row_norms, swiglu_chunk_update, swiglu_fast_weight
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 

@@ -18,11 +18,11 @@ import time
 import torch
 from torch import nn
 
-from nectar import dispatch
-from nectar.dispatch import grouped_mm_usable
-from nectar.experts import EXPERT_KINDS, ExpertSpec, build_experts
-from nectar.moe_layer import MoELayer
-from nectar.routers import TopKRouter
+from nectar.moe import dispatch
+from nectar.moe.dispatch import grouped_mm_usable
+from nectar.moe.experts import EXPERT_KINDS, ExpertSpec, build_experts
+from nectar.moe.layer import MoELayer
+from nectar.moe.static_routers import TopKRouter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

@@ -1,6 +1,6 @@
 """The hardware telemetry backend: runs a chunk's compute inside a measured NVML energy window.
 
-`NvmlBackend` implements `nectar.telemetry.TelemetryBackend`. It owns an NVML adapter, a
+`NvmlBackend` implements `nectar.telemetry.window.TelemetryBackend`. It owns an NVML adapter, a
 background `SensorSampler` (instant power, temperatures, memory, SM clock, throttle reasons) and
 an `EnergyMeter`; `run_chunk` synchronises, reads the counter, runs `compute()`, synchronises,
 reads the counter again and returns a `TelemetryWindow`. Read-only: GPU settings are never changed.
@@ -19,8 +19,8 @@ from typing import Any, Callable
 from hw.energy_meter import EnergyMeter, Measurement
 from hw.nvml_api import NvmlApi
 from hw.sampler import SensorSampler
-from nectar.telemetry import TelemetryWindow
-from nectar.workload import ChunkWorkload
+from nectar.telemetry.window import TelemetryWindow
+from nectar.telemetry.workload import ChunkWorkload
 
 
 def measurement_to_window(m: Measurement) -> TelemetryWindow:
@@ -90,7 +90,7 @@ class NvmlBackend:
     def run_chunk(self, workload: ChunkWorkload | None, compute: Callable[[], Any] | None = None) -> TelemetryWindow:
         """Measure `compute()` (the chunk's real forward pass); `workload` is carried, not priced."""
         if workload is not None and not isinstance(workload, ChunkWorkload):
-            raise ValueError(f"workload must be a nectar.workload.ChunkWorkload or None, got {type(workload).__name__}")
+            raise ValueError(f"workload must be a nectar.telemetry.workload.ChunkWorkload or None, got {type(workload).__name__}")
         if compute is not None and not callable(compute):
             raise ValueError("compute must be a zero-argument callable (the chunk's forward pass) or None")
         return self._measure("chunk", compute)

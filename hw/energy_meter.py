@@ -21,7 +21,7 @@ from hw.sample import SensorSample, read_sample
 from hw.sample_summary import SampleSummary, summarise
 from hw.sampler import SensorSampler
 from hw.sync import default_sync
-from nectar.telemetry import counter_or_power_energy
+from nectar.telemetry.window import counter_or_power_energy
 
 
 @dataclass

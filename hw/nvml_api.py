@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
-from nectar.telemetry import TelemetryError
+from nectar.telemetry.window import TelemetryError
 
 # NVML field ids (nvml.h); kept here so that the numbers do not depend on the pynvml version.
 FIELD_POWER_INSTANT = 186  # NVML_FI_DEV_POWER_INSTANT, milliwatts

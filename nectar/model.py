@@ -2,7 +2,7 @@
 
 `MoEGPT2LMHeadModel` *is* a `GPT2LMHeadModel` (same embeddings, attention, LM head, KV cache,
 `generate()`, `save_pretrained`/`from_pretrained`); only `block.mlp` of the blocks listed in
-`config.moe_layers` is replaced by `MoEMLP`, a thin adapter around `nectar.moe_layer.MoELayer`
+`config.moe_layers` is replaced by `MoEMLP`, a thin adapter around `nectar.moe.layer.MoELayer`
 (GPT-2 calls `block.mlp(hidden [B, T, D])` and expects a tensor back).
 
 - `from_dense` performs sparse upcycling (Komatsuzaki et al. 2022): every weight of a dense GPT-2
@@ -27,12 +27,12 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from nectar.experts import GELUExpert, SwiGLUExpert, ExpertSpec, build_experts
-from nectar.hybrid_attention import HybridLaCTAttention
-from nectar.moe_layer import MoELayer, MoEMetrics
-from nectar.routers import ROUTERS, make_router
-from nectar.routing import Router
-from nectar.workload import ChunkWorkload, LayerWorkload
+from nectar.moe.experts import GELUExpert, SwiGLUExpert, ExpertSpec, build_experts
+from nectar.lact.hybrid_attention import HybridLaCTAttention
+from nectar.moe.layer import MoELayer, MoEMetrics
+from nectar.moe.static_routers import ROUTERS, make_router
+from nectar.moe.router import Router
+from nectar.telemetry.workload import ChunkWorkload, LayerWorkload
 
 MODEL_TYPE = "nectar_moe_gpt2"
 DEFAULT_ROUTER_INIT_STD = 1e-3
@@ -52,7 +52,7 @@ class MoEGPT2Config(GPT2Config):
     moe_top_p           top-p routing threshold (max_k = moe_top_k_max or E)
     router_temperature  softmax temperature of the routers
     router_init_std     std of the freshly initialised gate weights
-    attention_type      "gpt2" (GPT-2 attention) | "hybrid_lact" (nectar.hybrid_attention, LaCT
+    attention_type      "gpt2" (GPT-2 attention) | "hybrid_lact" (nectar.lact.hybrid_attention, LaCT
                         Algorithm 2, in every block; it keeps no KV cache, so use_cache is False;
                         its lact_* settings are read from this config as extra attributes)
     """

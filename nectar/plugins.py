@@ -15,10 +15,10 @@ BACKENDS = {
 }
 
 COMMANDS = {
-    "verify-convexity": "analysis.convexity_cli:main",
-    "reconcile": "analysis.reconcile_cli:main",
-    "report": "analysis.report:main",
-    "hw-run": "hw.runner:main",
+    "verify-convexity": "analysis.convexity.cli:main",
+    "reconcile": "analysis.reconcile.cli:main",
+    "report": "analysis.report.page:main",
+    "hw-run": "nectar.experiment.campaign:main",
 }
 
 

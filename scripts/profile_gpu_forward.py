@@ -5,10 +5,10 @@ import time
 
 import torch
 
-from nectar.demo_model import RECIPES
-from nectar.experiment import forward_chunk, install
+from nectar.train.recipes import RECIPES
+from nectar.experiment.runner import forward_chunk, install
 from nectar.model import MoEGPT2LMHeadModel, preset_config
-from nectar.policies import make_router
+from nectar.experiment.policies import make_router
 
 
 def timed(label, fn, n=5):

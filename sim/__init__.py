@@ -1,7 +1,7 @@
 """sim: a deterministic simpy model of one GPU's energy, power and temperature behind NECTAR's
 telemetry interface.
 
-The core (`nectar`) hands over the workload it actually produced (`nectar.workload.ChunkWorkload`);
+The core (`nectar`) hands over the workload it actually produced (`nectar.telemetry.workload.ChunkWorkload`);
 `sim.backend.SimBackend` prices it kernel by kernel with a roofline, runs the kernels as simpy
 processes on a GPU whose power depends on utilisation, clock and temperature (lumped RC thermal
 model, slowdown threshold, power limit), and reads the result back through an NVML-like sensor

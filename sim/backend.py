@@ -1,4 +1,4 @@
-"""`SimBackend`: the simulator behind `nectar.telemetry.TelemetryBackend`.
+"""`SimBackend`: the simulator behind `nectar.telemetry.window.TelemetryBackend`.
 
 `run_chunk(workload)` prices the workload the core produced (roofline per kernel), runs it on the
 simpy GPU (power, leakage, RC thermal model, slowdown, power limit) and returns the telemetry
@@ -21,8 +21,8 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
-from nectar.telemetry import TelemetryWindow
-from nectar.workload import ChunkWorkload
+from nectar.telemetry.window import TelemetryWindow
+from nectar.telemetry.workload import ChunkWorkload
 from sim.faults import FaultConfig, FaultInjector
 from sim.gpu import GPUState, SimGPU, TraceSegment
 from sim.pricing import ChunkPricer, memory_footprint_B

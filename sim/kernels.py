@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nectar.workload import ChunkWorkload
+from nectar.telemetry.workload import ChunkWorkload
 from sim.presets import GPUPreset
 
 GEMM, ATTENTION, MEMORY = 0, 1, 2  # efficiency classes

@@ -15,7 +15,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from nectar.workload import ChunkWorkload
+from nectar.telemetry.workload import ChunkWorkload
 from sim import kernels as K
 from sim.presets import GPUPreset
 from sim.workload_arrays import workload_arrays

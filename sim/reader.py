@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from nectar.telemetry import TelemetryWindow, counter_or_power_energy
+from nectar.telemetry.window import TelemetryWindow, counter_or_power_energy
 from sim.faults import SensorReadError
 from sim.presets import GPUPreset
 from sim.sensor import NvmlLikeSensor

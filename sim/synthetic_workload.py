@@ -8,7 +8,7 @@ spread as evenly as possible (top-k: every token takes k distinct experts).
 
 from __future__ import annotations
 
-from nectar.workload import ChunkWorkload, ExpertCost, LayerWorkload
+from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
 
 
 def expert_cost(kind: str, d_model: int, hidden: int, dtype_bytes: int = 2) -> ExpertCost:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nectar.workload import ChunkWorkload, ExpertCost
+from nectar.telemetry.workload import ChunkWorkload, ExpertCost
 
 _SHAPE_FIELDS = ("tokens", "batch", "seq_len", "d_model", "n_layers", "n_heads", "vocab_size", "dtype_bytes")
 
@@ -28,7 +28,7 @@ class ExpertArrays:
 
 def _check_shape(w: ChunkWorkload) -> None:
     if not isinstance(w, ChunkWorkload):
-        raise ValueError(f"workload must be a nectar.workload.ChunkWorkload, got {type(w).__name__}")
+        raise ValueError(f"workload must be a nectar.telemetry.workload.ChunkWorkload, got {type(w).__name__}")
     for name in _SHAPE_FIELDS:
         value = getattr(w, name)
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:

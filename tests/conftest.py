@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from nectar.demo_model import DemoModel, save_demo_model
+from nectar.train.recipes import DemoModel, save_demo_model
 from nectar.model import MoEGPT2LMHeadModel, preset_config
-from nectar.tokenizer import train_tokenizer
+from nectar.train.tokenizer import train_tokenizer
 
 SPECS = [{"kind": "gelu", "hidden": 64, "count": 3}, {"kind": "gelu", "hidden": 16}, {"kind": "zero"}, {"kind": "copy"}]
 

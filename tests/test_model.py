@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from nectar.experts import CopyExpert, GELUExpert, ZeroExpert
+from nectar.moe.experts import CopyExpert, GELUExpert, ZeroExpert
 from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel, MoEMLP, load_dense_gpt2, preset_config
-from nectar.routers import TopKRouter, TopPRouter
-from nectar.workload import ChunkWorkload
+from nectar.moe.static_routers import TopKRouter, TopPRouter
+from nectar.telemetry.workload import ChunkWorkload
 
 VOCAB = 61
 

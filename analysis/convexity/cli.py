@@ -1,0 +1,347 @@
+"""`nectar verify-convexity`: solve the chunk problem in cvxpy and compare the online router with it.
+
+Inputs:
+  - default: a seeded synthetic chunk (q = softmax of random logits with per-expert offsets,
+    positive costs c in J/token, λ = half the cost scale); the online BiasOptimizer runs over
+    `--chunks` fresh chunks drawn from the same source (it never sees the evaluation instance).
+  - `--run DIR`: reads DIR/convexity_instance.npz with q [T, E], c [E], lam (scalar) and
+    optionally bias_online [E] (the router's learned bias at the end of the run), caps [E]
+    (fractions of tokens) and budget (mean cost per token). Without bias_online the
+    BiasOptimizer runs over chunks resampled (with replacement) from the instance's tokens.
+    If DIR/energy_trace.npz exists (loads [N, F], energy_J [N], optional duration_s [N]) the
+    energy assumptions are also checked on it ("measured").
+  - `--trace FILE`: check the energy assumptions on a NECTAR trace (nectar.telemetry.trace format; its valid
+    chunk windows with a workload and a non-zero energy reading).
+
+Two problems are solved. "unconstrained" has a closed form; the top-level JSON keys is_dcp,
+cvxpy_objective, online_objective, relative_gap refer to it. "constrained" uses the run's caps
+and budget, or `derived_constraints` (both binding). Its main comparison uses stationary chunks
+(the instance itself, chunk after chunk) because the constrained optimum depends on the
+instance's tokens: with chunks drawn from the source, even the population optimum misses the
+instance's optimum by a sampling floor, which is reported beside the sampled-chunk gap.
+
+Exit status: 0 when both problems are DCP, solved, and the main comparisons are within --goal;
+1 otherwise. Energy-assumption failures are findings: reported, not counted in the exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from analysis.convexity import energy_assumptions as ea
+from analysis.convexity.chunk_problem import (
+    ChunkInstance,
+    SyntheticRouterSource,
+    closed_form_reference,
+    compare_bias,
+    compare_distribution,
+    derived_constraints,
+    solve_chunk_problem,
+    synthetic_setup,
+    topk_gap,
+)
+from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig, routing_distribution
+
+INSTANCE_FILE = "convexity_instance.npz"
+TRACE_FILE = "energy_trace.npz"
+FLOOR_SAMPLE_FACTOR = 4  # the population optimum is estimated on 4·T fresh tokens
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="nectar verify-convexity", description=__doc__.splitlines()[0])
+    parser.add_argument("--run", type=Path, help=f"run directory holding {INSTANCE_FILE} (and optionally {TRACE_FILE})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic instance and of chunk sampling")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--export", type=Path, help="write q, c, lam, p_online (unconstrained) to this .npz")
+    parser.add_argument("--tokens", type=int, default=2048, help="synthetic instance size T")
+    parser.add_argument("--experts", type=int, default=8, help="synthetic number of experts E")
+    parser.add_argument("--chunks", type=int, default=200, help="online chunks before the comparison")
+    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per sampled online chunk")
+    parser.add_argument("--mode", choices=("dual", "gradient"), default="dual", help="BiasOptimizer mode")
+    parser.add_argument("--goal", type=float, default=1e-3, help="largest acceptable relative objective gap")
+    parser.add_argument("--no-energy", action="store_true", help="skip the energy-assumption checks")
+    parser.add_argument("--sim-preset", default="h100_sxm", help="simulator preset for the energy checks")
+    parser.add_argument("--trace", type=Path, help="a NECTAR trace (nectar.telemetry.trace format, .csv or .csv.gz) to check"
+                        " the energy assumptions on (\"measured\")")
+    args = parser.parse_args(argv)
+    for name in ("tokens", "experts", "chunks", "chunk_tokens"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not args.goal > 0:
+        parser.error("--goal must be > 0")
+    return args
+
+
+@dataclass
+class Setup:
+    """The instances to verify and where online chunks come from."""
+
+    base: ChunkInstance                       # unconstrained
+    constrained: ChunkInstance
+    sample_chunk: Callable[[], np.ndarray]    # one online chunk q [C, E] per call
+    chunk_description: str
+    source: SyntheticRouterSource | None = None   # synthetic only: for the sampling floor
+    run_bias: np.ndarray | None = None            # --run only: the router's learned bias
+    run_bias_problem: str | None = None           # which problem run_bias solved
+
+
+def synthetic_instances(args: argparse.Namespace) -> Setup:
+    source, costs, lam = synthetic_setup(args.seed, experts=args.experts)
+    base = ChunkInstance(source.sample(np.random.default_rng(args.seed + 1), args.tokens), costs, lam)
+    chunk_rng = np.random.default_rng(args.seed + 2)
+    return Setup(base, with_constraints(base, *derived_constraints(base)),
+                 lambda: source.sample(chunk_rng, args.chunk_tokens), "fresh chunks from the synthetic source", source)
+
+
+def load_run_instance(run_dir: Path) -> tuple[ChunkInstance, np.ndarray | None]:
+    """Read DIR/convexity_instance.npz → (instance with the run's caps/budget, bias_online or None)."""
+    path = run_dir / INSTANCE_FILE
+    if not path.is_file():
+        raise ValueError(f"{path} not found; a run directory must hold {INSTANCE_FILE} with q, c, lam")
+    with np.load(path) as data:
+        missing = {"q", "c", "lam"} - set(data.files)
+        if missing:
+            raise ValueError(f"{path} lacks {sorted(missing)} (needs q [T, E], c [E], lam)")
+        caps = data["caps"] if "caps" in data.files else None
+        budget = float(data["budget"]) if "budget" in data.files else None
+        bias = data["bias_online"] if "bias_online" in data.files else None
+        instance = ChunkInstance(data["q"], data["c"], float(data["lam"]), caps, budget)
+    return instance, bias
+
+
+def run_instances(args: argparse.Namespace) -> Setup:
+    instance, bias = load_run_instance(args.run)
+    base = with_constraints(instance, None, None)
+    has_constraints = instance.caps is not None or instance.budget is not None
+    constrained = instance if has_constraints else with_constraints(base, *derived_constraints(base))
+    chunk_rng = np.random.default_rng(args.seed)
+    sample = lambda: instance.q[chunk_rng.integers(0, instance.tokens, size=args.chunk_tokens)]  # noqa: E731
+    problem = "constrained" if has_constraints else "unconstrained"
+    return Setup(base, constrained, sample, "chunks resampled from the instance's tokens",
+                 run_bias=bias, run_bias_problem=problem if bias is not None else None)
+
+
+def with_constraints(instance: ChunkInstance, caps, budget) -> ChunkInstance:
+    return ChunkInstance(instance.q, instance.c, instance.lam, caps, budget)
+
+
+def run_online(instance: ChunkInstance, sample_chunk: Callable[[], np.ndarray], args: argparse.Namespace) -> np.ndarray:
+    """The BiasOptimizer (default settings, --mode) after args.chunks chunks; returns its bias [E]."""
+    caps = None if instance.caps is None else instance.caps.tolist()
+    config = BiasOptimizerConfig(lam=instance.lam, caps=caps, budget=instance.budget, mode=args.mode)
+    optimizer = BiasOptimizer(instance.experts, config)
+    for _ in range(args.chunks):
+        optimizer.step(sample_chunk(), instance.c)
+    return optimizer.bias.numpy()
+
+
+def verify(instance: ChunkInstance, bias_online: np.ndarray, online_source: str, goal: float):
+    """Solve with cvxpy; compare with the online bias and, unconstrained, the closed form → (report, result)."""
+    result = solve_chunk_problem(instance.q, instance.c, instance.lam, instance.caps, instance.budget)
+    kkt_bias = result.kkt_bias(instance.c, instance.lam)
+    online = compare_bias(instance, bias_online, result.p, kkt_bias)
+    kkt_p = routing_distribution(instance.q, kkt_bias).numpy()  # [T, E]
+    report = {
+        "is_dcp": result.is_dcp, "status": result.status, "solver": result.solver,
+        "solve_time_s": result.solve_time_s, "cvxpy_objective": result.objective,
+        "cvxpy_solver_objective": result.solver_objective,
+        "online_objective": online.online_objective, "relative_gap": online.relative_gap,
+        "goal": goal, "meets_goal": online.relative_gap <= goal, "online_source": online_source,
+        "online_max_abs_dp": online.max_abs_dp, "online_bias_max_abs_diff": online.bias_max_abs_diff,
+        "online_max_cap_violation": online.max_cap_violation, "online_budget_violation": online.budget_violation,
+        "kkt_p_max_abs_diff": float(np.abs(kkt_p - result.p).max()),
+        "caps": None if instance.caps is None else instance.caps.tolist(), "budget": instance.budget,
+        "mu": result.mu.tolist(), "nu": result.nu,
+        "bias_online": np.asarray(bias_online).tolist(), "bias_kkt": kkt_bias.tolist(),
+    }
+    report["topk"] = [topk_gap(instance.q, bias_online, instance.c, k).to_dict() for k in (1, 2)]
+    if instance.caps is None and instance.budget is None:
+        p_closed, _ = closed_form_reference(instance)
+        closed = compare_distribution(instance, result.p, p_closed)
+        report.update(closed_form_objective=closed.reference_objective, cvxpy_vs_closed_form_gap=closed.relative_gap,
+                      cvxpy_vs_closed_form_max_abs_dp=closed.max_abs_dp)
+    return report, result
+
+
+def online_bias(setup: Setup, problem: str, instance: ChunkInstance, sample_chunk, args) -> tuple[np.ndarray, str]:
+    """The run's own bias where it solved this problem, else a fresh BiasOptimizer run."""
+    if setup.run_bias is not None and setup.run_bias_problem == problem:
+        return np.asarray(setup.run_bias, dtype=float), "run (bias_online)"
+    label = f"BiasOptimizer({args.mode}) after {args.chunks} chunks"
+    return run_online(instance, sample_chunk, args), label
+
+
+def unconstrained_section(setup: Setup, args: argparse.Namespace):
+    bias, label = online_bias(setup, "unconstrained", setup.base, setup.sample_chunk, args)
+    if not label.startswith("run"):
+        label += f", {setup.chunk_description} ({args.chunk_tokens} tokens)"
+    return verify(setup.base, bias, label, args.goal)
+
+
+def constrained_section(setup: Setup, args: argparse.Namespace) -> dict:
+    instance = setup.constrained
+    stationary = lambda: instance.q  # noqa: E731  the same chunk every time
+    bias, label = online_bias(setup, "constrained", instance, stationary, args)
+    if not label.startswith("run"):
+        label += ", stationary chunks (the instance itself)"
+    report, result = verify(instance, bias, label, args.goal)
+    sampled_bias = run_online(instance, setup.sample_chunk, args)
+    sampled = compare_bias(instance, sampled_bias, result.p, result.kkt_bias(instance.c, instance.lam))
+    report["sampled_chunks"] = {
+        "online_source": f"BiasOptimizer({args.mode}) after {args.chunks} {setup.chunk_description} ({args.chunk_tokens} tokens)",
+        "relative_gap": sampled.relative_gap, "max_cap_violation": sampled.max_cap_violation,
+        "budget_violation": sampled.budget_violation, "sampling_floor_gap": sampling_floor(setup, instance, result, args),
+    }
+    return report
+
+
+def sampling_floor(setup: Setup, instance: ChunkInstance, result, args) -> float | None:
+    """Gap to the instance optimum of the optimum on 4·T fresh tokens (a population proxy):
+    what a perfect learner of the source's optimum gets on this instance. None for run instances."""
+    if setup.source is None:
+        return None
+    fresh = setup.source.sample(np.random.default_rng(args.seed + 3), FLOOR_SAMPLE_FACTOR * instance.tokens)
+    population = solve_chunk_problem(fresh, instance.c, instance.lam, instance.caps, instance.budget)
+    population_bias = population.kkt_bias(instance.c, instance.lam)
+    return compare_bias(instance, population_bias, result.p, result.kkt_bias(instance.c, instance.lam)).relative_gap
+
+
+def energy_section(args: argparse.Namespace) -> dict:
+    """Energy assumptions on the simulator and, with --run, on the measured trace."""
+    try:
+        section = {"simulated": ea.check_simulated(preset=args.sim_preset, seed=args.seed)}
+    except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
+        section = {"simulated": {"available": False, "reason": f"simulator failed: {exc!r}"}}
+    if args.trace is not None:
+        section["measured"] = trace_assumptions(args.trace)
+    elif args.run is not None:
+        section["measured"] = measured_assumptions(args.run / TRACE_FILE)
+    return section
+
+
+def measured_assumptions(path: Path) -> dict:
+    if not path.is_file():
+        return {"available": False, "reason": f"{path} not found"}
+    with np.load(path) as data:
+        duration = data["duration_s"] if "duration_s" in data.files else None
+        return ea.check_trace(data["loads"], data["energy_J"], duration)
+
+
+def trace_assumptions(path: Path) -> dict:
+    from nectar.telemetry.trace import read_trace
+
+    try:
+        arrays = ea.trace_arrays(read_trace(path))
+        report = ea.check_trace(arrays.loads, arrays.energy_J, arrays.duration_s)
+    except (FileNotFoundError, ValueError) as exc:
+        return {"available": False, "reason": f"{path}: {exc}"}
+    return {**report, "trace": str(path), "rows_skipped": arrays.skipped}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        setup = run_instances(args) if args.run is not None else synthetic_instances(args)
+        unconstrained, result = unconstrained_section(setup, args)
+        constrained = constrained_section(setup, args)
+    except (ValueError, RuntimeError) as exc:
+        print(f"verify-convexity: {exc}", file=sys.stderr)
+        return 1
+    report = {key: unconstrained[key] for key in ("is_dcp", "cvxpy_objective", "online_objective", "relative_gap")}
+    report["instance"] = {"source": str(args.run) if args.run else "synthetic", "seed": args.seed,
+                          "tokens": setup.base.tokens, "experts": setup.base.experts,
+                          "lam": setup.base.lam, "c": setup.base.c.tolist()}
+    report.update(unconstrained=unconstrained, constrained=constrained)
+    if not args.no_energy:
+        report["energy_assumptions"] = energy_section(args)
+    if args.export is not None:
+        export(args.export, setup.base, np.asarray(unconstrained["bias_online"]), result.p)
+    print(json.dumps(report, indent=2, default=_json_default) if args.json else format_text(report))
+    ok = all(s["is_dcp"] and s["meets_goal"] for s in (unconstrained, constrained))
+    return 0 if ok else 1
+
+
+def export(path: Path, instance: ChunkInstance, bias_online: np.ndarray, p_cvxpy: np.ndarray) -> None:
+    """q [T, E], c [E], lam, p_online [T, E] (and bias_online [E], p_cvxpy [T, E]) of the unconstrained instance."""
+    p_online = routing_distribution(instance.q, bias_online).numpy()
+    np.savez_compressed(path, q=instance.q, c=instance.c, lam=instance.lam, p_online=p_online,
+                        bias_online=bias_online, p_cvxpy=p_cvxpy)
+
+
+def _json_default(value):
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value)}")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2e}"
+
+
+def format_text(report: dict) -> str:
+    inst = report["instance"]
+    lines = [f"chunk problem: {inst['source']} (seed {inst['seed']}), T={inst['tokens']}, E={inst['experts']}, λ={inst['lam']:.3g}"]
+    for name in ("unconstrained", "constrained"):
+        lines += _format_problem(name, report[name])
+    for where, section in report.get("energy_assumptions", {}).items():
+        lines += _format_energy(where, section)
+    return "\n".join(lines)
+
+
+def _format_problem(name: str, s: dict) -> list[str]:
+    lines = [
+        f"[{name}] is_dcp={s['is_dcp']} {s['solver']} {s['status']} in {s['solve_time_s']:.2f}s",
+        f"  cvxpy objective {s['cvxpy_objective']:.9g}   online objective {s['online_objective']:.9g}",
+        f"  relative gap {s['relative_gap']:.2e} (goal ≤ {s['goal']:.0e}: {'met' if s['meets_goal'] else 'MISSED'}),"
+        f" max |Δp| {s['online_max_abs_dp']:.2e}, max |Δbias| {s['online_bias_max_abs_diff']:.2e}",
+        f"  online: {s['online_source']}",
+        f"  KKT bias from cvxpy duals reproduces cvxpy p to {s['kkt_p_max_abs_diff']:.2e}; ν={s['nu']:.4g}, max μ={max(s['mu']):.3g}",
+    ]
+    if "cvxpy_vs_closed_form_gap" in s:
+        lines.append(f"  cvxpy vs closed form: gap {s['cvxpy_vs_closed_form_gap']:.2e}, max |Δp| {s['cvxpy_vs_closed_form_max_abs_dp']:.2e}")
+    for gap in s["topk"]:
+        lines.append(f"  top-{gap['k']} selection vs soft routing: max load gap {gap['max_abs_load_gap']:.3f},"
+                     f" cost per token {gap['realised_cost']:.4g} realised vs {gap['expected_cost']:.4g} expected")
+    if "sampled_chunks" in s:
+        sc = s["sampled_chunks"]
+        lines.append(f"  sampled chunks: gap {sc['relative_gap']:.2e} (sampling floor {_fmt(sc['sampling_floor_gap'])}),"
+                     f" cap violation {sc['max_cap_violation']:.2e}, budget violation {sc['budget_violation']:.2e}")
+    return lines
+
+
+ENERGY_LABELS = {
+    "affine": "affine fit", "affine_on_sparse": "affine fit judged on sparse loads (idle experts)",
+    "affine_with_active_indicator": "affine + per-expert 'active' indicator, all loads",
+    "midpoint": "midpoint convexity", "midpoint_dense_sparse": "midpoint convexity, dense–sparse pairs",
+}
+
+
+def _format_energy(where: str, section: dict) -> list[str]:
+    if not section.get("available"):
+        return [f"[energy/{where}] skipped: {section['reason']}"]
+    lines = []
+    for key, label in ENERGY_LABELS.items():
+        if key not in section:
+            continue
+        s = section[key]
+        if key.startswith("affine"):
+            lines.append(f"[energy/{where}] {label}: rel RMSE {s['rel_rmse']:.2e}, max {s['max_rel_residual']:.2e},"
+                         f" {s['failing_chunks']}/{s['chunks']} chunks beyond {s['rel_tol']:.0e}")
+        else:
+            lines.append(f"[energy/{where}] {label}: {s['violations']}/{s['triples']} violations,"
+                         f" max excess {_fmt(s['max_excess'])} (tol {s['rel_tol']:.0e})")
+    return lines
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

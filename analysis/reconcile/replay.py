@@ -1,0 +1,191 @@
+"""Replay a recorded trace through the simulator with the same workloads and the same timing.
+
+Each trace row is one telemetry window. A row with a workload is run on a `SimBackend` built
+from the given preset (`run_chunk`); a row without one (a controller pause, an idle
+measurement) idles the simulated GPU for the measured duration (a non-idle window without a
+workload, e.g. an undescribed calibration burst, cannot be simulated: it is replayed as idle too,
+never scored, and `unsimulated_load` lists it). The unmeasured time *between*
+two windows (host work, Python, data loading) is replayed as idle of the measured length, so the
+simulated GPU cools between chunks exactly as long as the real one did. A window that starts
+before the previous one ended begins a new recording (e.g. the next policy of a simulated run, a
+second trace file): the replay then starts a fresh simulated GPU.
+
+The simulator's side of each row is its noise-free truth (`SimBackend.last_truth`): energy,
+duration and the expected temperature reading (true temperature minus `TEMP_READING_OFFSET_C`,
+the mean loss of NVML's truncation to whole °C). The measured side is the row's own window;
+`measured_energy_J` picks the counter or the integrated instant power (ENERGY_SOURCES).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+from nectar.telemetry.window import TelemetryWindow
+from nectar.telemetry.trace import TraceRow
+from sim.backend import SimBackend
+from sim.presets import GPUPreset
+
+TEMP_READING_OFFSET_C = 0.5     # E[T − floor(T)]: NVML reports whole degrees
+OVERLAP_TOLERANCE_S = 1e-3      # a window starting earlier than this before the last one ended: new recording
+ENERGY_SOURCES = ("auto", "counter", "power")
+SCORED_KINDS = ("chunk", "calibration")  # warmup windows are replayed (heat) but never scored
+SENSOR_PERIOD_REPLAY_S = 1.0
+
+
+@dataclass(frozen=True)
+class ReplayRow:
+    """One trace row, measured and simulated side by side."""
+
+    index: int                   # position in the trace
+    kind: str
+    policy: str
+    chunk_index: int | None
+    is_chunk: bool               # has a workload and a scored kind: counts in per-chunk metrics
+    is_idle: bool                # an "idle" window without a workload: the GPU really idled (fits idle power)
+    valid: bool                  # the measured window is usable (finite, positive energy and duration)
+    measured_energy_J: float
+    measured_duration_s: float
+    measured_temp_C: float
+    sim_energy_J: float
+    sim_duration_s: float
+    sim_temp_C: float            # expected sensor reading at the window's end
+    t_measured_s: float          # window end on the measured clock
+
+
+def measured_energy_J(window: TelemetryWindow, source: str = "auto") -> float:
+    """The measured energy of a window.
+
+    "counter": the window's best estimate (`energy_J`: the counter difference, or integrated power
+    where the reader flagged the counter untrustworthy). "power": the integrated instant power.
+    "auto" (default): the integrated power when the window has at least two instant-power samples,
+    else the counter. Why: the counter only moves every ~100 ms, so a window's counter difference
+    covers an interval shifted back by up to one update; for sub-second windows that follow idle
+    time this undercounts systematically (≈6 % for 0.5 s chunks on the simulated H100, whose
+    integrated power is within 0.1 % of the truth).
+    """
+    if source not in ENERGY_SOURCES:
+        raise ValueError(f"energy source must be one of {ENERGY_SOURCES}, got {source!r}")
+    power = window.energy_power_J
+    has_power = power is not None and math.isfinite(power) and window.samples >= 2
+    if source == "power":
+        return float(power) if has_power else math.nan
+    if source == "auto" and has_power:
+        return float(power)
+    return float(window.energy_J)
+
+
+def is_scored_chunk(row: TraceRow) -> bool:
+    """A row that counts in per-chunk metrics: it carries a workload and is a chunk/calibration window."""
+    return row.workload is not None and row.kind in SCORED_KINDS
+
+
+def unsimulated_load(replayed: Sequence[ReplayRow], idle_power_W: float, factor: float = 1.5) -> list[ReplayRow]:
+    """Windows replayed as idle (no workload) that measured well above idle power: the replay
+    underheats after them, so a report should say so."""
+    return [r for r in replayed if not r.is_chunk and not r.is_idle and r.valid
+            and r.measured_energy_J / r.measured_duration_s > factor * idle_power_W]
+
+
+MIN_SCORED_WINDOW_S = 0.1  # shorter windows (e.g. the quality guard's) are below the counter's period
+
+
+def usable_window(window: TelemetryWindow, energy_J: float) -> bool:
+    """Finite, positive energy, a finite temperature and a duration of at least one NVML counter
+    period (DESIGN.md §5: shorter windows measure nothing reliable): the window can be compared."""
+    values = (energy_J, window.duration_s, window.gpu_temp_C)
+    return (all(math.isfinite(v) for v in values) and energy_J > 0
+            and window.duration_s >= MIN_SCORED_WINDOW_S)
+
+
+def segment_starts(rows: Sequence[TraceRow], breaks: frozenset[int] = frozenset()) -> list[int]:
+    """Row indices where a new recording starts: row 0, every forced break, every time reset."""
+    starts = [0] if rows else []
+    for i in range(1, len(rows)):
+        jumped_back = rows[i].window.t_start_s < rows[i - 1].window.t_end_s - OVERLAP_TOLERANCE_S
+        if i in breaks or jumped_back:
+            starts.append(i)
+    return starts
+
+
+def truth_only(preset: GPUPreset) -> GPUPreset:
+    """`preset` with its simulated sensor ticking once every SENSOR_PERIOD_REPLAY_S.
+
+    The replay reads only the GPU's noise-free truth, which the sensor never influences (it only
+    reads); slower sensor processes just mean fewer simpy events (the 10 ms power sampler is most of
+    a replay's cost). tests/test_reconcile.py checks that the truth is unchanged.
+    """
+    period = max(SENSOR_PERIOD_REPLAY_S, preset.instant_sample_period_s)
+    return preset.replace(instant_sample_period_s=period, temperature_period_s=max(period, preset.temperature_period_s),
+                          energy_counter_period_s=max(period, preset.energy_counter_period_s),
+                          power_average_window_s=max(period, preset.power_average_window_s))
+
+
+def _fresh_backend(preset: GPUPreset, rows: Sequence[TraceRow], start: int, initial_temp: str) -> SimBackend:
+    """A simulated GPU for the recording starting at `start`, at the measured starting temperature."""
+    if initial_temp == "measured":
+        temp = rows[start].window.gpu_temp_C
+        if math.isfinite(temp):
+            preset = preset.replace(initial_temp_C=float(temp) + TEMP_READING_OFFSET_C)
+    return SimBackend(preset=preset, seed=0)
+
+
+def _simulate(backend: SimBackend, row: TraceRow) -> tuple[float, float, float]:
+    """Run one row on `backend`; (energy J, duration s, true end temperature °C)."""
+    measured_s = row.window.duration_s if math.isfinite(row.window.duration_s) else 0.0
+    if row.workload is None:
+        backend.idle(max(measured_s, 0.0))
+        truth = backend.last_truth
+        return truth.energy_J, truth.t_end_s - truth.t_start_s, truth.temp_end_C
+    backend.run_chunk(row.workload)
+    truth = backend.last_truth
+    energy, start = truth.energy_J, truth.t_start_s
+    remaining = measured_s - (truth.t_end_s - truth.t_start_s)
+    if row.kind == "warmup" and remaining > 0:  # first-call overheads: the real window lasted longer
+        backend.idle(remaining)
+        energy += backend.last_truth.energy_J
+    truth = backend.last_truth
+    return energy, truth.t_end_s - start, truth.temp_end_C
+
+
+def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | None = None,
+                 breaks: frozenset[int] = frozenset(), energy_source: str = "auto",
+                 initial_temp: str = "measured", fast_sensor: bool = False) -> list[ReplayRow]:
+    """Replay rows[:stop] on simulated GPUs built from `preset`; one ReplayRow per row.
+
+    `initial_temp`: "measured" starts each recording at its first measured temperature,
+    "preset" at the preset's own initial (or idle steady-state) temperature. The simulated sensor
+    runs at its preset rates only with `fast_sensor=True` (same results, slower; see `truth_only`).
+    """
+    if not isinstance(preset, GPUPreset):
+        raise ValueError(f"replay needs a GPUPreset, got {type(preset).__name__}")
+    if initial_temp not in ("measured", "preset"):
+        raise ValueError(f"initial_temp must be 'measured' or 'preset', got {initial_temp!r}")
+    if energy_source not in ENERGY_SOURCES:
+        raise ValueError(f"energy source must be one of {ENERGY_SOURCES}, got {energy_source!r}")
+    stop = len(rows) if stop is None else max(0, min(stop, len(rows)))
+    preset = preset if fast_sensor else truth_only(preset)
+    starts = set(segment_starts(rows[:stop], breaks))
+    out: list[ReplayRow] = []
+    backend: SimBackend | None = None
+    for i in range(stop):
+        row, window = rows[i], rows[i].window
+        try:
+            if i in starts:
+                backend = _fresh_backend(preset, rows, i, initial_temp)
+            elif window.t_start_s - rows[i - 1].window.t_end_s > 0:
+                backend.idle(window.t_start_s - rows[i - 1].window.t_end_s)   # unmeasured host time
+            energy, duration, temp = _simulate(backend, row)
+        except ValueError as exc:
+            raise ValueError(f"trace row {i} ({row.kind}, policy {row.policy!r}) cannot be replayed: {exc}") from exc
+        measured = measured_energy_J(window, energy_source)
+        out.append(ReplayRow(
+            index=i, kind=row.kind, policy=row.policy, chunk_index=row.chunk_index,
+            is_chunk=is_scored_chunk(row), is_idle=row.workload is None and row.kind == "idle",
+            valid=usable_window(window, measured),
+            measured_energy_J=measured, measured_duration_s=window.duration_s, measured_temp_C=window.gpu_temp_C,
+            sim_energy_J=energy, sim_duration_s=duration, sim_temp_C=temp - TEMP_READING_OFFSET_C,
+            t_measured_s=window.t_end_s,
+        ))
+    return out

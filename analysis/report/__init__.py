@@ -1,0 +1,1 @@
+"""`nectar report`: a markdown page with figures about one run directory."""

@@ -1,0 +1,45 @@
+"""Writing a run directory: summary.json, chunks.csv, trace.csv.gz, meta.json, the convexity
+instance and the plots. Shared by `nectar run` (simulator or NVML) and the on-device runner.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from nectar.experiment.runner import PolicyRun, record_rows
+from nectar.experiment.plots import write_all
+from nectar.telemetry.trace import TraceRow, write_meta, write_trace
+
+
+def write_chunks_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: json.dumps(v) if isinstance(v, list) else v for k, v in row.items()})
+
+
+def export_convexity(out: Path, runs: list[PolicyRun]) -> None:
+    """The nectar controller's last chunk problem (first MoE layer) for `verify-convexity --run`."""
+    nectar_run = next((r for r in runs if r.controller is not None), None)
+    if nectar_run is None or nectar_run.controller.last_instance is None:
+        return
+    inst = nectar_run.controller.last_instance
+    np.savez_compressed(out / "convexity_instance.npz", **{k: np.asarray(v) for k, v in inst.items()})
+
+
+def write_outputs(out: Path, runs: list[PolicyRun], summary: dict, command: str,
+                  extra_trace: list[TraceRow] | None = None, **meta) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    rows = record_rows(runs)
+    write_chunks_csv(out / "chunks.csv", rows)
+    write_trace(out / "trace.csv.gz", [*(extra_trace or []), *(row for run in runs for row in run.trace)])
+    write_meta(out / "meta.json", command=command, backend=summary["backend"], gpu=summary["gpu"],
+               seed=summary["seed"], **meta)
+    export_convexity(out, runs)
+    write_all(rows, summary, out, temp_cap=summary.get("temp_cap_C"))

@@ -1,0 +1,130 @@
+"""The Mixture-of-Experts feed-forward layer: gate -> router -> dispatch -> experts -> combine.
+
+The layer owns the trained gate (`nn.Linear(D, E, bias=False)`) and the experts; the router is
+a separate, swappable module (`layer.router = other_router`), so several routing policies can
+run on one set of weights. After each forward the layer keeps the routing decision
+(`last_decision`, with its autograd graph, for losses on the gates) and a detached summary
+(`last_metrics`) whose `workload` is what a telemetry backend prices for the chunk. The summary
+is computed on first access (it reads counts back to the host, which would stall the GPU if it
+ran inside every forward).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from nectar.moe.balancing import routing_entropy
+from nectar.moe.dispatch import dispatch
+from nectar.moe.experts import Expert
+from nectar.moe.router import Router, RoutingDecision
+from nectar.telemetry.workload import LayerWorkload
+
+
+@dataclass
+class MoEMetrics:
+    """Detached summary of one forward.
+
+    tokens_per_expert  [E] (token, slot) pairs each expert computed (after drops)
+    routing_entropy    mean per-token entropy of the router distribution (nats)
+    dropped_tokens     (token, slot) pairs dropped for capacity
+    workload           the layer's LayerWorkload for the chunk
+    marginal_entropy   entropy of the batch-mean router distribution (nats; log E = balanced)
+    num_tokens         tokens in the forward
+    """
+
+    tokens_per_expert: list[int]
+    routing_entropy: float
+    dropped_tokens: int
+    workload: LayerWorkload
+    marginal_entropy: float = 0.0
+    num_tokens: int = 0
+
+
+class MoELayer(nn.Module):
+    """forward(x [B, T, D] or [N, D]) -> same shape: Σ_slots gate · expert(x)."""
+
+    def __init__(self, d_model: int, experts: nn.ModuleList | Sequence[Expert], router: Router):
+        super().__init__()
+        experts = nn.ModuleList(experts) if not isinstance(experts, nn.ModuleList) else experts
+        if len(experts) == 0:
+            raise ValueError("MoELayer needs at least one expert")
+        for i, expert in enumerate(experts):
+            if not isinstance(expert, Expert):
+                raise ValueError(f"expert {i} is a {type(expert).__name__}, not a nectar.moe.experts.Expert")
+            if expert.d_model != d_model:
+                raise ValueError(f"expert {i} has d_model={expert.d_model}, layer has d_model={d_model}")
+        if not isinstance(router, Router):
+            raise ValueError(f"router must be a nectar.moe.router.Router, got {type(router).__name__}")
+        self.d_model = d_model
+        self.gate = nn.Linear(d_model, len(experts), bias=False)  # weight [E, D]
+        self.experts = experts
+        self.router = router
+        self.grouped = True  # allow torch._grouped_mm for runs of identical experts
+        self.last_decision: RoutingDecision | None = None
+        self._last_dtype_bytes = 0
+        self._last_metrics: MoEMetrics | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x_ND = x.reshape(-1, self.d_model)                     # [N, D]
+        logits_NE = self.gate(x_ND)                            # [N, E]
+        decision = self.router(logits_NE)
+        if decision.num_experts != self.num_experts:
+            raise ValueError(f"router returned a decision over {decision.num_experts} experts; layer has {self.num_experts}")
+        y_ND = dispatch(x_ND, decision, self.experts, grouped=self.grouped)  # [N, D]
+        self.last_decision, self._last_dtype_bytes, self._last_metrics = decision, x.element_size(), None
+        return y_ND.reshape(x.shape)
+
+    @property
+    def last_metrics(self) -> MoEMetrics | None:
+        """MoEMetrics of the last forward (None before the first), computed on first access."""
+        if self._last_metrics is None and self.last_decision is not None:
+            self._last_metrics = self.metrics(self.last_decision, self._last_dtype_bytes)
+        return self._last_metrics
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if self.router.num_experts != self.num_experts:
+            raise ValueError(f"router is built for {self.router.num_experts} experts; layer has {self.num_experts}")
+        if x.dim() not in (2, 3) or x.shape[-1] != self.d_model:
+            raise ValueError(f"MoELayer expects x of shape [B, T, {self.d_model}] or [N, {self.d_model}], got {list(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoELayer expects floating-point input, got {x.dtype}")
+
+    @torch.no_grad()
+    def metrics(self, decision: RoutingDecision, dtype_bytes: int) -> MoEMetrics:
+        """Counts, entropies and the LayerWorkload of one decision (detached, on the host)."""
+        tokens_per_expert = decision.tokens_per_expert().tolist()
+        num_tokens = int(decision.probs.shape[0])
+        entropy = routing_entropy(decision.probs.float()) if num_tokens else None
+        workload = LayerWorkload(
+            tokens_per_expert=tokens_per_expert,
+            expert_costs=[expert.cost_per_token(dtype_bytes) for expert in self.experts],
+            router_flops_per_token=2.0 * self.d_model * self.num_experts,
+            dropped_tokens=decision.dropped_count(),
+        )
+        return MoEMetrics(
+            tokens_per_expert=tokens_per_expert,
+            routing_entropy=float(entropy.token) if entropy is not None else 0.0,
+            dropped_tokens=workload.dropped_tokens,
+            workload=workload,
+            marginal_entropy=float(entropy.marginal) if entropy is not None else 0.0,
+            num_tokens=num_tokens,
+        )
+
+    def dense_equivalent_flops(self) -> float:
+        """FLOPs per token of the last forward (experts actually run + router): the width of the
+        dense FFN with the same active compute is this divided by 4·D (GELU) or 6·D (SwiGLU)."""
+        if self.last_metrics is None:
+            raise ValueError("dense_equivalent_flops needs a forward pass first")
+        work = self.last_metrics.workload
+        tokens = max(self.last_metrics.num_tokens, 1)
+        expert_flops = sum(n * cost.flops for n, cost in zip(work.tokens_per_expert, work.expert_costs))
+        return expert_flops / tokens + work.router_flops_per_token

@@ -1,0 +1,178 @@
+"""The experiment model: a DistilGPT2-architecture MoE with energy-cheap experts, trained here.
+
+Recipe (DESIGN.md §9): train a dense GPT-2 of the preset's shape on the offline corpus, sparse-
+upcycle it (full experts = copies of the dense FFN, a narrow expert = the first hidden units of
+the dense FFN, zero and copy experts), then fine-tune the MoE with the Switch balancing loss while
+a `MixedTrainingRouter` sends a share of second slots to cheap experts, so that the cheap experts
+are useful when NECTAR picks them. The result is cached in a directory (save_pretrained +
+tokenizer) and reused; `--model DIR` loads one instead.
+
+Presets: "cpu-demo" (6 layers × 128 wide: DistilGPT2's depth, a width a 2-core CPU trains in a
+minute) and "distilgpt2" (6 × 768, 12 heads: the GPU model).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GPT2LMHeadModel
+
+from nectar.control.energy_router import MixedTrainingRouter
+from nectar.moe.experts import GELUExpert
+from nectar.model import MoEGPT2LMHeadModel, preset_config
+from nectar.experiment.policies import cheap_experts
+from nectar.train.tokenizer import load_tokenizer, save_tokenizer
+from nectar.train.loop import TrainConfig, evaluate_perplexity, moe_aux_loss, prepare_data, train_lm
+
+RECIPE_VERSION = 1
+
+
+@dataclass
+class ModelRecipe:
+    preset: str = "cpu-demo"
+    dense: dict = field(default_factory=lambda: dict(n_layer=6))    # overrides of the base preset
+    base: str = "tiny"
+    full_experts: int = 4
+    narrow_fraction: float = 0.25
+    zero_compute: tuple = ("zero", "copy")
+    top_k: int = 2
+    dense_steps: int = 1000
+    moe_steps: int = 400
+    batch: int = 8
+    seq_len: int = 256
+    lr: float = 3e-3
+    cheap_prob: float = 0.3
+    vocab_size: int = 4096
+    moe_lr_scale: float = 1.0
+
+    def expert_specs(self, inner: int) -> list[dict]:
+        specs = [{"kind": "gelu", "hidden": inner, "count": self.full_experts},
+                 {"kind": "gelu", "hidden": max(8, int(inner * self.narrow_fraction)), "count": 1}]
+        return specs + [{"kind": kind, "count": 1} for kind in self.zero_compute]
+
+
+RECIPES = {
+    "cpu-demo": ModelRecipe(),
+    "distilgpt2": ModelRecipe(preset="distilgpt2", base="distilgpt2", dense={}, full_experts=6, dense_steps=800,
+                              moe_steps=400, batch=32, seq_len=512, lr=1e-3, vocab_size=8192, moe_lr_scale=0.3),
+}
+
+
+@dataclass
+class DemoModel:
+    model: MoEGPT2LMHeadModel
+    tokenizer: object
+    heldout_ids: torch.Tensor        # [N] the held-out token stream
+    info: dict
+
+
+@torch.no_grad()
+def init_narrow_from_dense(moe: MoEGPT2LMHeadModel, dense: GPT2LMHeadModel) -> None:
+    """Narrow GELU experts start as the first `hidden` units of the block's dense FFN."""
+    for idx, layer in moe.moe_layers():
+        mlp = dense.transformer.h[idx].mlp
+        for expert in layer.experts:
+            if isinstance(expert, GELUExpert) and expert.c_fc.weight.shape != mlp.c_fc.weight.shape:
+                hidden = expert.c_fc.weight.shape[1]                        # Conv1D weight [D, H]
+                expert.c_fc.weight.copy_(mlp.c_fc.weight[:, :hidden])
+                expert.c_fc.bias.copy_(mlp.c_fc.bias[:hidden])
+                expert.c_proj.weight.copy_(mlp.c_proj.weight[:hidden, :])   # [H, D]
+                expert.c_proj.bias.copy_(mlp.c_proj.bias)
+
+
+def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dtype: str = "float32",
+                     progress: bool = True, time_budget_s: float | None = None) -> DemoModel:
+    """Dense training → upcycling → MoE fine-tune with cheap-slot mixing. Deterministic on CPU."""
+    torch.manual_seed(seed)
+    start = time.monotonic()
+    # the dense stage may use 60 % of the budget, the MoE fine-tune the rest
+    dense_deadline = None if time_budget_s is None else start + 0.6 * time_budget_s
+    moe_deadline = None if time_budget_s is None else start + time_budget_s
+    data = prepare_data(vocab_size=recipe.vocab_size)
+    eos = data.tokenizer.eos_token_id or 0
+    config = preset_config(recipe.base, vocab_size=len(data.tokenizer), eos_token_id=eos, **recipe.dense)
+    dense = GPT2LMHeadModel(config)
+    stage = dict(batch=recipe.batch, seq_len=recipe.seq_len, lr=recipe.lr, device=device, dtype=dtype,
+                 seed=seed, progress=progress)
+    dense_result = train_lm(dense, data.train_ids, TrainConfig(steps=recipe.dense_steps, **stage),
+                            deadline=dense_deadline, desc="dense")
+    inner = config.n_inner or 4 * config.n_embd
+    moe = MoEGPT2LMHeadModel.from_dense(dense, num_experts=0, top_k=recipe.top_k,
+                                        expert_specs=recipe.expert_specs(inner))
+    init_narrow_from_dense(moe, dense)
+    for _, layer in moe.moe_layers():
+        layer.router = MixedTrainingRouter(layer.num_experts, cheap_experts(layer), k=recipe.top_k,
+                                           cheap_prob=recipe.cheap_prob, seed=seed)
+    cfg = TrainConfig(steps=recipe.moe_steps, **{**stage, "lr": recipe.lr * recipe.moe_lr_scale})
+    aux = lambda m: moe_aux_loss(m, cfg.balance_coef, cfg.z_coef)  # noqa: E731
+    moe_result = train_lm(moe, data.train_ids, cfg, aux_loss=aux, deadline=moe_deadline, desc="moe")
+    moe.set_router_by_name("topk", k=recipe.top_k)
+    info = {"recipe": asdict(recipe), "recipe_version": RECIPE_VERSION, "seed": seed,
+            "dense_steps": dense_result.steps, "moe_steps": moe_result.steps,
+            "dense_seconds": dense_result.seconds, "moe_seconds": moe_result.seconds,
+            "dense_final_loss": dense_result.final_loss, "moe_final_loss": moe_result.final_loss,
+            "dense_heldout_ppl": evaluate_perplexity(dense, data.heldout_ids, seq_len=recipe.seq_len,
+                                                     max_tokens=32768),
+            "corpus_sha256": data.manifest.get("sha256")}
+    return DemoModel(moe.eval(), data.tokenizer, data.heldout_ids, info)
+
+
+def save_demo_model(demo: DemoModel, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    demo.model.save_pretrained(directory)
+    save_tokenizer(demo.tokenizer, directory)
+    torch.save(demo.heldout_ids, directory / "heldout_ids.pt")
+    (directory / "nectar_model.json").write_text(json.dumps(demo.info, indent=2) + "\n")
+
+
+def load_demo_model(directory: Path) -> DemoModel:
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"{directory} holds no saved model (config.json missing)")
+    model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()  # committed weights are fp16
+    model.set_router_by_name("topk", k=model.config.moe_top_k)
+    tokenizer = load_tokenizer(directory)
+    heldout_path = directory / "heldout_ids.pt"
+    if heldout_path.exists():
+        heldout = torch.load(heldout_path)
+    else:
+        heldout = prepare_data(tokenizer=tokenizer).heldout_ids
+    info_path = directory / "nectar_model.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return DemoModel(model, tokenizer, heldout, info)
+
+
+def default_cache(preset: str, seed: int) -> Path:
+    return Path("runs") / "models" / f"{preset}-seed{seed}-v{RECIPE_VERSION}"
+
+
+def committed_model(preset: str) -> Path:
+    """data/models/<preset> in the repository (made by `nectar train --recipe <preset>`)."""
+    return Path(__file__).resolve().parents[2] / "data" / "models" / preset
+
+
+def load_or_train(model_dir: Path | None, seed: int = 0, progress: bool = True, preset: str = "cpu-demo",
+                  guard_tokens: int = 8192, device: str = "cpu", dtype: str = "float32"
+                  ) -> tuple[MoEGPT2LMHeadModel, torch.Tensor, torch.Tensor]:
+    """(model, stream, guard): the model, and the held-out stream split into a guard part (the
+    first `guard_tokens`) and the evaluation stream (the rest)."""
+    if preset not in RECIPES:
+        raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(RECIPES)}")
+    if model_dir is not None:
+        demo = load_demo_model(Path(model_dir))
+    elif seed == 0 and (committed_model(preset) / "config.json").exists():
+        demo = load_demo_model(committed_model(preset))
+    else:
+        cache = default_cache(preset, seed)
+        if (cache / "config.json").exists():
+            demo = load_demo_model(cache)
+        else:
+            demo = train_demo_model(RECIPES[preset], seed=seed, device=device, dtype=dtype, progress=progress)
+            save_demo_model(demo, cache)
+    heldout = demo.heldout_ids
+    if heldout.numel() <= guard_tokens:
+        raise ValueError(f"held-out stream has {heldout.numel()} tokens, need more than guard_tokens={guard_tokens}")
+    return demo.model, heldout[guard_tokens:], heldout[:guard_tokens]

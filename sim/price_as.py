@@ -1,0 +1,74 @@
+"""Price a small model's routing as if it ran at a larger shape ("price as").
+
+The CPU demo runs a narrow model of DistilGPT2's depth for real (routing decisions, perplexity),
+but a GPU energy model of such a narrow model is dominated by launch overheads. `rescale` keeps
+what routing decided — each layer's share of tokens per expert, and each expert's kind and
+width *relative to d_model* — and scales the dimensions and the chunk shape to a target, so the
+simulator prices the same routing at DistilGPT2 scale. Results priced this way say so
+(`summary["priced_as"]`). Runs on a GPU price nothing: they measure the real model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
+
+
+@dataclass(frozen=True)
+class TargetShape:
+    name: str
+    d_model: int
+    n_heads: int
+    seq_len: int
+    batch: int
+    vocab_size: int
+
+
+TARGETS = {
+    # DistilGPT2's shape with the project's 8192-token vocabulary: the model `nectar hw-run` trains on the GPU
+    "distilgpt2": TargetShape("distilgpt2", d_model=768, n_heads=12, seq_len=1024, batch=32, vocab_size=8192),
+}
+
+
+def _scale_counts(counts: list[int], factor: float) -> list[int]:
+    """Scale integer counts by `factor`, keeping the scaled total exact (largest remainder)."""
+    exact = [n * factor for n in counts]
+    floors = [int(x) for x in exact]
+    missing = round(sum(exact)) - sum(floors)
+    order = sorted(range(len(counts)), key=lambda i: floors[i] - exact[i])
+    for i in order[:missing]:
+        floors[i] += 1
+    return floors
+
+
+def _scale_cost(cost: ExpertCost, width_ratio: float) -> ExpertCost:
+    """FLOPs and weights of an FFN expert grow with D·H (both scale): ratio²; activations: ratio."""
+    if cost.kind in ("zero", "copy", "constant"):
+        return replace(cost, flops=cost.flops * width_ratio, bytes=cost.bytes * width_ratio,
+                       weight_bytes=cost.weight_bytes * width_ratio)
+    return replace(cost, flops=cost.flops * width_ratio**2, bytes=cost.bytes * width_ratio**2,
+                   weight_bytes=cost.weight_bytes * width_ratio**2)
+
+
+def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload:
+    """The same routing shares at the target's width and chunk shape."""
+    if isinstance(target, str):
+        if target not in TARGETS:
+            raise ValueError(f"unknown price-as target {target!r}; choose one of {sorted(TARGETS)}")
+        target = TARGETS[target]
+    width_ratio = target.d_model / workload.d_model
+    tokens = target.batch * target.seq_len
+    token_ratio = tokens / workload.tokens
+    layers = [
+        LayerWorkload(
+            tokens_per_expert=_scale_counts(layer.tokens_per_expert, token_ratio),
+            expert_costs=[_scale_cost(c, width_ratio) for c in layer.expert_costs],
+            router_flops_per_token=layer.router_flops_per_token * width_ratio,
+            dropped_tokens=round(layer.dropped_tokens * token_ratio),
+        )
+        for layer in workload.layers
+    ]
+    return replace(workload, tokens=tokens, batch=target.batch, seq_len=target.seq_len,
+                   d_model=target.d_model, n_heads=target.n_heads, vocab_size=target.vocab_size,
+                   layers=layers)

@@ -1,0 +1,118 @@
+"""Energy-aware router safeguards, the cheap static baseline, and the quality guard."""
+
+import math
+
+import pytest
+import torch
+
+from nectar.control.energy_router import CheapStaticRouter, EnergyAwareRouter
+from nectar.control.quality_guard import GuardConfig, QualityGuard
+from nectar.moe.static_routers import TopKRouter
+
+
+def _logits(n=64, e=6, seed=0):
+    return torch.randn(n, e, generator=torch.Generator().manual_seed(seed)) * 2
+
+
+def test_static_top1_always_kept_whatever_the_bias():
+    logits = _logits()
+    router = EnergyAwareRouter(6, cheap_experts=[4, 5], candidates="all")
+    router.bias = torch.tensor([-50.0, -50, -50, -50, 0, 0])
+    d = router(logits)
+    assert torch.equal(d.experts[:, 0], logits.argmax(-1))
+    top1 = logits.argmax(-1)
+    cheap_second = d.experts[:, 1]
+    # a strongly negative bias on full experts sends the second slot to a cheap expert
+    assert all(int(e) in (4, 5) for e, t in zip(cheap_second, top1) if int(t) not in (4, 5))
+    assert torch.allclose(d.gates.sum(-1), torch.ones(64))
+
+
+def test_zero_bias_equals_static_top2_and_fallback_equals_static():
+    logits = _logits(seed=1)
+    router = EnergyAwareRouter(6, cheap_experts=[5])
+    ref = TopKRouter(6, 2)(logits)
+    d = router(logits)
+    assert torch.equal(torch.sort(d.experts, -1).values, torch.sort(ref.experts, -1).values)
+    router.bias = torch.tensor([-9.0, 3, -9, 0, 0, 9])
+    router.fallback = True
+    d = router(logits)
+    assert torch.equal(d.experts, ref.experts)
+    assert torch.allclose(d.gates, ref.gates)
+
+
+def test_soft_distribution_is_the_convex_problems_form():
+    logits = _logits(seed=2)
+    router = EnergyAwareRouter(6, cheap_experts=[5], temperature=1.5)
+    router.bias = torch.linspace(-1, 1, 6)
+    router.alpha = 0.5
+    q = torch.softmax(logits / 1.5, -1)
+    expected = torch.softmax(q.log() + 0.5 * router.bias, -1)
+    assert torch.allclose(router.soft_distribution(logits), expected, atol=1e-6)
+
+
+def test_restrict_to_cheap_and_cheap_static_router():
+    logits = _logits(seed=3)
+    router = EnergyAwareRouter(6, cheap_experts=[2, 5], candidates="cheap")
+    second = router(logits).experts[:, 1]
+    assert set(second.tolist()) <= {2, 5}
+    static = CheapStaticRouter(6, cheap_experts=[2, 5])(logits)
+    expect = torch.where(logits[:, 2] >= logits[:, 5], 2, 5)
+    top1 = logits.argmax(-1)
+    keep = (top1 != 2) & (top1 != 5)
+    assert torch.equal(static.experts[keep, 1], expect[keep])
+
+
+def test_bad_router_arguments():
+    with pytest.raises(ValueError):
+        EnergyAwareRouter(4, cheap_experts=[])
+    with pytest.raises(ValueError):
+        EnergyAwareRouter(4, cheap_experts=[7])
+    with pytest.raises(ValueError):
+        CheapStaticRouter(4, cheap_experts=[1], extra_slots=3)
+
+
+def test_guard_falls_back_for_one_chunk_and_returns():
+    guard = QualityGuard(static_nll=2.0, config=GuardConfig(max_ppl_increase=0.01))
+    ok = guard.judge(2.0 + 0.001)
+    assert not ok.fallback and ok.alpha == 1.0
+    bad = guard.judge(2.0 + math.log(1.05))
+    assert bad.fallback and bad.alpha == 0.5 and bad.excess == pytest.approx(0.05)
+    back = guard.judge(2.0 + 0.002)
+    assert not back.fallback and back.alpha == pytest.approx(0.6)
+    assert guard.judge(float("nan")).fallback
+    with pytest.raises(ValueError):
+        GuardConfig(max_ppl_increase=0.0)
+    with pytest.raises(ValueError):
+        QualityGuard(float("inf"))
+
+
+def test_mixed_training_router_mixes_cheap_second_slots_at_the_asked_rate():
+    from nectar.control.energy_router import MixedTrainingRouter
+
+    logits = _logits(n=4000, seed=4)
+    router = MixedTrainingRouter(6, cheap_experts=[4, 5], k=2, cheap_prob=0.3, seed=0)
+    d = router(logits)
+    static = logits.topk(2, -1).indices
+    assert torch.equal(d.experts[:, 0], static[:, 0])
+    changed = (d.experts[:, 1] != static[:, 1]).float().mean().item()
+    # a token is re-routed with probability 0.3, unless its static second expert already is the cheap pick
+    assert 0.15 < changed <= 0.33
+    again = MixedTrainingRouter(6, cheap_experts=[4, 5], k=2, cheap_prob=0.3, seed=0)(logits)
+    assert torch.equal(again.experts, d.experts)
+    with pytest.raises(ValueError):
+        MixedTrainingRouter(6, cheap_experts=[4], cheap_prob=1.5)
+
+
+def test_static_or_cheap_candidates_choose_between_the_trained_routings():
+    logits = _logits(n=500, seed=5)
+    router = EnergyAwareRouter(6, cheap_experts=[4, 5])
+    static = TopKRouter(6, 2)(logits).experts
+    cheap = CheapStaticRouter(6, cheap_experts=[4, 5])(logits).experts
+    for bias in (torch.zeros(6), torch.tensor([-9.0, -9, -9, -9, 0, 0]), torch.tensor([0.0, 0, 0, 0, -9, -9])):
+        router.bias = bias
+        second = router(logits).experts[:, 1]
+        assert bool(((second == static[:, 1]) | (second == cheap[:, 1])).all())
+    router.bias = torch.tensor([-9.0, -9, -9, -9, 0, 0])
+    assert torch.equal(router(logits).experts[:, 1], cheap[:, 1])
+    with pytest.raises(ValueError):
+        EnergyAwareRouter(6, cheap_experts=[4], candidates="some")

@@ -1,0 +1,113 @@
+"""hw.backend.NvmlBackend (the TelemetryBackend over NVML) driven by the scripted fake NVML."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from tests.hw.fake_nvml import FakeClock, FakeNvml
+from hw.backend import NvmlBackend
+from nectar.plugins import make_backend
+from nectar.telemetry.window import TelemetryBackend
+from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
+
+
+def workload(counts=((5, 3), (2, 6))) -> ChunkWorkload:
+    cost = ExpertCost(flops=2.0e6, bytes=4.0e3, weight_bytes=1.0e6)
+    layers = [LayerWorkload(tokens_per_expert=list(c), expert_costs=[cost] * len(c)) for c in counts]
+    return ChunkWorkload(tokens=8, batch=2, seq_len=4, d_model=16, n_layers=2, n_heads=2, vocab_size=50,
+                         layers=layers, policy="static")
+
+
+def fake_backend(power_W=300.0, **kw):
+    clock = FakeClock()
+    fake = FakeNvml(clock, power_W)
+    syncs = []
+    backend = NvmlBackend(sample_period_s=None, sync=lambda: syncs.append(clock()), nvml=fake,
+                          clock=clock, sleep=clock.advance, **kw)
+    return clock, fake, backend, syncs
+
+
+def test_is_a_telemetry_backend_and_reachable_by_name():
+    clock, fake, backend, _ = fake_backend()
+    assert isinstance(backend, TelemetryBackend) and backend.name == "nvml"
+    assert backend.gpu_name() == "Fake H100"
+    via_plugin = make_backend("nvml", sample_period_s=None, sync=lambda: None, nvml=FakeNvml(FakeClock()))
+    assert isinstance(via_plugin, NvmlBackend)
+    via_plugin.close()
+
+
+def test_run_chunk_measures_compute_between_two_syncs():
+    clock, fake, backend, syncs = fake_backend(power_W=300.0)
+    clock.t = 1.0
+    ran = []
+
+    def compute():
+        ran.append(clock())
+        fake.set_power(520.0)
+        clock.advance(2.0)
+
+    window = backend.run_chunk(workload(), compute)
+    assert ran == [1.0] and syncs == [1.0, 3.0]  # sync before the first and after the last kernel
+    truth = fake.true_energy_J(1.0, 3.0)
+    assert window.energy_J == pytest.approx(truth) == pytest.approx(1040.0)
+    assert window.duration_s == pytest.approx(2.0)
+    assert window.energy_mJ_end - window.energy_mJ_start == pytest.approx(1_040_000)
+    assert window.samples == 2 and window.peak_power_W == 520.0
+    assert window.gpu_temp_C == 40.0 and window.mem_temp_C == 45.0
+    assert window.mem_total_B == 80 * 2**30 and window.memory_pressure == pytest.approx(10 / 80)
+    assert window.sm_clock_MHz == 1980.0 and window.is_valid()
+    assert window.energy_power_J is not None and window.flags == []
+    assert backend.last_measurement.energy_J == window.energy_J
+
+
+def test_idle_window_and_short_window_flag():
+    clock, fake, backend, _ = fake_backend(power_W=80.0)
+    idle = backend.idle(1.0)
+    assert idle.energy_J == pytest.approx(80.0) and idle.mean_power_W == pytest.approx(80.0)
+    clock.t = 1.23
+    short = backend.run_chunk(workload(), lambda: clock.advance(0.03))
+    assert "short_window" in short.flags
+    assert short.energy_power_J == pytest.approx(80.0 * 0.03)
+    with pytest.raises(ValueError, match="idle seconds"):
+        backend.idle(-1)
+    with pytest.raises(ValueError, match="idle seconds"):
+        backend.idle(math.nan)
+
+
+def test_bad_input_and_failing_compute():
+    clock, fake, backend, _ = fake_backend()
+    with pytest.raises(ValueError, match="ChunkWorkload"):
+        backend.run_chunk({"tokens": 3})
+    with pytest.raises(ValueError, match="callable"):
+        backend.run_chunk(workload(), compute=42)
+    with pytest.raises(ZeroDivisionError):
+        backend.run_chunk(workload(), lambda: 1 / 0)
+    assert backend.meter.open_windows == []
+    assert backend.run_chunk(workload(), lambda: clock.advance(1.0)).energy_J == pytest.approx(300.0)
+    with pytest.raises(ValueError, match="sample_period_s"):
+        NvmlBackend(sample_period_s=0, nvml=fake)
+
+
+def test_counter_fault_reaches_the_window_flags():
+    clock, fake, backend, _ = fake_backend(power_W=250.0)
+    fake.counter_fault = lambda t, v: 7.0  # frozen
+    window = backend.run_chunk(workload(), lambda: clock.advance(1.0))
+    assert {"stale", "energy_from_power"} <= set(window.flags)
+    assert window.energy_J == pytest.approx(250.0)
+
+
+def test_close_stops_sampler_and_shuts_nvml_down():
+    fake = FakeNvml(FakeClock(), 200.0)
+    backend = NvmlBackend(sample_period_s=0.005, sync=lambda: None, nvml=fake)  # real clock, real thread
+    assert backend.sampler.running
+    window = backend.run_chunk(workload(), lambda: time.sleep(0.2))
+    assert window.samples >= 10  # the thread's samples land in the window
+    assert window.mean_power_W == pytest.approx(200.0)
+    backend.close()
+    backend.close()
+    assert fake.closed and not backend.sampler.running
+    with pytest.raises(RuntimeError, match="closed"):
+        backend.idle(0.1)

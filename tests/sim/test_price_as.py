@@ -1,0 +1,40 @@
+"""Pricing a small model's routing at DistilGPT2 scale keeps routing shares and scales costs."""
+
+import pytest
+
+from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
+from sim.price_as import TARGETS, TargetShape, _scale_counts, rescale
+
+
+def _small():
+    full = ExpertCost(flops=4 * 128 * 512, bytes=1e4, weight_bytes=2 * 128 * 512 * 4)
+    zero = ExpertCost(flops=0.0, bytes=128 * 4, kind="zero")
+    layer = LayerWorkload([700, 300, 1048], [full, full, zero], router_flops_per_token=2 * 128 * 3)
+    return ChunkWorkload(tokens=1024, batch=4, seq_len=256, d_model=128, n_layers=1, n_heads=4,
+                         vocab_size=8192, layers=[layer])
+
+
+def test_shares_kept_and_costs_scaled():
+    big = rescale(_small(), TargetShape("t", d_model=768, n_heads=12, seq_len=1024, batch=8, vocab_size=50257))
+    assert big.tokens == 8192 and big.d_model == 768 and big.seq_len == 1024
+    counts = big.layers[0].tokens_per_expert
+    assert sum(counts) == 8 * 2048
+    assert counts == [5600, 2400, 8384]
+    ratio = 768 / 128
+    assert big.layers[0].expert_costs[0].flops == pytest.approx(4 * 128 * 512 * ratio**2)
+    assert big.layers[0].expert_costs[0].flops == pytest.approx(4 * 768 * 3072)
+    assert big.layers[0].expert_costs[2].bytes == pytest.approx(128 * 4 * ratio)
+
+
+def test_count_scaling_keeps_the_exact_total():
+    counts = [3, 5, 7, 11]
+    for factor in (0.3, 1.7, 13.25):
+        scaled = _scale_counts(counts, factor)
+        assert sum(scaled) == round(sum(counts) * factor)
+        assert all(abs(s - c * factor) < 1 for s, c in zip(scaled, counts))
+
+
+def test_unknown_target():
+    with pytest.raises(ValueError):
+        rescale(_small(), "gpt5")
+    assert "distilgpt2" in TARGETS

@@ -1,0 +1,157 @@
+"""Training tests: perplexity against HF's own loss and a closed form, loss goes down,
+determinism for a seed, the MoE auxiliary loss against a hand computation, and the CLI end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from nectar.model import MoEGPT2LMHeadModel
+from nectar.train.tokenizer import load_tokenizer
+from nectar.train.loop import TrainConfig, evaluate_perplexity, moe_aux_loss, train_dense, upcycle_and_finetune
+from nectar.cli.train import main as train_main, parse_args
+
+VOCAB = 48
+
+
+def small_dense(seed=0):
+    torch.manual_seed(seed)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=32, n_layer=2, n_embd=32, n_head=4,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def patterned_stream(n=6000, seed=0):
+    """A learnable stream: each token is a fixed function of the previous one, with 10% noise."""
+    generator = torch.Generator().manual_seed(seed)
+    successor = torch.randperm(VOCAB, generator=generator)
+    ids = [0]
+    noise = torch.rand(n, generator=generator) < 0.1
+    random_tokens = torch.randint(0, VOCAB, (n,), generator=generator)
+    for i in range(1, n):
+        ids.append(int(random_tokens[i]) if noise[i] else int(successor[ids[-1]]))
+    return torch.tensor(ids)
+
+
+def quick_config(**overrides):
+    return TrainConfig(**{**dict(steps=25, batch=4, seq_len=16, lr=3e-3, warmup_steps=3, progress=False), **overrides})
+
+
+def test_perplexity_matches_hf_loss_and_uniform_closed_form():
+    model = small_dense().eval()
+    ids = torch.randint(0, VOCAB, (16 * 7 + 5,), generator=torch.Generator().manual_seed(2))
+    windows = ids[: 16 * 7].view(7, 16)
+    with torch.no_grad():
+        per_window = [model(input_ids=w[None], labels=w[None]).loss for w in windows]  # equal token counts
+    reference = math.exp(float(torch.stack(per_window).mean()))
+    assert evaluate_perplexity(model, ids, seq_len=16, batch=3) == pytest.approx(reference, rel=1e-5)
+    with torch.no_grad():
+        model.transformer.wte.weight.zero_()  # tied LM head -> all logits 0 -> uniform prediction
+    assert evaluate_perplexity(model, ids, seq_len=16, batch=4) == pytest.approx(VOCAB, rel=1e-6)
+    with pytest.raises(ValueError, match="seq_len"):
+        evaluate_perplexity(model, ids[:10], seq_len=16)
+
+
+def test_dense_training_lowers_loss_and_is_deterministic():
+    stream = patterned_stream()
+    train_ids, heldout_ids = stream[:5000], stream[5000:]
+    model = small_dense()
+    before = evaluate_perplexity(model, heldout_ids, seq_len=16)
+    result = train_dense(model, train_ids, quick_config(steps=40))
+    after = evaluate_perplexity(model, heldout_ids, seq_len=16)
+    assert result.steps == 40 and result.tokens == 40 * 4 * 16 and not result.stopped_early
+    assert sum(result.lm_losses[-5:]) / 5 < sum(result.lm_losses[:5]) / 5 - 0.5
+    assert after < 0.5 * before
+    again = small_dense()
+    assert train_dense(again, train_ids, quick_config(steps=40)).lm_losses == result.lm_losses
+    other_seed = train_dense(small_dense(), train_ids, quick_config(steps=40, seed=1)).lm_losses
+    assert other_seed != result.lm_losses
+
+
+def test_skip_batches_continues_the_seeded_stream():
+    stream = patterned_stream()
+    seen = []
+    model = small_dense()
+    original_forward = model.forward
+    def recording_forward(input_ids=None, **kwargs):
+        seen.append(input_ids.clone())
+        return original_forward(input_ids=input_ids, **kwargs)
+
+    model.forward = recording_forward
+    train_dense(model, stream, quick_config(steps=5))
+    first_stage, seen[:] = list(seen), []
+    train_dense(model, stream, quick_config(steps=3, skip_batches=2))
+    assert all(torch.equal(a, b) for a, b in zip(seen, first_stage[2:5]))
+
+
+def test_moe_aux_loss_matches_hand_computation():
+    moe = MoEGPT2LMHeadModel.from_dense(small_dense(), num_experts=4, top_k=2)
+    with torch.no_grad():
+        for _, layer in moe.moe_layers():
+            layer.gate.weight.normal_(0, 1.0)
+    moe(torch.randint(0, VOCAB, (3, 10)))
+    expected = []
+    for _, layer in moe.moe_layers():
+        logits = layer.last_decision.logits
+        probs = torch.softmax(logits, -1)
+        fraction = torch.stack([(probs.argmax(-1) == e).float().mean() for e in range(4)])
+        switch = 4 * (fraction * probs.mean(0)).sum()
+        z = (torch.logsumexp(logits, -1) ** 2).mean()
+        expected.append(0.01 * switch + 0.001 * z)
+    torch.testing.assert_close(moe_aux_loss(moe, 0.01, 0.001), torch.stack(expected).mean())
+
+
+def test_upcycle_and_finetune_trains_gates_and_experts():
+    stream = patterned_stream()
+    dense = small_dense()
+    train_dense(dense, stream, quick_config(steps=10))
+    dense_mlp_weight = dense.transformer.h[0].mlp.c_fc.weight.clone()
+    moe, result = upcycle_and_finetune(dense, stream, quick_config(steps=8, balance_coef=0.1), num_experts=3, top_k=1)
+    assert isinstance(moe, MoEGPT2LMHeadModel) and result.steps == 8
+    assert all(math.isfinite(x) for x in result.total_losses)
+    assert all(t > l for t, l in zip(result.total_losses, result.lm_losses))  # aux terms are positive
+    layer = moe.transformer.h[0].mlp.moe
+    assert layer.gate.weight.abs().max() > 10 * moe.config.router_init_std  # the gate learned
+    experts_moved = [not torch.equal(e.c_fc.weight, dense_mlp_weight) for e in layer.experts]
+    assert any(experts_moved) and torch.equal(dense.transformer.h[0].mlp.c_fc.weight, dense_mlp_weight)
+
+
+def test_deadline_and_config_validation():
+    result = train_dense(small_dense(), patterned_stream(2000), quick_config(), deadline=time.monotonic() - 1)
+    assert result.stopped_early and result.steps == 0
+    for bad in (dict(steps=0), dict(seq_len=1), dict(dtype="float16"), dict(lr=0.0), dict(skip_batches=-1)):
+        with pytest.raises(ValueError):
+            quick_config(**bad).validate()
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--preset", "tiny", "--steps-dense", "3", "--steps-moe", "2", "--batch", "2", "--seq-len", "32",
+            "--vocab-size", "400", "--eval-tokens", "640", "--num-experts", "3", "--top-k", "2",
+            "--out", str(out), "--no-progress"]
+    assert train_main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["vocab_size"] == 400 and summary["dense"]["steps"] == 3 and summary["moe"]["steps"] == 2
+    assert summary["moe"]["num_experts"] == 3 and summary["moe"]["config"]["skip_batches"] == 3
+    dense_ppl = summary["dense"]["heldout_perplexity"]
+    assert 1 < dense_ppl < 2 * 400
+    assert summary["moe"]["heldout_perplexity_at_upcycle"] == pytest.approx(dense_ppl, rel=1e-4)  # exact upcycling
+    tokenizer = load_tokenizer(out / "tokenizer")
+    moe = AutoModelForCausalLM.from_pretrained(out / "moe")
+    assert isinstance(moe, MoEGPT2LMHeadModel) and moe.config.vocab_size == len(tokenizer)
+    assert isinstance(AutoModelForCausalLM.from_pretrained(out / "dense"), GPT2LMHeadModel)
+    assert "held-out perplexity" in capsys.readouterr().out
+
+
+def test_cli_argument_checks(tmp_path):
+    args, specs = parse_args(["--expert-specs", '[{"kind": "gelu", "count": 2}, {"kind": "zero"}]'])
+    assert specs == [{"kind": "gelu", "count": 2}, {"kind": "zero"}] and args.preset == "tiny"
+    for bad in (["--expert-specs", "{not json"], ["--expert-specs", '{"kind": "gelu"}'], ["--threads", "0"],
+                ["--preset", "gpt5"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
