@@ -42,7 +42,7 @@ def measure(sim_seconds: float, preset: str, faults: str | None, seed: int) -> d
     chunks = 0
     wall0, cpu0 = time.perf_counter(), time.process_time()
     while backend.state.time_s < sim_seconds:
-        backend.run_chunk(pool[chunks % len(pool)])
+        backend.run_chunk(lambda: pool[chunks % len(pool)])
         chunks += 1
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     simulated = backend.state.time_s

@@ -2,8 +2,9 @@
 
 `NvmlBackend` implements `nectar.telemetry.window.TelemetryBackend`. It owns an NVML adapter, a
 background `SensorSampler` (instant power, temperatures, memory, SM clock, throttle reasons) and
-an `EnergyMeter`; `run_chunk` synchronises, reads the counter, runs `compute()`, synchronises,
-reads the counter again and returns a `TelemetryWindow`. Read-only: GPU settings are never changed.
+an `EnergyMeter`; `run_chunk(compute)` synchronises, reads the counter, runs `compute()` (the
+chunk's real forward pass, which returns its workload), synchronises, reads the counter again and
+returns a `TelemetryWindow` that carries the workload. Read-only: GPU settings are never changed.
 
 `device_index` is NVML's index; the default sync waits on torch's *current* CUDA device, so on a
 multi-GPU host set CUDA_DEVICE_ORDER=PCI_BUS_ID (same order as NVML) or pass your own `sync`.
@@ -17,6 +18,7 @@ import time
 from typing import Any, Callable
 
 from hw.energy_meter import EnergyMeter, Measurement
+from hw.info import device_info
 from hw.nvml_api import NvmlApi
 from hw.sampler import SensorSampler
 from nectar.telemetry.window import TelemetryWindow
@@ -56,6 +58,8 @@ class NvmlBackend:
     """Measured telemetry from one GPU. `sample_period_s=None` runs without the sampler thread."""
 
     name = "nvml"
+    isolated = False   # one real GPU: policies share it (and are interleaved in time)
+    torch_device = "cuda"
 
     def __init__(
         self,
@@ -87,13 +91,23 @@ class NvmlBackend:
     def gpu_name(self) -> str:
         return self.nvml.name()
 
-    def run_chunk(self, workload: ChunkWorkload | None, compute: Callable[[], Any] | None = None) -> TelemetryWindow:
-        """Measure `compute()` (the chunk's real forward pass); `workload` is carried, not priced."""
+    def info(self) -> dict:
+        """What a run's summary says about this backend: the GPU and its static facts (driver,
+        power limit, slowdown threshold); nothing is priced."""
+        return {"gpu": self.gpu_name(), "priced_as": None, "price_batch": None,
+                "device": device_info(nvml=self.nvml)}
+
+    def run_chunk(self, compute: Callable[[], ChunkWorkload | None]) -> TelemetryWindow:
+        """Measure `compute()` (the chunk's real forward pass) and carry the workload it returns."""
+        if not callable(compute):
+            raise ValueError("run_chunk needs compute: a zero-argument callable (the chunk's forward pass)")
+        result: dict = {}
+        window = self._measure("chunk", lambda: result.setdefault("workload", compute()))
+        workload = result.get("workload")
         if workload is not None and not isinstance(workload, ChunkWorkload):
-            raise ValueError(f"workload must be a nectar.telemetry.workload.ChunkWorkload or None, got {type(workload).__name__}")
-        if compute is not None and not callable(compute):
-            raise ValueError("compute must be a zero-argument callable (the chunk's forward pass) or None")
-        return self._measure("chunk", compute)
+            raise ValueError(f"compute() must return a ChunkWorkload or None, got {type(workload).__name__}")
+        window.workload = workload
+        return window
 
     def idle(self, seconds: float) -> TelemetryWindow:
         """Measure `seconds` of idle GPU (the host sleeps; the device is synchronised first)."""
@@ -125,3 +139,17 @@ class NvmlBackend:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def create(*, seed: int = 0, preset: str | None = None, faults: str | None = None,
+           price_as: str | None = "auto", price_batch: int = 128, **options: Any) -> NvmlBackend:
+    """The NVML backend from the options every backend factory takes (`nectar.plugins.make_backend`),
+    plus NvmlBackend's own keyword `options`. Measurements are not seeded; simulator-only options
+    are refused with a clear error."""
+    if faults:
+        raise ValueError("--faults is a simulator option; it cannot be used with the NVML backend")
+    if preset not in (None, "auto"):
+        raise ValueError(f"a GPU preset ({preset!r}) is a simulator option; the NVML backend measures the real GPU")
+    if price_as not in (None, "auto", "none"):
+        raise ValueError(f"--price-as {price_as!r} is a simulator option; the NVML backend measures what runs")
+    return NvmlBackend(**options)

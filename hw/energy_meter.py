@@ -16,12 +16,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from hw.counter import counter_delta, is_stale
 from hw.sample import SensorSample, read_sample
 from hw.sample_summary import SampleSummary, summarise
 from hw.sampler import SensorSampler
 from hw.sync import default_sync
-from nectar.telemetry.window import counter_or_power_energy
+from nectar.telemetry.energy import counter_delta, counter_or_power_energy, is_stale
 
 
 @dataclass
@@ -152,7 +151,7 @@ class EnergyMeter:
         duration_s = t_end_s - opened.t_start_s
         delta = counter_delta(
             opened.energy_mJ_start, energy_mJ_end, duration_s,
-            max_power_W=self.max_power_W, counter_bits=self.counter_bits,
+            max_power_W=self.max_power_W, modulus_mJ=2**self.counter_bits,
         )
         sensors = summarise(samples, opened.t_start_s, t_end_s)
         flags = [*delta.flags, *sensors.flags, *flags, *self._device_flags()]

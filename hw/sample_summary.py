@@ -15,8 +15,8 @@ from typing import Sequence
 import numpy as np
 
 from hw.sample import SensorSample
+from nectar.telemetry.energy import integrate_power_J
 
-_trapezoid = getattr(np, "trapezoid", None) or np.trapz  # numpy < 2.0 has only trapz
 
 
 @dataclass
@@ -47,17 +47,6 @@ def _power_flags(samples: Sequence[SensorSample]) -> list[str]:
     if any(s.power_W is not None and s.power_W < 0 for s in samples):
         flags.append("negative_power")
     return flags
-
-
-def integrate_power_J(times_s: Sequence[float], power_W: Sequence[float], t_start_s: float, t_end_s: float) -> float:
-    """∫ P dt over [t_start_s, t_end_s] by trapezoids, holding the end values flat to the edges."""
-    if len(times_s) == 0:
-        raise ValueError("integrate_power_J needs at least one sample")
-    t = np.clip(np.asarray(times_s, dtype=float), t_start_s, t_end_s)  # [S]
-    p = np.asarray(power_W, dtype=float)  # [S]
-    t = np.concatenate(([t_start_s], t, [t_end_s]))  # [S+2]
-    p = np.concatenate(([p[0]], p, [p[-1]]))  # [S+2]
-    return float(_trapezoid(p, t))
 
 
 def _last(values: list) -> float | None:

@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from nectar.moe.experts import GELUExpert, SwiGLUExpert, ExpertSpec, build_experts
+from nectar.lact.expert import LaCTMoEExpert  # noqa: F401  (registers the "lact" expert kind for configs)
 from nectar.lact.hybrid_attention import HybridLaCTAttention
+from nectar.moe.experts import ExpertSpec, GELUExpert, SwiGLUExpert, build_experts
 from nectar.moe.layer import MoELayer, MoEMetrics
+from nectar.moe.recorder import RoutingRecorder
 from nectar.moe.static_routers import ROUTERS, make_router
 from nectar.moe.router import Router
 from nectar.telemetry.workload import ChunkWorkload, LayerWorkload
@@ -268,6 +271,22 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
             raise ValueError("routing_metrics needs a forward pass first")
         return metrics
 
+    @contextmanager
+    def recording(self, recorder: RoutingRecorder) -> Iterator[RoutingRecorder]:
+        """Every MoE layer writes its routing into `recorder` while the block runs."""
+        layers = [layer for _, layer in self.moe_layers()]
+        for layer in layers:
+            layer.recorder = recorder
+        try:
+            yield recorder
+        finally:
+            for layer in layers:
+                layer.recorder = None
+
+    def new_recorder(self, **options) -> RoutingRecorder:
+        """A RoutingRecorder over this model's MoE layers (options: see RoutingRecorder)."""
+        return RoutingRecorder([layer for _, layer in self.moe_layers()], **options)
+
     def chunk_workload(self, batch: int, seq_len: int, policy: str = "") -> ChunkWorkload:
         """The last forward as a ChunkWorkload; dense blocks appear as one GELU expert."""
         tokens = batch * seq_len
@@ -276,8 +295,20 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
             if m.num_tokens != tokens:
                 raise ValueError(f"the last forward routed {m.num_tokens} tokens in block {idx}, "
                                  f"not batch*seq_len = {batch}*{seq_len} = {tokens}")
-        dtype_bytes = self.dtype.itemsize
-        layers = [_copy_layer_workload(metrics[i].workload) if i in metrics
+        counts = [metrics[i].tokens_per_expert for i, _ in self.moe_layers()]
+        dropped = [metrics[i].dropped_tokens for i, _ in self.moe_layers()]
+        return self.workload_from_counts(counts, batch, seq_len, policy, dropped)
+
+    def workload_from_counts(self, counts: list[list[int]], batch: int, seq_len: int, policy: str = "",
+                             dropped: list[int] | None = None) -> ChunkWorkload:
+        """The ChunkWorkload of a chunk [batch, seq_len] whose MoE layers computed `counts` [L_moe][E]
+        (token, slot) pairs; dense blocks appear as one GELU expert."""
+        tokens, dtype_bytes = batch * seq_len, self.dtype.itemsize
+        moe = {idx: layer for idx, layer in self.moe_layers()}
+        if len(counts) != len(moe):
+            raise ValueError(f"got counts for {len(counts)} MoE layers, the model has {len(moe)}")
+        per_block = dict(zip(moe, zip(counts, dropped or [0] * len(counts))))
+        layers = [moe[i].layer_workload(per_block[i][0], dtype_bytes, per_block[i][1]) if i in moe
                   else _dense_layer_workload(self.config, tokens, dtype_bytes) for i in range(self.config.n_layer)]
         return ChunkWorkload(tokens=tokens, batch=batch, seq_len=seq_len, d_model=self.config.n_embd,
                              n_layers=self.config.n_layer, n_heads=self.config.n_head,
@@ -289,11 +320,6 @@ def _block_of(key: str) -> int | None:
     """Block index of a state-dict key `transformer.h.<i>....`, else None."""
     parts = key.split(".")
     return int(parts[2]) if len(parts) > 3 and parts[:2] == ["transformer", "h"] else None
-
-
-def _copy_layer_workload(work: LayerWorkload) -> LayerWorkload:
-    return LayerWorkload(list(work.tokens_per_expert), list(work.expert_costs),
-                         work.router_flops_per_token, work.dropped_tokens)
 
 
 def _dense_layer_workload(config: GPT2Config, tokens: int, dtype_bytes: int) -> LayerWorkload:

@@ -10,15 +10,14 @@ import importlib
 from typing import Any
 
 BACKENDS = {
-    "sim": "sim.backend:SimBackend",
-    "nvml": "hw.backend:NvmlBackend",
+    "sim": "sim.backend:create",
+    "nvml": "hw.backend:create",
 }
 
 COMMANDS = {
     "verify-convexity": "analysis.convexity.cli:main",
     "reconcile": "analysis.reconcile.cli:main",
     "report": "analysis.report.page:main",
-    "hw-run": "nectar.experiment.campaign:main",
 }
 
 
@@ -35,8 +34,10 @@ def load_object(spec: str) -> Any:
         raise RuntimeError(f"{module_name} has no {attr!r}") from exc
 
 
-def make_backend(name: str, **kwargs: Any):
-    """Instantiate the backend registered under `name` ("sim" or "nvml")."""
+def make_backend(name: str, **options: Any):
+    """The backend registered under `name` ("sim" or "nvml"), built by its module's `create` from
+    options every backend takes (seed, preset, faults, price_as, price_batch); a backend refuses
+    the options it cannot honour with a clear error."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
-    return load_object(BACKENDS[name])(**kwargs)
+    return load_object(BACKENDS[name])(**options)

@@ -1,9 +1,10 @@
 """`SimBackend`: the simulator behind `nectar.telemetry.window.TelemetryBackend`.
 
-`run_chunk(workload)` prices the workload the core produced (roofline per kernel), runs it on the
-simpy GPU (power, leakage, RC thermal model, slowdown, power limit) and returns the telemetry
-window an NVML reader would have measured: counter differences at the edges, instant-power
-samples, integer temperatures. The controller sees only those sensor values; the noise-free truth
+`run_chunk(compute)` calls `compute()` (the core's real forward pass of the chunk, which returns
+its workload), prices that workload (roofline per kernel; with `price_as`, rescaled to a larger
+model's shape first, see `sim.price_as`), runs it on the simpy GPU (power, leakage, RC thermal
+model, slowdown, power limit) and returns the telemetry window an NVML reader would have
+measured: counter differences at the edges, instant-power samples, integer temperatures. The controller sees only those sensor values; the noise-free truth
 of the same window is kept beside it in `last_truth` (and, with `record_trace=True`, every
 constant-power segment in `trace`) for tests and calibration.
 
@@ -28,6 +29,7 @@ from sim.gpu import GPUState, SimGPU, TraceSegment
 from sim.pricing import ChunkPricer, memory_footprint_B
 from sim.power import PowerModel
 from sim.presets import GPUPreset, load_preset
+from sim.price_as import PriceAs
 from sim.reader import WindowReader
 from sim.sensor import NvmlLikeSensor
 from sim.thermal import ThermalModel, steady_temperature
@@ -66,14 +68,21 @@ def _seed(seed: Any) -> int:
 
 
 class SimBackend:
-    """Simulated GPU telemetry. `preset`: a shipped name, a JSON path or a GPUPreset."""
+    """Simulated GPU telemetry. `preset`: a shipped name, a JSON path or a GPUPreset.
+
+    `isolated`: every policy may get its own simulated GPU in the same initial state;
+    `torch_device`: the model's forward runs on the CPU (only the telemetry is simulated)."""
 
     name = "sim"
+    isolated = True
+    torch_device = "cpu"
 
     def __init__(self, preset: str | Path | GPUPreset = "h100_sxm", seed: int = 0,
                  faults: FaultConfig | str | None = None, ambient_C: float | None = None,
-                 power_limit_W: float | None = None, record_trace: bool = False):
+                 power_limit_W: float | None = None, record_trace: bool = False,
+                 price_as: str | None = None, price_batch: int = 128):
         self.preset = load_preset(preset)
+        self.pricing = PriceAs.make(price_as, price_batch)
         if power_limit_W is not None:
             self.preset = self.preset.replace(power_limit_W=float(power_limit_W))
         self.faults = _faults(faults)
@@ -114,12 +123,25 @@ class SimBackend:
     def gpu_name(self) -> str:
         return self.preset.gpu_name
 
-    def run_chunk(self, workload: ChunkWorkload, compute: Callable[[], Any] | None = None) -> TelemetryWindow:
-        """Price and run `workload` on the simulated GPU; `compute` is ignored (nothing real runs)."""
+    def info(self) -> dict:
+        """What a run's summary says about this backend: the GPU and how workloads are priced."""
+        return {"gpu": self.gpu_name(), **self.pricing.info()}
+
+    def run_chunk(self, compute: Callable[[], ChunkWorkload]) -> TelemetryWindow:
+        """Run `compute()` (the chunk's forward pass), then price the workload it returns and run
+        it on the simulated GPU. Simulated time starts after the real computation."""
         self._check_open()
+        if not callable(compute):
+            raise ValueError("run_chunk needs compute: a zero-argument callable returning the chunk's ChunkWorkload")
+        workload = compute()
+        if not isinstance(workload, ChunkWorkload):
+            raise ValueError(f"compute() must return a ChunkWorkload, got {type(workload).__name__}")
+        workload = self.pricing.apply(workload)
         priced = self.pricer.price(workload)  # validates the workload first
         self._mem_used_B = memory_footprint_B(workload, self.preset)
-        return self._measure(self.gpu.run_chunk(priced))
+        window = self._measure(self.gpu.run_chunk(priced))
+        window.workload = workload
+        return window
 
     def idle(self, seconds: float) -> TelemetryWindow:
         """Let the GPU idle for `seconds` of simulated time and return that window."""
@@ -167,3 +189,13 @@ class SimBackend:
             before.time_s, after.time_s, energy, energy / duration if duration > 0 else math.nan,
             self.gpu.peak_power_W, after.temperature_C, after.clock_MHz, after.throttled_s - before.throttled_s)
         return window
+
+
+def create(*, seed: int = 0, preset: str | Path | GPUPreset | None = None, faults: str | None = None,
+           price_as: str | None = "auto", price_batch: int = 128, **options: Any) -> SimBackend:
+    """The simulator from the options every backend factory takes (`nectar.plugins.make_backend`),
+    plus SimBackend's own keyword `options`. price_as "auto" prices at DistilGPT2's shape, "none"
+    or None as the workload ran."""
+    target = {"auto": "distilgpt2", "none": None}.get(price_as, price_as) if price_as is not None else None
+    return SimBackend(preset=preset or "h100_sxm", seed=seed, faults=faults, price_as=target,
+                      price_batch=price_batch, **options)

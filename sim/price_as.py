@@ -4,8 +4,9 @@ The CPU demo runs a narrow model of DistilGPT2's depth for real (routing decisio
 but a GPU energy model of such a narrow model is dominated by launch overheads. `rescale` keeps
 what routing decided — each layer's share of tokens per expert, and each expert's kind and
 width *relative to d_model* — and scales the dimensions and the chunk shape to a target, so the
-simulator prices the same routing at DistilGPT2 scale. Results priced this way say so
-(`summary["priced_as"]`). Runs on a GPU price nothing: they measure the real model.
+simulator prices the same routing at DistilGPT2 scale. `PriceAs` is the simulator backend's
+setting (`SimBackend(price_as=...)`); results priced this way say so (`summary["priced_as"]`).
+Runs on a GPU price nothing: they measure the real model.
 """
 
 from __future__ import annotations
@@ -72,3 +73,34 @@ def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload
     return replace(workload, tokens=tokens, batch=target.batch, seq_len=target.seq_len,
                    d_model=target.d_model, n_heads=target.n_heads, vocab_size=target.vocab_size,
                    layers=layers)
+
+
+@dataclass(frozen=True)
+class PriceAs:
+    """How the simulator prices the workloads it is given: as they ran (`target` None), or
+    rescaled to `target`'s shape, a stream chunk as `batch` sequences and a quality-guard batch
+    (a workload whose policy starts with "guard") as its own number of sequences."""
+
+    target: TargetShape | None = None
+    batch: int = 128
+
+    @staticmethod
+    def make(target: str | TargetShape | None, batch: int = 128) -> "PriceAs":
+        if isinstance(target, str):
+            if target not in TARGETS:
+                raise ValueError(f"unknown price-as target {target!r}; choose one of {sorted(TARGETS)} or none")
+            target = TARGETS[target]
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"price batch must be a positive int, got {batch!r}")
+        return PriceAs(target, batch)
+
+    def apply(self, workload: ChunkWorkload) -> ChunkWorkload:
+        if self.target is None:
+            return workload
+        rows = workload.batch if workload.policy.startswith("guard") else self.batch
+        return rescale(workload, replace(self.target, batch=rows))
+
+    def info(self) -> dict:
+        """The summary's record of the pricing: priced_as (None = as run) and price_batch."""
+        return {"priced_as": None if self.target is None else self.target.name,
+                "price_batch": None if self.target is None else self.batch}

@@ -6,7 +6,8 @@ the end edge adds one more sample plus temperatures. Energy is the counter diffe
 integrated instant power (trapezoids, end values held flat to the edges) is its cross-check in
 `energy_power_J` and the fallback when the counter cannot be trusted. Flags follow the hardware
 reader: "short_window" (shorter than one counter update: the counter difference is quantised),
-"counter_wrap" (repaired), "counter_reset", "nan", "dropped", "stale", "energy_from_power",
+"counter_wrap" (repaired), "counter_reset", "nan", "dropped" (with "counter_unsupported" for a counter
+read), "stale", "energy_from_power",
 "no_energy", "nan_power", "power_from_energy", "temp_from_previous".
 """
 
@@ -18,45 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import simpy
 
-from nectar.telemetry.window import TelemetryWindow, counter_or_power_energy
+from nectar.telemetry.energy import counter_delta, counter_or_power_energy, integrate_power_J, is_stale
+from nectar.telemetry.window import TelemetryWindow
 from sim.faults import SensorReadError
 from sim.presets import GPUPreset
 from sim.sensor import NvmlLikeSensor
-
-@dataclass(frozen=True)
-class CounterDelta:
-    energy_mJ: float | None   # None when the difference cannot be trusted
-    flags: tuple[str, ...] = ()
-
-
-def counter_delta(start_mJ: float | None, end_mJ: float | None, duration_s: float,
-                  modulus_mJ: float, max_power_W: float) -> CounterDelta:
-    """Energy between two counter readings; a backwards step is a wrap only if the wrapped
-    difference is physically possible (≤ max power over the window plus one second), else a reset."""
-    for value in (start_mJ, end_mJ):
-        if value is None:
-            return CounterDelta(None, ("dropped",))
-        if math.isnan(value):
-            return CounterDelta(None, ("nan",))
-    if end_mJ >= start_mJ:
-        return CounterDelta(end_mJ - start_mJ)
-    wrapped = modulus_mJ - start_mJ + end_mJ
-    if wrapped <= max_power_W * (duration_s + 1.0) * 1000.0:
-        return CounterDelta(wrapped, ("counter_wrap",))
-    return CounterDelta(None, ("counter_reset",))
-
-
-def integrate_power_J(times_s: list[float], power_W: list[float], t_start_s: float, t_end_s: float) -> float:
-    """∫P dt over [t_start_s, t_end_s] by trapezoids, holding the end samples flat to the edges.
-
-    Plain Python: windows hold a handful of samples, where numpy's call overhead dominates.
-    """
-    times = [min(max(t, t_start_s), t_end_s) for t in times_s]
-    energy = power_W[0] * (times[0] - t_start_s) + power_W[-1] * (t_end_s - times[-1])
-    for i in range(1, len(times)):
-        energy += 0.5 * (power_W[i] + power_W[i - 1]) * (times[i] - times[i - 1])
-    return energy
-
 
 @dataclass
 class _OpenWindow:
@@ -84,7 +51,7 @@ class WindowReader:
         if self._open is not None:
             raise RuntimeError("a telemetry window is already open")
         self._open = _OpenWindow(self.env.now, None)
-        self._open.counter_start_mJ = self._read_counter()
+        self._open.counter_start_mJ = self._read_counter(self._open.flags)
 
     def end(self, mem_used_B: int | None) -> TelemetryWindow:
         w, self._open = self._open, None
@@ -92,7 +59,7 @@ class WindowReader:
             raise RuntimeError("no telemetry window is open")
         self._sample(w)
         t_end = self.env.now
-        counter_end = self._read_counter()
+        counter_end = self._read_counter(w.flags)
         return self._build(w, t_end, counter_end, mem_used_B)
 
     # ------------------------------------------------------------ readings
@@ -116,10 +83,12 @@ class WindowReader:
         w.times_s.append(self.env.now)
         w.power_W.append(power)
 
-    def _read_counter(self) -> float | None:
+    def _read_counter(self, flags: set[str] | None = None) -> float | None:
         try:
             return self.sensor.total_energy_mJ()
         except SensorReadError:
+            if flags is not None:
+                flags.add("dropped")
             return None
 
     def _read_temps(self, flags: set[str]) -> tuple[float, float]:
@@ -142,14 +111,16 @@ class WindowReader:
     def _build(self, w: _OpenWindow, t_end: float, counter_end: float | None, mem_used_B: int | None) -> TelemetryWindow:
         duration = t_end - w.t_start_s
         flags = w.flags
-        delta = counter_delta(w.counter_start_mJ, counter_end, duration, self.counter_modulus_mJ, self.max_power_W)
+        delta = counter_delta(w.counter_start_mJ, counter_end, duration, modulus_mJ=self.counter_modulus_mJ,
+                              max_power_W=self.max_power_W)
         flags.update(delta.flags)
         power_J = integrate_power_J(w.times_s, w.power_W, w.t_start_s, t_end) if w.power_W else None
         mean_W = sum(w.power_W) / len(w.power_W) if w.power_W else None
         counter_J = None if delta.energy_mJ is None else delta.energy_mJ / 1000.0
         if duration < self.preset.energy_counter_period_s:
             flags.add("short_window")
-        elif counter_J == 0 and duration > self.stale_periods * self.preset.energy_counter_period_s and (mean_W or 0) > 1:
+        elif is_stale(delta.energy_mJ, duration, mean_W, update_period_s=self.preset.energy_counter_period_s,
+                      periods=self.stale_periods):
             flags.add("stale")
             counter_J = None
         energy_J, fallback = counter_or_power_energy(counter_J, power_J)

@@ -261,7 +261,7 @@ def simulated_energy_fn(template: ChunkWorkload, preset: str = "h100_sxm", seed:
     def energy(loads: np.ndarray) -> float:
         backend = make_backend("sim", preset=preset, seed=seed)
         try:
-            window = backend.run_chunk(moe_workload(loads, template))
+            window = backend.run_chunk(lambda: moe_workload(loads, template))
             truth = getattr(backend, "last_truth", None)
             return float(truth.energy_J if truth is not None else window.energy_J)
         finally:

@@ -138,7 +138,7 @@ def _simulate(backend: SimBackend, row: TraceRow) -> tuple[float, float, float]:
         backend.idle(max(measured_s, 0.0))
         truth = backend.last_truth
         return truth.energy_J, truth.t_end_s - truth.t_start_s, truth.temp_end_C
-    backend.run_chunk(row.workload)
+    backend.run_chunk(lambda: row.workload)
     truth = backend.last_truth
     energy, start = truth.energy_J, truth.t_start_s
     remaining = measured_s - (truth.t_end_s - truth.t_start_s)

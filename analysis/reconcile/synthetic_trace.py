@@ -73,7 +73,7 @@ def synthetic_measured_rows(true_preset: GPUPreset, schedule: Schedule = Schedul
     burst_left = 0
     for i in range(schedule.chunks):
         workload = _workload(rng, schedule)
-        window = backend.run_chunk(workload)
+        window = backend.run_chunk(lambda: workload)
         rows.append(TraceRow(window, workload, kind="chunk", policy=workload.policy, chunk_index=i, extra=_truth(backend)))
         if i % schedule.burst_every == 0 and i > 0:
             burst_left = schedule.burst_len

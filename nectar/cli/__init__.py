@@ -25,7 +25,13 @@ def _train(argv: list[str]) -> int:
     return train_main(argv)
 
 
-CORE = {"run": _run, "train": _train}
+def _hw_run(argv: list[str]) -> int:
+    from nectar.cli.hw_run import main as hw_run_main
+
+    return hw_run_main(argv)
+
+
+CORE = {"run": _run, "train": _train, "hw-run": _hw_run}
 HELP = {
     "run": "run routing policies on one token stream against a telemetry backend (default: sim)",
     "train": "train the dense DistilGPT2-architecture model, upcycle it to MoE and fine-tune",

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from nectar.control.controller import ControllerConfig
-from nectar.experiment.runner import RunConfig, build_summary, run_experiment
+from nectar.experiment.runner import RunConfig, run_experiment
+from nectar.experiment.summary import build_summary
 from nectar.plugins import make_backend
 from nectar.experiment.policies import DEFAULT_POLICIES, POLICIES
 from nectar.control.quality_guard import GuardConfig
@@ -65,9 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guard-check-tokens", type=_positive_int, default=RunConfig.guard_check_tokens,
                    help="guard tokens scored after each nectar chunk (in rotation through the set)")
     p.add_argument("--faults", default=None, help="simulator fault injection, e.g. 'stale:0.1,nan:0.05,hot_ambient:45'")
-    p.add_argument("--gpu", default="h100_sxm", help="simulator GPU preset (name or JSON path)")
-    p.add_argument("--price-as", default="distilgpt2", help="simulator: price routing at this shape ('none' = as is)")
-    p.add_argument("--price-batch", type=_positive_int, default=RunConfig.price_batch,
+    p.add_argument("--gpu", default=None, help="simulator GPU preset, name or JSON path (default: h100_sxm)")
+    p.add_argument("--price-as", default="auto",
+                   help="simulator: price routing at this shape (auto = distilgpt2; none = as it ran)")
+    p.add_argument("--price-batch", type=_positive_int, default=128,
                    help="simulator: sequences of 1024 tokens per priced chunk (128 ≈ 0.25 s on an H100)")
     p.add_argument("--interleave", action="store_true", help="one shared backend, policies interleaved in time")
     p.add_argument("--fast-router", action="store_true",
@@ -79,21 +81,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _configs(args) -> RunConfig:
     controller = ControllerConfig(lam=args.lam, temp_cap_C=args.temp_cap, power_budget_W=args.power_budget)
     guard = GuardConfig(max_ppl_increase=args.max_ppl_increase)
-    price_as = None if args.backend != "sim" or args.price_as == "none" else args.price_as
     return RunConfig(policies=args.policies, tokens=args.tokens, chunk_tokens=args.chunk_tokens,
                      seq_len=args.seq_len, seed=args.seed, guard_tokens=args.guard_tokens,
                      guard_check_tokens=args.guard_check_tokens,
-                     price_as=price_as, price_batch=args.price_batch,
-                     interleave=args.interleave or args.backend == "nvml", fast_router=args.fast_router,
+                     interleave=True if args.interleave else None, fast_router=args.fast_router,
                      controller=controller, guard=guard)
 
 
 def _backend_factory(args):
-    if args.backend == "sim":
-        return lambda: make_backend("sim", preset=args.gpu, seed=args.seed, faults=args.faults)
-    if args.faults:
-        raise ValueError("--faults is a simulator option; it cannot be used with --backend nvml")
-    return lambda: make_backend("nvml")
+    options = dict(seed=args.seed, preset=args.gpu, faults=args.faults, price_as=args.price_as,
+                   price_batch=args.price_batch)
+    return lambda: make_backend(args.backend, **options)
+
+
+def place_model(model, torch_device: str):
+    """The model where the backend measures it: bf16 on a GPU, fp32 on the CPU."""
+    if torch_device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise RuntimeError("this backend measures a CUDA GPU, but torch sees none")
+        return model.to(torch_device, torch.bfloat16)
+    return model.to(torch_device, torch.float32)
 
 
 def print_table(summary: dict) -> None:
@@ -114,19 +121,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = _configs(args)
         factory = _backend_factory(args)
-        factory().close()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
+        probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
+        torch_device = probe.torch_device
+        probe.close()
         from nectar.train.recipes import load_or_train
 
         model, stream, guard = load_or_train(args.model, seed=args.seed, progress=not args.no_progress,
                                              guard_tokens=args.guard_tokens)
+        model = place_model(model, torch_device)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"nectar run: error: {exc}", file=sys.stderr)
         return 2
-    if args.backend == "nvml":  # measure the model where NVML looks: on the GPU, in bf16
-        if not torch.cuda.is_available():
-            print("nectar run: error: --backend nvml needs a CUDA GPU for the model", file=sys.stderr)
-            return 2
-        model = model.to("cuda", torch.bfloat16)
     torch.manual_seed(args.seed)
     runs = run_experiment(model, stream, guard, factory, cfg, progress=not args.no_progress)
     summary = build_summary(runs, cfg, backend=args.backend, faults=args.faults)

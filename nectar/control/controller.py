@@ -35,9 +35,10 @@ import torch
 from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
 from nectar.control.cost_model import OnlineCostModel
 from nectar.control.energy_router import EnergyAwareRouter
-from nectar.control.quality_guard import QualityGuard
+from nectar.control.observation import ChunkObservation, LayerObservation
+from nectar.control.quality_guard import GuardCheck, GuardVerdict, QualityGuard
+from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
-from nectar.telemetry.workload import ChunkWorkload
 
 
 @dataclass
@@ -88,6 +89,8 @@ class ControlRecord:
     pause_s: float = 0.0
     skipped: str = ""                  # why the update was skipped ("" = updated)
     biases: list[list[float]] = field(default_factory=list)  # [L][E] after the update
+    guard_energy_J: float = 0.0        # the quality check's own window
+    guard_s: float = 0.0
 
 
 class NectarController:
@@ -163,72 +166,73 @@ class NectarController:
             return "memory_pressure"
         return ""
 
-    def after_chunk(
-        self,
-        workload: ChunkWorkload,
-        window: TelemetryWindow,
-        layer_logits: list[torch.Tensor],
-        guard_nll: Callable[[], float | tuple[float, float]],
-    ) -> ControlRecord:
-        """One control step. `layer_logits[l]` [N, E] are the chunk's gate logits per MoE layer;
-        `guard_nll()` scores a held-out guard batch under the routers' current candidate and returns
-        its NLL, or (NLL, the same batch's NLL under static routing)."""
+    def after_chunk(self, observation: ChunkObservation, window: TelemetryWindow,
+                    guard_check: Callable[[], GuardCheck]) -> ControlRecord:
+        """One control step after a chunk: its observation (workload, per-layer gate logits and
+        inputs) and telemetry window; `guard_check()` scores a quality check under the routers'
+        adapted candidate and returns it with the check's own window."""
         skipped = self._skip_reason(window)
         residual = None
         if not skipped:
-            update = self.cost_model.update(workload, window)
+            accounted = window.workload if window.workload is not None else observation.workload
+            update = self.cost_model.update(accounted, window)
             residual = None if update is None else update.rel_error
             self._update_pressure(window)
-            for layer, (opt, router, logits, c) in enumerate(
-                    zip(self.optimizers, self.routers, layer_logits, self._normalised_costs())):
-                opt.config.lam = self.lam_eff
-                q = torch.softmax(logits.double() / router.temperature, dim=-1).cpu()  # [N, E]
-                opt.step(q, c)
-                router.bias = opt.bias.to(device=router.bias.device, dtype=torch.float32)
-                self._step_fast_net(router, c)
-                if layer == 0:
-                    self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": self.lam_eff,
-                                          "bias_online": opt.bias.numpy(),
-                                          "p_online": opt.routing_distribution(q).numpy()}
-        verdict = self._judge(guard_nll)
+            for layer, (opt, router, seen, c) in enumerate(
+                    zip(self.optimizers, self.routers, observation.layers, self._normalised_costs())):
+                self._step_layer(layer, opt, router, seen, c)
+        check, verdict = self._judge(guard_check)
         if not skipped:
             self._update_quality_weight(verdict.excess)
+        guard_window = check.window
         return ControlRecord(
             lam_eff=self.lam_eff, nu_temp=self.nu_temp, nu_power=self.nu_power,
-            alpha=self.guard.alpha, fallback=self.guard.fallback,
-            guard_excess=None if verdict is None else verdict.excess,
+            alpha=self.guard.alpha, fallback=self.guard.fallback, guard_excess=verdict.excess,
             cost_residual=residual, pause_s=self._pause(window), skipped=skipped,
             biases=[r.bias.tolist() for r in self.routers],
+            guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
+            guard_s=0.0 if guard_window is None else guard_window.duration_s,
         )
 
-    def _step_fast_net(self, router: EnergyAwareRouter, c: torch.Tensor) -> None:
-        """One fast-weight step on the chunk objective for the last micro-batch's tokens."""
-        if router.fast_net is None or router.last_inputs is None or router.last_logits is None:
+    def _step_layer(self, layer: int, opt: BiasOptimizer, router: EnergyAwareRouter, seen: LayerObservation,
+                    c: torch.Tensor) -> None:
+        """The layer's bias step on the chunk problem, then its fast-weight step (if any)."""
+        opt.config.lam = self.lam_eff
+        q = torch.softmax(seen.logits.double() / router.temperature, dim=-1).cpu()  # [N, E]
+        opt.step(q, c)
+        router.adapt(bias=opt.bias)
+        self._step_fast_net(router, seen, c)
+        if layer == 0:
+            self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": self.lam_eff,
+                                  "bias_online": opt.bias.numpy(),
+                                  "p_online": opt.routing_distribution(q).numpy()}
+
+    def _step_fast_net(self, router: EnergyAwareRouter, seen: LayerObservation, c: torch.Tensor) -> None:
+        """One fast-weight step on the chunk objective for the observed tokens of the chunk."""
+        if router.fast_net is None or seen.inputs.numel() == 0:
             return
-        logits = router.last_logits.float()                                          # [N, E]
+        logits = seen.logits.float()                                                 # [N, E]
         log_q = torch.log_softmax(logits / router.temperature, dim=-1)               # [N, E]
         cost = c.to(device=logits.device, dtype=torch.float32)                       # [E]
         bias = router.bias.to(logits.device)
-        lam = self.lam_eff
+        lam, alpha = self.lam_eff, router.alpha
 
         def chunk_loss(scores: torch.Tensor) -> torch.Tensor:
-            log_p = torch.log_softmax(log_q + router.alpha * (bias + scores), dim=-1)  # [N, E]
+            log_p = torch.log_softmax(log_q + alpha * (bias + scores), dim=-1)  # [N, E]
             p = log_p.exp()
             return (p @ cost + lam * (p * (log_p - log_q)).sum(-1)).mean()
 
         router.fast_net.step(chunk_loss, lr=self.config.fast_lr, momentum=self.config.fast_momentum,
-                             use_muon=self.config.fast_muon, inputs=router.last_inputs.float())
+                             use_muon=self.config.fast_muon, inputs=seen.inputs.float())
 
-    def _judge(self, guard_nll: Callable[[], float | tuple[float, float]]):
+    def _judge(self, guard_check: Callable[[], GuardCheck]) -> tuple[GuardCheck, GuardVerdict]:
         for router in self.routers:          # score the adapted candidate, not the fallback
-            router.fallback = False
-            router.alpha = self.guard.alpha
-        scored = guard_nll()
-        verdict = self.guard.judge(*scored) if isinstance(scored, tuple) else self.guard.judge(scored)
+            router.adapt(alpha=self.guard.alpha, fallback=False)
+        check = guard_check()
+        verdict = self.guard.judge(check.candidate_nll, check.static_nll)
         for router in self.routers:
-            router.fallback = verdict.fallback
-            router.alpha = verdict.alpha
-        return verdict
+            router.adapt(alpha=verdict.alpha, fallback=verdict.fallback)
+        return check, verdict
 
     def _pause(self, window: TelemetryWindow) -> float:
         """Idle time to insert before the next chunk when routing alone cannot hold the cap."""

@@ -1,7 +1,7 @@
 """Online energy cost model: recursive least squares with forgetting.
 
 Chunk energy is modelled as affine in the chunk's duration and its per-layer, per-expert token
-counts (DESIGN.md §2, step 3):
+counts (docs/design.md, "One chunk"):
 
     E_chunk ≈ e0 · T + Σ_l Σ_i c[l, i] · n[l, i]
 
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.workload import ChunkWorkload
 
@@ -95,7 +96,7 @@ class OnlineCostModel:
             return None
         phi = self.features(workload, window.duration_s)                        # [F]
         predicted = float(phi @ self.theta)
-        measured = window.energy_estimate_J
+        measured = window_energy_J(window)
         if not self._noise_set:
             self._scale_prior(max(self.config.noise_rel * measured, 1e-6))
         error = measured - predicted

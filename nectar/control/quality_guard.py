@@ -16,6 +16,19 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nectar.telemetry.window import TelemetryWindow
+
+
+@dataclass
+class GuardCheck:
+    """One quality check, as its scorer returns it: the checked batch's mean NLL under the adapted
+    candidate routing, the same batch's NLL under static routing (None: the guard's reference),
+    and the check's own telemetry window (None when it cost nothing measurable)."""
+
+    candidate_nll: float
+    static_nll: float | None = None
+    window: TelemetryWindow | None = None
+
 
 @dataclass
 class GuardConfig:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
-from nectar.experiment.runner import PolicyRun, record_rows
-from nectar.experiment.plots import write_all
+from nectar.experiment.runner import PolicyRun
+from nectar.experiment.summary import record_rows
 from nectar.telemetry.trace import TraceRow, write_meta, write_trace
 
 
@@ -42,4 +42,6 @@ def write_outputs(out: Path, runs: list[PolicyRun], summary: dict, command: str,
     write_meta(out / "meta.json", command=command, backend=summary["backend"], gpu=summary["gpu"],
                seed=summary["seed"], **meta)
     export_convexity(out, runs)
+    from nectar.experiment.plots import write_all  # matplotlib only when plots are written
+
     write_all(rows, summary, out, temp_cap=summary.get("temp_cap_C"))

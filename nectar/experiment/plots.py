@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402  (this module is imported lazily, when plots are written)
 
 
 def _by_policy(rows: list[dict]) -> dict[str, list[dict]]:

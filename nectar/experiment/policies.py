@@ -9,10 +9,10 @@ layer's most expensive expert (narrow and zero-computation experts).
 
 from __future__ import annotations
 
-from nectar.control.energy_router import CheapStaticRouter, EnergyAwareRouter
+from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.moe.layer import MoELayer
-from nectar.moe.static_routers import TopKRouter
+from nectar.moe.static_routers import CheapStaticRouter, TopKRouter
 from nectar.moe.router import Router
 
 POLICIES = ("static-top2", "static-top1", "static-top3", "static-cheap", "nectar")
@@ -35,7 +35,7 @@ def check_policies(names: list[str]) -> list[str]:
     return list(names)
 
 
-def make_router(policy: str, layer: MoELayer, temperature: float = 1.0, fast_router: bool = False) -> Router:
+def policy_router(policy: str, layer: MoELayer, temperature: float = 1.0, fast_router: bool = False) -> Router:
     """A fresh router of `policy` for `layer`; `fast_router` gives NECTAR's router a fast-weight
     network (LaCT machinery) beside its per-expert bias."""
     num = layer.num_experts
@@ -51,7 +51,5 @@ def make_router(policy: str, layer: MoELayer, temperature: float = 1.0, fast_rou
         return CheapStaticRouter(num, cheap, temperature=temperature)
     if policy == "nectar":
         net = FastWeightRouterNet(layer.d_model, num) if fast_router else None
-        router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=net)
-        router.attach(layer)
-        return router
+        return EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=net)
     raise ValueError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")

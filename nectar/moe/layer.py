@@ -2,11 +2,14 @@
 
 The layer owns the trained gate (`nn.Linear(D, E, bias=False)`) and the experts; the router is
 a separate, swappable module (`layer.router = other_router`), so several routing policies can
-run on one set of weights. After each forward the layer keeps the routing decision
-(`last_decision`, with its autograd graph, for losses on the gates) and a detached summary
-(`last_metrics`) whose `workload` is what a telemetry backend prices for the chunk. The summary
-is computed on first access (it reads counts back to the host, which would stall the GPU if it
-ran inside every forward).
+run on one set of weights. The router gets the gate logits and the gate inputs (adaptive routers
+use the inputs; static ones ignore them).
+
+While a `RoutingRecorder` is set (`layer.recorder`, for the length of one chunk: see
+`MoEGPT2LMHeadModel.recording`), every forward adds its counts and a sample of its logits and
+inputs to it, on the device. For training, the layer also keeps the last routing decision
+(`last_decision`, with its autograd graph, for balancing losses on the gates) and a detached
+summary (`last_metrics`), computed on first access (it reads counts back to the host).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 from nectar.moe.balancing import routing_entropy
 from nectar.moe.dispatch import dispatch
 from nectar.moe.experts import Expert
+from nectar.moe.recorder import RoutingRecorder
 from nectar.moe.router import Router, RoutingDecision
 from nectar.telemetry.workload import LayerWorkload
 
@@ -64,6 +68,7 @@ class MoELayer(nn.Module):
         self.experts = experts
         self.router = router
         self.grouped = True  # allow torch._grouped_mm for runs of identical experts
+        self.recorder: RoutingRecorder | None = None
         self.last_decision: RoutingDecision | None = None
         self._last_dtype_bytes = 0
         self._last_metrics: MoEMetrics | None = None
@@ -76,10 +81,12 @@ class MoELayer(nn.Module):
         self._check_input(x)
         x_ND = x.reshape(-1, self.d_model)                     # [N, D]
         logits_NE = self.gate(x_ND)                            # [N, E]
-        decision = self.router(logits_NE)
+        decision = self.router(logits_NE, x_ND)
         if decision.num_experts != self.num_experts:
             raise ValueError(f"router returned a decision over {decision.num_experts} experts; layer has {self.num_experts}")
         y_ND = dispatch(x_ND, decision, self.experts, grouped=self.grouped)  # [N, D]
+        if self.recorder is not None:
+            self.recorder.record(self, x_ND, decision)
         self.last_decision, self._last_dtype_bytes, self._last_metrics = decision, x.element_size(), None
         return y_ND.reshape(x.shape)
 
@@ -104,12 +111,7 @@ class MoELayer(nn.Module):
         tokens_per_expert = decision.tokens_per_expert().tolist()
         num_tokens = int(decision.probs.shape[0])
         entropy = routing_entropy(decision.probs.float()) if num_tokens else None
-        workload = LayerWorkload(
-            tokens_per_expert=tokens_per_expert,
-            expert_costs=[expert.cost_per_token(dtype_bytes) for expert in self.experts],
-            router_flops_per_token=2.0 * self.d_model * self.num_experts,
-            dropped_tokens=decision.dropped_count(),
-        )
+        workload = self.layer_workload(tokens_per_expert, dtype_bytes, decision.dropped_count())
         return MoEMetrics(
             tokens_per_expert=tokens_per_expert,
             routing_entropy=float(entropy.token) if entropy is not None else 0.0,
@@ -117,6 +119,15 @@ class MoELayer(nn.Module):
             workload=workload,
             marginal_entropy=float(entropy.marginal) if entropy is not None else 0.0,
             num_tokens=num_tokens,
+        )
+
+    def layer_workload(self, tokens_per_expert: list[int], dtype_bytes: int, dropped_tokens: int = 0) -> LayerWorkload:
+        """The LayerWorkload of routing `tokens_per_expert` [E] (token, slot) pairs through this layer."""
+        return LayerWorkload(
+            tokens_per_expert=list(tokens_per_expert),
+            expert_costs=[expert.cost_per_token(dtype_bytes) for expert in self.experts],
+            router_flops_per_token=2.0 * self.d_model * self.num_experts,
+            dropped_tokens=dropped_tokens,
         )
 
     def dense_equivalent_flops(self) -> float:

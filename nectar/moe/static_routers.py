@@ -1,4 +1,10 @@
-"""Static routers: gate logits [N, E] -> RoutingDecision (top-k, capacity-limited, top-p).
+"""Static routers: gate logits [N, E] -> RoutingDecision. Nothing here adapts at test time.
+
+- `TopKRouter`, `CapacityRouter`, `TopPRouter`: the trained gate's top-k (dropless or with a
+  capacity), or top-p dynamic-k routing (a token takes experts until their mass reaches p);
+- `CheapStaticRouter`: the static top-1 expert plus the best cheap expert(s) by the trained logits;
+- `MixedTrainingRouter`: the fine-tuning router that sends a random share of second slots to
+  cheap experts, so that the model learns to live with them.
 
 Conventions shared by all routers here:
 - scores = logits / temperature. The softmax temperature lives in the router (not in the gate)
@@ -8,7 +14,7 @@ Conventions shared by all routers here:
 - With `renormalize`, the gates of a token's chosen slots are rescaled to sum to 1.
 - Everything is deterministic: ties are broken by torch.topk / stable sorts, capacity overflow
   is resolved first-come in token order.
-Low-precision logits (fp16/bf16) are put through the softmax in fp32 and cast back.
+Gates come from `nectar.moe.router`'s one gates path (fp32 softmax for low-precision logits).
 """
 
 from __future__ import annotations
@@ -17,41 +23,8 @@ import math
 
 import torch
 
-from nectar.moe.router import Router, RoutingDecision
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    return value
-
-
-def check_logits(logits: torch.Tensor, num_experts: int) -> None:
-    """Raise ValueError unless logits is a floating [N, num_experts] tensor."""
-    if not isinstance(logits, torch.Tensor):
-        raise ValueError(f"router expects a torch.Tensor of logits, got {type(logits).__name__}")
-    if logits.dim() != 2 or logits.shape[1] != num_experts:
-        raise ValueError(f"router expects logits of shape [N, {num_experts}], got {list(logits.shape)}")
-    if not logits.is_floating_point():
-        raise ValueError(f"router logits must be floating point, got {logits.dtype}")
-
-
-def stable_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim, computed in at least fp32, returned in the scores' dtype."""
-    if scores.dtype in (torch.float16, torch.bfloat16):
-        return torch.softmax(scores.float(), dim=-1).to(scores.dtype)
-    return torch.softmax(scores, dim=-1)
-
-
-def chosen_gates(probs: torch.Tensor, experts: torch.Tensor, mask: torch.Tensor | None, renormalize: bool) -> torch.Tensor:
-    """[N, K] gates: probs at the chosen experts, 0 on unused slots (mask None: all used),
-    optionally rescaled to sum to 1 over the used slots."""
-    gates_NK = probs.gather(-1, experts)  # [N, K]
-    if mask is not None:
-        gates_NK = gates_NK * mask
-    if renormalize:
-        gates_NK = gates_NK / gates_NK.sum(-1, keepdim=True).clamp_min(torch.finfo(gates_NK.dtype).tiny)
-    return gates_NK
+from nectar.moe.router import (Router, RoutingDecision, check_logits, check_positive_int, chosen_gates,
+                               gate_decision, stable_softmax)
 
 
 class TopKRouter(Router):
@@ -59,7 +32,7 @@ class TopKRouter(Router):
 
     def __init__(self, num_experts: int, k: int, temperature: float = 1.0, renormalize: bool = True):
         super().__init__(num_experts, temperature)
-        _check_positive_int("k", k)
+        check_positive_int("k", k)
         if k > num_experts:
             raise ValueError(f"k={k} exceeds num_experts={num_experts}")
         self.k = k
@@ -77,7 +50,7 @@ class TopKRouter(Router):
         experts_NK = torch.topk(selection_NE.detach(), self.k, dim=-1, sorted=True).indices  # [N, k]
         return probs_NE, experts_NK
 
-    def forward(self, logits: torch.Tensor) -> RoutingDecision:
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
         probs_NE, experts_NK = self.select(logits)
         mask_NK = torch.ones_like(experts_NK, dtype=torch.bool)
@@ -108,8 +81,8 @@ class CapacityRouter(TopKRouter):
         """Slots each expert accepts for a batch of `num_tokens` tokens."""
         return max(self.min_capacity, math.ceil(self.capacity_factor * num_tokens * self.k / self.num_experts))
 
-    def forward(self, logits: torch.Tensor) -> RoutingDecision:
-        decision = super().forward(logits)
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        decision = super().forward(logits, inputs)
         dropped_NK = overflow_mask(decision.experts, self.num_experts, self.capacity(logits.shape[0]))
         decision.dropped = dropped_NK
         decision.gates = decision.gates.masked_fill(dropped_NK, 0.0)
@@ -141,7 +114,7 @@ class TopPRouter(Router):
         super().__init__(num_experts, temperature)
         if not (isinstance(p, (int, float)) and 0 < p <= 1):
             raise ValueError(f"p must be in (0, 1], got {p!r}")
-        max_k = num_experts if max_k is None else _check_positive_int("max_k", max_k)
+        max_k = num_experts if max_k is None else check_positive_int("max_k", max_k)
         if max_k > num_experts:
             raise ValueError(f"max_k={max_k} exceeds num_experts={num_experts}")
         self.p = float(p)
@@ -152,7 +125,7 @@ class TopPRouter(Router):
     def max_slots(self) -> int:
         return self.max_k
 
-    def forward(self, logits: torch.Tensor) -> RoutingDecision:
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
         scores_NE = logits / self.temperature
         probs_NE = stable_softmax(scores_NE)
@@ -164,6 +137,76 @@ class TopPRouter(Router):
         mask_NK[:, 0] = True
         gates_NK = chosen_gates(probs_NE, experts_NK, mask_NK, self.renormalize)
         return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
+
+
+def static_top1_plus(scores: torch.Tensor, logits: torch.Tensor, extra: int) -> torch.Tensor:
+    """[N, 1 + extra] expert ids: static argmax of `logits`, then the best `extra` by `scores`."""
+    top1 = logits.argmax(-1, keepdim=True)                                    # [N, 1]
+    masked = scores.scatter(-1, top1, float("-inf"))                          # [N, E]
+    rest = masked.topk(extra, dim=-1).indices                                 # [N, extra]
+    return torch.cat([top1, rest], dim=-1)
+
+
+def check_cheap(cheap: list[int], num_experts: int, extra_slots: int) -> None:
+    if not cheap:
+        raise ValueError("at least one cheap expert is needed")
+    if any(not 0 <= i < num_experts for i in cheap):
+        raise ValueError(f"cheap expert ids {cheap} out of range for {num_experts} experts")
+    if not 1 <= extra_slots <= 2:
+        raise ValueError(f"extra_slots must be 1 or 2, got {extra_slots}")
+
+
+class CheapStaticRouter(Router):
+    """Static baseline with cheap experts: the static top-1 expert plus the best `extra` cheap
+    experts by the trained logits. No adaptation."""
+
+    def __init__(self, num_experts: int, cheap_experts: list[int], extra_slots: int = 1, temperature: float = 1.0):
+        super().__init__(num_experts, temperature)
+        check_cheap(cheap_experts, num_experts, extra_slots)
+        allowed = torch.full((num_experts,), float("-inf"))
+        allowed[cheap_experts] = 0.0
+        self.register_buffer("cheap_mask", allowed, persistent=False)        # [E]
+        self.extra_slots = extra_slots
+
+    @property
+    def max_slots(self) -> int:
+        return 1 + self.extra_slots
+
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        scores = logits + self.cheap_mask.to(logits.dtype)                    # [N, E]
+        return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
+
+
+class MixedTrainingRouter(Router):
+    """Fine-tuning router that teaches the model to live with cheap second slots.
+
+    Static top-k, except that for a random `cheap_prob` share of tokens the slots after the first
+    go to the best cheap experts by the trained logits (as `CheapStaticRouter` would choose).
+    Gates are the static softmax gathered at the chosen experts and renormalised, so the gate
+    keeps learning from every token. Seeded: the same generator state gives the same choices.
+    """
+
+    def __init__(self, num_experts: int, cheap_experts: list[int], k: int = 2, cheap_prob: float = 0.3,
+                 temperature: float = 1.0, seed: int = 0):
+        super().__init__(num_experts, temperature)
+        check_cheap(cheap_experts, num_experts, k - 1 if k > 1 else 1)
+        if not 0.0 <= cheap_prob <= 1.0:
+            raise ValueError(f"cheap_prob must be in [0, 1], got {cheap_prob}")
+        self.k = k
+        self.cheap_prob = cheap_prob
+        self.cheap = CheapStaticRouter(num_experts, cheap_experts, extra_slots=k - 1, temperature=temperature)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def max_slots(self) -> int:
+        return self.k
+
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        static = logits.topk(self.k, dim=-1).indices                              # [N, k]
+        cheap = self.cheap(logits.detach()).experts                               # [N, k]
+        pick = torch.rand(logits.shape[0], generator=self.generator) < self.cheap_prob  # [N]
+        experts = torch.where(pick.to(logits.device).unsqueeze(-1), cheap, static)  # [N, k]
+        return gate_decision(logits, experts, self.temperature)
 
 
 ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "capacity": CapacityRouter, "topp": TopPRouter}

@@ -1,30 +1,21 @@
 """Telemetry records and the one interface both backends (simulator, NVML) implement.
 
-A backend turns "this chunk ran this workload" into a `TelemetryWindow`. The simulator prices
-the workload; the hardware backend runs the supplied compute inside a measured NVML window.
+A backend has one head, `run_chunk(compute) -> TelemetryWindow`: `compute()` runs the chunk and
+returns its workload; the simulator prices that workload, the NVML backend measures the GPU
+while `compute()` runs. The window says which workload it covers (the simulator's as priced).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol, runtime_checkable
+from dataclasses import dataclass, field, fields
+from typing import Callable, Protocol, runtime_checkable
 
 from nectar.telemetry.workload import ChunkWorkload
 
 
 class TelemetryError(RuntimeError):
     """A reading could not be trusted (NaN, stale, counter reset) and was not repaired."""
-
-
-def counter_or_power_energy(counter_J: float | None, power_J: float | None) -> tuple[float, str | None]:
-    """A window's energy as both backends choose it: the counter difference when it can be
-    trusted, else integrated instant power, else NaN; with the flag that says which fallback."""
-    if counter_J is not None:
-        return counter_J, None
-    if power_J is not None:
-        return power_J, "energy_from_power"
-    return math.nan, "no_energy"
 
 
 @dataclass
@@ -49,22 +40,11 @@ class TelemetryWindow:
     # Energy from integrating instant-power samples over the window (J): the counter's cross-check,
     # and the estimate to use when the window is flagged "short_window" (shorter than one update).
     energy_power_J: float | None = None
+    workload: ChunkWorkload | None = None  # the workload the window covers, as the backend accounted it
 
     @property
     def duration_s(self) -> float:
         return self.t_end_s - self.t_start_s
-
-    @property
-    def energy_estimate_J(self) -> float:
-        """Best per-window energy: the counter difference for windows of half a second or more
-        (unbiased; ±1 update of ~100 ms), the integrated instant power for shorter ones (the counter
-        may not move at all), falling back to the counter when there are no samples. On the H100
-        here, integrated instant power read up to 2× low on 50 ms windows (it lags), so hardware
-        runs use chunk windows of ~1 s."""
-        short = self.duration_s < 0.5 or "short_window" in self.flags
-        if short and self.energy_power_J is not None and math.isfinite(self.energy_power_J):
-            return self.energy_power_J
-        return self.energy_J
 
     @property
     def memory_pressure(self) -> float | None:
@@ -78,25 +58,33 @@ class TelemetryWindow:
         return all(math.isfinite(v) for v in values) and self.energy_J >= 0 and self.duration_s > 0
 
     def to_dict(self) -> dict:
-        d = asdict(self)
+        """The readings as a dict (without the workload), plus duration_s."""
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "workload"}
+        d["flags"] = list(self.flags)
         d["duration_s"] = self.duration_s
         return d
 
 
 @runtime_checkable
 class TelemetryBackend(Protocol):
-    """One interface, two backends.
+    """One interface, two backends (simulator, NVML).
 
-    `run_chunk(workload, compute)`: the simulator prices `workload` (and may ignore `compute`);
-    the NVML backend calls `compute()` (the real forward pass) inside a synchronised energy window.
-    Either way the return value is the chunk's telemetry window.
+    `run_chunk(compute)`: `compute()` runs the chunk and returns its ChunkWorkload; the backend
+    returns the chunk's telemetry window. `idle(seconds)`: a window of idle GPU. `info()`: what a
+    run's summary should say about the backend (GPU name, pricing). `isolated`: each policy may
+    have a backend of its own in the same initial state (else policies share one and interleave);
+    `torch_device`: where the model's forward must run for the telemetry to mean anything.
     """
 
     name: str
+    isolated: bool
+    torch_device: str
 
     def gpu_name(self) -> str: ...
 
-    def run_chunk(self, workload: ChunkWorkload, compute: Callable[[], Any] | None = None) -> TelemetryWindow: ...
+    def info(self) -> dict: ...
+
+    def run_chunk(self, compute: Callable[[], ChunkWorkload]) -> TelemetryWindow: ...
 
     def idle(self, seconds: float) -> TelemetryWindow: ...
 

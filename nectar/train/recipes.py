@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from nectar.control.energy_router import MixedTrainingRouter
+from nectar.moe.static_routers import MixedTrainingRouter
 from nectar.moe.experts import GELUExpert
 from nectar.model import MoEGPT2LMHeadModel, preset_config
 from nectar.experiment.policies import cheap_experts

@@ -36,7 +36,7 @@ def _chunk_rows(seed: int = 0) -> tuple[list[dict], list[TraceRow]]:
             share = rng.dirichlet(np.full(8, 4.0))                             # [E] uneven loads
             counts = [list(rng.multinomial(256 * 1024 * k, share)) for _ in range(6)]
             workload = distilgpt2_moe_workload(k, batch=256, counts=[[int(c) for c in layer] for layer in counts])
-            w = backend.run_chunk(workload)
+            w = backend.run_chunk(lambda: workload)
             trace.append(TraceRow(w, workload, kind="chunk", policy=policy, chunk_index=i))
             rec = ChunkRecord(policy=policy, chunk=i, t_start_s=w.t_start_s, t_end_s=w.t_end_s, tokens=4096,
                               energy_J=w.energy_J, mean_power_W=w.mean_power_W, peak_power_W=w.peak_power_W,

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from nectar.control.energy_router import CheapStaticRouter, EnergyAwareRouter
+from nectar.control.energy_router import EnergyAwareRouter
+from nectar.moe.static_routers import CheapStaticRouter
 from nectar.control.quality_guard import GuardConfig, QualityGuard
 from nectar.moe.static_routers import TopKRouter
 
@@ -87,7 +88,7 @@ def test_guard_falls_back_for_one_chunk_and_returns():
 
 
 def test_mixed_training_router_mixes_cheap_second_slots_at_the_asked_rate():
-    from nectar.control.energy_router import MixedTrainingRouter
+    from nectar.moe.static_routers import MixedTrainingRouter
 
     logits = _logits(n=4000, seed=4)
     router = MixedTrainingRouter(6, cheap_experts=[4, 5], k=2, cheap_prob=0.3, seed=0)

@@ -65,18 +65,22 @@ def test_micro_batched_chunk_equals_one_forward(tiny_model_dir):
     import torch
 
     from nectar.train.recipes import load_demo_model
-    from nectar.experiment.runner import forward_chunk, install
-    from nectar.experiment.policies import make_router
+    from nectar.experiment.forward import forward_chunk, install
+    from nectar.experiment.policies import policy_router
 
     demo = load_demo_model(tiny_model_dir)
     model = demo.model
-    install(model, [make_router("static-top2", layer) for _, layer in model.moe_layers()])
+    install(model, [policy_router("static-top2", layer) for _, layer in model.moe_layers()])
     batch = demo.heldout_ids[: 8 * 32].view(8, 32)
     whole = forward_chunk(model, batch)
     parts = forward_chunk(model, batch, micro_rows=3)
-    assert parts["nll_sum"] == pytest.approx(whole["nll_sum"], rel=1e-5)
-    assert parts["agreement"] == pytest.approx(whole["agreement"])
-    assert parts["workload"].expert_counts() == whole["workload"].expert_counts()
-    assert parts["workload"].tokens == whole["workload"].tokens == 256
-    for a, b in zip(parts["logits"], whole["logits"]):
-        assert torch.allclose(a, b, atol=1e-5)
+    assert parts.nll_sum == pytest.approx(whole.nll_sum, rel=1e-5)
+    assert parts.agreement == pytest.approx(whole.agreement)
+    assert parts.workload.expert_counts() == whole.workload.expert_counts()
+    assert parts.workload.tokens == whole.workload.tokens == 256
+    for a, b in zip(parts.layers, whole.layers):
+        assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.inputs, b.inputs, atol=1e-5)
+    # a strided sample: every 4th token of the chunk, across micro-batch boundaries
+    sampled = forward_chunk(model, batch, micro_rows=3, max_sample_tokens=64)
+    assert all(layer.logits.shape[0] == 64 for layer in sampled.layers)
+    assert torch.allclose(sampled.layers[0].logits, whole.layers[0].logits[::4], atol=1e-5)

@@ -48,9 +48,11 @@ def test_run_chunk_measures_compute_between_two_syncs():
         ran.append(clock())
         fake.set_power(520.0)
         clock.advance(2.0)
+        return workload()
 
-    window = backend.run_chunk(workload(), compute)
+    window = backend.run_chunk(compute)
     assert ran == [1.0] and syncs == [1.0, 3.0]  # sync before the first and after the last kernel
+    assert window.workload == workload()  # the window carries the workload compute() returned
     truth = fake.true_energy_J(1.0, 3.0)
     assert window.energy_J == pytest.approx(truth) == pytest.approx(1040.0)
     assert window.duration_s == pytest.approx(2.0)
@@ -68,7 +70,7 @@ def test_idle_window_and_short_window_flag():
     idle = backend.idle(1.0)
     assert idle.energy_J == pytest.approx(80.0) and idle.mean_power_W == pytest.approx(80.0)
     clock.t = 1.23
-    short = backend.run_chunk(workload(), lambda: clock.advance(0.03))
+    short = backend.run_chunk(lambda: clock.advance(0.03))
     assert "short_window" in short.flags
     assert short.energy_power_J == pytest.approx(80.0 * 0.03)
     with pytest.raises(ValueError, match="idle seconds"):
@@ -80,13 +82,13 @@ def test_idle_window_and_short_window_flag():
 def test_bad_input_and_failing_compute():
     clock, fake, backend, _ = fake_backend()
     with pytest.raises(ValueError, match="ChunkWorkload"):
-        backend.run_chunk({"tokens": 3})
+        backend.run_chunk(lambda: {"tokens": 3})
     with pytest.raises(ValueError, match="callable"):
-        backend.run_chunk(workload(), compute=42)
+        backend.run_chunk(42)
     with pytest.raises(ZeroDivisionError):
-        backend.run_chunk(workload(), lambda: 1 / 0)
+        backend.run_chunk(lambda: 1 / 0)
     assert backend.meter.open_windows == []
-    assert backend.run_chunk(workload(), lambda: clock.advance(1.0)).energy_J == pytest.approx(300.0)
+    assert backend.run_chunk(lambda: clock.advance(1.0)).energy_J == pytest.approx(300.0)
     with pytest.raises(ValueError, match="sample_period_s"):
         NvmlBackend(sample_period_s=0, nvml=fake)
 
@@ -94,7 +96,7 @@ def test_bad_input_and_failing_compute():
 def test_counter_fault_reaches_the_window_flags():
     clock, fake, backend, _ = fake_backend(power_W=250.0)
     fake.counter_fault = lambda t, v: 7.0  # frozen
-    window = backend.run_chunk(workload(), lambda: clock.advance(1.0))
+    window = backend.run_chunk(lambda: clock.advance(1.0))
     assert {"stale", "energy_from_power"} <= set(window.flags)
     assert window.energy_J == pytest.approx(250.0)
 
@@ -103,7 +105,7 @@ def test_close_stops_sampler_and_shuts_nvml_down():
     fake = FakeNvml(FakeClock(), 200.0)
     backend = NvmlBackend(sample_period_s=0.005, sync=lambda: None, nvml=fake)  # real clock, real thread
     assert backend.sampler.running
-    window = backend.run_chunk(workload(), lambda: time.sleep(0.2))
+    window = backend.run_chunk(lambda: time.sleep(0.2))
     assert window.samples >= 10  # the thread's samples land in the window
     assert window.mean_power_W == pytest.approx(200.0)
     backend.close()

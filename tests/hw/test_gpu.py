@@ -52,9 +52,9 @@ def backend():
 
 
 def test_matmul_window_counter_agrees_with_integrated_power(backend):
-    backend.run_chunk(None, matmul_for(1.0))  # warm-up: clocks up, kernels loaded
+    backend.run_chunk(matmul_for(1.0))  # warm-up: clocks up, kernels loaded
     idle = backend.idle(2.0)
-    busy = backend.run_chunk(None, matmul_for(3.0))
+    busy = backend.run_chunk(matmul_for(3.0))
     limit = backend.nvml.power_limit_W()
     print(f"\nidle: {idle.mean_power_W:.1f} W, busy: {busy.mean_power_W:.1f} W over {busy.duration_s:.2f} s, "
           f"counter {busy.energy_J:.1f} J vs integrated {busy.energy_power_J:.1f} J, flags {busy.flags}")
@@ -76,7 +76,7 @@ def test_short_window_is_flagged_with_a_power_estimate(backend):
 
     tiny()  # the first launch loads kernels lazily (~0.1 s); measure a warm one
     torch.cuda.synchronize()
-    window = backend.run_chunk(None, tiny)
+    window = backend.run_chunk(tiny)
     assert "short_window" in window.flags
     assert window.energy_power_J is not None and window.energy_power_J > 0
 

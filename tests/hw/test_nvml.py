@@ -11,9 +11,7 @@ import numpy as np
 import pytest
 
 from tests.hw.fake_nvml import FakeClock, FakeNvml
-from hw.counter import counter_delta, is_stale
 from hw.energy_meter import EnergyMeter
-from hw.sample_summary import integrate_power_J
 from hw.sampler import SensorSampler
 
 
@@ -80,19 +78,6 @@ def test_stepped_power_integrates_within_sampling_error():
     assert m.sensors.peak_power_W == 500.0
     assert m.sensors.count == len(sampler.samples_between(0.0, 2.0)) + 2
     assert abs(m.energy_J - truth) <= 500 * 0.1
-
-
-def test_integrate_power_is_exact_for_linear_power():
-    rng = np.random.default_rng(0)
-    a, b = 120.0, 35.0  # P(t) = a + b t
-    t0, t1 = 0.2, 3.1
-    times = np.sort(rng.uniform(0.5, 2.9, size=40))
-    power = a + b * times
-    inner = a * (times[-1] - times[0]) + b * (times[-1] ** 2 - times[0] ** 2) / 2
-    edges = power[0] * (times[0] - t0) + power[-1] * (t1 - times[-1])  # held flat to the edges
-    assert integrate_power_J(times, power, t0, t1) == pytest.approx(inner + edges, rel=1e-12)
-    with pytest.raises(ValueError, match="at least one sample"):
-        integrate_power_J([], [], 0.0, 1.0)
 
 
 # ---------------------------------------------------------------------- protocol: sync, nesting, errors
@@ -257,16 +242,3 @@ def test_throttle_reasons_are_or_ed_over_the_window():
     fake.reasons = 0
     m = meter.end_window("w")
     assert m.sensors.throttle_reasons == 0x24
-
-
-# ---------------------------------------------------------------------- pure counter arithmetic
-def test_counter_delta_cases():
-    assert counter_delta(1000.0, 251_000.0, 1.0).energy_mJ == 250_000.0
-    assert counter_delta(None, 5.0, 1.0).flags == ("counter_unsupported",)
-    wrapped = counter_delta(2**64 - 10, 90, 1.0)  # NVML's raw ints: exact near 2^64
-    assert wrapped.energy_mJ == pytest.approx(100.0) and wrapped.flags == ("counter_wrap",)
-    # Going back by 1 J in a 64-bit counter cannot be a wrap: it is a reset.
-    assert counter_delta(5_000.0, 4_000.0, 1.0).flags == ("counter_reset",)
-    with pytest.raises(ValueError, match="duration_s"):
-        counter_delta(0.0, 1.0, -1.0)
-    assert is_stale(0.0, 1.0, 100.0) and not is_stale(0.0, 0.2, 100.0) and not is_stale(5.0, 1.0, 100.0)

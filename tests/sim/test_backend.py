@@ -21,7 +21,7 @@ def test_implements_the_protocol_and_is_reachable_by_name():
 def test_window_fields_are_sensor_values():
     backend = SimBackend(seed=0)
     workload = distilgpt2_moe_workload(2)
-    window = backend.run_chunk(workload)
+    window = backend.run_chunk(lambda: workload)
     assert isinstance(window, TelemetryWindow) and window.is_valid()
     assert window.t_start_s == 0 and window.t_end_s == pytest.approx(backend.state.time_s)
     assert window.gpu_temp_C == int(window.gpu_temp_C) and window.mem_temp_C == int(window.mem_temp_C)
@@ -34,17 +34,36 @@ def test_window_fields_are_sensor_values():
     assert idle.mean_power_W < window.mean_power_W
 
 
-def test_compute_callable_is_ignored():
-    def compute():
-        raise AssertionError("the simulator must not run the real forward pass")
+def test_run_chunk_calls_compute_once_and_prices_what_it_returns():
+    calls = []
 
-    SimBackend(seed=0).run_chunk(distilgpt2_moe_workload(1), compute)
+    def compute():
+        calls.append(1)
+        return distilgpt2_moe_workload(1)
+
+    window = SimBackend(seed=0).run_chunk(compute)
+    assert calls == [1] and window.workload == distilgpt2_moe_workload(1)
+    with pytest.raises(ValueError, match="callable"):
+        SimBackend(seed=0).run_chunk(distilgpt2_moe_workload(1))
+
+
+def test_price_as_rescales_stream_chunks_and_keeps_guard_batches_own_rows():
+    from dataclasses import replace
+
+    small = replace(distilgpt2_moe_workload(2, batch=2, seq_len=256), policy="nectar")
+    stream = SimBackend(seed=0, price_as="distilgpt2", price_batch=8).run_chunk(lambda: small)
+    guard = SimBackend(seed=0, price_as="distilgpt2", price_batch=8).run_chunk(lambda: replace(small, policy="guard"))
+    assert (stream.workload.batch, stream.workload.seq_len) == (8, 1024)
+    assert (guard.workload.batch, guard.workload.seq_len) == (2, 1024)
+    assert SimBackend(price_as="distilgpt2").info()["priced_as"] == "distilgpt2"
+    with pytest.raises(ValueError, match="price-as target"):
+        SimBackend(price_as="gpt-5")
 
 
 def test_state_and_truth_are_inspectable():
     backend = SimBackend(seed=0)
     start = backend.state
-    backend.run_chunk(distilgpt2_moe_workload(2))
+    backend.run_chunk(lambda: distilgpt2_moe_workload(2))
     end = backend.state
     assert end.time_s > start.time_s and end.temperature_C > start.temperature_C
     assert backend.last_truth.energy_J == pytest.approx(end.energy_J - start.energy_J)
@@ -70,12 +89,12 @@ def _bad(mutate):
 ])
 def test_bad_workloads_are_rejected_clearly(mutate, match):
     with pytest.raises(ValueError, match=match):
-        SimBackend(seed=0).run_chunk(_bad(mutate))
+        SimBackend(seed=0).run_chunk(lambda: _bad(mutate))
 
 
 def test_bad_arguments_are_rejected_clearly():
     with pytest.raises(ValueError, match="ChunkWorkload"):
-        SimBackend().run_chunk({"tokens": 1})
+        SimBackend().run_chunk(lambda: {"tokens": 1})
     with pytest.raises(ValueError, match="idle seconds"):
         SimBackend().idle(-1.0)
     with pytest.raises(ValueError, match="seed"):
@@ -96,7 +115,7 @@ def test_closed_backend_refuses_work():
     with SimBackend() as backend:
         backend.idle(0.1)
     with pytest.raises(RuntimeError, match="closed"):
-        backend.run_chunk(distilgpt2_moe_workload(1))
+        backend.run_chunk(lambda: distilgpt2_moe_workload(1))
 
 
 def test_prices_the_workload_the_core_model_produced():
@@ -116,7 +135,7 @@ def test_prices_the_workload_the_core_model_produced():
             model(torch.randint(0, 97, (2, 16)))
         workload = model.chunk_workload(2, 16, policy=f"top{k}")
         backend = SimBackend(seed=0)
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
         energies[k] = backend.last_truth.energy_J
         block = chunk_kernels(workload, backend.preset)[1]
         layer = workload.layers[0]

@@ -13,7 +13,7 @@ def _serialised_run(seed: int, faults: str = FAULTS) -> bytes:
     backend = SimBackend(seed=seed, faults=faults)
     records = []
     for k in (1, 2, 3, 2, 1) * 6:
-        window = backend.run_chunk(distilgpt2_moe_workload(k))
+        window = backend.run_chunk(lambda: distilgpt2_moe_workload(k))
         records.append({"window": window.to_dict(), "truth": backend.last_truth.to_dict()})
     records.append({"window": backend.idle(0.7).to_dict(), "truth": backend.last_truth.to_dict()})
     records.append({"power_usage": backend.sensor.power_usage_W(), "state": backend.state.__dict__})

@@ -19,7 +19,7 @@ def traced_run():
     windows, truths = [], []
     backend.idle(0.3)
     for _ in range(40):
-        windows.append(backend.run_chunk(workload))
+        windows.append(backend.run_chunk(lambda: workload))
         truths.append(backend.last_truth)
     backend.idle(0.7)
     return backend, windows, truths
@@ -63,7 +63,7 @@ def test_counter_is_integer_mJ_monotone_and_moves_only_on_100ms_ticks():
 
     backend.env.process(poll())
     for _ in range(30):
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
     times, values = np.array(readings).T
     assert all(v == math.floor(v) for v in values)
     assert np.all(np.diff(values) >= 0)
@@ -110,10 +110,10 @@ def test_power_usage_is_a_one_second_average():
     assert backend.sensor.power_usage_W() == pytest.approx(idle_W, abs=0.5)
     workload = distilgpt2_moe_workload(2)
     while backend.state.time_s < 3.5:
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
     half = backend.sensor.power_usage_W()
     while backend.state.time_s < 5.0:
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
     full = backend.sensor.power_usage_W()
     load_W = backend.last_truth.mean_power_W
     assert idle_W + 0.3 * (load_W - idle_W) < half < idle_W + 0.7 * (load_W - idle_W)  # ~half a second of load
@@ -131,7 +131,7 @@ def test_instant_power_has_mW_resolution_and_preset_noise():
 
 def _chunk_energy(workload, seed=0):
     backend = SimBackend(seed=seed)
-    backend.run_chunk(workload)
+    backend.run_chunk(lambda: workload)
     return backend.last_truth.energy_J, backend.last_truth.t_end_s
 
 
@@ -167,10 +167,10 @@ def test_h100_preset_matches_measured_energy_per_token():
         backend.idle(0.0)
         workload = distilgpt2_moe_workload(k, expert="swiglu")
         while backend.state.time_s < 45.0:  # warm up: leakage depends on temperature
-            backend.run_chunk(workload)
+            backend.run_chunk(lambda: workload)
         energy = tokens = seconds = 0.0
         for _ in range(20):
-            backend.run_chunk(workload)
+            backend.run_chunk(lambda: workload)
             energy += backend.last_truth.energy_J
             seconds += backend.last_truth.t_end_s - backend.last_truth.t_start_s
             tokens += workload.tokens

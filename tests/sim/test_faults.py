@@ -16,7 +16,7 @@ def _run(faults, n_chunks=60, seed=11, idle_every=0):
     backend = SimBackend(faults=faults, seed=seed)
     windows, truths = [], []
     for i in range(n_chunks):
-        windows.append(backend.idle(0.5) if idle_every and i % idle_every == 0 else backend.run_chunk(WORKLOAD))
+        windows.append(backend.idle(0.5) if idle_every and i % idle_every == 0 else backend.run_chunk(lambda: WORKLOAD))
         truths.append(backend.last_truth)
     return backend, windows, truths
 

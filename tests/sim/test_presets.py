@@ -73,7 +73,7 @@ def test_simulator_reruns_from_a_modified_preset_object():
     times = []
     for preset in (base, faster):
         backend = SimBackend(preset, seed=0)
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
         times.append(backend.last_truth.t_end_s)
     assert times[1] < 0.8 * times[0]
     assert isinstance(faster, GPUPreset)
@@ -84,7 +84,7 @@ def test_a100_preset_runs_and_is_slower_than_h100():
     durations = {}
     for name in ("h100_sxm", "a100_sxm"):
         backend = SimBackend(name, seed=0)
-        window = backend.run_chunk(workload)
+        window = backend.run_chunk(lambda: workload)
         durations[name] = window.duration_s
         assert window.mem_total_B == backend.preset.memory_total_B
         assert backend.gpu_name() == backend.preset.gpu_name

@@ -64,9 +64,9 @@ def test_backend_under_load_settles_at_ambient_plus_mean_power_times_R():
     backend = SimBackend(preset, seed=0, record_trace=True)
     workload = distilgpt2_moe_workload(2)
     while backend.state.time_s < 30 * 4.0 * preset.thermal_resistance_C_per_W:
-        backend.run_chunk(workload)
+        backend.run_chunk(lambda: workload)
     n_before = len(backend.trace)
-    backend.run_chunk(workload)
+    backend.run_chunk(lambda: workload)
     last_chunk = backend.trace[n_before:]
     truth = backend.last_truth
     # time-average temperature of the last chunk, trapezoid over its (short) segments
@@ -82,7 +82,7 @@ def test_h100_preset_reproduces_the_measured_warm_up():
     assert backend.state.temperature_C == pytest.approx(33.0, abs=1.0)
     workload = distilgpt2_moe_workload(2)
     while backend.state.time_s < 60.0:
-        window = backend.run_chunk(workload)
+        window = backend.run_chunk(lambda: workload)
     assert 64.0 <= backend.state.temperature_C <= 76.0
     assert 480.0 <= backend.last_truth.mean_power_W <= 600.0
     assert window.gpu_temp_C == math.floor(window.gpu_temp_C)

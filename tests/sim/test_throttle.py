@@ -22,7 +22,7 @@ def hot_run():
     rows = []
     while backend.state.time_s < 40.0:
         temp_before = backend.state.temperature_C
-        window = backend.run_chunk(WORKLOAD)
+        window = backend.run_chunk(lambda: WORKLOAD)
         rows.append((temp_before, window, backend.last_truth))
     return backend, rows
 
@@ -77,8 +77,8 @@ def test_slowdown_engages_at_threshold_and_releases_below_the_hysteresis_band(ho
 def test_power_limit_caps_phase_power_by_lowering_the_clock():
     backend = SimBackend(power_limit_W=300.0, seed=0, record_trace=True)
     uncapped = SimBackend(seed=0)
-    window = backend.run_chunk(WORKLOAD)
-    uncapped.run_chunk(WORKLOAD)
+    window = backend.run_chunk(lambda: WORKLOAD)
+    uncapped.run_chunk(lambda: WORKLOAD)
     p = backend.preset
     assert window.throttle_reasons & REASON_SW_POWER_CAP
     assert backend.last_truth.t_end_s > uncapped.last_truth.t_end_s  # slower
@@ -98,7 +98,7 @@ def test_forced_throttle_fault_slows_exactly_its_interval():
     backend = SimBackend(faults="throttle:1-2", seed=3)
     p = backend.preset
     while backend.state.time_s < 3.0:
-        window = backend.run_chunk(WORKLOAD)
+        window = backend.run_chunk(lambda: WORKLOAD)
         inside = 1.0 <= window.t_start_s and window.t_end_s <= 2.0
         outside = window.t_end_s <= 1.0 or window.t_start_s >= 2.0
         if inside:

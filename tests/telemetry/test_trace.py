@@ -124,7 +124,7 @@ def test_measured_windows_round_trip_with_hardware_meta(tmp_path):
     backend = NvmlBackend(sample_period_s=None, sync=lambda: None, nvml=fake, clock=clock, sleep=clock.advance)
     with TraceWriter(tmp_path / "trace.csv.gz") as writer:
         for i in range(3):
-            w = backend.run_chunk(workload(), lambda: clock.advance(0.5))
+            w = backend.run_chunk(lambda: (clock.advance(0.5), workload())[1])
             writer.write(w, workload(), chunk_index=i)
         writer.write(backend.idle(1.0), kind="idle")
     write_hardware_meta(tmp_path, nvml=fake, model="tiny")

@@ -2,7 +2,7 @@
 
 import json
 
-from nectar.experiment.campaign import main as hw_main
+from nectar.cli.hw_run import main as hw_main
 from nectar.telemetry.trace import read_trace
 
 
