@@ -1,4 +1,4 @@
-"""The chunk routing problem of DESIGN.md §3 in cvxpy: build, certify (DCP), solve, compare.
+"""The chunk routing problem of docs/design.md §3 in cvxpy: build, certify (DCP), solve, compare.
 
     minimise_p   Σ_t Σ_i c_i p_ti + λ Σ_t KL(p_t ‖ q_t)
     subject to   p_t ∈ simplex,  (1/T) Σ_t p_ti ≤ u_i,  (1/T) Σ_t Σ_i c_i p_ti ≤ B

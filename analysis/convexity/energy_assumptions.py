@@ -1,4 +1,4 @@
-"""Check the "mild energy-model assumptions" of DESIGN.md §3 on data instead of assuming them.
+"""Check the "mild energy-model assumptions" of docs/design.md §3 on data instead of assuming them.
 
 1. Affine: chunk energy ≈ intercept + e_0·duration + Σ_f a_f·load_f (loads = tokens per expert,
    flattened over layers). `fit_affine_energy` fits it by least squares and reports residuals,
@@ -335,7 +335,7 @@ def trace_arrays(rows) -> TraceArrays:
     """Loads, energies and durations of the valid chunk windows of `nectar.telemetry.trace.read_trace(path)`.
 
     Zero-energy windows are left out: they are shorter than the energy counter's period and
-    measured nothing (see DESIGN.md §5), which no energy model should be asked to fit.
+    measured nothing (see docs/design.md §5), which no energy model should be asked to fit.
     """
     loads, energy, duration, skipped = [], [], [], 0
     for row in rows:

@@ -93,7 +93,7 @@ MIN_SCORED_WINDOW_S = 0.1  # shorter windows (e.g. the quality guard's) are belo
 
 def usable_window(window: TelemetryWindow, energy_J: float) -> bool:
     """Finite, positive energy, a finite temperature and a duration of at least one NVML counter
-    period (DESIGN.md §5: shorter windows measure nothing reliable): the window can be compared."""
+    period (docs/design.md §5: shorter windows measure nothing reliable): the window can be compared."""
     values = (energy_J, window.duration_s, window.gpu_temp_C)
     return (all(math.isfinite(v) for v in values) and energy_J > 0
             and window.duration_s >= MIN_SCORED_WINDOW_S)

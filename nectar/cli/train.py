@@ -20,7 +20,7 @@ from transformers import GPT2LMHeadModel
 
 from nectar.model import PRESETS, MoEGPT2LMHeadModel, preset_config
 from nectar.train.tokenizer import DEFAULT_VOCAB_SIZE, save_tokenizer
-from nectar.train.loop import (DTYPES, PreparedData, TrainConfig, TrainResult, evaluate_perplexity, finetune_moe,
+from nectar.train.loop import (BALANCE_LOSSES, DTYPES, PreparedData, TrainConfig, TrainResult, evaluate_perplexity, finetune_moe,
                              prepare_data, train_dense)
 
 
@@ -42,6 +42,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=2)
     p.add_argument("--expert-specs", type=str, default=None,
                    help='JSON list, e.g. \'[{"kind": "gelu", "count": 4}, {"kind": "zero", "count": 1}]\'')
+    p.add_argument("--balance-loss", choices=sorted(BALANCE_LOSSES), default="switch",
+                   help="MoE stage balancing loss (default: switch)")
+    p.add_argument("--balance-coef", type=float, default=TrainConfig.balance_coef,
+                   help="weight of the balancing loss (default: %(default)s)")
+    p.add_argument("--aux-free-gamma", type=float, default=0.0,
+                   help="> 0: auxiliary-loss-free balancing bias step size per training step (DeepSeek-V3)")
     p.add_argument("--eval-tokens", type=int, default=None, help="cap on held-out tokens evaluated")
     p.add_argument("--time-budget-s", type=float, default=None,
                    help="wall-clock budget for both training stages (split in proportion to their steps)")
@@ -121,7 +127,8 @@ def run_dense_stage(args: argparse.Namespace, data: PreparedData, deadline: floa
 def run_moe_stage(args: argparse.Namespace, data: PreparedData, dense: StageOutcome, expert_specs,
                   deadline: float | None, ppl) -> StageOutcome:
     cfg = replace(dense.config, steps=args.steps_moe, lr=dense.config.lr * args.moe_lr_scale, warmup_steps=5,
-                  skip_batches=dense.result.steps)  # fine-tune on data the dense stage did not see
+                  skip_batches=dense.result.steps, balance_loss=args.balance_loss, balance_coef=args.balance_coef,
+                  aux_free_gamma=args.aux_free_gamma)  # fine-tune on data the dense stage did not see
     torch.manual_seed(args.seed)
     moe = MoEGPT2LMHeadModel.from_dense(dense.model, num_experts=args.num_experts, top_k=args.top_k,
                                         **({"expert_specs": expert_specs} if expert_specs else {}))

@@ -1,7 +1,7 @@
 """Per-chunk update of a per-expert routing bias that solves the convex chunk problem online.
 
 For one layer and one chunk of T tokens with static router distributions q [T, E], per-token
-expert costs c [E] and a quality weight λ > 0 (DESIGN.md §3):
+expert costs c [E] and a quality weight λ > 0 (docs/design.md §3):
 
     minimise_p   Σ_t Σ_i c_i p_ti + λ Σ_t KL(p_t ‖ q_t)
     subject to   p_t ∈ simplex,

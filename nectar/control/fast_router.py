@@ -7,7 +7,7 @@
 with SwiGLU fast weights W0, W2 [h, D], W1 [E, h] and a fast per-expert bias b [E]. At reset
 W = W_slow and b = 0, so the delta is exactly zero and routing starts as the trained (static)
 router's. The bias alone is the parametrisation that reaches the convex chunk problem's optimum
-(DESIGN.md §3); the SwiGLU part lets the delta depend on the token.
+(docs/design.md §3); the SwiGLU part lets the delta depend on the token.
 
 `step(signal, lr, momentum, use_muon)` takes one optimizer step per chunk from an externally
 supplied loss — the controller's energy + quality loss, not LaCT's dot-product loss: either the

@@ -3,7 +3,7 @@
 The functional kernel `swiglu_fast_weight` runs a token stream through per-head fast weights
 f_W(x) = W1 · (silu(W0 x) ⊙ (W2 x)) that take one update per chunk of `chunk_size` tokens. The
 update is the hand-derived minus-gradient of the inner loss L = −Σ_i η_i ⟨f_W(k_i), v_i⟩
-(DESIGN.md §4), followed by optional momentum, optional Muon (Newton–Schulz orthogonalisation)
+(docs/design.md §4), followed by optional momentum, optional Muon (Newton–Schulz orthogonalisation)
 and weight normalisation back to the initial row norms. Heads are folded into the batch axis B.
 
 The pieces are exposed so that other fast-weight users (the LaCT expert, the fast-weight router)

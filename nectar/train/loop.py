@@ -4,7 +4,9 @@ Function API (also used by the GPU runner):
   prepare_data(...)                      corpus -> tokenizer + train / held-out token streams
   train_dense(model, train_ids, cfg)     AdamW + warmup/cosine schedule + grad clipping, tqdm bar
   upcycle_and_finetune(dense, ids, cfg)  `MoEGPT2LMHeadModel.from_dense` then `finetune_moe`: LM loss
-                                         + Switch load-balancing loss + router z-loss
+                                         + a balancing loss (`--balance-loss`: switch, importance,
+                                         kl_uniform, entropy) + router z-loss, optionally the
+                                         auxiliary-loss-free bias step (`--aux-free-gamma`)
   evaluate_perplexity(model, ids, ...)   exp(mean next-token NLL) over held-out windows
 Runs are deterministic for a seed on CPU (seeded init, seeded batch order, no dropout randomness
 beyond torch's seeded generator). A `deadline` (time.monotonic() value) stops a loop early; the
@@ -22,7 +24,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel, get_cosine_schedule_with_warmup
 
-from nectar.moe.balancing import router_z_loss, switch_load_balancing_loss
+from nectar.moe.balancing import (aux_free_bias_update, entropy_regularizer, importance_loss, kl_to_uniform,
+                                  router_z_loss, switch_load_balancing_loss)
 from nectar.train.corpus import load_corpus
 from nectar.model import MoEGPT2LMHeadModel
 from nectar.train.tokenizer import DEFAULT_VOCAB_SIZE, encode_documents, iter_batches, train_tokenizer
@@ -44,8 +47,10 @@ class TrainConfig:
     device: str = "cpu"
     dtype: str = "float32"        # autocast dtype: float32 (none) or bfloat16
     seed: int = 0
-    balance_coef: float = 1e-2    # Switch load-balancing loss weight (MoE stage)
+    balance_coef: float = 1e-2    # load-balancing loss weight (MoE stage)
+    balance_loss: str = "switch"  # which balancing loss: see BALANCE_LOSSES
     z_coef: float = 1e-3          # router z-loss weight (MoE stage)
+    aux_free_gamma: float = 0.0   # > 0: DeepSeek-V3 auxiliary-loss-free bias step per training step
     skip_batches: int = 0         # start this many batches into the seeded stream (a later stage
                                   # continues where the previous one stopped instead of re-reading it)
     progress: bool = True
@@ -56,6 +61,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss must be one of {sorted(BALANCE_LOSSES)}, got {self.balance_loss!r}")
+        if not (self.aux_free_gamma >= 0 and math.isfinite(self.aux_free_gamma)):
+            raise ValueError(f"aux_free_gamma must be a finite number >= 0, got {self.aux_free_gamma}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} (float16 would need loss scaling), "
                              f"got {self.dtype!r}")
@@ -96,14 +105,33 @@ def prepare_data(vocab_size: int = DEFAULT_VOCAB_SIZE, holdout_every: int = 20, 
                         encode_documents(tokenizer, split.heldout), split.manifest)
 
 
-def moe_aux_loss(model: MoEGPT2LMHeadModel, balance_coef: float, z_coef: float) -> torch.Tensor:
-    """Mean over MoE layers of balance_coef·Switch loss + z_coef·z-loss, from the last forward."""
+# Balancing losses of the MoE stage, each a function of the layer's last routing decision.
+BALANCE_LOSSES = {
+    "switch": switch_load_balancing_loss,                               # Switch Transformer f·P
+    "importance": lambda d: importance_loss(d.probs),                   # Shazeer et al. CV²
+    "kl_uniform": lambda d: kl_to_uniform(d.probs),                     # KL(p̄ ‖ U)
+    "entropy": lambda d: entropy_regularizer(d.probs, token_coef=1.0),  # −I(token; expert)
+}
+
+
+def moe_aux_loss(model: MoEGPT2LMHeadModel, balance_coef: float, z_coef: float,
+                 balance_loss: str = "switch") -> torch.Tensor:
+    """Mean over MoE layers of balance_coef·(balancing loss) + z_coef·z-loss, from the last forward."""
+    balance = BALANCE_LOSSES[balance_loss]
     terms = []
     for _, layer in model.moe_layers():
         decision = layer.last_decision
-        terms.append(balance_coef * switch_load_balancing_loss(decision)
-                     + z_coef * router_z_loss(decision.logits.float()))
+        terms.append(balance_coef * balance(decision) + z_coef * router_z_loss(decision.logits.float()))
     return torch.stack(terms).mean()
+
+
+@torch.no_grad()
+def aux_free_step(model: MoEGPT2LMHeadModel, gamma: float) -> None:
+    """One auxiliary-loss-free balancing step on every MoE layer's selection bias, from its last
+    routing decision's loads (DeepSeek-V3)."""
+    for _, layer in model.moe_layers():
+        loads = layer.last_decision.tokens_per_expert()
+        layer.router.selection_bias.copy_(aux_free_bias_update(layer.router.selection_bias, loads, gamma))
 
 
 def _autocast(cfg: TrainConfig):
@@ -135,6 +163,8 @@ def train_lm(model: GPT2LMHeadModel, train_ids: torch.Tensor, cfg: TrainConfig, 
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         schedule.step()
+        if cfg.aux_free_gamma > 0 and aux_loss is not None:
+            aux_free_step(model, cfg.aux_free_gamma)
         result.steps += 1
         result.tokens += input_ids.numel()
         result.lm_losses.append(lm_loss.detach().item())
@@ -166,7 +196,7 @@ def upcycle_and_finetune(dense: GPT2LMHeadModel, train_ids: torch.Tensor, cfg: T
 def finetune_moe(moe: MoEGPT2LMHeadModel, train_ids: torch.Tensor, cfg: TrainConfig,
                  deadline: float | None = None) -> TrainResult:
     """Train an MoE LM with LM loss + the mean over layers of the balancing and z losses."""
-    aux = lambda model: moe_aux_loss(model, cfg.balance_coef, cfg.z_coef)  # noqa: E731
+    aux = lambda model: moe_aux_loss(model, cfg.balance_coef, cfg.z_coef, cfg.balance_loss)  # noqa: E731
     return train_lm(moe, train_ids, cfg, aux_loss=aux, deadline=deadline, desc="moe")
 
 

@@ -1,6 +1,6 @@
 """The experiment model: a DistilGPT2-architecture MoE with energy-cheap experts, trained here.
 
-Recipe (DESIGN.md §9): train a dense GPT-2 of the preset's shape on the offline corpus, sparse-
+Recipe (docs/design.md §8): train a dense GPT-2 of the preset's shape on the offline corpus, sparse-
 upcycle it (full experts = copies of the dense FFN, a narrow expert = the first hidden units of
 the dense FFN, zero and copy experts), then fine-tune the MoE with the Switch balancing loss while
 a `MixedTrainingRouter` sends a share of second slots to cheap experts, so that the cheap experts

@@ -155,3 +155,32 @@ def test_cli_argument_checks(tmp_path):
                 ["--preset", "gpt5"]):
         with pytest.raises(SystemExit):
             parse_args(bad)
+
+
+@pytest.mark.parametrize("loss", ["switch", "importance", "kl_uniform", "entropy"])
+def test_every_balancing_loss_is_reachable_from_training(loss):
+    from nectar.moe.balancing import entropy_regularizer, importance_loss, kl_to_uniform, switch_load_balancing_loss
+
+    moe = MoEGPT2LMHeadModel.from_dense(small_dense(), num_experts=4, top_k=2)
+    with torch.no_grad():
+        for _, layer in moe.moe_layers():
+            layer.gate.weight.normal_(0, 1.0)
+    moe(torch.randint(0, VOCAB, (3, 10)))
+    reference = {"switch": switch_load_balancing_loss, "importance": lambda d: importance_loss(d.probs),
+                 "kl_uniform": lambda d: kl_to_uniform(d.probs),
+                 "entropy": lambda d: entropy_regularizer(d.probs, token_coef=1.0, marginal_coef=1.0)}[loss]
+    expected = torch.stack([0.5 * reference(layer.last_decision) for _, layer in moe.moe_layers()]).mean()
+    torch.testing.assert_close(moe_aux_loss(moe, 0.5, 0.0, loss), expected)
+    _, result = upcycle_and_finetune(small_dense(), patterned_stream(600), quick_config(steps=3, balance_loss=loss),
+                                     num_experts=3, top_k=1)
+    assert result.steps == 3 and all(math.isfinite(x) for x in result.total_losses)
+
+
+def test_aux_free_bias_step_runs_in_training_and_balances():
+    moe, _ = upcycle_and_finetune(small_dense(), patterned_stream(600), quick_config(steps=3, aux_free_gamma=0.05),
+                                  num_experts=4, top_k=1)
+    biases = [layer.router.selection_bias for _, layer in moe.moe_layers()]
+    assert any(b.abs().sum() > 0 for b in biases)                      # the bias moved
+    assert all(abs(float(b.sum())) < 1e-5 for b in biases)             # centred, as the update keeps it
+    with pytest.raises(ValueError, match="balance_loss"):
+        quick_config(balance_loss="gini").validate()

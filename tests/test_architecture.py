@@ -1,0 +1,67 @@
+"""The house rules the folder tree promises: the core stands apart from the backends and analysis,
+never asks which backend it talks to, keeps matplotlib off the run path, and cites only documents
+the repository holds."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CORE = sorted((REPO / "nectar").rglob("*.py"))
+FORBIDDEN = {"simpy", "pynvml", "cvxpy", "sim", "hw", "analysis"}
+
+
+def _imports(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_core_imports_no_backend_and_no_backend_only_library():
+    offenders = {str(p.relative_to(REPO)): sorted(_imports(ast.parse(p.read_text())) & FORBIDDEN) for p in CORE}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def _compares_backend_name(node: ast.AST) -> bool:
+    if not isinstance(node, ast.Compare):
+        return False
+    parts = [node.left, *node.comparators]
+    names = any(isinstance(p, ast.Constant) and p.value in ("sim", "nvml") for p in parts)
+    attrs = any(isinstance(p, ast.Attribute) and p.attr == "name" for p in parts)
+    calls = any(isinstance(p, ast.Call) and getattr(p.func, "id", "") == "getattr" for p in parts)
+    return names or (attrs and calls)
+
+
+def test_core_never_compares_a_backend_name():
+    hits = [f"{p.relative_to(REPO)}:{n.lineno}" for p in CORE for n in ast.walk(ast.parse(p.read_text()))
+            if _compares_backend_name(n)]
+    assert hits == []
+
+
+def test_the_run_path_does_not_import_matplotlib():
+    code = ("import sys, nectar.cli.run, nectar.experiment.runner, nectar.experiment.outputs; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def test_no_file_cites_a_document_the_repository_lacks():
+    tracked = subprocess.run(["git", "ls-files", "*.py", "*.md"], capture_output=True, text=True, cwd=REPO).stdout.split()
+    citing = [f for f in tracked if "DESIGN.md" in (REPO / f).read_text(errors="ignore") and f != "tests/test_architecture.py"]
+    assert citing == [] and (REPO / "docs" / "design.md").is_file()
+
+
+def test_lact_expert_kind_is_there_for_any_model_config():
+    code = ("import nectar.model as m; from nectar.moe.experts import EXPERT_KINDS; "
+            "c = m.preset_config('tiny-moe', vocab_size=64, n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=16, "
+            "expert_specs=[{'kind': 'lact', 'hidden': 16}, {'kind': 'gelu', 'hidden': 32}], n_experts=0); "
+            "print(type(m.MoEGPT2LMHeadModel(c).moe_layers()[0][1].experts[0]).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip().endswith("LaCTMoEExpert")
