@@ -142,7 +142,8 @@ class NvmlBackend:
 
 
 def create(*, seed: int = 0, preset: str | None = None, faults: str | None = None,
-           price_as: str | None = "auto", price_batch: int = 128, **options: Any) -> NvmlBackend:
+           price_as: str | None = "auto", price_batch: int = 128, chunk_rows: int | None = None,
+           heat: Any = None, **options: Any) -> NvmlBackend:
     """The NVML backend from the options every backend factory takes (`nectar.plugins.make_backend`),
     plus NvmlBackend's own keyword `options`. Measurements are not seeded; simulator-only options
     are refused with a clear error."""
@@ -152,4 +153,7 @@ def create(*, seed: int = 0, preset: str | None = None, faults: str | None = Non
         raise ValueError(f"a GPU preset ({preset!r}) is a simulator option; the NVML backend measures the real GPU")
     if price_as not in (None, "auto", "none"):
         raise ValueError(f"--price-as {price_as!r} is a simulator option; the NVML backend measures what runs")
+    if heat is not None:
+        raise ValueError("a heat schedule on the NVML backend needs a co-tenant process; use the campaign's "
+                         "co-tenant option (nectar hw-run), not a backend option")
     return NvmlBackend(**options)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import numpy as np
 import simpy
 
+from nectar.control.schedule import Schedule
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.workload import ChunkWorkload
 from sim.faults import FaultConfig, FaultInjector
@@ -70,6 +71,8 @@ def _seed(seed: Any) -> int:
 class SimBackend:
     """Simulated GPU telemetry. `preset`: a shipped name, a JSON path or a GPUPreset.
 
+    `ambient`: a schedule of extra ambient temperature (°C over the base, by simulated time), the
+    simulator's heat source for thermal workloads (a co-tenant, a datacentre step);
     `isolated`: every policy may get its own simulated GPU in the same initial state;
     `torch_device`: the model's forward runs on the CPU (only the telemetry is simulated)."""
 
@@ -80,20 +83,22 @@ class SimBackend:
     def __init__(self, preset: str | Path | GPUPreset = "h100_sxm", seed: int = 0,
                  faults: FaultConfig | str | None = None, ambient_C: float | None = None,
                  power_limit_W: float | None = None, record_trace: bool = False,
-                 price_as: str | None = None, price_batch: int = 128):
+                 price_as: str | None = None, price_batch: int = 128, price_chunk_rows: int | None = None,
+                 ambient: Schedule | None = None):
         self.preset = load_preset(preset)
-        self.pricing = PriceAs.make(price_as, price_batch)
+        self.pricing = PriceAs.make(price_as, price_batch, price_chunk_rows)
         if power_limit_W is not None:
             self.preset = self.preset.replace(power_limit_W=float(power_limit_W))
         self.faults = _faults(faults)
-        ambient = self._ambient(ambient_C)
+        base_ambient = self._ambient(ambient_C)
         sensor_seq, fault_seq = np.random.SeedSequence(_seed(seed)).spawn(2)
         self.env = simpy.Environment()
         self.power = PowerModel(self.preset)
-        self.thermal = ThermalModel(self.preset.thermal_resistance_C_per_W, self.preset.thermal_capacitance_J_per_C, ambient)
+        self.thermal = ThermalModel(self.preset.thermal_resistance_C_per_W, self.preset.thermal_capacitance_J_per_C,
+                                    base_ambient)
         injector = FaultInjector(self.faults, np.random.default_rng(fault_seq))
         self.gpu = SimGPU(self.env, self.preset, self.power, self.thermal, injector.forced_throttle,
-                          self._initial_temp(), record_trace)
+                          self._initial_temp(), record_trace, heat=None if ambient is None else ambient.at)
         self.sensor = NvmlLikeSensor(self.env, self.gpu, self.preset, injector, np.random.default_rng(sensor_seq))
         self.reader = WindowReader(self.env, self.sensor, self.preset,
                                    counter_modulus_mJ=float(self.faults.wrap or 2**64))
@@ -192,10 +197,11 @@ class SimBackend:
 
 
 def create(*, seed: int = 0, preset: str | Path | GPUPreset | None = None, faults: str | None = None,
-           price_as: str | None = "auto", price_batch: int = 128, **options: Any) -> SimBackend:
+           price_as: str | None = "auto", price_batch: int = 128, chunk_rows: int | None = None,
+           heat: Schedule | None = None, **options: Any) -> SimBackend:
     """The simulator from the options every backend factory takes (`nectar.plugins.make_backend`),
     plus SimBackend's own keyword `options`. price_as "auto" prices at DistilGPT2's shape, "none"
     or None as the workload ran."""
     target = {"auto": "distilgpt2", "none": None}.get(price_as, price_as) if price_as is not None else None
     return SimBackend(preset=preset or "h100_sxm", seed=seed, faults=faults, price_as=target,
-                      price_batch=price_batch, **options)
+                      price_batch=price_batch, price_chunk_rows=chunk_rows, ambient=heat, **options)

@@ -11,7 +11,7 @@ Between pieces of work the last segment simply continues (no simulated time pass
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import simpy
@@ -60,8 +60,10 @@ class TraceSegment:
 class SimGPU:
     def __init__(self, env: simpy.Environment, preset: GPUPreset, power: PowerModel,
                  model: thermal.ThermalModel, forced_throttle: Callable[[float], bool],
-                 initial_temp_C: float, record_trace: bool = False):
-        self.env, self.preset, self.power, self.model = env, preset, power, model
+                 initial_temp_C: float, record_trace: bool = False,
+                 heat: Callable[[float], float] | None = None):
+        self.env, self.preset, self.power, self.base_model = env, preset, power, model
+        self.heat = heat                 # extra ambient °C over time (a co-tenant, a datacentre step)
         self.forced_throttle = forced_throttle
         self.throttled_fraction = preset.throttled_clock_MHz / preset.max_clock_MHz
         self.trace: list[TraceSegment] | None = [] if record_trace else None
@@ -140,6 +142,13 @@ class SimGPU:
         if self.forced_throttle(self.env.now):
             fraction, reasons = self.throttled_fraction, reasons | REASON_HW_SLOWDOWN | REASON_HW_POWER_BRAKE
         return fraction, reasons
+
+    @property
+    def model(self) -> thermal.ThermalModel:
+        """The thermal model in force now: the base ambient plus the heat schedule's rise."""
+        if self.heat is None:
+            return self.base_model
+        return replace(self.base_model, ambient_C=self.base_model.ambient_C + self.heat(self.env.now))
 
     def _start_segment(self, name: str, plan: PhasePlan, reasons: int, temp_C: float, energy_J: float) -> None:
         self._segment = thermal.segment(self.model, self.env.now, temp_C, energy_J, plan.power_ref_W,

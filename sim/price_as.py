@@ -78,29 +78,31 @@ def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload
 @dataclass(frozen=True)
 class PriceAs:
     """How the simulator prices the workloads it is given: as they ran (`target` None), or
-    rescaled to `target`'s shape, a stream chunk as `batch` sequences and a quality-guard batch
-    (a workload whose policy starts with "guard") as its own number of sequences."""
+    rescaled to `target`'s shape with every sequence that ran priced as `rows_per_row` sequences of
+    the target length, so a stream chunk of `chunk_rows` sequences is priced as `batch` sequences
+    and a smaller batch (a quality check) in proportion."""
 
     target: TargetShape | None = None
-    batch: int = 128
+    rows_per_row: float = 1.0
 
     @staticmethod
-    def make(target: str | TargetShape | None, batch: int = 128) -> "PriceAs":
+    def make(target: str | TargetShape | None, batch: int = 128, chunk_rows: int | None = None) -> "PriceAs":
         if isinstance(target, str):
             if target not in TARGETS:
                 raise ValueError(f"unknown price-as target {target!r}; choose one of {sorted(TARGETS)} or none")
             target = TARGETS[target]
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"price batch must be a positive int, got {batch!r}")
-        return PriceAs(target, batch)
+        for name, value in (("price batch", batch), ("chunk rows", chunk_rows or 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        return PriceAs(target, batch / (chunk_rows or batch))
 
     def apply(self, workload: ChunkWorkload) -> ChunkWorkload:
         if self.target is None:
             return workload
-        rows = workload.batch if workload.policy.startswith("guard") else self.batch
+        rows = max(1, round(workload.batch * self.rows_per_row))
         return rescale(workload, replace(self.target, batch=rows))
 
     def info(self) -> dict:
-        """The summary's record of the pricing: priced_as (None = as run) and price_batch."""
+        """The summary's record of the pricing: priced_as (None = as run) and rows per streamed row."""
         return {"priced_as": None if self.target is None else self.target.name,
-                "price_batch": None if self.target is None else self.batch}
+                "priced_rows_per_row": None if self.target is None else self.rows_per_row}

@@ -1,7 +1,8 @@
 """NECTAR's test-time router: the trained gate's logits plus α times an adapted dynamic part.
 
-Scores are logits/τ + α·(b + f(x)): a per-expert bias b and, optionally, a fast-weight network f
-of the token (`nectar.control.fast_router`). Safeguards:
+Scores are logits/τ + b + α·f(x): a per-expert bias b (the convex chunk problem's solution) and,
+optionally, a fast-weight network f of the token (`nectar.control.fast_router`) mixed in with a
+learned coefficient α. Safeguards:
 
 - the static top-1 expert (argmax of the trained logits) always takes the first slot;
 - the remaining 1–2 slots go to the best experts by the *adapted* scores, which the energy bias
@@ -38,7 +39,7 @@ class Adaptation:
     """The adaptable state of one EnergyAwareRouter.
 
     bias      [E] per-expert score bias (the convex chunk problem's parametrisation)
-    alpha     mixing coefficient of the dynamic part, in [0, 1]
+    alpha     mixing coefficient of the fast-weight network's token-dependent part, in [0, 1]
     fallback  True: route as the static top-k router
     """
 
@@ -105,21 +106,26 @@ class EnergyAwareRouter(Router):
     # ---- routing --------------------------------------------------------------------------------
 
     def dynamic_scores(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, E] the dynamic part: per-expert bias plus the fast-weight network's output."""
+        """[N, E] the dynamic part: per-expert bias plus α times the fast-weight network's output."""
         dyn = self.bias.to(logits.dtype).expand_as(logits)                     # [N, E]
         if self.fast_net is not None and inputs is not None:
-            dyn = dyn + self.fast_net(inputs.float()).to(logits.dtype)
+            dyn = dyn + self.alpha * self.fast_net(inputs.float()).to(logits.dtype)
         return dyn
 
     def soft_distribution(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
-        """[N, E] p = softmax(logits/τ + α·dynamic): the convex problem's routing distribution."""
-        return torch.softmax(logits / self.temperature + self.alpha * self.dynamic_scores(logits, inputs), dim=-1)
+        """[N, E] p = softmax(logits/τ + dynamic): the routing distribution of the chunk problem."""
+        return torch.softmax(logits / self.temperature + self.dynamic_scores(logits, inputs), dim=-1)
+
+    def second_slot_mask(self, logits: torch.Tensor) -> torch.Tensor:
+        """[N, E] 0 where an expert may take the second slot (a candidate, not the static top-1), -inf elsewhere."""
+        top1_N1 = logits.argmax(-1, keepdim=True)                                 # [N, 1]
+        return self._allowed(logits).scatter(-1, top1_N1, float("-inf"))
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         if self.fallback:
             experts = logits.topk(self.fallback_k, dim=-1).indices             # [N, k]
             return gate_decision(logits, experts, self.temperature)
-        scores = logits / self.temperature + self.alpha * self.dynamic_scores(logits, inputs)  # [N, E]
+        scores = logits / self.temperature + self.dynamic_scores(logits, inputs)  # [N, E]
         scores = scores + self._allowed(logits)
         return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
 

@@ -15,6 +15,11 @@ gradient of that loss w.r.t. the scores of the tokens of the last forward ([N, E
 scores -> scalar loss. The gradient w.r.t. the fast weights comes from autograd; the update reuses
 LaCT's pieces (nectar.lact.fastweight): heavy-ball momentum, optional Muon on the matrices, then
 weight norm of every matrix row back to the slow weights' row norms. The bias takes momentum only.
+
+Muon's orthogonalised direction has unit spectral scale whatever the gradient's size, so on its own
+it would take full-size steps on a near-zero gradient. Here the orthogonalised direction is
+rescaled to the Frobenius norm of the (momentum-accumulated) gradient: Muon chooses the direction,
+the gradient the length, and a vanishing gradient moves nothing.
 """
 
 from __future__ import annotations
@@ -26,9 +31,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from nectar.lact.fastweight import fast_weight_step, row_norms, swiglu_apply
+from nectar.lact.fastweight import renormalize_rows, row_norms, swiglu_apply, zeropower_via_newtonschulz5
 
 LossSignal = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
+
+def scaled_muon(step: torch.Tensor) -> torch.Tensor:
+    """Muon's orthogonalised direction of `step` [..., r, c], rescaled to ‖step‖_F."""
+    direction = zeropower_via_newtonschulz5(step)
+    norm = torch.linalg.matrix_norm(direction, keepdim=True).clamp_min(1e-30)
+    return direction * (torch.linalg.matrix_norm(step, keepdim=True) / norm)
 
 
 @dataclass
@@ -112,14 +124,14 @@ class FastWeightRouterNet(nn.Module):
         targets = tuple(row_norms(w) for w in self.slow_weights()) if self.weight_norm else None
         with torch.no_grad():
             old = [t.clone() for t in (*self.fast_weights(), self.fast_bias)]
-            matrices, accumulated = fast_weight_step(
-                self.fast_weights(), deltas[:3], None if previous is None else previous[:3], momentum, use_muon, targets, scale=lr
-            )
-            bias_step = deltas[3] if momentum is None or previous is None else deltas[3] + momentum * previous[3]
-            for buffer, value in zip(self.fast_weights(), matrices):
-                buffer.copy_(value)
-            self.fast_bias.add_(lr * bias_step)
-            self._previous = (*accumulated, bias_step)
+            steps = deltas if momentum is None or previous is None else tuple(
+                d + momentum * p for d, p in zip(deltas, previous))
+            for index, (buffer, step) in enumerate(zip(self.fast_weights(), steps[:3])):
+                direction = scaled_muon(step) if use_muon else step
+                value = buffer + lr * direction
+                buffer.copy_(renormalize_rows(value, targets[index]) if targets is not None else value)
+            self.fast_bias.add_(lr * steps[3])
+            self._previous = steps
             change = torch.sqrt(sum(((t - o) ** 2).sum() for t, o in zip((*self.fast_weights(), self.fast_bias), old)))
         self.steps_done += 1
         grad_norm = torch.sqrt(sum((g**2).sum() for g in grads))

@@ -35,6 +35,12 @@ class ChunkObservation:
     agreement: float               # share of static top-2 (token, expert) selections also computed
     workload: ChunkWorkload        # what the chunk asked of the GPU (per-layer expert counts)
     layers: list[LayerObservation] = field(default_factory=list)
+    nll_rows: torch.Tensor = field(default_factory=lambda: torch.zeros(0))  # [B] NLL sum per sequence
+
+    def rows_nll(self, rows: torch.Tensor) -> tuple[float, int]:
+        """(NLL sum, tokens scored) of the chosen sequences `rows` [r] of the chunk."""
+        per_row_tokens = self.nll_tokens // max(self.nll_rows.numel(), 1)
+        return float(self.nll_rows[rows].sum()), per_row_tokens * rows.numel()
 
     @property
     def mean_nll(self) -> float:

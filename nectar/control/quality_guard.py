@@ -1,14 +1,22 @@
-"""Chunk-level quality guard: held-out token likelihood decides when to fall back to static routing.
+"""The quality side of the controller: a paired estimate of what adaptation costs on the stream
+itself, the price of quality that spends the budget, and the per-chunk sensitivity.
 
-Held-out guard batches are scored once under the static (trained) routing. After each adapted
-chunk one of them (in rotation) is scored under the current adapted routing; if its perplexity is
-more than `max_ppl_increase` above the static one, the next chunk runs with static routing and
-the mixing coefficient α is halved. One check scores only ~1K tokens, whose perplexity excess is
-noisy (±0.7 % on the CPU demo): the decision uses an exponential average of the checks
-(`smoothing` = weight of the newest), and a single check above `gross` × bound falls back at once.
-While in fallback the guard keeps scoring the adapted
-candidate and returns to it as soon as it is back within the bound; with a comfortable margin
-α grows again. α is therefore learned online as the largest blend that keeps quality in bounds.
+Quality signal. In prefill the tokens of a chunk are known, so the NLL of every sequence under the
+adapted routing comes free with the chunk's forward. A small random share of the chunk's sequences
+is re-run under static routing (the *shadow*); the difference of the two NLLs on the same tokens is
+a paired, low-variance estimate of the perplexity cost of adaptation on the current domain. The
+shadow's energy and time are charged to NECTAR.
+
+Price of quality. The controller minimises energy + μ·(NLL increase) over the stream; μ is a dual
+variable moved in log space after every check so that the measured increase sits at
+`budget_use` × the bound (projected dual ascent on the quality constraint: it spends the budget,
+and no more).
+
+Sensitivity. How much NLL a unit of routing deviation costs differs between domains. The guard
+keeps two ratio estimates ΔNLL / deviation, a fast one (the current domain) and a slow one (the
+stream); their quotient κ multiplies the price for the next chunk, so that the budget is spent
+where it is cheap. A gross violation, or a check that returns nothing finite, falls back to
+static routing for the next chunk.
 """
 
 from __future__ import annotations
@@ -20,80 +28,122 @@ from nectar.telemetry.window import TelemetryWindow
 
 
 @dataclass
-class GuardCheck:
-    """One quality check, as its scorer returns it: the checked batch's mean NLL under the adapted
-    candidate routing, the same batch's NLL under static routing (None: the guard's reference),
-    and the check's own telemetry window (None when it cost nothing measurable)."""
+class QualityCheck:
+    """One paired check: mean NLL per token of the same tokens under adapted and static routing,
+    the number of tokens, and the check's own telemetry window (None when it cost nothing)."""
 
-    candidate_nll: float
-    static_nll: float | None = None
+    adapted_nll: float
+    static_nll: float
+    tokens: int
     window: TelemetryWindow | None = None
+
+    @property
+    def delta_nll(self) -> float:
+        """Paired NLL increase per token (nats); positive = adaptation costs quality."""
+        return self.adapted_nll - self.static_nll
 
 
 @dataclass
 class GuardConfig:
-    max_ppl_increase: float = 0.01   # relative perplexity bound (0.01 = +1 %)
-    alpha_step: float = 0.1          # additive α increase after a comfortable chunk
-    alpha_min: float = 0.05
-    comfort: float = 0.5             # "comfortable" = excess below comfort × bound
-    every: int = 1                   # check every `every` chunks
-    smoothing: float = 0.5           # weight of the newest check in the averaged excess
-    gross: float = 2.0               # one check above gross × bound falls back at once
+    max_ppl_increase: float = 0.01   # the quality bound: relative perplexity increase vs static routing
+    budget_use: float = 0.9          # aim the measured increase at this share of the bound
+    price_init: float = 0.3          # initial quality price μ (normalised expert cost per nat of KL)
+    price_lr: float = 0.5            # step of log μ per check, per unit of relative error
+    price_range: tuple[float, float] = (0.005, 50.0)
+    sensitivity: bool = True         # scale the price by the current chunk's relative sensitivity
+    fast_memory: float = 0.5         # weight of the newest check in the fast (domain) estimate
+    slow_memory: float = 0.05        # ... in the slow (stream) estimate
+    kappa_range: tuple[float, float] = (0.25, 4.0)
+    gross: float = 4.0               # one check above gross × target falls back to static at once
 
     def __post_init__(self):
         if not 0 < self.max_ppl_increase < 1:
             raise ValueError(f"max_ppl_increase must be in (0, 1), got {self.max_ppl_increase}")
-        if not 0 < self.alpha_min <= 1 or not 0 <= self.alpha_step <= 1:
-            raise ValueError("alpha_min must be in (0, 1] and alpha_step in [0, 1]")
-        if not 0 < self.smoothing <= 1 or self.gross < 1:
-            raise ValueError("smoothing must be in (0, 1] and gross >= 1")
-        if self.every < 1:
-            raise ValueError(f"guard every must be >= 1, got {self.every}")
+        if not 0 < self.budget_use <= 1:
+            raise ValueError(f"budget_use must be in (0, 1], got {self.budget_use}")
+        if not (self.price_init > 0 and math.isfinite(self.price_init)):
+            raise ValueError(f"price_init must be a finite number > 0, got {self.price_init}")
+        if not (0 < self.fast_memory <= 1 and 0 < self.slow_memory <= 1):
+            raise ValueError("fast_memory and slow_memory must be in (0, 1]")
+        if self.gross <= 1:
+            raise ValueError(f"gross must be > 1, got {self.gross}")
+
+    @property
+    def target_delta_nll(self) -> float:
+        """The per-token NLL increase the price aims at (nats)."""
+        return math.log1p(self.budget_use * self.max_ppl_increase)
 
 
 @dataclass
 class GuardVerdict:
-    candidate_nll: float      # mean NLL of the guard batch under the adapted routing
-    static_nll: float         # mean NLL under static routing (reference)
-    excess: float             # relative perplexity increase of this check, exp(Δnll) − 1
+    delta_nll: float          # this check's paired NLL increase per token (nan: no check)
+    excess: float             # this check's relative perplexity increase, exp(Δnll) − 1
+    price: float              # μ after the update
+    kappa: float              # relative sensitivity applied to the next chunk
     fallback: bool            # the next chunk runs static
-    alpha: float              # mixing coefficient for the next adapted chunk
 
 
 class QualityGuard:
-    """Keeps state across chunks: fallback flag and α."""
+    """Keeps the price μ, the sensitivity estimates and the fallback flag across chunks."""
 
-    def __init__(self, static_nll: float, config: GuardConfig | None = None):
-        """`static_nll`: the reference NLL used when `judge` is given none of its own."""
-        if not math.isfinite(static_nll):
-            raise ValueError(f"static guard NLL must be finite, got {static_nll}")
+    def __init__(self, config: GuardConfig | None = None):
         self.config = config or GuardConfig()
-        self.static_nll = static_nll
-        self.alpha = 1.0
+        self.price = self.config.price_init
         self.fallback = False
         self.violations = 0
-        self.smoothed_excess: float | None = None
+        self._fast: tuple[float, float] | None = None   # (ΔNLL, deviation) averages
+        self._slow: tuple[float, float] | None = None
 
-    def judge(self, candidate_nll: float, static_nll: float | None = None) -> GuardVerdict:
-        """Update fallback and α from the adapted candidate's guard NLL (against `static_nll`, the
-        same batch's NLL under static routing, or the guard's own reference)."""
+    @property
+    def kappa(self) -> float:
+        """Current relative sensitivity: fast ratio / slow ratio, clipped (1 until measured)."""
+        if not self.config.sensitivity or self._fast is None or self._slow is None:
+            return 1.0
+        fast, slow = _ratio(self._fast), _ratio(self._slow)
+        if not (fast > 0 and slow > 0):
+            return 1.0
+        lo, hi = self.config.kappa_range
+        return min(hi, max(lo, fast / slow))
+
+    def judge(self, check: QualityCheck | None, deviation: float) -> GuardVerdict:
+        """Update the price, the sensitivity and the fallback from one check (None: no check this
+        chunk). `deviation` is the routing deviation of the checked chunk (mean KL to static)."""
         cfg = self.config
-        reference = self.static_nll if static_nll is None else static_nll
-        if not math.isfinite(candidate_nll):
-            excess = math.inf
-        else:
-            excess = math.exp(candidate_nll - reference) - 1.0
-        if math.isfinite(excess):
-            prev = excess if self.smoothed_excess is None else self.smoothed_excess
-            self.smoothed_excess = cfg.smoothing * excess + (1 - cfg.smoothing) * prev
-        gross = not math.isfinite(excess) or excess > cfg.gross * cfg.max_ppl_increase
-        if gross or self.smoothed_excess > cfg.max_ppl_increase:
-            self.violations += 1
-            self.fallback = True
-            self.alpha = max(cfg.alpha_min, self.alpha / 2)
-            self.smoothed_excess = None  # the halved-α candidate starts a fresh average
-        else:
-            self.fallback = False
-            if self.smoothed_excess < cfg.comfort * cfg.max_ppl_increase:
-                self.alpha = min(1.0, self.alpha + cfg.alpha_step)
-        return GuardVerdict(candidate_nll, reference, excess, self.fallback, self.alpha)
+        if check is None:
+            return GuardVerdict(math.nan, math.nan, self.price, self.kappa, self.fallback)
+        delta = check.delta_nll
+        target = cfg.target_delta_nll
+        if not math.isfinite(delta):
+            self._fall_back()
+            return GuardVerdict(delta, math.nan, self.price, self.kappa, True)
+        self._update_sensitivity(delta, deviation)
+        error = max(-1.0, min(2.0, (delta - target) / target))
+        low, high = cfg.price_range
+        self.price = min(high, max(low, self.price * math.exp(cfg.price_lr * error)))
+        self.fallback = delta > cfg.gross * target
+        if self.fallback:
+            self._fall_back()
+        return GuardVerdict(delta, math.expm1(delta), self.price, self.kappa, self.fallback)
+
+    def _fall_back(self) -> None:
+        low, high = self.config.price_range
+        self.violations += 1
+        self.fallback = True
+        self.price = min(high, max(low, 2.0 * self.price))
+
+    def _update_sensitivity(self, delta: float, deviation: float) -> None:
+        if not (math.isfinite(deviation) and deviation > 0):
+            return
+        point = (max(delta, 0.0), deviation)
+        self._fast = _ema(self._fast, point, self.config.fast_memory)
+        self._slow = _ema(self._slow, point, self.config.slow_memory)
+
+
+def _ema(old: tuple[float, float] | None, new: tuple[float, float], weight: float) -> tuple[float, float]:
+    if old is None:
+        return new
+    return tuple(weight * n + (1 - weight) * o for n, o in zip(new, old))
+
+
+def _ratio(pair: tuple[float, float]) -> float:
+    return pair[0] / pair[1] if pair[1] > 0 else math.nan

@@ -22,21 +22,23 @@ def install(model, routers) -> None:
 
 def forward_chunk(model, batch: torch.Tensor, micro_rows: int | None = None, policy: str = "",
                   max_sample_tokens: int = 65536) -> ChunkObservation:
-    """Run `batch` [B, T] through the model; the observation holds the chunk's NLL sum, routing
-    agreement, workload and, per MoE layer, an evenly strided sample of at most
+    """Run `batch` [B, T] through the model; the observation holds the chunk's NLL (total and per
+    sequence), routing agreement, workload and, per MoE layer, an evenly strided sample of at most
     `max_sample_tokens` tokens' gate logits and inputs."""
     stride = max(1, math.ceil(batch.numel() / max_sample_tokens)) if max_sample_tokens else 1
     recorder = model.new_recorder(sample_stride=stride, max_sample_tokens=max_sample_tokens)
-    nll = torch.zeros((), device=batch.device)
+    nll_rows = []
     with torch.no_grad(), model.recording(recorder):
         for part in batch.split(micro_rows or batch.shape[0]):                     # [b, T]
             logits = model(input_ids=part, use_cache=False).logits                 # [b, T, V]
-            nll += torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), part[:, 1:].reshape(-1), reduction="sum")
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), part[:, 1:].reshape(-1), reduction="none")
+            nll_rows.append(token_nll.view(part.shape[0], -1).sum(-1))              # [b]
+    nll_rows_B = torch.cat(nll_rows).double().cpu()                                 # [B] one transfer
     layers = recorder.summary()
     workload = model.workload_from_counts([r.tokens_per_expert for r in layers], batch.shape[0], batch.shape[1],
                                           policy, [r.dropped_tokens for r in layers])
     return ChunkObservation(
-        nll_sum=float(nll), nll_tokens=batch[:, 1:].numel(),
+        nll_sum=float(nll_rows_B.sum()), nll_tokens=batch[:, 1:].numel(), nll_rows=nll_rows_B,
         agreement=sum(r.agreement for r in layers) / max(len(layers), 1),
         workload=workload, layers=[LayerObservation(r.logits, r.inputs) for r in layers])

@@ -1,55 +1,130 @@
-"""Routing policies compared by `nectar run`: name → one router per MoE layer.
+"""Routing policies: a policy name → one router per MoE layer, and whether something adapts it.
 
-- static-top1 / static-top2 / static-top3: the trained gate's top-k (dropless);
-- static-cheap: the static top-1 expert plus the best cheap expert by the trained logits;
-- nectar: the energy-aware test-time router (its controller is built by the experiment).
-Cheap experts are those whose forward FLOPs per token are at most `cheap_fraction` of the
-layer's most expensive expert (narrow and zero-computation experts).
+Non-adaptive (the static frontier):
+- `static-top1`, `static-top2`, `static-top3`: the trained gate's top-k (dropless);
+- `static-cheap`: the static top-1 expert plus the best cheap expert by the trained logits;
+- `fixed-bias:B`: NECTAR's own router with a fixed score bias B on the cheap experts and no
+  controller (B = 0 is static top-2 over the static-or-cheap candidates);
+- `top-p:P`: per-token confidence threshold (top-p routing, at most two experts): a token takes
+  experts by probability until their mass reaches P;
+- `mix:S`: a random share S of the tokens routes its second slot to the best cheap expert.
+Adaptive:
+- `pi-share:S`: NECTAR's router whose cheap bias a PI controller moves so that a share S of second
+  slots goes to cheap experts (a DTop-p-style baseline: it holds a compute target, not energy);
+- `nectar`, and the ablations `nectar:prior` (the cost model keeps its FLOP prior),
+  `nectar:frozen` (the cost model stops learning after a few chunks), `nectar:fast` (with the
+  fast-weight router network), `nectar:noscale` (one quality price for every chunk, no
+  per-chunk sensitivity).
+Cheap experts are those whose forward FLOPs per token are at most half of the layer's most
+expensive expert (narrow and zero-computation experts).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import torch
+
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.fast_router import FastWeightRouterNet
-from nectar.moe.layer import MoELayer
-from nectar.moe.static_routers import CheapStaticRouter, TopKRouter
 from nectar.moe.router import Router
+from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
-POLICIES = ("static-top2", "static-top1", "static-top3", "static-cheap", "nectar")
+NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale")
+STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
+POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "top-p:P", "mix:S",
+            "pi-share:S", *NECTAR_VARIANTS)
 
 
-def cheap_experts(layer: MoELayer, cheap_fraction: float = 0.5) -> list[int]:
+@dataclass(frozen=True)
+class PolicySpec:
+    """A parsed policy name: its kind and its parameter (k, B, P or S; None when it has none)."""
+
+    name: str
+    kind: str
+    value: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.kind not in STATIC_KINDS
+
+    @property
+    def is_nectar(self) -> bool:
+        return self.kind == "nectar"
+
+
+def parse_policy(name: str) -> PolicySpec:
+    """PolicySpec of a name such as "static-top2", "fixed-bias:1.5", "top-p:0.7", "nectar:prior"."""
+    if name.startswith("static-top"):
+        return PolicySpec(name, "static-top", _number(name, name.removeprefix("static-top"), integer=True))
+    if name == "static-cheap":
+        return PolicySpec(name, "static-cheap")
+    if name in NECTAR_VARIANTS:
+        return PolicySpec(name, "nectar")
+    kind, sep, value = name.partition(":")
+    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share"):
+        number = _number(name, value)
+        if kind in ("top-p", "mix", "pi-share") and not 0.0 <= number <= 1.0:
+            raise ValueError(f"policy {name!r}: {kind} takes a value in [0, 1], got {number}")
+        return PolicySpec(name, kind, number)
+    raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
+
+
+def _number(name: str, text: str, integer: bool = False) -> float:
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ValueError(f"policy {name!r}: {text!r} is not a {'whole ' if integer else ''}number") from None
+    if integer and value < 1:
+        raise ValueError(f"policy {name!r}: k must be >= 1")
+    return value
+
+
+def check_policies(names: list[str]) -> list[str]:
+    for name in names:
+        parse_policy(name)
+    if len(set(names)) != len(names):
+        raise ValueError(f"policies listed twice: {names}")
+    if not names:
+        raise ValueError("no policies given")
+    return list(names)
+
+
+def cheap_experts(layer, cheap_fraction: float = 0.5) -> list[int]:
     """Indices of experts whose FLOPs per token are ≤ cheap_fraction × the layer's maximum."""
     flops = [expert.cost_per_token().flops for expert in layer.experts]
     top = max(flops)
     return [i for i, f in enumerate(flops) if f <= cheap_fraction * top]
 
 
-def check_policies(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in POLICIES]
-    if unknown:
-        raise ValueError(f"unknown policies {unknown}; choose from {list(POLICIES)}")
-    if len(set(names)) != len(names):
-        raise ValueError(f"policies listed twice: {names}")
-    return list(names)
-
-
-def policy_router(policy: str, layer: MoELayer, temperature: float = 1.0, fast_router: bool = False) -> Router:
-    """A fresh router of `policy` for `layer`; `fast_router` gives NECTAR's router a fast-weight
-    network (LaCT machinery) beside its per-expert bias."""
+def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0) -> Router:
+    """A fresh router of `policy` for `layer` (an MoE layer: num_experts, d_model, experts)."""
+    spec = parse_policy(policy) if isinstance(policy, str) else policy
     num = layer.num_experts
-    if policy.startswith("static-top"):
-        k = int(policy.removeprefix("static-top"))
+    if spec.kind == "static-top":
+        k = int(spec.value)
         if k > num:
-            raise ValueError(f"{policy} needs at least {k} experts, the layer has {num}")
+            raise ValueError(f"{spec.name} needs at least {k} experts, the layer has {num}")
         return TopKRouter(num, k, temperature=temperature)
+    if spec.kind == "top-p":
+        return TopPRouter(num, p=max(spec.value, 1e-6), max_k=min(2, num), temperature=temperature)
     cheap = cheap_experts(layer)
     if not cheap:
-        raise ValueError(f"policy {policy!r} needs cheap experts (narrow or zero-compute); the model has none")
-    if policy == "static-cheap":
+        raise ValueError(f"policy {spec.name!r} needs cheap experts (narrow or zero-compute); the model has none")
+    if spec.kind == "static-cheap":
         return CheapStaticRouter(num, cheap, temperature=temperature)
-    if policy == "nectar":
-        net = FastWeightRouterNet(layer.d_model, num) if fast_router else None
-        return EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=net)
-    raise ValueError(f"unknown policy {policy!r}; choose from {list(POLICIES)}")
+    if spec.kind == "mix":
+        return MixedTrainingRouter(num, cheap, k=2, cheap_prob=spec.value, temperature=temperature, seed=seed)
+    fast_net = FastWeightRouterNet(layer.d_model, num) if spec.name == "nectar:fast" else None
+    router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net)
+    if spec.kind == "fixed-bias":
+        router.adapt(bias=cheap_bias(num, cheap, spec.value))
+    return router
+
+
+def cheap_bias(num_experts: int, cheap: list[int], value: float) -> torch.Tensor:
+    """[E] a score bias of `value` on the cheap experts, 0 elsewhere."""
+    bias = torch.zeros(num_experts)
+    bias[cheap] = value
+    return bias

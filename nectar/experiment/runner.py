@@ -1,31 +1,33 @@
 """The main experiment: routing policies on one token stream against a telemetry backend.
 
-Every policy sees the same held-out token stream, chunk by chunk. With one backend per policy
-(the simulator) each policy runs on its own simulated GPU that starts in the same state (seeded,
+Every policy sees the same token stream, chunk by chunk. With one backend per policy (the
+simulator) each policy runs on its own simulated GPU that starts in the same state (seeded,
 isolated: temperature history cannot favour one policy); with one shared backend (a real GPU) the
 policies are interleaved in time (A B C D, then B C D A, …) so that temperature drift spreads over
-all of them. The `nectar` policy's controller takes one step after each of its chunks.
+all of them.
 
 One chunk: the backend runs the chunk's forward inside its telemetry window (`run_chunk(compute)`),
-the forward returns a `ChunkObservation`, and the controller gets both as arguments.
+the forward returns a `ChunkObservation`, and an adaptive policy's controller gets both as
+arguments, plus a shadow check that re-runs sequences of the chunk under static routing (charged
+to the policy). Under operating limits (temperature cap, power budget), a non-adaptive policy is
+held by the same pause governor NECTAR falls back on, with its routing left alone.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
 
 from nectar.control.controller import ControllerConfig, NectarController
-from nectar.control.cost_model import OnlineCostModel
-from nectar.control.energy_router import EnergyAwareRouter
-from nectar.control.quality_guard import GuardConfig, QualityGuard
-from nectar.experiment.forward import install
-from nectar.experiment.guard_set import GuardSet, guard_check, measured_forward, static_guard_set
-from nectar.experiment.policies import DEFAULT_POLICIES, check_policies, policy_router
+from nectar.control.limits import LimitGovernor
+from nectar.control.quality_guard import QualityCheck
+from nectar.control.share_controller import ShareController
+from nectar.experiment.forward import forward_chunk, install
+from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
 from nectar.experiment.summary import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.trace import TraceRow
@@ -38,14 +40,10 @@ class RunConfig:
     chunk_tokens: int = 4096            # tokens per chunk (one controller step per chunk)
     seq_len: int = 256
     seed: int = 0
-    guard_tokens: int = 8192            # held-out guard set (scored once under static routing)
-    guard_check_tokens: int = 1024      # guard tokens scored after each nectar chunk, in rotation
     micro_batch_rows: int | None = None  # forward a chunk in micro-batches of this many sequences
-    fast_router: bool = False           # NECTAR's router gets a fast-weight network beside its bias
     interleave: bool | None = None      # share one backend and interleave policies in time (None: unless
                                         # the backend gives each policy its own isolated device)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
-    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
         check_policies(self.policies)
@@ -55,41 +53,86 @@ class RunConfig:
             raise ValueError(f"chunk_tokens ({self.chunk_tokens}) must be a positive multiple of seq_len ({self.seq_len})")
         if self.tokens < self.chunk_tokens:
             raise ValueError(f"tokens ({self.tokens}) must be at least one chunk ({self.chunk_tokens})")
-        if self.guard_check_tokens < self.seq_len or self.guard_tokens < self.guard_check_tokens:
-            raise ValueError(f"need seq_len ({self.seq_len}) <= guard_check_tokens ({self.guard_check_tokens}) "
-                             f"<= guard_tokens ({self.guard_tokens})")
+        if self.tokens % self.chunk_tokens:
+            raise ValueError(f"tokens ({self.tokens}) must be a multiple of chunk_tokens ({self.chunk_tokens}); "
+                             f"e.g. {self.tokens // self.chunk_tokens * self.chunk_tokens}")
+
+    @property
+    def has_limits(self) -> bool:
+        limits = self.controller.limits
+        return limits.temp_cap_C is not None or limits.power_budget is not None
 
 
 @dataclass
 class PolicyRun:
     name: str
+    spec: PolicySpec
     routers: list
+    static_routers: list                # static top-2, for the shadow check
     backend: Any
-    controller: NectarController | None = None
+    controller: NectarController | ShareController | None = None
+    governor: LimitGovernor | None = None   # holds limits for a non-adaptive policy (pauses only)
     records: list[ChunkRecord] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)   # every telemetry window, in order
-    setup_energy_J: float = 0.0         # one-time cost (the guard's static reference), in the totals
 
     def log(self, window, kind: str, chunk_index: int, suffix: str = "") -> None:
         self.trace.append(TraceRow(window, window.workload, kind=kind, policy=self.name + suffix,
                                    chunk_index=chunk_index))
 
 
-def build_policy(name: str, model, backend, cfg: RunConfig, guard: GuardSet, flops, setup_J: float) -> PolicyRun:
-    routers = [policy_router(name, layer, fast_router=cfg.fast_router) for _, layer in model.moe_layers()]
-    run = PolicyRun(name, routers, backend)
-    if name == "nectar":
-        run.setup_energy_J = setup_J
-        static_guard_nll = sum(guard.static_nll) / len(guard.static_nll)
-        moe_blocks = [idx for idx, _ in model.moe_layers()]
-        run.controller = NectarController(
-            [r for r in routers if isinstance(r, EnergyAwareRouter)],
-            OnlineCostModel(flops), QualityGuard(static_guard_nll, cfg.guard), cfg.controller,
-            cost_layers=moe_blocks)
+def measured_forward(backend, model, batch: torch.Tensor, policy: str, micro_rows: int | None = None):
+    """(observation, window): the chunk's forward run inside the backend's telemetry window."""
+    box: dict = {}
+
+    def compute():
+        box["observation"] = forward_chunk(model, batch, micro_rows, policy)
+        return box["observation"].workload
+
+    window = backend.run_chunk(compute)
+    return box["observation"], window
+
+
+def build_policy(name: str, model, backend, cfg: RunConfig) -> PolicyRun:
+    spec = parse_policy(name)
+    layers = [layer for _, layer in model.moe_layers()]
+    routers = [policy_router(spec, layer, seed=cfg.seed) for layer in layers]
+    run = PolicyRun(name, spec, routers, [policy_router("static-top2", layer) for layer in layers], backend)
+    if spec.is_nectar:
+        run.controller = NectarController(routers, nectar_config(spec, cfg.controller),
+                                          cost_layers=[idx for idx, _ in model.moe_layers()])
+    elif spec.kind == "pi-share":
+        run.controller = ShareController(routers, target_share=spec.value, limits=cfg.controller.limits)
+    elif cfg.has_limits:
+        run.governor = LimitGovernor(replace(cfg.controller.limits, routing=False))
     return run
 
 
-def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard: GuardSet) -> ChunkRecord:
+def nectar_config(spec: PolicySpec, base: ControllerConfig) -> ControllerConfig:
+    """The controller configuration of a NECTAR variant (see nectar.experiment.policies)."""
+    if spec.name == "nectar:prior":
+        return replace(base, cost_learning="prior")
+    if spec.name == "nectar:frozen":
+        return replace(base, cost_learning="frozen")
+    if spec.name == "nectar:noscale":
+        return replace(base, guard=replace(base.guard, sensitivity=False))
+    return base
+
+
+def shadow_check(model, run: PolicyRun, batch: torch.Tensor, rows: torch.Tensor, observation, index: int,
+                 micro_rows: int | None) -> QualityCheck:
+    """Re-run `rows` of the chunk under static top-2 routing inside a window of their own; paired
+    with the adapted NLL of the same rows from the chunk's forward."""
+    install(model, run.static_routers)
+    try:
+        static, window = measured_forward(run.backend, model, batch[rows.to(batch.device)], "guard-shadow", micro_rows)
+    finally:
+        install(model, run.routers)
+    run.log(window, "chunk", index, ":guard")
+    adapted_sum, tokens = observation.rows_nll(rows)
+    return QualityCheck(adapted_sum / tokens, static.nll_sum / static.nll_tokens, tokens, window)
+
+
+def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> ChunkRecord:
     install(model, run.routers)
     observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows)
     workload = window.workload
@@ -101,18 +144,34 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig, guard: G
         expert_counts=workload.expert_counts(), flags=list(window.flags),
         energy_mJ_start=window.energy_mJ_start, energy_mJ_end=window.energy_mJ_end)
     run.log(window, "chunk", index)
-    if run.controller is not None:
-        record.fallback = run.controller.guard.fallback
-        check = guard_check(model, guard, run.backend, lambda w: run.log(w, "chunk", index, ":guard"))
-        control = run.controller.after_chunk(observation, window, check)
-        record.alpha, record.lam_eff = control.alpha, control.lam_eff
-        record.guard_excess, record.cost_residual = control.guard_excess, control.cost_residual
-        record.skipped, record.guard_energy_J = control.skipped, control.guard_energy_J
-        if control.pause_s > 0:
-            pause = run.backend.idle(control.pause_s)
-            run.log(pause, "idle", index)
-            record.pause_s, record.pause_energy_J = pause.duration_s, window_energy_J(pause)
+    pause_s = 0.0
+    if isinstance(run.controller, NectarController):
+        record.fallback = any(r.fallback for r in run.routers)
+        shadow = lambda rows: shadow_check(model, run, batch, rows, observation, index, cfg.micro_batch_rows)  # noqa: E731
+        control = run.controller.after_chunk(observation, window, shadow)
+        record.alpha, record.lam, record.price, record.kappa = control.alpha, control.lam, control.price, control.kappa
+        record.delta_nll, record.deviation, record.budget_W = control.delta_nll, control.deviation, control.budget_W
+        record.nu_temp, record.nu_power = control.nu_temp, control.nu_power
+        record.cost_residual, record.skipped = control.cost_residual, control.skipped
+        record.guard_energy_J, record.guard_s = control.guard_energy_J, control.guard_s
+        pause_s = control.pause_s
+    elif run.controller is not None:
+        pause_s = run.controller.after_chunk(observation, window).pause_s
+    elif run.governor is not None:
+        run.governor.update(window)
+        pause_s = run.governor.pause_s(window, window.duration_s)
+    if pause_s > 0:
+        _pause(run, record, pause_s, index)
     return record
+
+
+def _pause(run: PolicyRun, record: ChunkRecord, seconds: float, index: int) -> None:
+    pause = run.backend.idle(seconds)
+    run.log(pause, "idle", index)
+    record.pause_s, record.pause_energy_J = pause.duration_s, window_energy_J(pause)
+    governor = run.governor if run.governor is not None else getattr(run.controller, "limits", None)
+    if governor is not None:
+        governor.observe_idle(pause)
 
 
 def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
@@ -127,21 +186,21 @@ def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
     return list(usable.view(n_chunks, rows, cfg.seq_len))
 
 
-def run_experiment(model, stream: torch.Tensor, guard: torch.Tensor, backend_factory: Callable[[], Any],
+def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_factory: Callable[[], Any],
                    cfg: RunConfig, progress: bool = True) -> list[PolicyRun]:
-    """Run every policy over the same chunks; returns the per-policy runs with their records."""
+    """Run every policy over the same chunks ([chunk_rows, seq_len] each; a 1-D stream is cut by
+    `chunks_of`); returns the per-policy runs with their records."""
     model.eval()
     device = next(model.parameters()).device
-    chunks = chunks_of(stream.to(device), cfg)
-    reference_backend = backend_factory()
-    interleave = cfg.interleave if cfg.interleave is not None else not reference_backend.isolated
-    shared = reference_backend if interleave else None
-    guard_set, flops, setup_J = static_guard_set(model, guard.to(device), reference_backend,
-                                                 cfg.guard_check_tokens, cfg.guard_tokens, cfg.seq_len)
-    runs = [build_policy(n, model, shared or backend_factory(), cfg, guard_set, flops, setup_J) for n in cfg.policies]
+    chunks = chunks_of(chunks, cfg) if isinstance(chunks, torch.Tensor) and chunks.dim() == 1 else list(chunks)
+    chunks = [c.to(device) for c in chunks]
+    first = backend_factory()
+    interleave = cfg.interleave if cfg.interleave is not None else not first.isolated
+    runs = [build_policy(n, model, first if (interleave or j == 0) else backend_factory(), cfg)
+            for j, n in enumerate(cfg.policies)]
     schedule = [(i, (i + j) % len(runs) if interleave else j) for i in range(len(chunks)) for j in range(len(runs))]
     if not interleave:
         schedule.sort(key=lambda item: item[1])
     for i, j in tqdm(schedule, desc="chunks", disable=not progress):
-        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg, guard_set))
+        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
     return runs

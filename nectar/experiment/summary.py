@@ -32,13 +32,20 @@ class ChunkRecord:
     nll_sum: float
     nll_tokens: int
     routing_agreement: float
-    guard_energy_J: float = 0.0
+    guard_energy_J: float = 0.0        # the quality check's energy and time, charged to the policy
+    guard_s: float = 0.0
     pause_s: float = 0.0
     pause_energy_J: float = 0.0
     fallback: bool = False
     alpha: float = 1.0
-    lam_eff: float | None = None
-    guard_excess: float | None = None
+    lam: float | None = None           # the controller's λ for the next chunk
+    price: float | None = None
+    kappa: float | None = None
+    delta_nll: float | None = None     # paired shadow check: NLL increase per token
+    deviation: float | None = None
+    budget_W: float | None = None
+    nu_temp: float | None = None
+    nu_power: float | None = None
     cost_residual: float | None = None
     skipped: str = ""
     expert_counts: list[list[int]] = field(default_factory=list)
@@ -53,8 +60,8 @@ def summarise(runs: list["PolicyRun"]) -> dict[str, dict]:
     for run in runs:
         r = run.records
         valid = [x for x in r if math.isfinite(x.energy_J + x.guard_energy_J + x.pause_energy_J)]
-        energy = run.setup_energy_J + sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
-        duration = sum((x.t_end_s - x.t_start_s) + x.pause_s for x in valid)
+        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
+        duration = sum((x.t_end_s - x.t_start_s) + x.guard_s + x.pause_s for x in valid)
         tokens = sum(x.tokens for x in valid)
         nll = sum(x.nll_sum for x in r) / max(sum(x.nll_tokens for x in r), 1)
         out[run.name] = {
@@ -67,12 +74,16 @@ def summarise(runs: list["PolicyRun"]) -> dict[str, dict]:
             "perplexity": math.exp(nll),
             "routing_agreement": sum(x.routing_agreement for x in r) / len(r),
             "fallback_chunks": sum(x.fallback for x in r),
-            "guard_energy_J": run.setup_energy_J + sum(x.guard_energy_J for x in r),
+            "guard_energy_J": sum(x.guard_energy_J for x in r),
+            "guard_s": sum(x.guard_s for x in r),
             "pause_s": sum(x.pause_s for x in r),
+            "pause_share": sum(x.pause_s for x in r) / duration if duration > 0 else 0.0,
             "invalid_energy_chunks": len(r) - len(valid),
+            "adaptive": run.spec.adaptive,
         }
-        if run.controller is not None:
-            out[run.name]["cost_model_residual"] = run.controller.cost_model.fit_residual()
+        cost_model = getattr(run.controller, "cost_model", None)
+        if cost_model is not None:
+            out[run.name]["cost_model_residual"] = cost_model.fit_residual()
     return out
 
 
@@ -86,7 +97,12 @@ def record_rows(runs: list["PolicyRun"]) -> list[dict]:
 
 def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **extra) -> dict:
     """The run's summary in the schema of `nectar run --json` (plus the run's settings)."""
+    limits, guard = cfg.controller.limits, cfg.controller.guard
+    budget = None if limits.power_budget is None else limits.power_budget.describe()
+    tokens = sum(len(run.records) for run in runs[:1]) * cfg.chunk_tokens
     return {"backend": backend, "seed": cfg.seed, **runs[0].backend.info(),
-            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "lambda": cfg.controller.lam,
-            "temp_cap_C": cfg.controller.temp_cap_C, "power_budget_W": cfg.controller.power_budget_W,
-            "max_ppl_increase": cfg.guard.max_ppl_increase, **extra, "policies": summarise(runs)}
+            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "stream_tokens_per_policy": tokens,
+            "tokens_note": "policies' 'tokens' count what the backend accounted: with price-as scaling the "
+                           "simulator prices each streamed sequence as a longer, larger batch",
+            "price_init": guard.price_init, "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
+            "max_ppl_increase": guard.max_ppl_increase, **extra, "policies": summarise(runs)}

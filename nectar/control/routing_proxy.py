@@ -1,0 +1,34 @@
+"""What the energy-aware router can actually choose, as a distribution: the chunk problem's q.
+
+The router forces the static top-1 expert into the first slot and picks the remaining slot among
+a candidate set A_t (the static second choice and the best cheap expert, for "static-or-cheap").
+The chunk problem is therefore posed over A_t: q_t is the static softmax restricted to A_t and
+renormalised (zero elsewhere), and p_t = softmax(log q_t + b) over A_t; the router's argmax over
+A_t is the mode of that p_t. `deviation_kl` is the mean KL(p_t ‖ q_t) of the bias in force: the
+routing deviation the quality guard relates to the measured NLL increase.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nectar.control.energy_router import EnergyAwareRouter
+
+
+def allowed_distribution(router: EnergyAwareRouter, logits: torch.Tensor) -> torch.Tensor:
+    """[N, E] static second-slot distribution: softmax(logits/τ) restricted to the candidates."""
+    logits = logits.float()
+    allowed_NE = router.second_slot_mask(logits)                               # [N, E] 0 or -inf
+    return torch.softmax(logits / router.temperature + allowed_NE, dim=-1)
+
+
+def deviation_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
+    """Mean over tokens of KL(p ‖ q) with q the candidates' static distribution, p = q·exp(b)."""
+    if logits.numel() == 0:
+        return 0.0
+    q_NE = allowed_distribution(router, logits)
+    log_q = torch.log(q_NE.clamp_min(1e-30))
+    log_p = torch.log_softmax(log_q + router.bias.to(log_q), dim=-1)          # [N, E]
+    p_NE = log_p.exp()
+    kl_N = (p_NE * (log_p - log_q)).where(q_NE > 0, torch.zeros_like(p_NE)).sum(-1)
+    return float(kl_N.mean())
