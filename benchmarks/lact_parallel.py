@@ -311,6 +311,7 @@ def parse_args() -> tuple[BenchConfig, int, str | None]:
 
 def main() -> None:
     cfg, nproc, json_out = parse_args()
+    load_start = os.getloadavg()[0]
     if cfg.backend == "nccl":
         os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast stays off (set before any init)
     if launched_by_torchrun():
@@ -319,7 +320,7 @@ def main() -> None:
             return
     else:
         records = run_group(bench_worker, nproc, cfg, backend=cfg.backend, timeout_s=3600)[0]
-    machine = machine_facts()
+    machine = machine_facts(load_start)
     print(json.dumps(dataclasses.asdict(cfg) | machine))
     print_table(records)
     if json_out:
@@ -327,9 +328,10 @@ def main() -> None:
             json.dump({"config": dataclasses.asdict(cfg), "machine": machine, "records": records}, f, indent=2)
 
 
-def machine_facts() -> dict:
-    """What the numbers depend on: versions, cores, the load while the benchmark ran."""
-    facts = {"torch": torch.__version__, "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]}
+def machine_facts(load_start: float) -> dict:
+    """What the numbers depend on: versions, cores, the 1-minute load average before and after."""
+    facts = {"torch": torch.__version__, "cpu_count": os.cpu_count(),
+             "loadavg_1min_start": load_start, "loadavg_1min_end": os.getloadavg()[0]}
     if torch.cuda.is_available():
         facts["gpu"] = torch.cuda.get_device_name(0)
     return facts
