@@ -96,6 +96,9 @@ def run_group(
             if failure is None:  # died without a Python exception (a signal): mp's message says how
                 raise
             raise failure from e
+        except BaseException:  # interrupted (Ctrl-C, a test timeout): leave no child behind
+            _stop(context.processes)
+            raise
         return [pickle.loads((Path(tmp) / f"rank{r}.pkl").read_bytes()) for r in range(world_size)]
 
 
@@ -107,7 +110,8 @@ def _join(context: mp.ProcessContext, timeout_s: float) -> None:
         if time.monotonic() >= deadline:
             alive = [rank for rank, p in enumerate(context.processes) if p.is_alive()]
             _stop(context.processes)
-            raise TimeoutError(f"process group did not finish within {timeout_s} s (ranks {alive} still running; terminated)")
+            raise TimeoutError(f"process group did not finish within {timeout_s} s "
+                               f"(ranks {alive} still running; terminated)")
 
 
 def _first_failure(result_dir: Path) -> ChildFailed | None:

@@ -53,7 +53,14 @@ import torch
 import torch.distributed as dist
 
 from nectar.lact.collectives import CommStats, all_reduce_sum, all_to_all
-from nectar.lact.fastweight import Weights, fast_weight_step, row_norms, swiglu_apply, swiglu_chunk_update, swiglu_fast_weight
+from nectar.lact.fastweight import (
+    Weights,
+    fast_weight_step,
+    row_norms,
+    swiglu_apply,
+    swiglu_chunk_update,
+    swiglu_fast_weight,
+)
 
 # ----------------------------------------------------------------------------- layout helpers
 
@@ -172,7 +179,8 @@ def _context_meta(q, v, w0, chunk_size, world, options) -> tuple[str | None, dic
     if error is None:
         error = _weight_checks(w0, options["w1"], options["w2"], q.shape[0], q.shape[2], v.shape[2])
     if error is None and chunk_size % world:
-        error = f"chunk_size {chunk_size} is not divisible by the world size {world} (each rank holds chunk_size/W tokens of a chunk)"
+        error = (f"chunk_size {chunk_size} is not divisible by the world size {world} "
+                 "(each rank holds chunk_size/W tokens of every chunk)")
     ok = error is None
     meta = {
         "batch": q.shape[0] if ok else -1,
