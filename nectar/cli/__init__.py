@@ -31,10 +31,17 @@ def _hw_run(argv: list[str]) -> int:
     return hw_run_main(argv)
 
 
-CORE = {"run": _run, "train": _train, "hw-run": _hw_run}
+def _frontier(argv: list[str]) -> int:
+    from nectar.cli.frontier import main as frontier_main
+
+    return frontier_main(argv)
+
+
+CORE = {"run": _run, "train": _train, "hw-run": _hw_run, "frontier": _frontier}
 HELP = {
     "run": "run routing policies on one token stream against a telemetry backend (default: sim)",
     "train": "train the dense DistilGPT2-architecture model, upcycle it to MoE and fine-tune",
+    "frontier": "NECTAR against the static frontier (every non-adaptive policy and their mixtures) on one workload",
     "verify-convexity": "build the chunk problem in cvxpy and compare with the online router",
     "reconcile": "replay measured traces through the simulator, calibrate, report held-out error",
     "report": "write a markdown report with plots for a run directory",

@@ -56,7 +56,7 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--price", type=float, default=GuardConfig.price_init,
                    help="initial price of quality μ; it then follows the budget (default: %(default)s)")
     g.add_argument("--shadow-share", type=float, default=ControllerConfig.shadow_share,
-                   help="share of each chunk's sequences re-run under static routing (default: 1/16)")
+                   help="share of the stream's sequences re-run under static routing (default: 1/64)")
     g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature (°C)")
     g.add_argument("--power-budget", type=schedule, default=None,
                    help="hold mean power below this (W), or a schedule 'seconds:W,…' starting at 0")

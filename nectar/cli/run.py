@@ -79,7 +79,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nectar run: error: {exc}", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
-    runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
+    try:
+        runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
+    except ValueError as exc:  # a policy the model cannot run (e.g. static-top9 on 6 experts)
+        print(f"nectar run: error: {exc}", file=sys.stderr)
+        return 2
     summary = build_summary(runs, cfg, backend=args.backend, faults=args.faults)
     for run in runs:
         run.backend.close()

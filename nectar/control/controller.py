@@ -48,8 +48,7 @@ class ControllerConfig:
     optimizer_mode: str = "dual"       # "dual" (KKT primal + dual ascent) or "gradient"
     cost_learning: str = "telemetry"
     frozen_after: int = 8
-    shadow_share: float = 1 / 16       # share of each chunk's sequences re-run under static routing
-    shadow_every: int = 1              # check every n-th chunk
+    shadow_share: float = 1 / 64       # share of the stream's sequences re-run under static routing
     fast_lr: float = 0.5               # fast-weight router network: step size (relative), momentum, Muon
     fast_momentum: float = 0.5
     fast_muon: bool = True
@@ -62,9 +61,8 @@ class ControllerConfig:
     def __post_init__(self):
         if self.cost_learning not in COST_LEARNING:
             raise ValueError(f"cost_learning must be one of {COST_LEARNING}, got {self.cost_learning!r}")
-        if not 0.0 < self.shadow_share <= 1.0 or self.shadow_every < 1:
-            raise ValueError(f"shadow_share must be in (0, 1] and shadow_every >= 1, got {self.shadow_share}, "
-                             f"{self.shadow_every}")
+        if not 0.0 < self.shadow_share <= 1.0:
+            raise ValueError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
 
 
 @dataclass
@@ -136,11 +134,14 @@ class NectarController:
         return self.guard.price * self.guard.kappa / (1.0 + self.limits.pressure)
 
     def _check(self, observation: ChunkObservation, shadow: ShadowCheck | None) -> QualityCheck | None:
-        if shadow is None or self.chunks % self.config.shadow_every:
-            return None
+        """Re-run `shadow_share` of the sequences: that many rows of every chunk when a chunk has
+        enough rows, else one row every ⌈1 / (rows · share)⌉ chunks."""
         rows = observation.nll_rows.numel()
-        share = max(1, round(self.config.shadow_share * rows))
-        picked = torch.randperm(rows, generator=self.generator)[:share].sort().values   # [r]
+        per_chunk = self.config.shadow_share * rows
+        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
+        if shadow is None or rows == 0 or self.chunks % every:
+            return None
+        picked = torch.randperm(rows, generator=self.generator)[:max(1, round(per_chunk))].sort().values   # [r]
         return shadow(picked)
 
     def _deviation(self, observation: ChunkObservation) -> float:

@@ -48,12 +48,12 @@ class GuardConfig:
     max_ppl_increase: float = 0.01   # the quality bound: relative perplexity increase vs static routing
     budget_use: float = 0.9          # aim the measured increase at this share of the bound
     price_init: float = 0.3          # initial quality price μ (normalised expert cost per nat of KL)
-    price_lr: float = 0.5            # step of log μ per check, per unit of relative error
+    price_lr: float = 0.25           # step of log μ per check, per unit of relative error
     price_range: tuple[float, float] = (0.005, 50.0)
     sensitivity: bool = True         # scale the price by the current chunk's relative sensitivity
-    fast_memory: float = 0.5         # weight of the newest check in the fast (domain) estimate
+    fast_memory: float = 0.3         # weight of the newest check in the fast (domain) estimate
     slow_memory: float = 0.05        # ... in the slow (stream) estimate
-    kappa_range: tuple[float, float] = (0.25, 4.0)
+    kappa_range: tuple[float, float] = (0.5, 2.0)
     gross: float = 4.0               # one check above gross × target falls back to static at once
 
     def __post_init__(self):

@@ -3,79 +3,48 @@
 On a GPU host with torch (CUDA), transformers and nvidia-ml-py only (no simpy, no cvxpy, no
 network), run with `PYTHONPATH=. python -m nectar hw-run --out DIR`:
 
-1. build MoE-DistilGPT2 (docs/design.md, "Models and data") — train the dense DistilGPT2-architecture model on
-   the offline corpus, upcycle it with cheap experts, fine-tune (bf16, a time budget) — or load
-   `--model DIR`;
-2. warm the GPU up, then measure calibration windows of ≥ 5 s (idle, static-top2, static-top1);
-3. segment "main": every policy on the same held-out stream, interleaved in time, chunk windows
-   of ≥ 100 ms, with NVML energy windows;
-4. segment "thermal": static-top2 then NECTAR under a temperature cap below static-top2's
-   temperature; segment "power": the same with a power budget below static-top2's power;
-5. optional segment "long": NECTAR alone for several minutes (convergence of router, cost model
-   and temperature).
-Each segment writes a run directory (summary.json in the `nectar run --json` schema with
-"backend": "nvml", chunks.csv, trace.csv.gz, meta.json, plots) under `--out`.
-`--backend sim --device cpu` runs the same orchestration on the simulator (for tests).
+1. build the model (docs/design.md §8): train it with a recipe within a time budget (dense
+   DistilGPT2-shape parent → sparse upcycling → MoE fine-tune, bf16), or load `--model DIR`;
+2. warm the GPU up, then measure calibration windows of ≥ 5 s (idle, static-top2, static-top1): a
+   trace for the reconciliation of the simulator with the GPU;
+3. per workload (stationary, domain-shift, …): the static frontier and NECTAR on the same stream,
+   interleaved in time on the one GPU, with NVML energy windows, `--repeats` times; each workload
+   writes a run directory (frontier.json, summary.json, chunks.csv, trace.csv.gz, meta.json, plots).
+A workload that would end after `--deadline-s` is skipped and says so. `--backend sim --device cpu`
+runs the same orchestration on the simulator (for tests).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from nectar.control.controller import ControllerConfig
-from nectar.train.recipes import RECIPES, load_demo_model, save_demo_model, train_demo_model
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.runner import RunConfig, run_experiment
-from nectar.experiment.summary import build_summary
-from nectar.plugins import make_backend
-from nectar.experiment.policies import DEFAULT_POLICIES, policy_router
-from nectar.control.quality_guard import GuardConfig
-from nectar.experiment.outputs import write_outputs
-from nectar.telemetry.trace import TraceRow
+from nectar.experiment.frontier_run import build_workload, frontier, write_frontier
+from nectar.experiment.policies import policy_router
+from nectar.experiment.runner import RunConfig
+from nectar.telemetry.energy import window_energy_J
+from nectar.telemetry.trace import TraceRow, write_trace
 from nectar.telemetry.workload import merge_workloads
-
-SEGMENTS = ("main", "thermal", "power", "long")
 
 
 @dataclass
-class Segment:
-    name: str
-    policies: list[str]
-    seconds: float
-    interleave: bool
-    temp_cap_C: float | None = None
-    power_budget_W: float | None = None
+class Calibration:
+    rows: list[TraceRow]
+    tokens_per_s: float            # static-top2 throughput
+    power_W: float                 # static-top2 mean power
+    joules_per_token: float
 
 
-def build_model(args):
-    if args.model is not None:
-        demo = load_demo_model(args.model)
-    else:
-        dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-        demo = train_demo_model(RECIPES[args.preset], seed=args.seed, device=args.device, dtype=dtype,
-                                progress=not args.no_progress, time_budget_s=args.train_budget_s)
-        if args.save_model is not None:
-            save_demo_model(demo, args.save_model)
-    model = demo.model.to(args.device)
-    if args.device.startswith("cuda"):
-        model = model.to(torch.bfloat16)
-    guard_tokens = max(args.guard_tokens, args.seq_len)
-    return model.eval(), demo.heldout_ids[guard_tokens:], demo.heldout_ids[:guard_tokens], demo.info
-
-
-def stream_chunk(stream: torch.Tensor, args, device) -> torch.Tensor:
-    """One micro-batch [micro_batch, seq_len] of the stream, for warm-up and calibration."""
-    rows = min(args.micro_batch, args.chunk_tokens // args.seq_len)
-    need = rows * args.seq_len
-    return stream.repeat(math.ceil(need / stream.numel()))[:need].view(rows, args.seq_len).to(device)
+def stream_chunk(stream: torch.Tensor, rows: int, seq_len: int, device) -> torch.Tensor:
+    """One micro-batch [rows, seq_len] of the stream, for warm-up and calibration."""
+    need = rows * seq_len
+    return stream.repeat(math.ceil(need / stream.numel()))[:need].view(rows, seq_len).to(device)
 
 
 def measured_block(model, backend, chunk, policy: str, seconds: float, kind: str) -> TraceRow:
@@ -92,13 +61,24 @@ def measured_block(model, backend, chunk, policy: str, seconds: float, kind: str
     return TraceRow(window, window.workload, kind=kind, policy=policy)
 
 
-def report_speed(model, chunk) -> None:
-    """Print the forward throughput of the built model (plain call and forward_chunk), so a slow
-    run can be told apart from a slow measurement."""
+def calibrate(model, backend, chunk, warmup_s: float, calibration_s: float) -> Calibration:
+    """Warm-up, then ≥ `calibration_s` windows of idle, static-top2 and static-top1."""
+    rows = [measured_block(model, backend, chunk, "static-top2", warmup_s, "warmup"),
+            TraceRow(backend.idle(calibration_s), None, kind="idle", policy="idle")]
+    rows += [measured_block(model, backend, chunk, p, calibration_s, "calibration") for p in ("static-top2", "static-top1")]
+    top2 = rows[2]
+    tokens = top2.workload.tokens
+    return Calibration(rows, tokens / top2.window.duration_s, top2.window.mean_power_W,
+                       window_energy_J(top2.window) / tokens)
+
+
+def report_speed(model, chunk) -> dict:
+    """Forward throughput of the model (plain call and forward_chunk), so that a slow run can be told
+    apart from a slow measurement."""
     install(model, [policy_router("static-top2", layer) for _, layer in model.moe_layers()])
     sync = torch.cuda.synchronize if chunk.is_cuda else (lambda: None)
-    dtypes = sorted({str(p.dtype) for p in model.parameters()})
-    for label, fn in (("plain forward", lambda: model(input_ids=chunk, use_cache=False)),
+    out = {}
+    for label, fn in (("plain_forward", lambda: model(input_ids=chunk, use_cache=False)),
                       ("forward_chunk", lambda: forward_chunk(model, chunk))):
         with torch.no_grad():
             fn()
@@ -107,61 +87,32 @@ def report_speed(model, chunk) -> None:
             for _ in range(3):
                 fn()
             sync()
-        rate = 3 * chunk.numel() / (time.perf_counter() - start)
-        print(f"speed {label}: {rate / 1e6:.3f} M tokens/s (param dtypes {dtypes})", flush=True)
+        out[f"{label}_tokens_per_s"] = 3 * chunk.numel() / (time.perf_counter() - start)
+    out["ratio"] = out["forward_chunk_tokens_per_s"] / out["plain_forward_tokens_per_s"]
+    return out
 
 
-def tokens_for(seconds: float, tokens_per_s: float, chunk_tokens: int, max_chunks: int | None) -> int:
-    """Stream tokens per policy so that each policy runs about `seconds` on the GPU."""
-    chunks = max(1, round(seconds * tokens_per_s / chunk_tokens))
-    return (chunks if max_chunks is None else min(chunks, max_chunks)) * chunk_tokens
+def chunks_for(seconds: float, tokens_per_s: float, chunk_tokens: int, policies: int, lo: int = 2, hi: int = 64) -> int:
+    """Chunks per policy so that one repeat of a workload takes about `seconds` of GPU time."""
+    per_chunk_s = chunk_tokens / tokens_per_s
+    return max(lo, min(hi, round(seconds / (per_chunk_s * policies))))
 
 
-def run_segment(seg: Segment, model, stream, guard, backend, args, tokens_per_s, info, extra_trace=()):
-    controller = ControllerConfig(lam=args.lam, temp_cap_C=seg.temp_cap_C, power_budget_W=seg.power_budget_W)
-    cfg = RunConfig(policies=seg.policies, tokens=tokens_for(seg.seconds / len(seg.policies), tokens_per_s, args.chunk_tokens, args.max_chunks),
-                    chunk_tokens=args.chunk_tokens, seq_len=args.seq_len, seed=args.seed,
-                    guard_tokens=args.guard_tokens, guard_check_tokens=args.guard_check_tokens,
-                    interleave=seg.interleave,
-                    micro_batch_rows=args.micro_batch,
-                    controller=controller, guard=GuardConfig(max_ppl_increase=args.max_ppl_increase))
-    runs = run_experiment(model, stream, guard, lambda: backend, cfg, progress=not args.no_progress)
-    summary = build_summary(runs, cfg, backend=args.backend, segment=seg.name, model=info)
-    write_outputs(args.out / seg.name, runs, summary, command="nectar hw-run " + " ".join(sys.argv[2:]),
-                  extra_trace=list(extra_trace), **device_meta(backend))
-    return summary
+def run_workload(name: str, model, demo, backend, cfg: RunConfig, out: Path, *, repeats: int, backend_name: str,
+                 block_chunks: int, command: str, progress: bool, meta: dict) -> dict:
+    """One workload's frontier on the shared backend; writes OUT/<name>/ and returns the report."""
+    workload = build_workload(name, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
+                              block_chunks=block_chunks)
+    runs, summary, report = frontier(model, workload, lambda: backend, cfg, backend_name, repeats=repeats,
+                                     progress=progress)
+    write_frontier(out / name, runs, summary, report, command, **meta)
+    return report
 
 
-def device_meta(backend) -> dict:
-    """The backend's own account of the device, for meta.json."""
-    return {"device": backend.info()}
-
-
-def plan_segments(args, main_summary: dict | None) -> list[Segment]:
-    wanted = [s.strip() for s in args.segments.split(",") if s.strip()]
-    unknown = [s for s in wanted if s not in SEGMENTS]
-    if unknown:
-        raise ValueError(f"unknown segments {unknown}; choose from {SEGMENTS}")
-    plan = []
-    if "main" in wanted:
-        plan.append(Segment("main", list(DEFAULT_POLICIES), args.policy_seconds * len(DEFAULT_POLICIES), True))
-    if "thermal" in wanted:
-        plan.append(Segment("thermal", ["static-top2", "nectar"], 2 * args.thermal_seconds, False, temp_cap_C=args.temp_cap))
-    if "power" in wanted:
-        plan.append(Segment("power", ["static-top2", "nectar"], 2 * args.power_seconds, False, power_budget_W=args.power_budget))
-    if "long" in wanted:
-        plan.append(Segment("long", ["nectar"], args.long_seconds, False))
-    return plan
-
-
-def auto_limits(seg: Segment, main: dict | None) -> Segment:
-    top2 = (main or {}).get("policies", {}).get("static-top2")
-    if seg.name == "thermal" and seg.temp_cap_C is None:
-        if top2 is None:
-            raise ValueError("the thermal segment needs --temp-cap or the main segment before it")
-        seg = replace(seg, temp_cap_C=top2["max_temp_C"] - 4.0)
-    if seg.name == "power" and seg.power_budget_W is None:
-        if top2 is None:
-            raise ValueError("the power segment needs --power-budget or the main segment before it")
-        seg = replace(seg, power_budget_W=0.9 * top2["mean_power_W"])
-    return seg
+def save_calibration(out: Path, calibration: Calibration, speed: dict, model_info: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_trace(out / "calibration.csv.gz", calibration.rows)
+    (out / "campaign.json").write_text(json.dumps({
+        "static_top2_tokens_per_s": calibration.tokens_per_s, "static_top2_power_W": calibration.power_W,
+        "static_top2_J_per_token": calibration.joules_per_token, "speed": speed, "model": model_info},
+        indent=2, sort_keys=True, allow_nan=False) + "\n")

@@ -25,7 +25,7 @@ def write_chunks_csv(path: Path, rows: list[dict]) -> None:
 
 def export_convexity(out: Path, runs: list[PolicyRun]) -> None:
     """The nectar controller's last chunk problem (first MoE layer) for `verify-convexity --run`."""
-    nectar_run = next((r for r in runs if r.controller is not None), None)
+    nectar_run = next((r for r in runs if r.spec.is_nectar), None)
     if nectar_run is None or nectar_run.controller.last_instance is None:
         return
     inst = nectar_run.controller.last_instance
@@ -33,9 +33,15 @@ def export_convexity(out: Path, runs: list[PolicyRun]) -> None:
 
 
 def write_outputs(out: Path, runs: list[PolicyRun], summary: dict, command: str,
-                  extra_trace: list[TraceRow] | None = None, **meta) -> None:
+                  extra_trace: list[TraceRow] | None = None, extra_files: dict[str, dict] | None = None,
+                  plots: tuple[str, ...] = (), **meta) -> None:
+    """Everything a run leaves: summary.json, chunks.csv, trace.csv.gz, meta.json, the convexity
+    instance, any `extra_files` (name → JSON document) and the plots (the run's, plus `plots`
+    families, e.g. "frontier")."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    for name, document in (extra_files or {}).items():
+        (out / name).write_text(json.dumps(document, indent=2, sort_keys=True, allow_nan=False) + "\n")
     rows = record_rows(runs)
     write_chunks_csv(out / "chunks.csv", rows)
     write_trace(out / "trace.csv.gz", [*(extra_trace or []), *(row for run in runs for row in run.trace)])
@@ -45,3 +51,7 @@ def write_outputs(out: Path, runs: list[PolicyRun], summary: dict, command: str,
     from nectar.experiment.plots import write_all  # matplotlib only when plots are written
 
     write_all(rows, summary, out, temp_cap=summary.get("temp_cap_C"))
+    if "frontier" in plots and extra_files and "frontier.json" in extra_files:
+        from nectar.experiment.frontier_plots import write_frontier_plots
+
+        write_frontier_plots(extra_files["frontier.json"], rows, out)

@@ -58,33 +58,38 @@ def summarise(runs: list["PolicyRun"]) -> dict[str, dict]:
     """Per-policy totals in the schema of `nectar run --json`."""
     out = {}
     for run in runs:
-        r = run.records
-        valid = [x for x in r if math.isfinite(x.energy_J + x.guard_energy_J + x.pause_energy_J)]
-        energy = sum(x.energy_J + x.guard_energy_J + x.pause_energy_J for x in valid)
-        duration = sum((x.t_end_s - x.t_start_s) + x.guard_s + x.pause_s for x in valid)
-        tokens = sum(x.tokens for x in valid)
-        nll = sum(x.nll_sum for x in r) / max(sum(x.nll_tokens for x in r), 1)
-        out[run.name] = {
-            "tokens": tokens,
-            "energy_J": energy,
-            "duration_s": duration,
-            "J_per_token": energy / tokens if tokens else float("nan"),
-            "mean_power_W": energy / duration if duration > 0 else float("nan"),
-            "max_temp_C": max(x.temp_C for x in r),
-            "perplexity": math.exp(nll),
-            "routing_agreement": sum(x.routing_agreement for x in r) / len(r),
-            "fallback_chunks": sum(x.fallback for x in r),
-            "guard_energy_J": sum(x.guard_energy_J for x in r),
-            "guard_s": sum(x.guard_s for x in r),
-            "pause_s": sum(x.pause_s for x in r),
-            "pause_share": sum(x.pause_s for x in r) / duration if duration > 0 else 0.0,
-            "invalid_energy_chunks": len(r) - len(valid),
-            "adaptive": run.spec.adaptive,
-        }
+        out[run.name] = summarise_records([asdict(x) for x in run.records], run.spec.adaptive)
         cost_model = getattr(run.controller, "cost_model", None)
         if cost_model is not None:
             out[run.name]["cost_model_residual"] = cost_model.fit_residual()
     return out
+
+
+def summarise_records(r: list[dict], adaptive: bool) -> dict:
+    """Totals of one policy's chunk records (dicts): energy includes every quality check and pause;
+    duration the busy, check and pause time; mean power = energy / duration."""
+    valid = [x for x in r if math.isfinite(x["energy_J"] + x["guard_energy_J"] + x["pause_energy_J"])]
+    energy = sum(x["energy_J"] + x["guard_energy_J"] + x["pause_energy_J"] for x in valid)
+    duration = sum((x["t_end_s"] - x["t_start_s"]) + x["guard_s"] + x["pause_s"] for x in valid)
+    tokens = sum(x["tokens"] for x in valid)
+    nll = sum(x["nll_sum"] for x in r) / max(sum(x["nll_tokens"] for x in r), 1)
+    return {
+        "tokens": tokens,
+        "energy_J": energy,
+        "duration_s": duration,
+        "J_per_token": energy / tokens if tokens else float("nan"),
+        "mean_power_W": energy / duration if duration > 0 else float("nan"),
+        "max_temp_C": max(x["temp_C"] for x in r),
+        "perplexity": math.exp(nll),
+        "routing_agreement": sum(x["routing_agreement"] for x in r) / len(r),
+        "fallback_chunks": sum(bool(x["fallback"]) for x in r),
+        "guard_energy_J": sum(x["guard_energy_J"] for x in r),
+        "guard_s": sum(x["guard_s"] for x in r),
+        "pause_s": sum(x["pause_s"] for x in r),
+        "pause_share": sum(x["pause_s"] for x in r) / duration if duration > 0 else 0.0,
+        "invalid_energy_chunks": len(r) - len(valid),
+        "adaptive": adaptive,
+    }
 
 
 def record_rows(runs: list["PolicyRun"]) -> list[dict]:

@@ -1,4 +1,6 @@
-"""The NECTAR controller: bias steps reach the closed form, thermal/power pressure, skips, pauses."""
+"""The NECTAR controller: its bias is the chunk problem's closed form at λ = μ·κ/(1 + Σν); the price
+μ spends the quality budget in a synthetic environment with a known answer; limits relieve the
+price and pause only as a last resort; the fast-weight step does not raise the chunk objective."""
 
 import math
 
@@ -9,8 +11,11 @@ from nectar.control.bias_optimizer import closed_form_bias
 from nectar.control.controller import ControllerConfig, NectarController
 from nectar.control.cost_model import OnlineCostModel
 from nectar.control.energy_router import EnergyAwareRouter
+from nectar.control.limits import LimitConfig
 from nectar.control.observation import ChunkObservation, LayerObservation
-from nectar.control.quality_guard import GuardCheck, QualityGuard
+from nectar.control.quality_guard import GuardConfig, QualityCheck
+from nectar.control.routing_proxy import deviation_kl
+from nectar.control.schedule import Schedule
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
 
@@ -23,103 +28,169 @@ def _workload(counts):
                          n_heads=1, vocab_size=10, layers=[layer])
 
 
-def _observe(counts, logits, inputs=None):
+def _observe(counts, logits, inputs=None, rows=16):
     inputs = torch.empty(0, 0) if inputs is None else inputs
-    return ChunkObservation(0.0, 1, 1.0, _workload(counts), [LayerObservation(logits, inputs)])
+    return ChunkObservation(0.0, 16 * rows, 1.0, _workload(counts), [LayerObservation(logits, inputs)],
+                            nll_rows=torch.full((rows,), 32.0))
 
 
-def _window(temp=50.0, power=400.0, energy=40.0, mem=None):
-    return TelemetryWindow(0.0, 0.1, energy, power, power, temp, mem_used_B=mem, mem_total_B=100 if mem else None)
+def _window(temp=50.0, power=400.0, energy=40.0, mem=None, t0=0.0, duration=0.1):
+    return TelemetryWindow(t0, t0 + duration, energy, power, power, temp, mem_used_B=mem,
+                           mem_total_B=100 if mem else None)
 
 
-def _controller(**cfg):
+def _controller(guard=None, limits=None, **cfg):
     router = EnergyAwareRouter(4, cheap_experts=[2, 3])
-    ctl = NectarController([router], OnlineCostModel([FLOPS]), QualityGuard(2.0), ControllerConfig(**cfg))
-    return ctl, router
+    config = ControllerConfig(guard=guard or GuardConfig(), limits=limits or LimitConfig(), shadow_share=1 / 16, **cfg)
+    return NectarController([router], config, cost_model=OnlineCostModel([FLOPS])), router
 
 
-def test_bias_reaches_closed_form_for_the_cost_models_costs():
-    ctl, router = _controller(lam=0.5, quality_target=None)
+def _check(delta):
+    return lambda rows: QualityCheck(2.0 + delta, 2.0, 16 * rows.numel())
+
+
+def test_bias_reaches_the_closed_form_at_the_controllers_lambda():
+    ctl, router = _controller(guard=GuardConfig(price_init=0.5, sensitivity=False))
     logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
     for _ in range(3):
-        ctl.after_chunk(_observe([100, 100, 50, 6], logits), _window(), lambda: GuardCheck(2.0))
+        ctl.after_chunk(_observe([100, 100, 50, 6], logits), _window(), None)
     c = ctl.cost_model.expert_costs()[0].double()
-    expected = closed_form_bias(c / c.max(), 0.5)
-    assert torch.allclose(router.bias.double(), expected, atol=1e-5)
+    assert ctl.lam == pytest.approx(0.5)
+    assert torch.allclose(router.bias.double(), closed_form_bias(c / c.max(), 0.5), atol=1e-5)
     assert router.bias[3] > router.bias[0]  # the zero expert is favoured over a full one
 
 
-def test_temperature_near_cap_strengthens_adaptation_and_relaxes_after():
-    ctl, _ = _controller(lam=0.5, temp_cap_C=70.0, temp_margin_C=2.0, quality_target=None)
+def test_price_spends_the_budget_in_an_environment_with_a_known_answer():
+    """ΔNLL per token = a · deviation, with the deviation the router's own KL: the price settles
+    where ΔNLL meets budget_use × bound."""
+    guard = GuardConfig(price_init=5.0, sensitivity=False, budget_use=0.8, price_lr=0.3)
+    ctl, router = _controller(guard=guard)
+    logits = torch.randn(512, 4, generator=torch.Generator().manual_seed(1))
+    slope = 0.2
+    for _ in range(150):
+        delta = slope * deviation_kl(router, logits)
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(delta))
+    final = slope * deviation_kl(router, logits)
+    assert final == pytest.approx(guard.target_delta_nll, rel=0.05)
+    assert math.expm1(final) <= guard.max_ppl_increase
+
+
+def test_sensitivity_scales_lambda_between_domains():
+    """Two alternating 'domains' whose NLL costs differ 3× per unit of deviation: the sensitive
+    domain's next chunk gets a larger λ (less deviation) than the cheap domain's."""
+    ctl, router = _controller(guard=GuardConfig(fast_memory=0.8, slow_memory=0.05, price_lr=0.05))
+    logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(2))
+    lam_after = {"easy": [], "hard": []}
+    for i in range(60):
+        domain = "hard" if (i // 5) % 2 else "easy"
+        slope = 0.6 if domain == "hard" else 0.2
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(slope * deviation_kl(router, logits)))
+        if i % 5 == 4 and i > 20:
+            lam_after[domain].append(ctl.lam)
+    assert sum(lam_after["hard"]) / len(lam_after["hard"]) > 1.5 * sum(lam_after["easy"]) / len(lam_after["easy"])
+
+
+def test_gross_violation_falls_back_and_raises_the_price():
+    ctl, router = _controller(guard=GuardConfig(price_init=0.3))
     logits = torch.zeros(8, 4)
-    ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=50.0), lambda: GuardCheck(2.0))
-    assert ctl.lam_eff == pytest.approx(0.5)
-    for _ in range(5):
-        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=71.0), lambda: GuardCheck(2.0))
-    hot = ctl.lam_eff
-    assert hot < 0.5 / 4  # λ_eff shrinks at least four-fold while the GPU sits above the cap
-    for _ in range(40):
-        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=55.0), lambda: GuardCheck(2.0))
-    assert ctl.lam_eff == pytest.approx(0.5)
+    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(math.log(1.2)))
+    assert rec.fallback and router.fallback and rec.price > 0.3
+    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(0.0))
+    assert not rec.fallback and not router.fallback
+    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(math.nan))
+    assert rec.fallback
 
 
-def test_power_budget_pressure_and_pause_when_saturated():
-    ctl, _ = _controller(lam=0.5, power_budget_W=300.0, max_pressure=4.0)
-    logits = torch.zeros(8, 4)
-    records = [ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(power=360.0), lambda: GuardCheck(2.0)) for _ in range(6)]
-    assert records[-1].nu_power == pytest.approx(4.0)
-    assert records[-1].pause_s > 0
-    assert records[0].pause_s == 0
-
-
-def test_guard_fallback_and_skips():
+def test_invalid_telemetry_skips_the_cost_update_only():
     ctl, router = _controller()
     logits = torch.zeros(8, 4)
-    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), lambda: GuardCheck(2.0 + math.log(1.2)))
-    assert rec.fallback and router.fallback and router.alpha == 0.5
-    bias = router.bias.clone()
-    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(energy=float("nan")), lambda: GuardCheck(2.0))
-    assert rec.skipped == "invalid_telemetry" and torch.equal(router.bias, bias)
-    assert not router.fallback  # quality recovered: the adapted routing returns
-    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(mem=99), lambda: GuardCheck(2.0))
-    assert rec.skipped == "memory_pressure"
+    ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), None)
+    theta = ctl.cost_model.theta.clone()
+    rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(energy=float("nan")), None)
+    assert rec.skipped == "invalid_telemetry" and torch.equal(ctl.cost_model.theta, theta)
+
+
+def test_temperature_near_cap_relieves_the_price_and_relaxes_after():
+    ctl, _ = _controller(guard=GuardConfig(price_init=0.5, sensitivity=False),
+                         limits=LimitConfig(temp_cap_C=70.0, temp_margin_C=2.0))
+    logits = torch.zeros(8, 4)
+    ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=50.0), None)
+    assert ctl.lam == pytest.approx(0.5)
+    for i in range(5):
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=71.0, t0=0.1 * (i + 1)), None)
+    assert ctl.lam < 0.5 / 4
+    for i in range(40):
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(temp=55.0, t0=1 + 0.1 * i), None)
+    assert ctl.lam == pytest.approx(0.5)
+
+
+def test_memory_pressure_makes_routing_cheaper():
+    ctl, _ = _controller(guard=GuardConfig(price_init=0.5, sensitivity=False), limits=LimitConfig(mem_target=0.8))
+    logits = torch.zeros(8, 4)
+    for _ in range(4):
+        rec = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(mem=95), None)
+    assert rec.nu_mem > 0 and ctl.lam < 0.5
+
+
+def test_power_budget_schedule_pauses_to_hold_the_budget():
+    """A chunk at 400 W over a 300 W budget: the pause p makes (400·busy + P_idle·p)/(busy + p)
+    equal to the budget less the margin, with the idle power learned from an idle window."""
+    limits = LimitConfig(power_budget=Schedule.parse("0:600,1:300"), power_margin=0.0)
+    ctl, _ = _controller(limits=limits)
+    logits = torch.zeros(8, 4)
+    early = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(power=400.0, t0=0.0, duration=0.5), None)
+    assert early.pause_s == 0.0 and early.budget_W == 600.0
+    ctl.limits.observe_idle(_window(power=100.0, t0=0.5, duration=1.0))
+    late = ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(power=400.0, t0=1.5, duration=0.5), None)
+    assert late.budget_W == 300.0
+    assert (400.0 * 0.5 + 100.0 * late.pause_s) / (0.5 + late.pause_s) == pytest.approx(300.0)
+
+
+def test_shadow_schedule_covers_the_requested_share_of_sequences():
+    seen = []
+
+    def shadow(rows):
+        seen.append(rows.numel())
+        return QualityCheck(2.0, 2.0, 16 * rows.numel())
+
+    ctl, _ = _controller()
+    ctl.config.shadow_share = 1 / 64
+    for _ in range(32):
+        ctl.after_chunk(_observe([2, 2, 2, 2], torch.zeros(8, 4), rows=16), _window(), shadow)
+    assert sum(seen) == 32 * 16 // 64      # one row every fourth chunk of 16 rows
 
 
 def test_bad_controller_options():
-    for bad in (dict(lam=0.0), dict(lam=float("nan")), dict(temp_cap_C=5.0), dict(power_budget_W=-1.0)):
+    for bad in (dict(cost_learning="oracle"), dict(shadow_share=0.0)):
         with pytest.raises(ValueError):
             ControllerConfig(**bad)
+    for bad in (dict(max_ppl_increase=0.0), dict(budget_use=1.5), dict(price_init=-1.0)):
+        with pytest.raises(ValueError):
+            GuardConfig(**bad)
+    for bad in (dict(temp_cap_C=5.0), dict(power_budget=Schedule.constant(-1.0)), dict(mem_target=1.5)):
+        with pytest.raises(ValueError):
+            LimitConfig(**bad)
 
 
-def test_quality_dual_spends_the_guard_budget():
-    """With a guard whose excess grows as λ shrinks, λ_q settles where the excess meets the target."""
-    ctl, _ = _controller(lam=5.0, quality_target=0.7)
-    logits = torch.zeros(8, 4)
-    excess = lambda: 0.004 / ctl.lam_eff  # noqa: E731  more aggressive routing, more quality loss
-    for _ in range(80):
-        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), lambda: GuardCheck(2.0 + math.log1p(excess())))
-    assert ctl.lam_quality == pytest.approx(0.004 / 0.007, rel=0.05)
-    assert excess() <= 0.01
-
-
-def test_fast_weight_router_network_takes_muon_steps_on_the_chunk_objective():
-    """The optional LaCT fast-weight network beside the bias: it is stepped once per chunk on the
-    chunk objective (scores → Σ c·p + λ KL), and the step does not increase that objective."""
+def test_fast_weight_router_network_steps_do_not_raise_the_chunk_objective():
+    """The optional LaCT fast-weight network beside the bias is stepped once per chunk on the
+    chunk objective (Σ c·p + λ KL); a step scaled by the gradient does not increase it."""
     from nectar.control.fast_router import FastWeightRouterNet
 
     torch.manual_seed(0)
     net = FastWeightRouterNet(d_model=8, num_experts=4, hidden=4)
     router = EnergyAwareRouter(4, cheap_experts=[2, 3], fast_net=net)
-    ctl = NectarController([router], OnlineCostModel([FLOPS]), QualityGuard(2.0),
-                           ControllerConfig(lam=0.5, quality_target=None, optimizer_mode="gradient", lr=0.05))
+    config = ControllerConfig(guard=GuardConfig(price_init=0.5, sensitivity=False), optimizer_mode="gradient",
+                              lr=0.05, fast_lr=0.05)
+    ctl = NectarController([router], config, cost_model=OnlineCostModel([FLOPS]))
     x = torch.randn(64, 8)
     logits = torch.randn(64, 4)
-    router(logits, x)
     before = [w.clone() for w in net.fast_weights()]
-    objective = lambda: (router.soft_distribution(logits, x) @ torch.tensor([1.0, 1.0, 0.25, 0.0])).mean().item()  # noqa: E731
+    cost = torch.tensor([1.0, 1.0, 0.25, 0.0])
+    objective = lambda: (router.soft_distribution(logits, x) @ cost).mean().item()  # noqa: E731
     start = objective()
     for _ in range(5):
-        ctl.after_chunk(_observe([16, 16, 16, 16], logits, x), _window(), lambda: GuardCheck(2.0))
+        ctl.after_chunk(_observe([16, 16, 16, 16], logits, x), _window(), None)
     assert any(not torch.equal(a, b) for a, b in zip(before, net.fast_weights()))
     assert objective() <= start + 1e-6
-    assert net.steps_done == 5
+    assert net.steps_done == 5 and 0.05 <= router.alpha <= 1.0

@@ -1,14 +1,10 @@
 """Energy-aware router safeguards, the cheap static baseline, and the quality guard."""
 
-import math
-
 import pytest
 import torch
 
 from nectar.control.energy_router import EnergyAwareRouter
-from nectar.moe.static_routers import CheapStaticRouter
-from nectar.control.quality_guard import GuardConfig, QualityGuard
-from nectar.moe.static_routers import TopKRouter
+from nectar.moe.static_routers import CheapStaticRouter, TopKRouter
 
 
 def _logits(n=64, e=6, seed=0):
@@ -44,11 +40,35 @@ def test_zero_bias_equals_static_top2_and_fallback_equals_static():
 def test_soft_distribution_is_the_convex_problems_form():
     logits = _logits(seed=2)
     router = EnergyAwareRouter(6, cheap_experts=[5], temperature=1.5)
-    router.bias = torch.linspace(-1, 1, 6)
-    router.alpha = 0.5
+    router.adapt(bias=torch.linspace(-1, 1, 6), alpha=0.5)   # α weighs only a fast net's part
     q = torch.softmax(logits / 1.5, -1)
-    expected = torch.softmax(q.log() + 0.5 * router.bias, -1)
+    expected = torch.softmax(q.log() + router.bias, -1)
     assert torch.allclose(router.soft_distribution(logits), expected, atol=1e-6)
+
+
+def test_adaptation_is_read_and_written_through_one_record():
+    router = EnergyAwareRouter(4, cheap_experts=[3])
+    router.adapt(bias=torch.tensor([0.0, 0.0, 0.0, 2.0]), alpha=0.3, fallback=True)
+    state = router.adaptation()
+    assert state.bias.tolist() == [0.0, 0.0, 0.0, 2.0] and state.alpha == 0.3 and state.fallback
+    state.bias[0] = 9.0                                    # a copy: the router is unchanged
+    assert router.bias[0] == 0.0
+    with pytest.raises(ValueError, match="bias"):
+        router.adapt(bias=torch.zeros(5))
+    with pytest.raises(ValueError, match="alpha"):
+        router.adapt(alpha=1.5)
+
+
+def test_second_slot_candidates_exclude_the_static_top1():
+    from nectar.control.routing_proxy import allowed_distribution
+
+    logits = _logits(n=200, seed=6)
+    router = EnergyAwareRouter(6, cheap_experts=[4, 5])
+    q = allowed_distribution(router, logits)
+    top1 = logits.argmax(-1)
+    assert torch.all(q.gather(-1, top1[:, None]) == 0)
+    assert torch.allclose(q.sum(-1), torch.ones(200))
+    assert int((q > 0).sum(-1).max()) <= 2                    # the static second choice and the best cheap one
 
 
 def test_restrict_to_cheap_and_cheap_static_router():
@@ -70,21 +90,6 @@ def test_bad_router_arguments():
         EnergyAwareRouter(4, cheap_experts=[7])
     with pytest.raises(ValueError):
         CheapStaticRouter(4, cheap_experts=[1], extra_slots=3)
-
-
-def test_guard_falls_back_for_one_chunk_and_returns():
-    guard = QualityGuard(static_nll=2.0, config=GuardConfig(max_ppl_increase=0.01))
-    ok = guard.judge(2.0 + 0.001)
-    assert not ok.fallback and ok.alpha == 1.0
-    bad = guard.judge(2.0 + math.log(1.05))
-    assert bad.fallback and bad.alpha == 0.5 and bad.excess == pytest.approx(0.05)
-    back = guard.judge(2.0 + 0.002)
-    assert not back.fallback and back.alpha == pytest.approx(0.6)
-    assert guard.judge(float("nan")).fallback
-    with pytest.raises(ValueError):
-        GuardConfig(max_ppl_increase=0.0)
-    with pytest.raises(ValueError):
-        QualityGuard(float("inf"))
 
 
 def test_mixed_training_router_mixes_cheap_second_slots_at_the_asked_rate():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from nectar.lact.fastweight import row_norms, swiglu_chunk_update, zeropower_via_newtonschulz5
-from nectar.control.fast_router import FastWeightRouterNet
+from nectar.control.fast_router import FastWeightRouterNet, scaled_muon
 
 DOUBLE = torch.float64
 
@@ -73,7 +73,7 @@ def test_momentum_and_muon_follow_the_heavy_ball_recipe():
     router.step(grad_scores, lr=lr, momentum=beta, use_muon=True)
     for index, (got, start) in enumerate(zip((*router.fast_weights(), router.fast_bias), after_first)):
         velocity = -g2[index] + beta * -g1[index]
-        step = velocity if index == 3 else zeropower_via_newtonschulz5(velocity)
+        step = velocity if index == 3 else scaled_muon(velocity)
         torch.testing.assert_close(got, start + lr * step, rtol=1e-10, atol=1e-12)
 
 
@@ -123,3 +123,13 @@ def test_bad_inputs():
         router.step(torch.zeros(3, 4, dtype=DOUBLE), lr=-1.0)
     with pytest.raises(ValueError, match="hidden"):
         FastWeightRouterNet(8, 4, hidden=0)
+
+
+def test_muon_step_scales_with_the_gradient_so_a_vanishing_gradient_moves_nothing():
+    g = torch.randn(3, 8, 5, dtype=DOUBLE, generator=torch.Generator().manual_seed(9))
+    step = scaled_muon(g)
+    assert torch.allclose(torch.linalg.matrix_norm(step), torch.linalg.matrix_norm(g))   # the gradient's length
+    direction = zeropower_via_newtonschulz5(g)
+    cosine = (step * direction).sum((-2, -1)) / (torch.linalg.matrix_norm(step) * torch.linalg.matrix_norm(direction))
+    assert torch.all(cosine > 1 - 1e-9)                                                    # Muon's direction
+    assert scaled_muon(1e-12 * g).abs().max() < 1e-10                                     # no amplification

@@ -9,7 +9,7 @@ from nectar.cli.run import main as run_main
 
 def _run(tiny_model_dir, out, *extra):
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--tokens", "2048", "--chunk-tokens", "512",
-            "--seq-len", "64", "--guard-tokens", "256", "--guard-check-tokens", "128", "--price-batch", "64", "--json", "--no-progress", *extra]
+            "--seq-len", "64", "--price-batch", "64", "--json", "--no-progress", *extra]
     assert run_main(args) == 0
     return json.loads((out / "summary.json").read_text())
 
@@ -38,18 +38,18 @@ def test_run_writes_summary_outputs_and_is_deterministic(tiny_model_dir, tmp_pat
 
 
 def test_fast_weight_router_option_runs(tiny_model_dir, tmp_path):
-    s = _run(tiny_model_dir, tmp_path / "fw", "--policies", "static-top2,nectar", "--fast-router")
-    assert math.isfinite(s["policies"]["nectar"]["perplexity"])
+    s = _run(tiny_model_dir, tmp_path / "fw", "--policies", "static-top2,nectar:fast")
+    assert math.isfinite(s["policies"]["nectar:fast"]["perplexity"])
 
 
 def test_faults_do_not_crash_and_the_guard_bounds_quality(tiny_model_dir, tmp_path):
     s = _run(tiny_model_dir, tmp_path / "f", "--faults", "nan:0.2,stale:0.2,spike:0.1", "--policies", "static-top2,nectar",
-             "--lambda", "0.05")
+             "--price", "0.05", "--shadow-share", "0.25")
     rows = (tmp_path / "f" / "chunks.csv").read_text().splitlines()
     assert len(rows) > 1 and math.isfinite(s["policies"]["nectar"]["J_per_token"])
 
 
-@pytest.mark.parametrize("bad", [["--lambda", "0"], ["--temp-cap", "500"], ["--power-budget", "-3"],
+@pytest.mark.parametrize("bad", [["--price", "0"], ["--tokens", "5000"], ["--temp-cap", "500"], ["--power-budget", "-3"],
                                  ["--policies", "static-top9"], ["--chunk-tokens", "100"], ["--faults", "gremlins:1"]])
 def test_bad_options_give_a_clear_error(tiny_model_dir, tmp_path, bad, capsys):
     args = ["--model", str(tiny_model_dir), "--out", str(tmp_path / "x"), "--seq-len", "64", "--no-progress", *bad]

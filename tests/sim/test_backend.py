@@ -47,14 +47,15 @@ def test_run_chunk_calls_compute_once_and_prices_what_it_returns():
         SimBackend(seed=0).run_chunk(distilgpt2_moe_workload(1))
 
 
-def test_price_as_rescales_stream_chunks_and_keeps_guard_batches_own_rows():
+def test_price_as_scales_every_batch_by_the_same_rows_per_row():
     from dataclasses import replace
 
-    small = replace(distilgpt2_moe_workload(2, batch=2, seq_len=256), policy="nectar")
-    stream = SimBackend(seed=0, price_as="distilgpt2", price_batch=8).run_chunk(lambda: small)
-    guard = SimBackend(seed=0, price_as="distilgpt2", price_batch=8).run_chunk(lambda: replace(small, policy="guard"))
-    assert (stream.workload.batch, stream.workload.seq_len) == (8, 1024)
-    assert (guard.workload.batch, guard.workload.seq_len) == (2, 1024)
+    chunk = replace(distilgpt2_moe_workload(2, batch=2, seq_len=256), policy="nectar")
+    check = replace(distilgpt2_moe_workload(2, batch=1, seq_len=256), policy="guard-shadow")
+    backend = lambda: SimBackend(seed=0, price_as="distilgpt2", price_batch=8, price_chunk_rows=2)  # noqa: E731
+    stream, shadow = backend().run_chunk(lambda: chunk), backend().run_chunk(lambda: check)
+    assert (stream.workload.batch, stream.workload.seq_len) == (8, 1024)   # a 2-row chunk priced as 8 rows
+    assert (shadow.workload.batch, shadow.workload.seq_len) == (4, 1024)   # a 1-row check in proportion
     assert SimBackend(price_as="distilgpt2").info()["priced_as"] == "distilgpt2"
     with pytest.raises(ValueError, match="price-as target"):
         SimBackend(price_as="gpt-5")

@@ -1,0 +1,168 @@
+"""One frontier run: build the workload, run every policy on it (once or several times), write the
+outputs and the report.
+
+Shared by `nectar frontier` (simulator or NVML) and the GPU campaign (`nectar hw-run`). The report is
+`nectar.experiment.frontier.frontier_report` of the pooled run plus, with repeats, each repeat's
+NECTAR margin and a 95 % interval; it is written as strict JSON (no NaN) to OUT/frontier.json
+beside the run's usual outputs (summary.json, chunks.csv, trace.csv.gz, meta.json, plots).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from nectar.experiment import workloads as W
+from nectar.experiment.frontier import frontier_report
+from nectar.experiment.outputs import write_outputs
+from nectar.experiment.runner import PolicyRun, RunConfig, run_experiment
+from nectar.experiment.summary import build_summary, record_rows
+
+T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}  # Student t, 97.5 %
+
+
+def strict(value):
+    """JSON-safe copy: NaN and ±inf become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict(v) for v in value]
+    return value
+
+
+def build_workload(name: str, cfg: RunConfig, heldout: torch.Tensor, domains: dict[str, torch.Tensor] | None,
+                   *, block_chunks: int = 4, temp_cap_C: float | None = None, heat=None,
+                   power_budget=None) -> W.Workload:
+    """The named workload over the model's held-out text (per-domain streams for domain-shift)."""
+    rows, n = cfg.chunk_tokens // cfg.seq_len, cfg.tokens // cfg.chunk_tokens
+    if name == "stationary":
+        return W.stationary(heldout, n, rows, cfg.seq_len)
+    if name == "domain-shift":
+        if not domains or len(domains) < 2:
+            raise ValueError("domain-shift needs a model saved with per-domain held-out streams "
+                             "(heldout_domains.pt, written by `nectar train` on the domain-labelled corpus)")
+        return W.domain_shift(domains, n, rows, cfg.seq_len, block_chunks=block_chunks)
+    if name == "thermal":
+        if temp_cap_C is None or heat is None:
+            raise ValueError("the thermal workload needs a temperature cap (--temp-cap) and a heat source (--heat)")
+        return W.thermal(heldout, n, rows, cfg.seq_len, temp_cap_C, heat)
+    if name == "power-schedule":
+        if power_budget is None:
+            raise ValueError("the power-schedule workload needs --power-budget 'seconds:W,…'")
+        return W.power_schedule(heldout, n, rows, cfg.seq_len, power_budget)
+    raise ValueError(f"unknown workload {name!r}; choose one of {W.WORKLOADS}")
+
+
+def with_workload_limits(cfg: RunConfig, workload: W.Workload) -> RunConfig:
+    limits = replace(cfg.controller.limits, temp_cap_C=workload.temp_cap_C, power_budget=workload.power_budget)
+    return replace(cfg, controller=replace(cfg.controller, limits=limits))
+
+
+def frontier(model, workload: W.Workload, backend_factory, cfg: RunConfig, backend_name: str, repeats: int = 1,
+             progress: bool = True) -> tuple[list[PolicyRun], dict, dict]:
+    """Run the policies on the workload `repeats` times (seeds seed, seed+1, …); returns the runs of
+    the last repeat, the pooled summary and the report (with per-repeat margins). The caller owns
+    the backends the factory makes (a shared GPU backend stays open across repeats)."""
+    cfg = with_workload_limits(cfg, workload)
+    all_rows, margins, runs = [], [], []
+    for r in range(repeats):
+        rep_cfg = replace(cfg, seed=cfg.seed + r, controller=replace(cfg.controller, seed=cfg.seed + r))
+        torch.manual_seed(rep_cfg.seed)
+        runs = run_experiment(model, workload.chunks, backend_factory, rep_cfg, progress=progress)
+        rows = [{**row, "repeat": r} for row in record_rows(runs)]
+        summary = build_summary(runs, rep_cfg, backend=backend_name, workload=workload.describe())
+        margins.append(frontier_report(summary, rows, workload.name, workload.temp_cap_C,
+                                       workload.power_budget).get("nectar_margin_over_hull"))
+        all_rows += rows
+    summary = build_summary(runs, cfg, backend=backend_name, workload=workload.describe(), repeats=repeats)
+    summary["policies"] = pooled_policies(runs, all_rows)
+    report = frontier_report(summary, all_rows, workload.name, workload.temp_cap_C, workload.power_budget)
+    report.update(repeats=repeats, nectar_margin_per_repeat=margins, **interval(margins),
+                  workload_detail=workload.describe(), chunk_domains=workload.domains,
+                  settings=settings(cfg))
+    return runs, strict(summary), strict(report)
+
+
+def pooled_policies(runs: list[PolicyRun], rows: list[dict]) -> dict:
+    """Per-policy totals over every repeat's records (the summary schema of a single run)."""
+    from nectar.experiment.summary import summarise_records
+
+    return {run.name: summarise_records([r for r in rows if r["policy"] == run.name], run.spec.adaptive)
+            for run in runs}
+
+
+def interval(margins: list) -> dict:
+    values = [m for m in margins if m is not None]
+    if len(values) < 2:
+        return {"nectar_margin_ci95": None}
+    mean, sd = statistics.fmean(values), statistics.stdev(values)
+    half = T95.get(len(values) - 1, 1.96) * sd / math.sqrt(len(values))
+    return {"nectar_margin_mean": mean, "nectar_margin_ci95": [mean - half, mean + half]}
+
+
+def settings(cfg: RunConfig) -> dict:
+    c = cfg.controller
+    return {"tokens": cfg.tokens, "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "seed": cfg.seed,
+            "shadow_share": c.shadow_share, "price_init": c.guard.price_init, "budget_use": c.guard.budget_use,
+            "sensitivity": c.guard.sensitivity, "cost_learning": c.cost_learning}
+
+
+def write_frontier(out: Path, runs: list[PolicyRun], summary: dict, report: dict, command: str, **meta) -> None:
+    write_outputs(out, runs, summary, command=command, extra_files={"frontier.json": report}, plots=("frontier",),
+                  **meta)
+
+
+def run_frontier(args, command: str) -> dict:
+    """`nectar frontier`: load the model, build the workload, run, write; returns the report."""
+    from nectar.cli.experiment_args import backend_factory, configs, place_model
+    from nectar.train.recipes import committed_model, load_demo_model
+
+    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    cfg = configs(args, policies)
+    factory = backend_factory(args, cfg)
+    probe = factory()
+    torch_device = probe.torch_device
+    probe.close()
+    demo = load_demo_model(Path(args.model) if args.model is not None else committed_model("cpu-demo"))
+    workload = build_workload(args.workload, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
+                              block_chunks=args.block_chunks, temp_cap_C=args.temp_cap, heat=args.heat,
+                              power_budget=args.power_budget)
+    model = place_model(demo.model, torch_device)
+    runs, summary, report = frontier(model, workload, factory, cfg, args.backend, repeats=args.repeats,
+                                     progress=not args.no_progress)
+    for run in runs:
+        run.backend.close()
+    write_frontier(args.out, runs, summary, report, command)
+    return report
+
+
+def print_frontier(report: dict) -> None:
+    """The report as a table: every policy's saving and perplexity increase, then the verdict."""
+    print(f"workload={report['workload']} backend={report['backend']} gpu={report['gpu']} "
+          f"bound=+{100 * report['quality_bound']:.2f}% ppl repeats={report.get('repeats', 1)}")
+    print(f"{'policy':<16}{'saved':>8}{'Δppl':>9}{'mJ/token':>10}{'W':>6}{'maxT°C':>8}{'pause':>7}  limits")
+    for p in sorted(report["policies"], key=lambda r: (r["adaptive"], r["dppl"] or 0.0)):
+        holds = "ok" if p["limits"]["holds"] else "NOT held"
+        print(f"{p['name']:<16}{100 * (p['saved'] or 0):>7.1f}%{100 * (p['dppl'] or 0):>+8.2f}%"
+              f"{1e3 * (p['J_per_token'] or 0):>10.4f}{p['mean_power_W'] or 0:>6.0f}{p['max_temp_C'] or 0:>8.1f}"
+              f"{100 * (p['pause_share'] or 0):>6.1f}%  {holds}")
+    if report.get("nectar_saved") is not None:
+        hull = report.get("hull_saved_at_nectar_dppl")
+        margin = report.get("nectar_margin_over_hull")
+        print(f"nectar: saved {100 * report['nectar_saved']:.1f}% at {100 * report['nectar_dppl']:+.2f}% ppl "
+              f"(budget use {100 * report['nectar_budget_use']:.0f}%); static hull there: "
+              + ("no non-adaptive policy holds the limits there" if hull is None else f"{100 * hull:.1f}%")
+              + ("" if margin is None else f"; margin {100 * margin:+.1f} points"))
+        ci = report.get("nectar_margin_ci95")
+        if ci:
+            print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.1f} points, "
+                  f"95% interval [{100 * ci[0]:+.1f}, {100 * ci[1]:+.1f}]")
+    best = report.get("best_fixed_saved_within_bound")
+    if best is not None:
+        print(f"best fixed policy within the bound: {100 * best:.1f}% saved")
