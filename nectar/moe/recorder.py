@@ -43,6 +43,15 @@ class LayerSummary:
     inputs: torch.Tensor    # [n, D]
 
 
+def active_counts(decision: RoutingDecision) -> torch.Tensor:
+    """[E] long: (token, slot) pairs each expert computes, counted on the device (no boolean
+    indexing, which would read its size back to the host)."""
+    num_experts = decision.num_experts
+    experts_NK = decision.experts.long()
+    valid_NK = decision.active & (experts_NK >= 0) & (experts_NK < num_experts)
+    return count_per_expert(torch.where(valid_NK, experts_NK, num_experts), num_experts + 1)[:num_experts]
+
+
 def static_agreement_hits(decision: RoutingDecision, k: int = 2) -> torch.Tensor:
     """[] float: how many of the static top-k (token, expert) selections `decision` also computes."""
     static_Nk = decision.logits.topk(min(k, decision.num_experts), dim=-1).indices  # [N, k]
@@ -63,16 +72,20 @@ class RoutingRecorder:
         self.sample_stride, self.max_sample_tokens = sample_stride, max_sample_tokens
         self.keep_inputs, self.agreement_k = keep_inputs, agreement_k
 
-    def record(self, layer: nn.Module, x_ND: torch.Tensor, decision: RoutingDecision) -> None:
-        """Add one forward of `layer` (x_ND [N, D], its decision) to the layer's record."""
+    def record(self, layer: nn.Module, x_ND: torch.Tensor, decision: RoutingDecision,
+               counts_E: torch.Tensor | None = None) -> None:
+        """Add one forward of `layer` (x_ND [N, D], its decision) to the layer's record; `counts_E`
+        [E] are the dispatch's per-expert counts when the caller has them (else counted here).
+        Nothing is read back to the host."""
         i = self.index[id(layer)]
         rec = self.records[i]
         if rec is None:
             zero = torch.zeros((), device=x_ND.device)
             rec = self.records[i] = LayerRecord(
                 torch.zeros(decision.num_experts, dtype=torch.long, device=x_ND.device), zero, zero.long())
-        active_NK = decision.active
-        rec.counts_E += count_per_expert(decision.experts[active_NK], decision.num_experts)
+        if counts_E is None:
+            counts_E = active_counts(decision)
+        rec.counts_E += counts_E
         rec.agree_hits += static_agreement_hits(decision, self.agreement_k)
         rec.dropped += decision.dropped.sum()
         self._sample(rec, x_ND, decision.logits)
