@@ -170,11 +170,7 @@ def grouped_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPoo
                      perm: TokenPermutation | None = None) -> torch.Tensor:
     """The sync-free path (see the module docstring); needs `torch._grouped_mm` for GEMM groups."""
     perm = permute_by_expert(decision) if perm is None else perm
-    n, num_slots = decision.experts.shape
-    key_NK = perm.key.view(n, num_slots)
-    gates_NK = decision.gates * (key_NK < pool.num_experts)     # 0 on unused, dropped, out-of-range slots
-    starts_E = perm.counts.cumsum(0) - perm.counts              # [E] first sorted row of each expert
-    context = _Context(x, perm, key_NK, gates_NK, starts_E, _needs_clean_tails(x, pool))
+    context = make_context(x, decision, pool, perm)
     y_ND = None
     for group, first, last in pool.spans():
         part = _group_contribution(context, group, first, last)
@@ -194,6 +190,14 @@ class _Context:
     x_padded: torch.Tensor | None = None  # [N, D + pad] x with ones columns (GELU bias folding)
 
 
+def make_context(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool, perm: TokenPermutation) -> _Context:
+    n, num_slots = decision.experts.shape
+    key_NK = perm.key.view(n, num_slots)
+    gates_NK = decision.gates * (key_NK < pool.num_experts)     # 0 on unused, dropped, out-of-range slots
+    starts_E = perm.counts.cumsum(0) - perm.counts              # [E] first sorted row of each expert
+    return _Context(x, perm, key_NK, gates_NK, starts_E, _needs_clean_tails(x, pool))
+
+
 def _needs_clean_tails(x: torch.Tensor, pool: ExpertPool) -> bool:
     return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in pool.parameters()))
 
@@ -211,18 +215,38 @@ def _group_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int
     return _gemm_contribution(ctx, group, first, last, in_NK, weights_NK)
 
 
-def _gemm_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int, in_NK: torch.Tensor,
-                       weights_NK: torch.Tensor) -> torch.Tensor:
+@dataclass
+class GroupRows:
+    """Where a GEMM group's rows are: R = N·min(K, G) static rows, the first counts.sum() real.
+
+    start     [] long   sorted position of the group's first row (a device scalar)
+    tokens_R  [R] long  token of each row (rows past the real count: some token, never read)
+    offsets_G [G] int32 cumulative row ends per expert of the group
+    valid_R1  [R, 1] bool real rows, or None when the unset rows need not be zeroed
+    """
+
+    start: torch.Tensor
+    tokens_R: torch.Tensor
+    offsets_G: torch.Tensor
+    valid_R1: torch.Tensor | None
+
+
+def group_rows(ctx: _Context, group: ExpertGroup, first: int, last: int) -> GroupRows:
     n, num_slots = ctx.key_NK.shape
-    total_rows = n * num_slots
     rows = n * min(num_slots, group.count)                      # the most pairs this group can get
     start = ctx.starts_E[first]                                 # device scalar (0 for the first expert)
-    sorted_rows_R = (torch.arange(rows, device=ctx.x.device) + start).clamp_(max=max(total_rows - 1, 0))
-    tokens_R = ctx.perm.order[sorted_rows_R] // num_slots       # [R] token of each row (tail: any token)
+    sorted_rows_R = (torch.arange(rows, device=ctx.x.device) + start).clamp_(max=max(n * num_slots - 1, 0))
+    tokens_R = ctx.perm.order[sorted_rows_R] // num_slots       # [R]
     offsets_G = ctx.perm.counts[first:last].cumsum(0).to(torch.int32)  # [G] cumulative row ends
     valid_R1 = (torch.arange(rows, device=ctx.x.device) < offsets_G[-1]).unsqueeze(1) if ctx.clean_tails else None
-    y_RD = grouped_gemm(ctx, group, tokens_R, offsets_G, valid_R1)   # [R, D]; rows past the count unset
-    local_NK = (ctx.perm.position.view(n, num_slots) - start).clamp_(0, rows - 1)
+    return GroupRows(start, tokens_R, offsets_G, valid_R1)
+
+
+def combine_group(ctx: _Context, group: ExpertGroup, first: int, rows: GroupRows, y_RD: torch.Tensor,
+                  in_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Σ_s gate_s · y[row of (t, s)] over the slots routed into the group (+ GELU output biases): [N, D]."""
+    n, num_slots = ctx.key_NK.shape
+    local_NK = (ctx.perm.position.view(n, num_slots) - rows.start).clamp_(0, y_RD.shape[0] - 1)
     y_NKD = y_RD.index_select(0, local_NK.reshape(-1)).view(n, num_slots, -1)  # [N, K, D]
     y_NKD = torch.where(in_NK.unsqueeze(-1), y_NKD, 0.0)        # slots of other groups read unset rows
     y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(dim=1)
@@ -230,6 +254,13 @@ def _gemm_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int,
         weights_NG = _weights_per_expert(weights_NK, ctx.key_NK - first, in_NK, group.count)
         y_ND = torch.addmm(y_ND, weights_NG.to(y_ND.dtype), group.c_proj_bias)
     return y_ND
+
+
+def _gemm_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int, in_NK: torch.Tensor,
+                       weights_NK: torch.Tensor) -> torch.Tensor:
+    rows = group_rows(ctx, group, first, last)
+    y_RD = grouped_gemm(ctx, group, rows.tokens_R, rows.offsets_G, rows.valid_R1)  # [R, D]; tail unset
+    return combine_group(ctx, group, first, rows, y_RD, in_NK, weights_NK)
 
 
 def _weights_per_expert(weights_NK: torch.Tensor, local_NK: torch.Tensor, in_NK: torch.Tensor,

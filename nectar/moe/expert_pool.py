@@ -105,11 +105,12 @@ class GELUGroup(ExpertGroup):
     def augmented_fc(self, pad: int) -> torch.Tensor:
         """[G, D + pad, H]: c_fc with c_fc_bias as row D and zero rows after it, so that rows of x
         padded with `pad` ones columns get their bias inside the matmul. Cached while the weights
-        are unchanged and no gradient is needed."""
+        are unchanged and no gradient is needed (inference tensors track no version: not cached)."""
+        if (torch.is_grad_enabled() and self.c_fc.requires_grad) or self.c_fc.is_inference() \
+                or self.c_fc_bias.is_inference():
+            return self._build_augmented(pad)
         key = (pad, self.c_fc.data_ptr(), self.c_fc._version, self.c_fc_bias.data_ptr(), self.c_fc_bias._version,
                self.c_fc.dtype)
-        if torch.is_grad_enabled() and self.c_fc.requires_grad:
-            return self._build_augmented(pad)
         if self._augmented.get("key") != key:
             with torch.no_grad():
                 self._augmented = {"key": key, "value": self._build_augmented(pad)}
