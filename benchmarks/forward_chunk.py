@@ -88,6 +88,36 @@ def timed(fn, device: torch.device, calls: int) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def count_host_syncs(fn, device: torch.device) -> dict | None:
+    """Synchronising CUDA calls made by one fn() (torch.cuda.set_sync_debug_mode), with where they
+    came from; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    import traceback
+    import warnings
+
+    sites: dict[str, int] = {}
+    original = warnings.showwarning
+    synchronize(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                      and "warnings" not in f.filename]
+            site = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"
+            sites[site] = sites.get(site, 0) + 1
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = original
+    return {"count": sum(sites.values()), "sites": sites}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -115,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {dispatch} dispatch cannot run here; the layers take the {taken} path", flush=True)
         for _ in range(args.warmup):
             plain(), chunk()
+        syncs = {"plain": count_host_syncs(plain, device), "forward_chunk": count_host_syncs(chunk, device)}
+        if syncs["plain"] is not None:
+            print(f"# host syncs per call ({dispatch}): plain {syncs['plain']}, forward_chunk {syncs['forward_chunk']}",
+                  flush=True)
         times = {"plain": [], "forward_chunk": []}
         for r in range(args.rounds):  # alternate which goes first: drift hits both
             order = ("plain", "forward_chunk") if r % 2 == 0 else ("forward_chunk", "plain")
@@ -125,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             seconds = statistics.median(values)
             row = {"path": name, "dispatch": dispatch, "dispatch_taken": taken, "tokens": tokens, "ms": seconds * 1e3,
                    "tokens_per_s": tokens / seconds, "round_ms": [v * 1e3 for v in values],
-                   "ratio_vs_plain": 1.0 if name == "plain" else statistics.median(ratios), **env}
+                   "ratio_vs_plain": 1.0 if name == "plain" else statistics.median(ratios),
+                   "host_syncs": syncs[name], **env}
             if name == "forward_chunk":
                 row["round_ratios"] = ratios
             rows.append(row)

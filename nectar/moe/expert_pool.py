@@ -268,7 +268,20 @@ def _bind(view: Expert, group: ExpertGroup, j: int) -> None:
     object.__setattr__(view, "index", j)
 
 
-class StackedGELUExpert(GELUExpert):
+class _StackedView:
+    """What all stacked views share: weight size and element size from the group's parameter
+    shapes, without slicing (cost_per_token runs for every expert of every layer per chunk)."""
+
+    _group: ExpertGroup
+
+    def weight_numel(self) -> int:
+        return sum(p.numel() for p in self._group._parameters.values()) // self._group.count
+
+    def weight_element_size(self) -> int | None:
+        return next(iter(self._group._parameters.values())).element_size()
+
+
+class StackedGELUExpert(_StackedView, GELUExpert):
     """Expert j of a GELUGroup (c_fc / c_proj are views into the group's parameters)."""
 
     def __init__(self, group: GELUGroup, j: int):
@@ -283,7 +296,7 @@ class StackedGELUExpert(GELUExpert):
         return [g.c_fc[j], g.c_fc_bias[j], g.c_proj[j], g.c_proj_bias[j]]
 
 
-class StackedSwiGLUExpert(SwiGLUExpert):
+class StackedSwiGLUExpert(_StackedView, SwiGLUExpert):
     """Expert j of a SwiGLUGroup (gate_proj / up_proj / down_proj are views, nn.Linear layout)."""
 
     def __init__(self, group: SwiGLUGroup, j: int):
@@ -298,7 +311,7 @@ class StackedSwiGLUExpert(SwiGLUExpert):
         return [self._group.gate_up[self.index], self._group.down[self.index]]
 
 
-class StackedConstantExpert(ConstantExpert):
+class StackedConstantExpert(_StackedView, ConstantExpert):
     """Expert j of a ConstantGroup."""
 
     def __init__(self, group: ConstantGroup, j: int):

@@ -50,9 +50,8 @@ def _element_bytes(expert: "Expert", dtype_bytes: int | None) -> int:
     """Bytes per element: the caller's choice, else the weights' dtype, else the default dtype."""
     if dtype_bytes is not None:
         return _check_positive_int("dtype_bytes", dtype_bytes)
-    for tensor in expert.storage():
-        return tensor.element_size()
-    return torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    size = expert.weight_element_size()
+    return size if size is not None else torch.empty((), dtype=torch.get_default_dtype()).element_size()
 
 
 class Expert(nn.Module):
@@ -79,6 +78,12 @@ class Expert(nn.Module):
 
     def weight_numel(self) -> int:
         return sum(t.numel() for t in self.storage())
+
+    def weight_element_size(self) -> int | None:
+        """Bytes per weight element (None for an expert without weights)."""
+        for tensor in self.storage():
+            return tensor.element_size()
+        return None
 
     def flops_per_token(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError
