@@ -4,7 +4,8 @@ A `RoutingRecorder` is handed to the model for the length of a chunk (`model.rec
 every MoE layer adds its micro-batch to its own `LayerRecord`: per-expert (token, slot) counts and
 the agreement with static top-2 routing accumulate as device tensors (no host read inside the
 forward), and an evenly strided sample of the gate logits [n, E] and gate inputs [n, D] is kept
-for the controller (every `sample_stride`-th token of the chunk, at most `max_sample_tokens`).
+for the controller (every `sample_stride`-th token of the chunk, at most `max_sample_tokens`; when
+every token of a piece is kept, the layer's own tensors are kept, not copied: nothing mutates them).
 `summary()` reads everything back to the host once, after the chunk.
 """
 
@@ -96,6 +97,12 @@ class RoutingRecorder:
         if room <= 0:
             return
         first = (-rec.tokens) % self.sample_stride          # first token of this piece on the stride grid
+        if first == 0 and self.sample_stride == 1 and room >= x_ND.shape[0]:  # every token: keep, no copy
+            rec.logits.append(logits_NE.detach())
+            if self.keep_inputs:
+                rec.inputs.append(x_ND.detach())
+            rec.sampled += x_ND.shape[0]
+            return
         rows = torch.arange(first, x_ND.shape[0], self.sample_stride, device=x_ND.device)[:room]  # [n]
         rec.logits.append(logits_NE.detach()[rows])
         if self.keep_inputs:
@@ -112,7 +119,14 @@ class RoutingRecorder:
         out = []
         for rec, n, h, d in zip(self.records, counts, hits, dropped):
             k = min(self.agreement_k, len(n))
-            logits = torch.cat(rec.logits) if rec.logits else torch.empty(0, len(n))
-            inputs = torch.cat(rec.inputs) if rec.inputs else torch.empty(0, 0)
+            logits = _joined(rec.logits, torch.empty(0, len(n)))
+            inputs = _joined(rec.inputs, torch.empty(0, 0))
             out.append(LayerSummary(n, int(d), h / max(k * rec.tokens, 1), logits, inputs))
         return out
+
+
+def _joined(pieces: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """The pieces concatenated (a single piece as it is: no copy)."""
+    if not pieces:
+        return empty
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
