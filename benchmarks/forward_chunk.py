@@ -103,6 +103,8 @@ def count_host_syncs(fn, device: torch.device) -> dict | None:
         warnings.simplefilter("always")
 
         def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return
             frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
                       and "warnings" not in f.filename]
             site = f"{frames[-1].filename.split('/')[-1]}:{frames[-1].lineno}" if frames else f"{filename}:{lineno}"

@@ -170,8 +170,7 @@ def breakdown(bench: Bench, kind: str, tokens: int, moe: MoELayer, x: torch.Tens
     perm = permute_by_expert(decision)
     ctx = make_context(x, decision, moe.experts, perm)
     group, first, last = moe.experts.spans()[0]
-    in_NK = (ctx.key_NK >= first) & (ctx.key_NK < last)
-    weights_NK = torch.where(in_NK, ctx.gates_NK, 0.0)
+    in_NK, weights_NK = ctx.slots_of(first, last)
     rows = group_rows(ctx, group, first, last)
     y_RD = grouped_gemm(ctx, group, rows.tokens_R, rows.offsets_G, None)
     source = torch.nn.functional.pad(x, (0, dispatch_module.bias_pad_columns(x)), value=1.0) if kind == "gelu" else x

@@ -40,22 +40,27 @@ from nectar.moe.router import RoutingDecision
 class TokenPermutation:
     """All P = N·K (token, slot) pairs sorted by expert; inactive pairs (unused, dropped) last.
 
-    key            [P] long  sort key of each pair: its expert, E when inactive or out of range
-    order          [P] long  flat pair index token·K + slot at each sorted position
-    position       [P] long  sorted position of each pair (the inverse of order)
-    tokens         [P] long  token of each sorted pair
-    sorted_experts [P] long  expert of each sorted pair (E for inactive pairs)
-    counts         [E] long  active pairs per expert; expert e owns the next counts[e] sorted rows
-    invalid        [] long   active pairs whose expert index is outside [0, E) (sorted last)
+    key       [P] long  sort key of each pair: its expert, E when inactive or out of range
+    order     [P] long  flat pair index token·K + slot at each sorted position
+    position  [P] long  sorted position of each pair (the inverse of order)
+    counts    [E] long  active pairs per expert; expert e owns the next counts[e] sorted rows
+    active    [N, K] bool  slots the router computes (chosen, not dropped)
     """
 
     key: torch.Tensor
     order: torch.Tensor
     position: torch.Tensor
-    tokens: torch.Tensor
-    sorted_experts: torch.Tensor
     counts: torch.Tensor
-    invalid: torch.Tensor
+    active: torch.Tensor
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[P] long: the token of each sorted pair."""
+        return self.order // self.active.shape[1]
+
+    def invalid(self) -> torch.Tensor:
+        """[] long: active pairs whose expert index is outside [0, E) (sorted last, not computed)."""
+        return self.active.sum() - self.counts.sum()
 
 
 def check_inputs(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[nn.Module]) -> None:
@@ -77,23 +82,16 @@ def check_inputs(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[n
 
 def permute_by_expert(decision: RoutingDecision) -> TokenPermutation:
     """Stable-sort all (token, slot) pairs by expert, inactive pairs after every expert (no host sync)."""
-    num_experts, num_slots = decision.num_experts, decision.experts.shape[1]
+    num_experts = decision.num_experts
     experts_NK = decision.experts.long()
     active_NK = decision.active
-    out_of_range_NK = active_NK & ((experts_NK < 0) | (experts_NK >= num_experts))
-    key_P = torch.where(active_NK & ~out_of_range_NK, experts_NK, num_experts).reshape(-1)  # [N*K]
+    computed_NK = active_NK & (experts_NK >= 0) & (experts_NK < num_experts)
+    key_P = torch.where(computed_NK, experts_NK, num_experts).reshape(-1)  # [N*K]
     order_P = torch.argsort(key_P.to(torch.int32), stable=True)  # 32-bit keys: fewer radix passes
     position_P = torch.empty_like(order_P)
     position_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
-    return TokenPermutation(
-        key=key_P,
-        order=order_P,
-        position=position_P,
-        tokens=order_P // num_slots,
-        sorted_experts=key_P[order_P],
-        counts=count_per_expert(key_P, num_experts + 1)[:num_experts],
-        invalid=out_of_range_NK.sum(),
-    )
+    counts_E = count_per_expert(key_P, num_experts + 1)[:num_experts]
+    return TokenPermutation(key=key_P, order=order_P, position=position_P, counts=counts_E, active=active_NK)
 
 
 def count_per_expert(index: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -118,7 +116,7 @@ def dispatch_with_counts(x: torch.Tensor, decision: RoutingDecision, experts: Ex
     if x.shape[0] == 0:
         return x.new_zeros(x.shape), perm.counts
     if dispatch_path(x, experts, grouped) == "grouped":
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(perm.invalid):  # a sync on GPU
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(perm.invalid()):  # a sync on GPU
             raise ValueError(f"decision.experts has active entries outside [0, {len(experts)})")
         return grouped_dispatch(x, decision, experts, perm), perm.counts
     return loop_dispatch(x, decision, experts, perm), perm.counts
@@ -143,7 +141,7 @@ def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
     """Every expert on its exact slice of the sorted pairs; un-permute and combine by gathers."""
     perm = permute_by_expert(decision) if perm is None else perm
     n, num_slots = decision.experts.shape
-    counts_host = torch.cat([perm.counts, perm.invalid.view(1)]).tolist()  # the one host sync
+    counts_host = torch.cat([perm.counts, perm.invalid().view(1)]).tolist()  # the one host sync
     if counts_host.pop():
         raise ValueError(f"decision.experts has active entries outside [0, {len(pool)})")
     active = sum(counts_host)
@@ -184,18 +182,35 @@ class _Context:
     x: torch.Tensor           # [N, D]
     perm: TokenPermutation
     key_NK: torch.Tensor      # [N, K] expert of each slot, E when inactive
+    computed_NK: torch.Tensor  # [N, K] bool: slots some expert computes (key < E)
     gates_NK: torch.Tensor    # [N, K] combine weights, 0 on inactive slots
-    starts_E: torch.Tensor    # [E] first sorted row per expert
+    num_experts: int
     clean_tails: bool         # zero the rows past a group's real count (autograd needs finite values)
     x_padded: torch.Tensor | None = None  # [N, D + pad] x with ones columns (GELU bias folding)
+    starts: torch.Tensor | None = None    # [E] first sorted row per expert (computed when needed)
+
+    def start(self, first: int) -> torch.Tensor | int:
+        """Sorted position of expert `first`'s first row: 0 for expert 0, else a device scalar."""
+        if first == 0:
+            return 0
+        if self.starts is None:
+            self.starts = self.perm.counts.cumsum(0) - self.perm.counts
+        return self.starts[first]
+
+    def slots_of(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, K] bool slots routed into experts [first, last), [N, K] their gates, 0 elsewhere)."""
+        if first == 0 and last == self.num_experts:
+            return self.computed_NK, self.gates_NK
+        in_NK = (self.key_NK >= first) & (self.key_NK < last)
+        return in_NK, torch.where(in_NK, self.gates_NK, 0.0)
 
 
 def make_context(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool, perm: TokenPermutation) -> _Context:
     n, num_slots = decision.experts.shape
     key_NK = perm.key.view(n, num_slots)
-    gates_NK = decision.gates * (key_NK < pool.num_experts)     # 0 on unused, dropped, out-of-range slots
-    starts_E = perm.counts.cumsum(0) - perm.counts              # [E] first sorted row of each expert
-    return _Context(x, perm, key_NK, gates_NK, starts_E, _needs_clean_tails(x, pool))
+    computed_NK = key_NK < pool.num_experts
+    gates_NK = decision.gates * computed_NK                     # 0 on unused, dropped, out-of-range slots
+    return _Context(x, perm, key_NK, computed_NK, gates_NK, pool.num_experts, _needs_clean_tails(x, pool))
 
 
 def _needs_clean_tails(x: torch.Tensor, pool: ExpertPool) -> bool:
@@ -204,10 +219,9 @@ def _needs_clean_tails(x: torch.Tensor, pool: ExpertPool) -> bool:
 
 def _group_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int) -> torch.Tensor | None:
     """This group's part of y [N, D] (None for zero experts)."""
-    in_NK = (ctx.key_NK >= first) & (ctx.key_NK < last)         # [N, K] slots routed into the group
-    weights_NK = torch.where(in_NK, ctx.gates_NK, 0.0)
     if isinstance(group, ZeroGroup):
         return None
+    in_NK, weights_NK = ctx.slots_of(first, last)               # [N, K] slots routed into the group
     if isinstance(group, CopyGroup):
         return weights_NK.sum(1, keepdim=True).to(ctx.x.dtype) * ctx.x
     if isinstance(group, ConstantGroup):
@@ -219,13 +233,13 @@ def _group_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int
 class GroupRows:
     """Where a GEMM group's rows are: R = N·min(K, G) static rows, the first counts.sum() real.
 
-    start     [] long   sorted position of the group's first row (a device scalar)
+    start     [] long   sorted position of the group's first row (a device scalar; the int 0 for expert 0)
     tokens_R  [R] long  token of each row (rows past the real count: some token, never read)
     offsets_G [G] int32 cumulative row ends per expert of the group
     valid_R1  [R, 1] bool real rows, or None when the unset rows need not be zeroed
     """
 
-    start: torch.Tensor
+    start: torch.Tensor | int
     tokens_R: torch.Tensor
     offsets_G: torch.Tensor
     valid_R1: torch.Tensor | None
@@ -234,9 +248,13 @@ class GroupRows:
 def group_rows(ctx: _Context, group: ExpertGroup, first: int, last: int) -> GroupRows:
     n, num_slots = ctx.key_NK.shape
     rows = n * min(num_slots, group.count)                      # the most pairs this group can get
-    start = ctx.starts_E[first]                                 # device scalar (0 for the first expert)
-    sorted_rows_R = (torch.arange(rows, device=ctx.x.device) + start).clamp_(max=max(n * num_slots - 1, 0))
-    tokens_R = ctx.perm.order[sorted_rows_R] // num_slots       # [R]
+    start = ctx.start(first)                                    # 0 for the first expert, else a device scalar
+    if first == 0:                                              # rows <= N·K: all sorted positions exist
+        order_R = ctx.perm.order[:rows]
+    else:
+        sorted_rows_R = (torch.arange(rows, device=ctx.x.device) + start).clamp_(max=max(n * num_slots - 1, 0))
+        order_R = ctx.perm.order[sorted_rows_R]
+    tokens_R = order_R // num_slots                             # [R]
     offsets_G = ctx.perm.counts[first:last].cumsum(0).to(torch.int32)  # [G] cumulative row ends
     valid_R1 = (torch.arange(rows, device=ctx.x.device) < offsets_G[-1]).unsqueeze(1) if ctx.clean_tails else None
     return GroupRows(start, tokens_R, offsets_G, valid_R1)
@@ -246,8 +264,10 @@ def combine_group(ctx: _Context, group: ExpertGroup, first: int, rows: GroupRows
                   in_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
     """Σ_s gate_s · y[row of (t, s)] over the slots routed into the group (+ GELU output biases): [N, D]."""
     n, num_slots = ctx.key_NK.shape
-    local_NK = (ctx.perm.position.view(n, num_slots) - rows.start).clamp_(0, y_RD.shape[0] - 1)
-    y_NKD = y_RD.index_select(0, local_NK.reshape(-1)).view(n, num_slots, -1)  # [N, K, D]
+    local_P = ctx.perm.position - rows.start if isinstance(rows.start, torch.Tensor) else ctx.perm.position
+    if y_RD.shape[0] < n * num_slots or isinstance(rows.start, torch.Tensor):  # positions past the buffer
+        local_P = local_P.clamp(0, y_RD.shape[0] - 1)
+    y_NKD = y_RD.index_select(0, local_P).view(n, num_slots, -1)  # [N, K, D]
     y_NKD = torch.where(in_NK.unsqueeze(-1), y_NKD, 0.0)        # slots of other groups read unset rows
     y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(dim=1)
     if isinstance(group, GELUGroup):                            # Σ_s gate_s · c_proj_bias[e_s]
