@@ -44,3 +44,22 @@ def test_fused_kernel_matches_eager_fp32_on_cuda(vocab):
     ids = torch.randint(0, vocab, (4, 64), device="cuda", generator=generator)
     assert token_nll.fused_usable(logits)
     torch.testing.assert_close(nll_sum(logits, ids), eager_nll_sum(logits, ids), rtol=1e-5, atol=1e-3)
+
+
+def test_fused_kernel_logic_in_the_triton_interpreter():
+    """The Triton kernel run by Triton's CPU interpreter (where Triton is installed) equals the eager path."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    code = ("import torch; from nectar.experiment import token_nll as t\n"
+            "for v in (100, 5003, 8192):\n"
+            "    g = torch.Generator().manual_seed(v)\n"
+            "    x = (torch.randn(2, 7, v, generator=g) * 4).to(torch.bfloat16); ids = torch.randint(0, v, (2, 7), generator=g)\n"
+            "    assert torch.isclose(t._fused_nll_sum(x, ids), t.eager_nll_sum(x, ids), rtol=1e-5, atol=1e-3), v\n")
+    repo = Path(__file__).resolve().parents[2]
+    path = os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": path}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=repo, timeout=600)
