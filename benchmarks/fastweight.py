@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 from typing import Callable
 
@@ -158,8 +159,15 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
                                                               momentum=momentum), 18 * per_chunk * args.chunks))
         candidates.append(("update", True, lambda: COMPILED_UPDATE(stream, chunk, momentum, args.muon), 12 * per_chunk))
     for what, compiled, fn, flops in candidates:
-        with torch.no_grad():
-            seconds = median(seconds_per_call(fn, device, args.warmup, args.repeats))
+        try:
+            with torch.no_grad():
+                seconds = median(seconds_per_call(fn, device, args.warmup, args.repeats))
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others
+            traceback.print_exc()
+            rows.append(dict(L=chunk, what=what, compiled=compiled, share_of_matmul=None,
+                             error=f"{type(exc).__name__}: {exc}", **env))
+            write_json(args.json_out, rows)
+            continue
         tflops = flops / seconds / 1e12
         row = dict(L=chunk, what=what, compiled=compiled, ms=seconds * 1e3, flops=float(flops), tflops=tflops,
                    share_of_matmul=tflops / reference, matmul_tflops=reference, **env)

@@ -27,7 +27,10 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import traceback
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -130,7 +133,9 @@ def measure_built(bench: Bench, kind: str, tokens: int, energy: "EnergyWindows |
                   compiled_only: bool) -> None:
     args, device = bench.args, bench.device
     x = torch.randn(tokens, args.d_model, device=device, dtype=args.dtype)
-    moe(x)
+    moe.grouped = False
+    moe(x)  # the exact loop path, for the load printout
+    moe.grouped = True
     loads = moe.last_metrics.tokens_per_expert
     print(f"# {kind} tokens={tokens}: load per expert {loads} (max/mean {max(loads) / (sum(loads) / len(loads)):.2f}); "
           f"grouped path here: {dispatch_path(x, moe.experts) == 'grouped'}", flush=True)
@@ -147,19 +152,35 @@ def measure_built(bench: Bench, kind: str, tokens: int, energy: "EnergyWindows |
         if grouped and dispatch_path(x, moe.experts) != "grouped":
             print(f"# {name}: the grouped path cannot run here (device/dtype); skipped", flush=True)
             continue
-        seconds = bench.time(lambda: moe(x))
-        rows[name] = bench.add(kind=kind, tokens=tokens, path=name, ratio_vs_dense=dense_s / seconds, ms=seconds * 1e3,
-                               tflops=moe_flops * tokens / seconds / 1e12, tokens_per_s=tokens / seconds)
+        with attempt(bench, kind, tokens, name):
+            seconds = bench.time(lambda: moe(x))
+            rows[name] = bench.add(kind=kind, tokens=tokens, path=name, ratio_vs_dense=dense_s / seconds,
+                                   ms=seconds * 1e3, tflops=moe_flops * tokens / seconds / 1e12,
+                                   tokens_per_s=tokens / seconds)
     moe.grouped = True
     moe.compile_dispatch(False)
     if compiled_only:
         return
     if "grouped" in rows:
-        breakdown(bench, kind, tokens, moe, x, rows["grouped"]["ms"] / 1e3, dense_s)
+        with attempt(bench, kind, tokens, "part:*"):
+            breakdown(bench, kind, tokens, moe, x, rows["grouped"]["ms"] / 1e3, dense_s)
     if energy is not None and tokens == args.energy_tokens:
         path = "grouped" if "grouped" in rows else "loop"
         moe.grouped = path == "grouped"
-        energy.compare(bench, kind, tokens, {"dense": lambda: dense(x), path: lambda: moe(x)}, rows)
+        with attempt(bench, kind, tokens, "energy"):
+            energy.compare(bench, kind, tokens, {"dense": lambda: dense(x), path: lambda: moe(x)}, rows)
+
+
+@contextmanager
+def attempt(bench: Bench, kind: str, tokens: int, path: str) -> Iterator[None]:
+    """Run a measurement; on an error print it, keep an error row and go on with the next one."""
+    try:
+        yield
+    except Exception as exc:  # noqa: BLE001 - one failing path must not cost the others
+        traceback.print_exc()
+        bench.rows.append({"kind": kind, "tokens": tokens, "path": path, "ratio_vs_dense": None,
+                           "error": f"{type(exc).__name__}: {exc}", **bench.env})
+        write_json(bench.args.json_out, bench.rows)
 
 
 def breakdown(bench: Bench, kind: str, tokens: int, moe: MoELayer, x: torch.Tensor, grouped_s: float,
@@ -278,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
         plan += [(kind, tokens, True) for kind in args.kinds for tokens in args.tokens if tokens in args.compile_tokens]
     try:
         for kind, tokens, compiled in plan:
-            measure(bench, kind, tokens, energy, compiled)
+            with attempt(bench, kind, tokens, "grouped+compile" if compiled else "*"):
+                measure(bench, kind, tokens, energy, compiled)
             synchronize(device)
             if device.type == "cuda":
                 torch.cuda.empty_cache()

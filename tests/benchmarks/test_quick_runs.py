@@ -22,6 +22,7 @@ def test_moe_layer_quick(tmp_path, monkeypatch):
     assert moe_layer.main(["--device", "cpu", "--quick", "--grouped-on-cpu", "--json-out", str(out)]) == 0
     rows = json.loads(out.read_text())
     assert isinstance(rows, list) and all({"kind", "tokens", "path", "ratio_vs_dense"} <= set(r) for r in rows)
+    assert [r for r in rows if "error" in r] == []
     paths = {(r["kind"], r["path"]) for r in rows}
     for kind in ("swiglu", "gelu"):
         assert {(kind, "dense"), (kind, "grouped"), (kind, "loop"), (kind, "part:router"), (kind, "part:combine"),
@@ -51,7 +52,7 @@ def test_fastweight_quick(tmp_path):
     rows = json.loads(out.read_text())
     assert {(r["L"], r["what"]) for r in rows} == {(L, w) for L in (64, 128)
                                                   for w in ("kernel", "update", "update_unfused", "update_bmm")}
-    assert all(r["share_of_matmul"] > 0 and r["tflops"] > 0 for r in rows)
+    assert all(r["share_of_matmul"] > 0 and r["tflops"] > 0 and "error" not in r for r in rows)
 
 
 def test_telemetry_overhead_quick(tmp_path):
