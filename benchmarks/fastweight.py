@@ -138,26 +138,28 @@ def bmm_operands(stream: dict, chunk: int) -> dict:
                 dgut=torch.randn(b, chunk, 2 * h, device=k.device, dtype=k.dtype).transpose(1, 2))
 
 
-def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, rows: list) -> None:
+def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, rows: list, phase: str) -> None:
+    """phase "eager": the eager rows; "compiled": the torch.compile rows (kernel first)."""
     stream = make_stream(args, chunk * args.chunks, device, dtype)
     stream["w02"] = torch.cat([stream["w0"], stream["w2"]], dim=1)
     momentum = torch.full_like(stream["lr0"], 0.5) if args.momentum else None
     kernel_inputs = {n: stream[n] for n in ("q", "k", "v", "w0", "w1", "w2", "lr0", "lr1", "lr2")}
     per_chunk = args.heads * args.dim * args.hidden * chunk  # B·D·H·L
     operands = bmm_operands(stream, chunk)
-    candidates: list[tuple[str, bool, Callable[[], object], float]] = [
+    eager: list[tuple[str, bool, Callable[[], object], float]] = [
         ("kernel", False, lambda: swiglu_fast_weight(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
                                                      momentum=momentum), 18 * per_chunk * args.chunks),
         ("update", False, lambda: fused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
         ("update_unfused", False, lambda: unfused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
         ("update_bmm", False, lambda: bmm_only(operands), 12 * per_chunk),
     ]
-    if args.compile:
-        if chunk in args.compile_kernel_sizes:
-            kernel = torch.compile(swiglu_fast_weight)
-            candidates.append(("kernel", True, lambda: kernel(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
-                                                              momentum=momentum), 18 * per_chunk * args.chunks))
-        candidates.append(("update", True, lambda: COMPILED_UPDATE(stream, chunk, momentum, args.muon), 12 * per_chunk))
+    compiled = []
+    if chunk in args.compile_kernel_sizes:
+        kernel = torch.compile(swiglu_fast_weight)
+        compiled.append(("kernel", True, lambda: kernel(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
+                                                        momentum=momentum), 18 * per_chunk * args.chunks))
+    compiled.append(("update", True, lambda: COMPILED_UPDATE(stream, chunk, momentum, args.muon), 12 * per_chunk))
+    candidates = eager if phase == "eager" else compiled
     for what, compiled, fn, flops in candidates:
         try:
             with torch.no_grad():
@@ -193,8 +195,12 @@ def main(argv: list[str] | None = None) -> int:
           flush=True)
     print(f"{'what':<16}{'mode':>8}{'L':>8}{'ms':>12}{'TFLOP/s':>12}{'of matmul':>11}", flush=True)
     rows: list[dict] = []
-    for chunk in args.chunk_sizes:
-        measure_chunk(args, chunk, device, dtype, reference, env, rows)
+    # compiled rows last (compiling is slow; a time limit then costs only them), largest L first
+    plan = [("eager", c) for c in args.chunk_sizes]
+    if args.compile:
+        plan += [("compiled", c) for c in sorted(args.chunk_sizes, reverse=True)]
+    for phase, chunk in plan:
+        measure_chunk(args, chunk, device, dtype, reference, env, rows, phase)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if args.json_out:

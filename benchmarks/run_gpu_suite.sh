@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The four speed benchmarks on one GPU (H200: about 4 minutes), JSON into OUTDIR:
+# The four speed benchmarks on one GPU (H200: about 4 minutes; at most 280 s by the limits below),
+# JSON into OUTDIR:
 #   moe_layer.json  forward_chunk.json  fastweight.json  telemetry_overhead.json  (+ suite.log)
 # Needs torch (CUDA), transformers, numpy, nvidia-ml-py; run from the repository root:
 #   bash benchmarks/run_gpu_suite.sh OUTDIR
@@ -28,17 +29,17 @@ run() {  # run NAME LIMIT_S ARGS...
 { date; nvidia-smi --query-gpu=name,driver_version,power.limit,temperature.gpu --format=csv 2>&1;
   "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
 
-run moe_layer "${LIMIT_MOE_LAYER:-80}" benchmarks/moe_layer.py --device cuda --dtype bfloat16 \
+run moe_layer "${LIMIT_MOE_LAYER:-95}" benchmarks/moe_layer.py --device cuda --dtype bfloat16 \
   --tokens 32768 131072 --kinds swiglu gelu --experts 8 --top-k 2 --d-model 768 --hidden 3072 \
   --compile --compile-tokens 32768 --energy-seconds 1.5 --energy-tokens 32768 --json-out "$OUT/moe_layer.json"
 
-run forward_chunk "${LIMIT_FORWARD_CHUNK:-45}" benchmarks/forward_chunk.py --device cuda --batch 64 --seq-len 1024 \
+run forward_chunk "${LIMIT_FORWARD_CHUNK:-40}" benchmarks/forward_chunk.py --device cuda --batch 64 --seq-len 1024 \
   --rounds 5 --calls 2 --json-out "$OUT/forward_chunk.json"
 
-run fastweight "${LIMIT_FASTWEIGHT:-80}" benchmarks/fastweight.py --device cuda --dtype bf16 --dim 512 --hidden 1024 \
+run fastweight "${LIMIT_FASTWEIGHT:-90}" benchmarks/fastweight.py --device cuda --dtype bf16 --dim 512 --hidden 1024 \
   --heads 16 --chunk-sizes 4096 16384 --compile --compile-kernel-sizes 16384 --json-out "$OUT/fastweight.json"
 
-run telemetry_overhead "${LIMIT_TELEMETRY:-60}" benchmarks/telemetry_overhead.py --device cuda --alternations 10 \
+run telemetry_overhead "${LIMIT_TELEMETRY:-55}" benchmarks/telemetry_overhead.py --device cuda --alternations 10 \
   --seconds 2 --warmup-seconds 3 --batch 32 --seq-len 1024 --json-out "$OUT/telemetry_overhead.json"
 
 date | tee -a "$LOG"
