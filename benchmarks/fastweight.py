@@ -1,160 +1,210 @@
 """Benchmark: LaCT fast-weight throughput (nectar.lact.fastweight) next to the device's matmul rate.
 
-For each chunk size L it times, on the chosen device and dtype,
-  kernel  swiglu_fast_weight over `--chunks` chunks (apply-then-update), and
-  update  one chunk's update alone (hand gradients + momentum/Muon/weight-norm step),
+For each chunk size L it times, on the chosen device and dtype (eager, and with --compile under
+torch.compile as well):
+  kernel          swiglu_fast_weight over `--chunks` chunks (apply-then-update, fused W0|W2 layout)
+  update          one chunk's fused update (4 bmm) + the fast-weight step (momentum/Muon/weight norm)
+  update_unfused  the same update in the unfused 9-bmm form it replaced (gate, up, dW0, dW2 apart)
+  update_bmm      the fused update's 4 bmm alone on ready operands: the ceiling at these shapes
 and reports TFLOP/s with the FLOP count (per head, per chunk, D = dk = dv, H = hidden):
   apply  on the chunk's queries: 3 matmuls               =  6·D·H·L
   update on the chunk's keys: W0k, W2k, W1ᵀv, dW0, dW1, dW2 = 12·D·H·L
   kernel = apply + update                                = 18·D·H·L
-Element-wise work and Muon's Newton–Schulz matmuls (independent of L) are not counted, so a
-run with --muon reports a lower bound. In the same run it measures a dense n×n×n matmul
-(2·n³ FLOPs) in the same dtype as the reference rate.
+Element-wise work and Muon's Newton–Schulz matmuls (independent of L) are not counted, so a run
+with --muon reports a lower bound. share_of_matmul = TFLOP/s / the rate of a dense n×n×n matmul
+(2·n³ FLOPs) measured in the same run and dtype.
 
-  python benchmarks/fastweight.py                       # CUDA, bf16, L = 2048..16384
-  python benchmarks/fastweight.py --device cpu --quick  # tiny smoke run
+  PYTHONPATH=. python benchmarks/fastweight.py --device cuda --compile --json-out fastweight.json
+  PYTHONPATH=. python benchmarks/fastweight.py --device cpu --quick       # tiny smoke run
+
+The JSON is a list of rows {L, what, compiled, ms, tflops, share_of_matmul, ...}.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import time
-from dataclasses import asdict, dataclass
+import sys
+import traceback
+from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
-from nectar.lact.fastweight import fast_weight_step, row_norms, swiglu_chunk_update, swiglu_fast_weight
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.timing import environment, median, seconds_per_call, write_json  # noqa: E402
+from nectar.lact.fastweight import (fast_weight_step, row_norms, silu_derivative,  # noqa: E402
+                                    swiglu_chunk_update_fused, swiglu_fast_weight)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
-
-
-@dataclass
-class Row:
-    """One measured configuration."""
-
-    what: str
-    chunk: int
-    seconds: float
-    flops: float
-    tflops: float
-    fraction_of_matmul: float
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
+    parser.add_argument("--chunk-sizes", type=int, nargs="+", default=[2048, 8192, 16384])
     parser.add_argument("--dim", type=int, default=512, help="D = dk = dv per head")
     parser.add_argument("--hidden", type=int, default=1024, help="H, fast-weight hidden width per head")
     parser.add_argument("--heads", type=int, default=16, help="B = batch x heads (folded)")
     parser.add_argument("--chunks", type=int, default=4, help="chunks per sequence in the kernel timing")
     parser.add_argument("--muon", action="store_true", help="orthogonalise updates (Newton-Schulz, not counted)")
     parser.add_argument("--momentum", action="store_true")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the timed functions")
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--compile", action="store_true", help="also time under torch.compile")
+    parser.add_argument("--compile-kernel-sizes", type=int, nargs="*", default=None,
+                        help="chunk sizes at which the whole kernel is compiled (default: all); the update is "
+                             "compiled once with dynamic shapes")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, default=8192)
     parser.add_argument("--quick", action="store_true", help="tiny sizes for a smoke test")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
     if args.quick:
         args.chunk_sizes, args.dim, args.hidden, args.heads = [64, 128], 32, 64, 2
-        args.chunks, args.warmup, args.iters, args.matmul_size = 2, 2, 3, 256
-    for name in ("dim", "hidden", "heads", "chunks", "iters", "matmul_size"):
+        args.chunks, args.warmup, args.repeats, args.matmul_size = 2, 1, 2, 256
+    for name in ("dim", "hidden", "heads", "chunks", "repeats", "matmul_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(c < 1 for c in args.chunk_sizes):
         parser.error("--chunk-sizes must be >= 1")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available; use --device cpu --quick")
+    if args.compile_kernel_sizes is None:
+        args.compile_kernel_sizes = list(args.chunk_sizes)
     return args
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def matmul_tflops(args, device, dtype) -> float:
+    a = torch.randn(args.matmul_size, args.matmul_size, device=device, dtype=dtype)
+    b = torch.randn(args.matmul_size, args.matmul_size, device=device, dtype=dtype)
+    seconds = median(seconds_per_call(lambda: a @ b, device, args.warmup, args.repeats))
+    return 2 * args.matmul_size**3 / seconds / 1e12
 
 
-def time_call(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> float:
-    """Median wall time of fn() in seconds, synchronising the device around each call."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def matmul_tflops(n: int, device: torch.device, dtype: torch.dtype, warmup: int, iters: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    seconds = time_call(lambda: a @ b, device, warmup, iters)
-    return 2 * n**3 / seconds / 1e12
-
-
-def make_stream(args, length: int, device: torch.device, dtype: torch.dtype) -> dict:
+def make_stream(args, length: int, device, dtype) -> dict:
     rand = lambda *shape: torch.randn(*shape, device=device, dtype=dtype)  # noqa: E731
     b, d, h = args.heads, args.dim, args.hidden
     lr = lambda: torch.full((b, length, 1), 1e-3, device=device, dtype=dtype)  # noqa: E731
-    return dict(q=rand(b, length, d), k=rand(b, length, d), v=rand(b, length, d),
-                w0=rand(b, h, d) / d**0.5, w1=rand(b, d, h) / h**0.5, w2=rand(b, h, d) / d**0.5,
-                lr0=lr(), lr1=lr(), lr2=lr())
+    return dict(q=F.normalize(rand(b, length, d), dim=-1), k=F.normalize(rand(b, length, d), dim=-1),
+                v=rand(b, length, d), w0=rand(b, h, d) / d**0.5, w1=rand(b, d, h) / h**0.5,
+                w2=rand(b, h, d) / d**0.5, lr0=lr(), lr1=lr(), lr2=lr())
 
 
-def update_only(stream: dict, chunk: int, momentum: torch.Tensor | None, use_muon: bool):
-    """One chunk's update: hand gradients, then momentum / Muon / weight norm."""
-    weights = (stream["w0"], stream["w1"], stream["w2"])
+def fused_update(stream: dict, chunk: int, momentum, use_muon: bool):
+    """One chunk's update in the kernel's layout: fused hand gradients, then the step."""
+    w02 = stream["w02"]
     lrs = (stream[n][:, :chunk] for n in ("lr0", "lr1", "lr2"))
-    deltas = swiglu_chunk_update(stream["k"][:, :chunk], stream["v"][:, :chunk], *weights, *lrs)
+    deltas = swiglu_chunk_update_fused(stream["k"][:, :chunk], stream["v"][:, :chunk], w02, stream["w1"], *lrs)
     gate = None if momentum is None else momentum[:, :chunk].mean(dim=1, keepdim=True)
-    return fast_weight_step(weights, deltas, deltas, gate, use_muon, tuple(row_norms(w) for w in weights))
+    weights = (w02, stream["w1"])
+    return fast_weight_step(weights, deltas, deltas, gate, use_muon, tuple(row_norms(w) for w in weights),
+                            row_blocks=(2, 1))
 
 
-def measure_chunk(args, chunk: int, device, dtype, reference_tflops: float) -> list[Row]:
+def unfused_update(stream: dict, chunk: int, momentum, use_muon: bool):
+    """The 9-bmm form the kernel used before (gate, up, dW0, dW2 in separate bmm)."""
+    k, v = stream["k"][:, :chunk], stream["v"][:, :chunk]
+    w0, w1, w2 = stream["w0"], stream["w1"], stream["w2"]
+    lr0, lr1, lr2 = (stream[n][:, :chunk] for n in ("lr0", "lr1", "lr2"))
+    gate = torch.bmm(k, w0.transpose(1, 2))
+    up = torch.bmm(k, w2.transpose(1, 2))
+    gate_act = F.silu(gate)
+    hidden = gate_act * up
+    dhidden = torch.bmm(v, w1)
+    dw1 = torch.bmm((v * lr1).transpose(1, 2), hidden)
+    dw2 = torch.bmm((dhidden * gate_act * lr2).transpose(1, 2), k)
+    dw0 = torch.bmm((dhidden * up * silu_derivative(gate) * lr0).transpose(1, 2), k)
+    m = None if momentum is None else momentum[:, :chunk].mean(dim=1, keepdim=True)
+    weights, deltas = (w0, w1, w2), (dw0, dw1, dw2)
+    return fast_weight_step(weights, deltas, deltas, m, use_muon, tuple(row_norms(w) for w in weights))
+
+
+def bmm_only(operands: dict):
+    """The fused update's four bmm on ready operands (no element-wise work)."""
+    gate_up = torch.bmm(operands["k"], operands["w02t"])
+    dhidden = torch.bmm(operands["v"], operands["w1"])
+    dw1 = torch.bmm(operands["vt"], operands["hidden"])
+    dw02 = torch.bmm(operands["dgut"], operands["k"])
+    return gate_up, dhidden, dw1, dw02
+
+
+def bmm_operands(stream: dict, chunk: int) -> dict:
+    k, v = stream["k"][:, :chunk].contiguous(), stream["v"][:, :chunk].contiguous()
+    b, h = k.shape[0], stream["w0"].shape[1]
+    return dict(k=k, v=v, w02t=stream["w02"].transpose(1, 2), w1=stream["w1"], vt=v.transpose(1, 2),
+                hidden=torch.randn(b, chunk, h, device=k.device, dtype=k.dtype),
+                dgut=torch.randn(b, chunk, 2 * h, device=k.device, dtype=k.dtype).transpose(1, 2))
+
+
+def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, rows: list, phase: str) -> None:
+    """phase "eager": the eager rows; "compiled": the torch.compile rows (kernel first)."""
     stream = make_stream(args, chunk * args.chunks, device, dtype)
+    stream["w02"] = torch.cat([stream["w0"], stream["w2"]], dim=1)
     momentum = torch.full_like(stream["lr0"], 0.5) if args.momentum else None
-    kernel = lambda: swiglu_fast_weight(**stream, chunk_size=chunk, use_muon=args.muon, momentum=momentum)  # noqa: E731
-    update = lambda: update_only(stream, chunk, momentum, args.muon)  # noqa: E731
-    if args.compile:
-        kernel, update = torch.compile(kernel), torch.compile(update)
+    kernel_inputs = {n: stream[n] for n in ("q", "k", "v", "w0", "w1", "w2", "lr0", "lr1", "lr2")}
     per_chunk = args.heads * args.dim * args.hidden * chunk  # B·D·H·L
-    rows = []
-    for what, fn, flops in (("kernel", kernel, 18 * per_chunk * args.chunks), ("update", update, 12 * per_chunk)):
-        seconds = time_call(fn, device, args.warmup, args.iters)
+    operands = bmm_operands(stream, chunk)
+    eager: list[tuple[str, bool, Callable[[], object], float]] = [
+        ("kernel", False, lambda: swiglu_fast_weight(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
+                                                     momentum=momentum), 18 * per_chunk * args.chunks),
+        ("update", False, lambda: fused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
+        ("update_unfused", False, lambda: unfused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
+        ("update_bmm", False, lambda: bmm_only(operands), 12 * per_chunk),
+    ]
+    compiled = []
+    if chunk in args.compile_kernel_sizes:
+        kernel = torch.compile(swiglu_fast_weight)
+        compiled.append(("kernel", True, lambda: kernel(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
+                                                        momentum=momentum), 18 * per_chunk * args.chunks))
+    compiled.append(("update", True, lambda: COMPILED_UPDATE(stream, chunk, momentum, args.muon), 12 * per_chunk))
+    candidates = eager if phase == "eager" else compiled
+    for what, compiled, fn, flops in candidates:
+        try:
+            with torch.no_grad():
+                seconds = median(seconds_per_call(fn, device, args.warmup, args.repeats))
+        except Exception as exc:  # noqa: BLE001 - one failing variant must not cost the others
+            traceback.print_exc()
+            rows.append(dict(L=chunk, what=what, compiled=compiled, share_of_matmul=None,
+                             error=f"{type(exc).__name__}: {exc}", **env))
+            write_json(args.json_out, rows)
+            continue
         tflops = flops / seconds / 1e12
-        rows.append(Row(what, chunk, seconds, float(flops), tflops, tflops / reference_tflops))
-    return rows
+        row = dict(L=chunk, what=what, compiled=compiled, ms=seconds * 1e3, flops=float(flops), tflops=tflops,
+                   share_of_matmul=tflops / reference, matmul_tflops=reference, **env)
+        rows.append(row)
+        print(f"{what:<16}{'compile' if compiled else 'eager':>8}{chunk:>8}{seconds * 1e3:>12.3f}{tflops:>12.4g}"
+              f"{row['share_of_matmul']:>11.1%}", flush=True)
+        write_json(args.json_out, rows)
+
+
+COMPILED_UPDATE = torch.compile(fused_update, dynamic=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda requested but CUDA is not available; use --device cpu --quick")
     torch.manual_seed(0)
-    reference = matmul_tflops(args.matmul_size, device, dtype, args.warmup, args.iters)
-    rows = [row for chunk in args.chunk_sizes for row in measure_chunk(args, chunk, device, dtype, reference)]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(f"device {device_name} | dtype {args.dtype} | B={args.heads} D={args.dim} H={args.hidden} "
-          f"| muon={args.muon} momentum={args.momentum} compile={args.compile}")
-    print("FLOPs per head per chunk: kernel 18*D*H*L (apply 6 + update 12), update 12*D*H*L; "
-          "element-wise and Newton-Schulz work not counted")
-    print(f"dense {args.matmul_size}^3 matmul: {reference:.4g} TFLOP/s")
-    print(f"{'what':<8}{'L':>8}{'ms':>12}{'TFLOP/s':>12}{'of matmul':>12}")
-    for row in rows:
-        print(f"{row.what:<8}{row.chunk:>8}{row.seconds * 1e3:>12.3f}{row.tflops:>12.4g}{row.fraction_of_matmul:>11.1%}")
+    reference = matmul_tflops(args, device, dtype)
+    env = {**environment(device), "dtype": args.dtype, "B": args.heads, "D": args.dim, "H": args.hidden,
+           "chunks": args.chunks, "muon": args.muon, "momentum": args.momentum,
+           "flop_formula": "kernel 18*B*D*H*L per chunk (apply 6, update 12); update 12*B*D*H*L"}
+    print(f"# {env}", flush=True)
+    print(f"# dense {args.matmul_size}^3 matmul: {reference:.4g} TFLOP/s; element-wise and Newton-Schulz work not counted",
+          flush=True)
+    print(f"{'what':<16}{'mode':>8}{'L':>8}{'ms':>12}{'TFLOP/s':>12}{'of matmul':>11}", flush=True)
+    rows: list[dict] = []
+    # compiled rows last (compiling is slow; a time limit then costs only them), largest L first
+    plan = [("eager", c) for c in args.chunk_sizes]
+    if args.compile:
+        plan += [("compiled", c) for c in sorted(args.chunk_sizes, reverse=True)]
+    for phase, chunk in plan:
+        measure_chunk(args, chunk, device, dtype, reference, env, rows, phase)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     if args.json_out:
-        report = dict(device=device_name, torch=torch.__version__, args=vars(args), matmul_tflops=reference,
-                      flop_formula="kernel 18*B*D*H*L per chunk (apply 6, update 12); update 12*B*D*H*L",
-                      rows=[asdict(r) for r in rows])
-        with open(args.json_out, "w") as handle:
-            json.dump(report, handle, indent=2)
+        print(f"wrote {args.json_out}", flush=True)
     return 0
 
 

@@ -99,10 +99,24 @@ class NvmlApi:
 
     def _field(self, key: str, field_id: int) -> float | None:
         """One value of nvmlDeviceGetFieldValues, decoded by its value type."""
-        values = self._read(key, self._nvml.nvmlDeviceGetFieldValues, [field_id])
-        if values is None:
-            return None
-        value = values[0]
+        return self._fields({key: field_id})[key]
+
+    def _fields(self, ids: dict[str, int]) -> dict[str, float | None]:
+        """Several fields from ONE nvmlDeviceGetFieldValues call (fields already known to be
+        unsupported are not asked for); each decoded by its value type, None if unsupported."""
+        wanted = {key: fid for key, fid in ids.items() if key not in self.unsupported}
+        out: dict[str, float | None] = dict.fromkeys(ids)
+        if not wanted:
+            return out
+        values = self._read("+".join(wanted), self._nvml.nvmlDeviceGetFieldValues, list(wanted.values()))
+        if values is None:  # the whole query is unsupported: so is each of its fields
+            self.unsupported.update(wanted)
+            return out
+        for (key, field_id), value in zip(wanted.items(), values):
+            out[key] = self._decode(key, field_id, value)
+        return out
+
+    def _decode(self, key: str, field_id: int, value: Any) -> float | None:
         status = int(value.nvmlReturn)
         if status in UNAVAILABLE_CODES:
             self.unsupported.add(key)
@@ -128,6 +142,16 @@ class NvmlApi:
             return milliwatts / 1000.0
         self.power_is_average = True
         return self.power_average_W()
+
+    def power_and_mem_temp(self) -> tuple[float | None, float | None]:
+        """(instant power W, memory temperature °C) from one field-values query; power falls back
+        to the ~1 s average like `power_instant_W`."""
+        values = self._fields({"power_instant": FIELD_POWER_INSTANT, "mem_temp": FIELD_MEMORY_TEMP})
+        milliwatts = values["power_instant"]
+        if milliwatts is None:
+            self.power_is_average = True
+            return self.power_average_W(), values["mem_temp"]
+        return milliwatts / 1000.0, values["mem_temp"]
 
     def power_average_W(self) -> float | None:
         """nvmlDeviceGetPowerUsage: on Hopper a ~1 s average, W."""

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
@@ -30,7 +32,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from nectar.lact.expert import LaCTMoEExpert  # noqa: F401  (registers the "lact" expert kind for configs)
 from nectar.lact.hybrid_attention import HybridLaCTAttention
-from nectar.moe.experts import ExpertSpec, GELUExpert, SwiGLUExpert, build_experts
+from nectar.moe.expert_pool import ConstantGroup, ExpertPool, GELUGroup, SwiGLUGroup
+from nectar.moe.experts import ExpertSpec, GELUExpert
 from nectar.moe.layer import MoELayer, MoEMetrics
 from nectar.moe.recorder import RoutingRecorder
 from nectar.moe.static_routers import ROUTERS, make_router
@@ -152,15 +155,10 @@ class MoEMLP(nn.Module):
         return self.dropout(self.moe(hidden_states))  # [B, T, D]
 
 
-def build_expert_pool(config: MoEGPT2Config) -> nn.ModuleList:
-    """The experts of one MoE layer; GELU experts use the config's activation (as GPT2MLP does)."""
-    experts = []
-    for spec in config.resolved_expert_specs():
-        if spec.kind == "gelu":
-            experts += [GELUExpert(config.n_embd, spec.hidden, config.activation_function) for _ in range(spec.count)]
-        else:
-            experts += list(build_experts([spec], config.n_embd))
-    return nn.ModuleList(experts)
+def build_expert_pool(config: MoEGPT2Config) -> ExpertPool:
+    """The experts of one MoE layer in the stacked layout; GELU experts use the config's activation
+    (as GPT2MLP does)."""
+    return ExpertPool.from_specs(config.resolved_expert_specs(), config.n_embd, config.activation_function)
 
 
 def build_moe_mlp(config: MoEGPT2Config) -> MoEMLP:
@@ -188,15 +186,23 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
 
     @torch.no_grad()
     def _init_moe_weights(self) -> None:
-        """Small gates; GPT-2's depth-scaled init for the experts' output projections."""
-        out_std = self.config.initializer_range / math.sqrt(2 * self.config.n_layer)
+        """Small gates; expert weights as GPT-2 initialises its Conv1D / Linear layers (normal,
+        std = initializer_range, zero biases) with the depth-scaled std for output projections."""
+        std = self.config.initializer_range
+        out_std = std / math.sqrt(2 * self.config.n_layer)
         for _, layer in self.moe_layers():
             nn.init.normal_(layer.gate.weight, std=self.config.router_init_std)
-            for expert in layer.experts:
-                if isinstance(expert, GELUExpert):
-                    nn.init.normal_(expert.c_proj.weight, std=out_std)
-                elif isinstance(expert, SwiGLUExpert):
-                    nn.init.normal_(expert.down_proj.weight, std=out_std)
+            for group in layer.experts.groups:
+                if isinstance(group, GELUGroup):
+                    nn.init.normal_(group.c_fc, std=std)
+                    nn.init.normal_(group.c_proj, std=out_std)
+                    nn.init.zeros_(group.c_fc_bias)
+                    nn.init.zeros_(group.c_proj_bias)
+                elif isinstance(group, SwiGLUGroup):
+                    nn.init.normal_(group.gate_up, std=std)
+                    nn.init.normal_(group.down, std=out_std)
+                elif isinstance(group, ConstantGroup):
+                    nn.init.normal_(group.mixer, std=std)
 
     # ----- sparse upcycling -------------------------------------------------------------------
     @classmethod
@@ -233,11 +239,39 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
             raise ValueError(f"dense model does not match the MoE layout: missing {missing}, unexpected {unexpected}")
         for idx, layer in self.moe_layers():
             dense_mlp = dense.transformer.h[idx].mlp
-            for expert in layer.experts:
-                if isinstance(expert, GELUExpert) and expert.c_fc.weight.shape == dense_mlp.c_fc.weight.shape:
-                    expert.c_fc.load_state_dict(dense_mlp.c_fc.state_dict())
-                    expert.c_proj.load_state_dict(dense_mlp.c_proj.state_dict())
+            for group in layer.experts.groups:
+                if isinstance(group, GELUGroup) and group.c_fc.shape[1:] == dense_mlp.c_fc.weight.shape:
+                    for stacked, weight in ((group.c_fc, dense_mlp.c_fc.weight), (group.c_fc_bias, dense_mlp.c_fc.bias),
+                                            (group.c_proj, dense_mlp.c_proj.weight),
+                                            (group.c_proj_bias, dense_mlp.c_proj.bias)):
+                        stacked.copy_(weight.unsqueeze(0).expand_as(stacked))  # every expert = the dense MLP
         self.tie_weights()
+
+    # ----- checkpoints of the per-expert layout -------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained; a local checkpoint saved before the stacked expert layout
+        (keys `...mlp.moe.experts.<i>.c_fc.weight`) is loaded too: its expert tensors are stacked
+        into the groups after the rest of the model has loaded."""
+        legacy = legacy_expert_tensors(pretrained_model_name_or_path)
+        if not legacy:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        with _transformers_errors_only():  # it would report the old expert keys as unused
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.load_legacy_experts(legacy)
+        return loaded
+
+    @torch.no_grad()
+    def load_legacy_experts(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load per-expert tensors of the old layout (full state-dict keys) into the expert groups."""
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        if unexpected:
+            raise ValueError(f"checkpoint expert tensors do not match this model's experts: {unexpected[:4]}")
+        pools = [f"transformer.h.{idx}.mlp.moe.experts.groups." for idx, _ in self.moe_layers()]
+        unfilled = [k for k in missing if any(k.startswith(p) for p in pools)]
+        if unfilled:
+            raise ValueError(f"checkpoint lacks expert tensors for {unfilled[:4]}")
 
     def _is_new_parameter(self, key: str, moe_blocks: set[int]) -> bool:
         """Keys with no dense counterpart: MoE MLPs, and the LaCT extras of hybrid attention."""
@@ -314,6 +348,40 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
                              n_layers=self.config.n_layer, n_heads=self.config.n_head,
                              vocab_size=self.config.vocab_size, layers=layers, dtype_bytes=dtype_bytes,
                              policy=policy)
+
+
+LEGACY_EXPERT_KEY = re.compile(r"^transformer\.h\.\d+\.mlp\.moe\.experts\.\d+\.")
+
+
+def legacy_expert_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Per-expert tensors of the old layout in a local checkpoint directory ({} if none or not local)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        return {}
+    files = sorted(directory.glob("*.safetensors"))
+    tensors: dict[str, torch.Tensor] = {}
+    if files:
+        from safetensors import safe_open
+
+        for file in files:
+            with safe_open(str(file), framework="pt") as handle:
+                tensors.update({k: handle.get_tensor(k) for k in handle.keys() if LEGACY_EXPERT_KEY.match(k)})
+    elif (directory / "pytorch_model.bin").is_file():
+        state = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        tensors = {k: v for k, v in state.items() if LEGACY_EXPERT_KEY.match(k)}
+    return tensors
+
+
+@contextmanager
+def _transformers_errors_only() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _block_of(key: str) -> int | None:

@@ -105,7 +105,8 @@ def test_heterogeneous_expert_specs_copy_only_matching_gelu_experts():
     moe = MoEGPT2LMHeadModel.from_dense(dense, top_k=2, expert_specs=specs).eval()
     assert moe.config.num_experts() == 5
     experts = moe.transformer.h[1].mlp.moe.experts
-    assert [type(e) for e in experts] == [GELUExpert, GELUExpert, GELUExpert, ZeroExpert, CopyExpert]
+    kinds = [GELUExpert, GELUExpert, GELUExpert, ZeroExpert, CopyExpert]
+    assert len(experts) == 5 and all(isinstance(e, kind) for e, kind in zip(experts, kinds))
     dense_mlp = dense.transformer.h[1].mlp
     for expert in experts[:2]:
         assert torch.equal(expert.c_fc.weight, dense_mlp.c_fc.weight)
@@ -262,3 +263,34 @@ def test_presets():
     assert model(torch.zeros(1, 4, dtype=torch.long)).logits.shape == (1, 4, 500)
     with pytest.raises(ValueError, match="unknown preset"):
         preset_config("gpt5")
+
+
+def test_committed_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout():
+    """data/models/cpu-demo was saved with one module per expert (`...experts.<i>.c_fc.weight`):
+    every such tensor lands in its stack, and a layer computes what those per-expert modules compute."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from nectar.moe.dispatch import reference_dispatch
+
+    directory = Path(__file__).resolve().parents[1] / "data" / "models" / "cpu-demo"
+    model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        saved = {k: f.get_tensor(k).float() for k in f.keys()}
+    layer = model.transformer.h[3].mlp.moe
+    old = []
+    for i, view in enumerate(layer.experts):
+        prefix = f"transformer.h.3.mlp.moe.experts.{i}."
+        if isinstance(view, GELUExpert):
+            expert = GELUExpert(view.d_model, view.hidden, view.activation)
+            expert.load_state_dict({k[len(prefix):]: v for k, v in saved.items() if k.startswith(prefix)})
+            assert torch.equal(view.c_fc.weight, expert.c_fc.weight) and torch.equal(view.c_proj.bias, expert.c_proj.bias)
+        else:
+            expert = type(view)(view.d_model)
+        old.append(expert)
+    assert len([k for k in saved if ".mlp.moe.experts." in k]) == 6 * 4 * 5  # 6 layers × 5 GELU experts
+    hidden = torch.randn(40, model.config.n_embd)
+    with torch.no_grad():
+        decision = layer.router(layer.gate(hidden))
+        torch.testing.assert_close(layer(hidden), reference_dispatch(hidden, decision, old), rtol=1e-5, atol=1e-6)

@@ -3,6 +3,9 @@
 `forward_chunk` runs a chunk [B, T] in micro-batches (a long chunk window need not fit in memory at
 once) with a `RoutingRecorder` set on the model, so per-expert counts, the agreement with static
 routing and the next-token NLL accumulate on the device; they are read back once, after the chunk.
+Nothing inside the loop waits for the device (the MoE layers' grouped dispatch and the recorder
+keep their counts on the device; the NLL is a fused fp32 reduction for bf16 logits on CUDA, see
+`nectar.experiment.token_nll`), so the host queues the whole chunk ahead of the GPU.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import torch
 
 from nectar.control.observation import ChunkObservation, LayerObservation
+from nectar.experiment.token_nll import nll_rows as nll_rows_of
 
 
 def install(model, routers) -> None:
@@ -31,9 +35,7 @@ def forward_chunk(model, batch: torch.Tensor, micro_rows: int | None = None, pol
     with torch.no_grad(), model.recording(recorder):
         for part in batch.split(micro_rows or batch.shape[0]):                     # [b, T]
             logits = model(input_ids=part, use_cache=False).logits                 # [b, T, V]
-            token_nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]).float(), part[:, 1:].reshape(-1), reduction="none")
-            nll_rows.append(token_nll.view(part.shape[0], -1).sum(-1))              # [b]
+            nll_rows.append(nll_rows_of(logits, part))                               # [b] on the device
     nll_rows_B = torch.cat(nll_rows).double().cpu()                                 # [B] one transfer
     layers = recorder.summary()
     workload = model.workload_from_counts([r.tokens_per_expert for r in layers], batch.shape[0], batch.shape[1],

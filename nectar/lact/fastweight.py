@@ -10,8 +10,14 @@ The pieces are exposed so that other fast-weight users (the LaCT expert, the fas
 share one implementation: `swiglu_apply`, `swiglu_chunk_update`, `fast_weight_step`,
 `zeropower_via_newtonschulz5`, `renormalize_rows`, `row_norms`.
 
-Everything computes in the dtype of its inputs (fp64 in, fp64 out); mixed precision is the
-caller's choice.
+Fused layout: the kernel keeps W0 and W2 stacked as one weight W02 = [W0; W2] [B, 2dh, dk], so
+that gate and up come out of one bmm (`swiglu_apply_fused`) and dW0, dW2 out of one bmm over the
+stacked [dgate·lr0 | dup·lr2] (`swiglu_chunk_update_fused`): six bmm per chunk instead of nine,
+each larger. Muon orthogonalises W0's and W2's updates separately (`fast_weight_step(...,
+row_blocks=(2, 1))`), weight norm is per row, so the result is the unfused algorithm's.
+
+Everything computes in the dtype of its inputs (fp64 in, fp64 out; bf16 matmuls accumulate in
+fp32 in cuBLAS); mixed precision is the caller's choice.
 """
 
 from __future__ import annotations
@@ -43,6 +49,14 @@ def silu_derivative(x: torch.Tensor) -> torch.Tensor:
     return sigma * (1 + x * (1 - sigma))
 
 
+def swiglu_apply_fused(x: torch.Tensor, w02: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """f_W(x) with W0, W2 stacked as w02 [B, 2dh, dk]: x [B, L, dk] -> [B, L, dv] in two bmm."""
+    dh = w02.shape[1] // 2
+    gate_up = torch.bmm(x, w02.transpose(1, 2))  # [B, L, 2dh]
+    hidden = F.silu(gate_up[..., :dh]) * gate_up[..., dh:]  # [B, L, dh]
+    return torch.bmm(hidden, w1.transpose(1, 2))  # [B, L, dv]
+
+
 def swiglu_chunk_update(
     k: torch.Tensor,
     v: torch.Tensor,
@@ -60,18 +74,35 @@ def swiglu_chunk_update(
         dW1 = Σ_i lr1_i v_i hid_iᵀ
         dW2 = Σ_i lr2_i (dhid ⊙ silu(g))_i k_iᵀ
         dW0 = Σ_i lr0_i (dhid ⊙ h ⊙ silu′(g))_i k_iᵀ
+    Computed in the fused layout (`swiglu_chunk_update_fused`).
     """
-    gate = torch.bmm(k, w0.transpose(1, 2))  # [B, l, dh]
-    up = torch.bmm(k, w2.transpose(1, 2))  # [B, l, dh]
-    gate_act = F.silu(gate)  # [B, l, dh]
-    hidden = gate_act * up  # [B, l, dh]
+    dh = w0.shape[1]
+    dw02, dw1 = swiglu_chunk_update_fused(k, v, torch.cat([w0, w2], dim=1), w1, lr0, lr1, lr2)
+    return dw02[:, :dh], dw1, dw02[:, dh:]
+
+
+def swiglu_chunk_update_fused(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w02: torch.Tensor,
+    w1: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`swiglu_chunk_update` with W0, W2 stacked: returns (dW02 = [dW0; dW2] [B, 2dh, dk], dW1)
+    from four bmm: [g | h] = k W02ᵀ, dhid = v W1, dW1 = (lr1 v)ᵀ hid, dW02 = [lr0 dg | lr2 dh]ᵀ k."""
+    dh = w02.shape[1] // 2
+    gate_up = torch.bmm(k, w02.transpose(1, 2))  # [B, l, 2dh]
+    gate, up = gate_up[..., :dh], gate_up[..., dh:]
+    sigma = torch.sigmoid(gate)
+    gate_act = gate * sigma  # silu(g)  [B, l, dh]
     dhidden = torch.bmm(v, w1)  # [B, l, dh]  (rows of W1ᵀ v)
-    dup = dhidden * gate_act  # [B, l, dh]
-    dgate = dhidden * up * silu_derivative(gate)  # [B, l, dh]
-    dw1 = torch.bmm((v * lr1).transpose(1, 2), hidden)  # [B, dv, dh]
-    dw2 = torch.bmm((dup * lr2).transpose(1, 2), k)  # [B, dh, dk]
-    dw0 = torch.bmm((dgate * lr0).transpose(1, 2), k)  # [B, dh, dk]
-    return dw0, dw1, dw2
+    dgate_up = torch.cat([dhidden * up * (sigma * (1 + gate * (1 - sigma))) * lr0,  # lr0 · dhid ⊙ h ⊙ silu′(g)
+                          dhidden * gate_act * lr2], dim=-1)  # lr2 · dhid ⊙ silu(g)  -> [B, l, 2dh]
+    dw1 = torch.bmm((v * lr1).transpose(1, 2), gate_act * up)  # [B, dv, dh]
+    dw02 = torch.bmm(dgate_up.transpose(1, 2), k)  # [B, 2dh, dk]
+    return dw02, dw1
 
 
 def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int = NS5_STEPS, eps: float = MUON_EPS) -> torch.Tensor:
@@ -111,6 +142,7 @@ def fast_weight_step(
     use_muon: bool = False,
     target_norms: Sequence[torch.Tensor] | None = None,
     scale: float = 1.0,
+    row_blocks: Sequence[int] | None = None,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """One optimizer step of matrix fast weights, in LaCT's order.
 
@@ -121,6 +153,9 @@ def fast_weight_step(
     learning rate passes minus gradients as deltas and the rate as `scale` (Muon's convention:
     the rate multiplies the orthogonalised step). Returns (new weights, momentum-accumulated
     deltas), the latter to pass as `previous_deltas` at the next chunk.
+
+    `row_blocks[i]` (default 1) splits weight i into that many equal row blocks that Muon
+    orthogonalises separately (the fused [W0; W2] passes 2).
     """
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
@@ -129,12 +164,21 @@ def fast_weight_step(
         accumulated = [d + momentum_gate * p for d, p in zip(deltas, previous_deltas)]
     new_weights = []
     for index, (w, d) in enumerate(zip(weights, accumulated)):
-        step = zeropower_via_newtonschulz5(d) if use_muon else d
+        step = _orthogonalise(d, row_blocks[index] if row_blocks else 1) if use_muon else d
         w = w + step if scale == 1.0 else w + scale * step
         if target_norms is not None:
             w = renormalize_rows(w, target_norms[index])
         new_weights.append(w)
     return tuple(new_weights), tuple(accumulated)
+
+
+def _orthogonalise(delta: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Newton–Schulz on each of `blocks` equal row blocks of delta [..., r, c] (one batched call)."""
+    if blocks == 1:
+        return zeropower_via_newtonschulz5(delta)
+    rows, cols = delta.shape[-2:]
+    split = delta.reshape(*delta.shape[:-2], blocks, rows // blocks, cols)  # [..., blocks, r/blocks, c]
+    return zeropower_via_newtonschulz5(split).reshape(delta.shape)
 
 
 def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:
@@ -183,18 +227,22 @@ def swiglu_fast_weight(
     Momentum state does not cross calls (it starts at zero in each call).
     """
     _check_kernel_inputs(q, k, v, w0, w1, w2, (lr0, lr1, lr2), chunk_size, momentum)
-    weights: tuple[torch.Tensor, ...] = (w0, w1, w2)
+    dh = w0.shape[1]
+    weights: tuple[torch.Tensor, ...] = (torch.cat([w0, w2], dim=1), w1)  # (W02 [B, 2dh, dk], W1 [B, dv, dh])
     target_norms = tuple(row_norms(w) for w in weights) if weight_norm else None  # [B, rows, 1] each
     previous: tuple[torch.Tensor, ...] | None = None
     outputs = []
     for start in range(0, q.shape[1], chunk_size):
         chunk = slice(start, start + chunk_size)
         if causal:
-            outputs.append(swiglu_apply(q[:, chunk], *weights))  # [B, l, dv]
-        deltas = swiglu_chunk_update(k[:, chunk], v[:, chunk], *weights, lr0[:, chunk], lr1[:, chunk], lr2[:, chunk])
+            outputs.append(swiglu_apply_fused(q[:, chunk], *weights))  # [B, l, dv]
+        deltas = swiglu_chunk_update_fused(k[:, chunk], v[:, chunk], *weights, lr0[:, chunk], lr1[:, chunk],
+                                           lr2[:, chunk])
         gate = None if momentum is None else momentum[:, chunk].mean(dim=1, keepdim=True)  # [B, 1, 1]
-        weights, previous = fast_weight_step(weights, deltas, previous, gate, use_muon, target_norms)
+        weights, previous = fast_weight_step(weights, deltas, previous, gate, use_muon, target_norms,
+                                             row_blocks=(2, 1))
         if not causal:
-            outputs.append(swiglu_apply(q[:, chunk], *weights))  # [B, l, dv]
+            outputs.append(swiglu_apply_fused(q[:, chunk], *weights))  # [B, l, dv]
     out = torch.cat(outputs, dim=1) if outputs else v.new_zeros(v.shape)  # [B, L, dv]
-    return out, (weights[0], weights[1], weights[2])
+    w02, w1_out = weights
+    return out, (w02[:, :dh], w1_out, w02[:, dh:])

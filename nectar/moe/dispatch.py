@@ -1,15 +1,24 @@
-"""Dropless token dispatch: run each routed (token, slot) pair through its expert and combine.
+"""Dropless token dispatch over an ExpertPool: run each routed (token, slot) pair through its expert
+and combine, y[t] = Σ_{active slots s of t} gates[t, s] · expert_{e(t, s)}(x[t]).
 
-Pipeline (torchtitan-style):
-1. give every (token, slot) pair of a RoutingDecision a sort key: its expert, or E when the slot
-   is unused or dropped; stable-sort the N·K pairs by key and count them per expert (bincount),
-2. read the per-expert counts once (the one host sync), gather the active pairs' tokens in
-   sorted order and run each expert on its contiguous slice; runs of consecutive identical-shape
-   GELU/SwiGLU experts may go through `torch._grouped_mm` when it is available, enabled for the
-   device type and a one-off probe shows that it works for the device and dtype (else the loop),
-3. un-permute with a gather by the inverse permutation (no atomics), weight by the gates and sum
-   the K slots of each token in fixed order: deterministic on every device.
+Both paths start from one permutation (`permute_by_expert`): every (token, slot) pair gets a sort
+key (its expert, or E when the slot is unused, dropped or out of range), the P = N·K pairs are
+stable-sorted by key (argsort) and counted per expert (an integer histogram), all on the device.
 
+- grouped path (`grouped_dispatch`; CUDA, where `torch._grouped_mm` passes a one-off probe): no
+  host sync. Each GEMM group (stacked GELU / SwiGLU experts) gathers its rows into a buffer of
+  static size N·min(K, G) (the most rows it can get), runs `torch._grouped_mm` with device offsets
+  (rows past the group's real count are not computed and never read), and the combine gathers each
+  pair's output row by its sorted position. GELU biases go inside the matmuls: x gets `pad` ones
+  columns and c_fc a bias row (`GELUGroup.augmented_fc`); the c_proj bias enters the combine as
+  one small matmul, gates [N, G] @ bias [G, D]. Copy experts add gate·x, zero experts nothing,
+  constant experts a 2-way mixer over all tokens: none of them runs a GEMM.
+- loop path (`loop_dispatch`; CPU, fp64, pools with module experts such as LaCT, or `grouped=False`):
+  reads the per-expert counts once (the one host sync), runs every expert on its exact contiguous
+  slice and un-permutes with a gather. On CPU this is bit-for-bit the computation of the per-expert
+  modules it replaced.
+
+Both combine the K slots of a token in fixed order (gathers, no atomics): deterministic.
 `reference_dispatch` is the same computation as a per-token Python loop, for tests.
 """
 
@@ -19,9 +28,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from nectar.moe.experts import Expert, GELUExpert, SwiGLUExpert
+from nectar.moe.expert_pool import (ConstantGroup, CopyGroup, ExpertGroup, ExpertPool, GELUGroup, ModuleGroup,
+                                    SwiGLUGroup, ZeroGroup)
 from nectar.moe.router import RoutingDecision
 
 
@@ -29,22 +40,31 @@ from nectar.moe.router import RoutingDecision
 class TokenPermutation:
     """All P = N·K (token, slot) pairs sorted by expert; inactive pairs (unused, dropped) last.
 
-    order          [P] long  flat pair index token·K + slot at each sorted position
-    tokens         [P] long  token of each sorted pair
-    sorted_experts [P] long  expert of each sorted pair (E for inactive pairs)
-    counts         [E] long  active pairs per expert; expert e owns the next counts[e] sorted rows
-    invalid        [] long   active pairs whose expert index is outside [0, E) (sorted last)
+    key       [P] long  sort key of each pair: its expert, E when inactive or out of range
+    order     [P] long  flat pair index token·K + slot at each sorted position
+    position  [P] long  sorted position of each pair (the inverse of order)
+    counts    [E] long  active pairs per expert; expert e owns the next counts[e] sorted rows
+    active    [N, K] bool  slots the router computes (chosen, not dropped)
     """
 
+    key: torch.Tensor
     order: torch.Tensor
-    tokens: torch.Tensor
-    sorted_experts: torch.Tensor
+    position: torch.Tensor
     counts: torch.Tensor
-    invalid: torch.Tensor
+    active: torch.Tensor
+
+    @property
+    def tokens(self) -> torch.Tensor:
+        """[P] long: the token of each sorted pair."""
+        return self.order // self.active.shape[1]
+
+    def invalid(self) -> torch.Tensor:
+        """[] long: active pairs whose expert index is outside [0, E) (sorted last, not computed)."""
+        return self.active.sum() - self.counts.sum()
 
 
 def check_inputs(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[nn.Module]) -> None:
-    """Raise ValueError when x, the decision and the expert list disagree in shape."""
+    """Raise ValueError when x, the decision and the experts disagree in shape."""
     if x.dim() != 2:
         raise ValueError(f"dispatch expects x of shape [N, D], got {list(x.shape)}")
     if len(experts) != decision.num_experts:
@@ -61,20 +81,17 @@ def check_inputs(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[n
 
 
 def permute_by_expert(decision: RoutingDecision) -> TokenPermutation:
-    """Stable-sort all (token, slot) pairs by expert, inactive pairs after every expert."""
-    num_experts, num_slots = decision.num_experts, decision.experts.shape[1]
+    """Stable-sort all (token, slot) pairs by expert, inactive pairs after every expert (no host sync)."""
+    num_experts = decision.num_experts
+    experts_NK = decision.experts.long()
     active_NK = decision.active
-    out_of_range_P = (active_NK & ((decision.experts < 0) | (decision.experts >= num_experts))).reshape(-1)
-    key_P = torch.where(active_NK, decision.experts.long(), num_experts).reshape(-1)  # [N*K]
-    key_P = key_P.masked_fill(out_of_range_P, num_experts)       # sorted last; reported after the sync
+    computed_NK = active_NK & (experts_NK >= 0) & (experts_NK < num_experts)
+    key_P = torch.where(computed_NK, experts_NK, num_experts).reshape(-1)  # [N*K]
     order_P = torch.argsort(key_P.to(torch.int32), stable=True)  # 32-bit keys: fewer radix passes
-    return TokenPermutation(
-        order=order_P,
-        tokens=order_P // num_slots,
-        sorted_experts=key_P[order_P],
-        counts=count_per_expert(key_P, num_experts + 1)[:num_experts],
-        invalid=out_of_range_P.sum(),
-    )
+    position_P = torch.empty_like(order_P)
+    position_P[order_P] = torch.arange(order_P.numel(), device=order_P.device)
+    counts_E = count_per_expert(key_P, num_experts + 1)[:num_experts]
+    return TokenPermutation(key=key_P, order=order_P, position=position_P, counts=counts_E, active=active_NK)
 
 
 def count_per_expert(index: torch.Tensor, num_bins: int) -> torch.Tensor:
@@ -84,93 +101,275 @@ def count_per_expert(index: torch.Tensor, num_bins: int) -> torch.Tensor:
     return torch.zeros(num_bins, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
-def dispatch(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[nn.Module], grouped: bool = True) -> torch.Tensor:
-    """y[t] = Σ_{active slots s of t} gates[t, s] · experts[e(t, s)](x[t]);  x [N, D] -> y [N, D]."""
+def dispatch(x: torch.Tensor, decision: RoutingDecision, experts: ExpertPool, grouped: bool = True) -> torch.Tensor:
+    """y [N, D] = Σ_{active slots s of t} gates[t, s] · experts[e(t, s)](x[t]) for x [N, D]."""
+    return dispatch_with_counts(x, decision, experts, grouped)[0]
+
+
+def dispatch_with_counts(x: torch.Tensor, decision: RoutingDecision, experts: ExpertPool,
+                         grouped: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y [N, D], counts [E] long on the device: the (token, slot) pairs each expert computed)."""
+    if not isinstance(experts, ExpertPool):
+        raise ValueError(f"dispatch needs an ExpertPool (nectar.moe.expert_pool), got {type(experts).__name__}")
     check_inputs(x, decision, experts)
-    n, num_slots = decision.experts.shape
     perm = permute_by_expert(decision)
-    y_PD = run_experts(x, perm, experts, grouped)                              # [N*K, D] sorted, 0 if inactive
-    inverse_P = torch.empty_like(perm.order)
-    inverse_P[perm.order] = torch.arange(perm.order.numel(), device=x.device)  # sorted position of each pair
-    y_NKD = y_PD[inverse_P].view(n, num_slots, x.shape[1])                     # [N, K, D] token-major
-    gates_NK1 = (decision.gates * decision.active).to(y_NKD.dtype).unsqueeze(-1)  # [N, K, 1]
-    return (y_NKD * gates_NK1).sum(dim=1)                                      # [N, D], fixed order
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape), perm.counts
+    if dispatch_path(x, experts, grouped) == "grouped":
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(perm.invalid()):  # a sync on GPU
+            raise ValueError(f"decision.experts has active entries outside [0, {len(experts)})")
+        return grouped_dispatch(x, decision, experts, perm), perm.counts
+    return loop_dispatch(x, decision, experts, perm), perm.counts
 
 
-def run_experts(x: torch.Tensor, perm: TokenPermutation, experts: Sequence[nn.Module], grouped: bool) -> torch.Tensor:
-    """[N*K, D]: expert outputs in sorted pair order, zero rows for inactive pairs."""
-    counts_host = torch.cat([perm.counts, perm.invalid.view(1)]).tolist()  # the one host sync
-    if counts_host.pop():
-        raise ValueError(f"decision.experts has active entries outside [0, {len(experts)})")
-    runs = expert_runs(experts, grouped, x, counts_host)
-    active = sum(counts_host)
-    x_MD = x[perm.tokens[:active]]                                             # [M, D]
-    outputs, start = [], 0
-    for first, last in runs:
-        rows = sum(counts_host[first:last])
-        if rows == 0:
-            continue
-        chunk_RD = x_MD[start : start + rows]
-        if last - first > 1:
-            row_group_R = perm.sorted_experts[start : start + rows] - first
-            outputs.append(grouped_forward(chunk_RD, perm.counts[first:last], row_group_R, experts[first:last]))
-        else:
-            outputs.append(experts[first](chunk_RD))
-        start += rows
-    outputs.append(x.new_zeros(perm.order.numel() - active, x.shape[1]))  # inactive pairs
-    return torch.cat(outputs, dim=0)
-
-
-def expert_runs(experts: Sequence[nn.Module], grouped: bool, x: torch.Tensor, counts: list[int]) -> list[tuple[int, int]]:
-    """[first, last) index ranges: maximal groupable runs (when grouped mm is usable and the run's
-    experts get at most GROUPED_MM_MAX_MEAN_ROWS rows on average), else single experts."""
-    runs, first = [], 0
-    for e in range(1, len(experts) + 1):
-        if e < len(experts) and grouped and same_group(experts[first], experts[e], x):
-            continue
-        if e - first > 1 and sum(counts[first:e]) > GROUPED_MM_MAX_MEAN_ROWS * (e - first):
-            runs.extend((i, i + 1) for i in range(first, e))
-        else:
-            runs.append((first, e))
-        first = e
-    if any(last - first > 1 for first, last in runs) and not grouped_mm_usable(x):
-        return [(e, e + 1) for e in range(len(experts))]
-    return runs
-
-
-def same_group(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
-    """True when a and b can share one grouped matmul (same class, shapes, activation, dtype)."""
-    if type(a) is not type(b) or not isinstance(a, (GELUExpert, SwiGLUExpert)):
-        return False
-    if a.hidden != b.hidden or a.d_model != b.d_model or getattr(a, "activation", None) != getattr(b, "activation", None):
-        return False
-    aligned = all(dim * x.element_size() % 16 == 0 for dim in (a.d_model, a.hidden))
-    params = [*a.parameters(), *b.parameters()]
-    return aligned and all(p.dtype == x.dtype and p.device == x.device for p in params)
+def dispatch_path(x: torch.Tensor, pool: ExpertPool, grouped: bool = True) -> str:
+    """"grouped" when the sync-free grouped path can run this pool on x's device and dtype, else "loop"."""
+    if not grouped or any(isinstance(g, ModuleGroup) for g in pool.groups):
+        return "loop"
+    gemm_groups = [g for g in pool.groups if g.runs_gemm]
+    if gemm_groups and not (grouped_mm_usable(x) and all(grouped_mm_aligned(g, x) for g in gemm_groups)):
+        return "loop"
+    return "grouped"
 
 
 # ---------------------------------------------------------------------------------------------
-# Grouped matmul path (torch._grouped_mm), probed once per (device type, dtype).
+# loop path: exact slices, one host sync
+
+
+def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
+                  perm: TokenPermutation | None = None) -> torch.Tensor:
+    """Every expert on its exact slice of the sorted pairs; un-permute and combine by gathers."""
+    perm = permute_by_expert(decision) if perm is None else perm
+    n, num_slots = decision.experts.shape
+    counts_host = torch.cat([perm.counts, perm.invalid().view(1)]).tolist()  # the one host sync
+    if counts_host.pop():
+        raise ValueError(f"decision.experts has active entries outside [0, {len(pool)})")
+    active = sum(counts_host)
+    x_MD = x[perm.tokens[:active]]                                              # [M, D]
+    outputs, start = [], 0
+    for group, first, _ in pool.spans():
+        for j in range(group.count):
+            rows = counts_host[first + j]
+            if rows:
+                outputs.append(group.forward_expert(j, x_MD[start : start + rows]))
+                start += rows
+    outputs.append(x.new_zeros(perm.order.numel() - active, x.shape[1]))        # inactive pairs
+    y_PD = torch.cat(outputs, dim=0)                                            # [N*K, D] sorted
+    y_NKD = y_PD[perm.position].view(n, num_slots, x.shape[1])                  # [N, K, D] token-major
+    gates_NK1 = (decision.gates * decision.active).to(y_NKD.dtype).unsqueeze(-1)  # [N, K, 1]
+    return (y_NKD * gates_NK1).sum(dim=1)                                       # [N, D], fixed order
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped path: static shapes, device offsets, no host sync
+
+
+def grouped_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
+                     perm: TokenPermutation | None = None) -> torch.Tensor:
+    """The sync-free path (see the module docstring); needs `torch._grouped_mm` for GEMM groups."""
+    perm = permute_by_expert(decision) if perm is None else perm
+    context = make_context(x, decision, pool, perm)
+    y_ND = None
+    for group, first, last in pool.spans():
+        part = _group_contribution(context, group, first, last)
+        if part is not None:
+            y_ND = part if y_ND is None else y_ND + part
+    return x.new_zeros(x.shape) if y_ND is None else y_ND
+
+
+@dataclass
+class _Context:
+    x: torch.Tensor           # [N, D]
+    perm: TokenPermutation
+    key_NK: torch.Tensor      # [N, K] expert of each slot, E when inactive
+    computed_NK: torch.Tensor  # [N, K] bool: slots some expert computes (key < E)
+    gates_NK: torch.Tensor    # [N, K] combine weights, 0 on inactive slots
+    num_experts: int
+    clean_tails: bool         # zero the rows past a group's real count (autograd needs finite values)
+    x_padded: torch.Tensor | None = None  # [N, D + pad] x with ones columns (GELU bias folding)
+    starts: torch.Tensor | None = None    # [E] first sorted row per expert (computed when needed)
+
+    def start(self, first: int) -> torch.Tensor | int:
+        """Sorted position of expert `first`'s first row: 0 for expert 0, else a device scalar."""
+        if first == 0:
+            return 0
+        if self.starts is None:
+            self.starts = self.perm.counts.cumsum(0) - self.perm.counts
+        return self.starts[first]
+
+    def slots_of(self, first: int, last: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """([N, K] bool slots routed into experts [first, last), [N, K] their gates, 0 elsewhere)."""
+        if first == 0 and last == self.num_experts:
+            return self.computed_NK, self.gates_NK
+        in_NK = (self.key_NK >= first) & (self.key_NK < last)
+        return in_NK, torch.where(in_NK, self.gates_NK, 0.0)
+
+
+def make_context(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool, perm: TokenPermutation) -> _Context:
+    n, num_slots = decision.experts.shape
+    key_NK = perm.key.view(n, num_slots)
+    computed_NK = key_NK < pool.num_experts
+    gates_NK = decision.gates * computed_NK                     # 0 on unused, dropped, out-of-range slots
+    return _Context(x, perm, key_NK, computed_NK, gates_NK, pool.num_experts, _needs_clean_tails(x, pool))
+
+
+def _needs_clean_tails(x: torch.Tensor, pool: ExpertPool) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in pool.parameters()))
+
+
+def _group_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int) -> torch.Tensor | None:
+    """This group's part of y [N, D] (None for zero experts)."""
+    if isinstance(group, ZeroGroup):
+        return None
+    in_NK, weights_NK = ctx.slots_of(first, last)               # [N, K] slots routed into the group
+    if isinstance(group, CopyGroup):
+        return weights_NK.sum(1, keepdim=True).to(ctx.x.dtype) * ctx.x
+    if isinstance(group, ConstantGroup):
+        return _constant_contribution(ctx, group, first, in_NK, weights_NK)
+    return _gemm_contribution(ctx, group, first, last, in_NK, weights_NK)
+
+
+@dataclass
+class GroupRows:
+    """Where a GEMM group's rows are: R = N·min(K, G) static rows, the first counts.sum() real.
+
+    start     [] long   sorted position of the group's first row (a device scalar; the int 0 for expert 0)
+    tokens_R  [R] long  token of each row (rows past the real count: some token, never read)
+    offsets_G [G] int32 cumulative row ends per expert of the group
+    valid_R1  [R, 1] bool real rows, or None when the unset rows need not be zeroed
+    """
+
+    start: torch.Tensor | int
+    tokens_R: torch.Tensor
+    offsets_G: torch.Tensor
+    valid_R1: torch.Tensor | None
+
+
+def group_rows(ctx: _Context, group: ExpertGroup, first: int, last: int) -> GroupRows:
+    n, num_slots = ctx.key_NK.shape
+    rows = n * min(num_slots, group.count)                      # the most pairs this group can get
+    start = ctx.start(first)                                    # 0 for the first expert, else a device scalar
+    if first == 0:                                              # rows <= N·K: all sorted positions exist
+        order_R = ctx.perm.order[:rows]
+    else:
+        sorted_rows_R = (torch.arange(rows, device=ctx.x.device) + start).clamp_(max=max(n * num_slots - 1, 0))
+        order_R = ctx.perm.order[sorted_rows_R]
+    tokens_R = order_R // num_slots                             # [R]
+    offsets_G = ctx.perm.counts[first:last].cumsum(0).to(torch.int32)  # [G] cumulative row ends
+    valid_R1 = (torch.arange(rows, device=ctx.x.device) < offsets_G[-1]).unsqueeze(1) if ctx.clean_tails else None
+    return GroupRows(start, tokens_R, offsets_G, valid_R1)
+
+
+def combine_group(ctx: _Context, group: ExpertGroup, first: int, rows: GroupRows, y_RD: torch.Tensor,
+                  in_NK: torch.Tensor, weights_NK: torch.Tensor) -> torch.Tensor:
+    """Σ_s gate_s · y[row of (t, s)] over the slots routed into the group (+ GELU output biases): [N, D]."""
+    n, num_slots = ctx.key_NK.shape
+    local_P = ctx.perm.position - rows.start if isinstance(rows.start, torch.Tensor) else ctx.perm.position
+    if y_RD.shape[0] < n * num_slots or isinstance(rows.start, torch.Tensor):  # positions past the buffer
+        local_P = local_P.clamp(0, y_RD.shape[0] - 1)
+    y_NKD = y_RD.index_select(0, local_P).view(n, num_slots, -1)  # [N, K, D]
+    y_NKD = torch.where(in_NK.unsqueeze(-1), y_NKD, 0.0)        # slots of other groups read unset rows
+    y_ND = (y_NKD * weights_NK.to(y_NKD.dtype).unsqueeze(-1)).sum(dim=1)
+    if isinstance(group, GELUGroup):                            # Σ_s gate_s · c_proj_bias[e_s]
+        weights_NG = _weights_per_expert(weights_NK, ctx.key_NK - first, in_NK, group.count)
+        y_ND = torch.addmm(y_ND, weights_NG.to(y_ND.dtype), group.c_proj_bias)
+    return y_ND
+
+
+def _gemm_contribution(ctx: _Context, group: ExpertGroup, first: int, last: int, in_NK: torch.Tensor,
+                       weights_NK: torch.Tensor) -> torch.Tensor:
+    rows = group_rows(ctx, group, first, last)
+    y_RD = grouped_gemm(ctx, group, rows.tokens_R, rows.offsets_G, rows.valid_R1)  # [R, D]; tail unset
+    return combine_group(ctx, group, first, rows, y_RD, in_NK, weights_NK)
+
+
+def _weights_per_expert(weights_NK: torch.Tensor, local_NK: torch.Tensor, in_NK: torch.Tensor,
+                        count: int) -> torch.Tensor:
+    """[N, G]: each token's summed gate per expert of a group (local expert index local_NK)."""
+    index_NK = torch.where(in_NK, local_NK, 0)
+    return weights_NK.new_zeros(weights_NK.shape[0], count).scatter_add(1, index_NK, weights_NK)
+
+
+def _constant_contribution(ctx: _Context, group: ConstantGroup, first: int, in_NK: torch.Tensor,
+                           weights_NK: torch.Tensor) -> torch.Tensor:
+    """Σ_s gate_s (α_a x + α_b v) over the slots routed to constant experts, for all tokens at once."""
+    x = ctx.x
+    logits_NC2 = F.linear(x, group.mixer.reshape(-1, x.shape[1])).view(x.shape[0], group.count, 2)
+    alpha_NC2 = torch.softmax(logits_NC2, dim=-1)
+    weights_NC = _weights_per_expert(weights_NK, ctx.key_NK - first, in_NK, group.count).to(x.dtype)
+    keep_N1 = (weights_NC * alpha_NC2[..., 0]).sum(1, keepdim=True)                  # [N, 1]
+    return keep_N1 * x + (weights_NC * alpha_NC2[..., 1]) @ group.constant             # [N, D]
+
+
+def grouped_gemm(ctx: _Context, group: ExpertGroup, tokens_R: torch.Tensor, offsets_G: torch.Tensor,
+                 valid_R1: torch.Tensor | None) -> torch.Tensor:
+    """One GEMM group over its gathered rows: [R, D]; rows past offsets_G[-1] are unset unless
+    valid_R1 is given (then every intermediate is zeroed there, so gradients stay finite)."""
+    clean = (lambda t: torch.where(valid_R1, t, 0.0)) if valid_R1 is not None else (lambda t: t)  # noqa: E731
+    if isinstance(group, SwiGLUGroup):
+        x_RD = clean(ctx.x.index_select(0, tokens_R))
+        gate_up_R2H = clean(torch._grouped_mm(x_RD, group.gate_up, offs=offsets_G))   # [R, 2H]
+        hidden_RH = F.silu(gate_up_R2H[:, : group.hidden]) * gate_up_R2H[:, group.hidden :]
+        return clean(torch._grouped_mm(hidden_RH, group.down, offs=offsets_G))         # [R, D]
+    if isinstance(group, GELUGroup):
+        pre_RH = clean(_gelu_fc(ctx, group, tokens_R, offsets_G, clean))               # [R, H] with bias
+        return clean(torch._grouped_mm(group.act(pre_RH), group.c_proj, offs=offsets_G))  # [R, D], no bias
+    raise ValueError(f"no grouped kernel for expert group {type(group).__name__}")
+
+
+def _gelu_fc(ctx: _Context, group: GELUGroup, tokens_R, offsets_G, clean) -> torch.Tensor:
+    """x @ c_fc + c_fc_bias on the gathered rows. Eager: the bias rides in the matmul (x padded with
+    ones, c_fc with the bias row). Under torch.compile: a per-row bias gather the compiler fuses."""
+    if torch.compiler.is_compiling():
+        x_RD = clean(ctx.x.index_select(0, tokens_R))
+        rows = torch.arange(tokens_R.numel(), device=tokens_R.device)
+        group_R = torch.searchsorted(offsets_G, rows.to(torch.int32), right=True).clamp_(max=group.count - 1)
+        return torch._grouped_mm(x_RD, group.c_fc, offs=offsets_G) + group.c_fc_bias[group_R]
+    pad = bias_pad_columns(ctx.x)
+    if ctx.x_padded is None:
+        ctx.x_padded = F.pad(ctx.x, (0, pad), value=1.0)                                # [N, D + pad]
+    x_RD = clean(ctx.x_padded.index_select(0, tokens_R))
+    return torch._grouped_mm(x_RD, group.augmented_fc(pad), offs=offsets_G)
+
+
+def bias_pad_columns(x: torch.Tensor) -> int:
+    """Ones columns appended to x for GELU bias folding: at least one, and D + pad a multiple of
+    16 bytes (the grouped kernel's alignment)."""
+    per_16_bytes = max(16 // x.element_size(), 1)
+    pad = -x.shape[1] % per_16_bytes
+    return pad if pad else per_16_bytes
+
+
+# ---------------------------------------------------------------------------------------------
+# torch._grouped_mm: where it is tried, probed once per (device type, dtype)
 
 _GROUPED_MM_WORKS: dict[tuple[str, torch.dtype], bool] = {}
-# Device types where the grouped path is tried. CPU is left out: torch 2.13's CPU _grouped_mm is
-# correct but was 2-3x slower than the per-expert loop in the first runs of benchmarks/moe_layer.py
-# on the 2-core dev box and merely on par in later (noisy) ones.
-GROUPED_MM_DEVICE_TYPES: set[str] = {"cuda"}
-# Above this many rows per expert (mean over a run) one cuBLAS GEMM per expert is faster. On an
-# H100 (bf16, torch 2.11, D=768) grouped mm won at 1024 and 4096 rows/expert, lost at 8192.
-GROUPED_MM_MAX_MEAN_ROWS: float = 6144
+# Device type -> dtypes for which the grouped path is tried. On CUDA only bf16 runs torch's CUTLASS
+# grouped kernel (sm90+); other dtypes go through a per-group fallback that reads the offsets back
+# to the host, which the loop path does once instead of three times. CPU is left out: there is no
+# host sync to avoid and torch's CPU _grouped_mm was slower than the loop on the 2-core dev box;
+# tests enable it to check the grouped path's logic.
+GROUPED_MM_DEVICE_TYPES: dict[str, set[torch.dtype]] = {"cuda": {torch.bfloat16}}
 
 
 def grouped_mm_usable(x: torch.Tensor) -> bool:
-    """Whether torch._grouped_mm exists, is enabled for x's device type and computes forward and
-    backward correctly for x's device and dtype (probed once, cached)."""
-    if not hasattr(torch, "_grouped_mm") or x.device.type not in GROUPED_MM_DEVICE_TYPES:
+    """Whether torch._grouped_mm exists, is enabled for x's device type and dtype and computes
+    forward and backward correctly for them (probed once, cached)."""
+    if not hasattr(torch, "_grouped_mm") or x.dtype not in GROUPED_MM_DEVICE_TYPES.get(x.device.type, ()):
         return False
     key = (x.device.type, x.dtype)
     if key not in _GROUPED_MM_WORKS:
         _GROUPED_MM_WORKS[key] = _probe_grouped_mm(x.device, x.dtype)
     return _GROUPED_MM_WORKS[key]
+
+
+def grouped_mm_aligned(group: ExpertGroup, x: torch.Tensor) -> bool:
+    """Row strides of every grouped-matmul operand are multiples of 16 bytes, dtypes match x."""
+    widths = [group.hidden, 2 * group.hidden if isinstance(group, SwiGLUGroup) else group.hidden, x.shape[1]]
+    if isinstance(group, GELUGroup):
+        widths.append(x.shape[1] + bias_pad_columns(x))
+    aligned = all(w * x.element_size() % 16 == 0 for w in widths)
+    return aligned and all(p.dtype == x.dtype and p.device == x.device for p in group.parameters())
 
 
 def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
@@ -179,57 +378,23 @@ def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
         with torch.inference_mode(False), torch.enable_grad():
             x_MD = torch.randn(24, 16, generator=generator).to(device, dtype).requires_grad_()
             w_GDH = torch.randn(3, 16, 32, generator=generator).to(device, dtype).requires_grad_()
-            offsets = torch.tensor([5, 5, 24], device=device, dtype=torch.int32)  # includes an empty group
-            y_MH = torch._grouped_mm(x_MD, w_GDH, offs=offsets)
-            reference = torch.cat([x_MD[:5] @ w_GDH[0], x_MD[5:] @ w_GDH[2]])
-            grad_MH = torch.randn(24, 32, generator=generator).to(device, dtype)
+            offsets = torch.tensor([5, 5, 20], device=device, dtype=torch.int32)  # an empty group, 4 tail rows
+            y_MH = torch._grouped_mm(x_MD, w_GDH, offs=offsets)[:20]
+            reference = torch.cat([x_MD[:5] @ w_GDH[0], x_MD[5:20] @ w_GDH[2]])
+            grad_MH = torch.randn(20, 32, generator=generator).to(device, dtype)
             (grad_x, grad_w) = torch.autograd.grad(y_MH, (x_MD, w_GDH), grad_MH)
             (ref_x, ref_w) = torch.autograd.grad(reference, (x_MD, w_GDH), grad_MH)
         tol = 1e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
         return all(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol * 16)
-                   for a, b in ((y_MH, reference), (grad_x, ref_x), (grad_w, ref_w)))
+                   for a, b in ((y_MH, reference), (grad_x[:20], ref_x[:20]), (grad_w, ref_w)))
     except (RuntimeError, NotImplementedError, TypeError, ValueError):
         return False
-
-
-def grouped_forward(x_RD: torch.Tensor, counts_G: torch.Tensor, row_group_R: torch.Tensor,
-                    experts: Sequence[nn.Module]) -> torch.Tensor:
-    """Run G identical-shape experts over their contiguous row slices (R = Σ counts_G rows;
-    row_group_R [R] says which expert owns each row) in grouped matmuls."""
-    offsets_G = counts_G.cumsum(0).to(torch.int32)  # [G] cumulative row ends
-    if isinstance(experts[0], GELUExpert):
-        return _grouped_gelu(x_RD, offsets_G, row_group_R, experts)
-    return _grouped_swiglu(x_RD, offsets_G, experts)
-
-
-def _bias_rows(biases: list[torch.Tensor], row_group_R: torch.Tensor) -> torch.Tensor:
-    """[R, F]: each row's expert bias."""
-    return torch.stack(biases)[row_group_R]  # [G, F] -> [R, F]
-
-
-def _grouped_gelu(x_RD, offsets_G, row_group_R, experts) -> torch.Tensor:
-    w_fc_GDH = torch.stack([e.c_fc.weight for e in experts])      # [G, D, H] (Conv1D is [in, out])
-    w_proj_GHD = torch.stack([e.c_proj.weight for e in experts])  # [G, H, D]
-    b_fc_RH = _bias_rows([e.c_fc.bias for e in experts], row_group_R)
-    b_proj_RD = _bias_rows([e.c_proj.bias for e in experts], row_group_R)
-    hidden_RH = experts[0].act(torch._grouped_mm(x_RD, w_fc_GDH, offs=offsets_G) + b_fc_RH)
-    return torch._grouped_mm(hidden_RH, w_proj_GHD, offs=offsets_G) + b_proj_RD  # [R, D]
-
-
-def _grouped_swiglu(x_RD, offsets_G, experts) -> torch.Tensor:
-    w_gate_GDH = torch.stack([e.gate_proj.weight for e in experts]).transpose(-2, -1)  # [G, D, H]
-    w_up_GDH = torch.stack([e.up_proj.weight for e in experts]).transpose(-2, -1)      # [G, D, H]
-    w_down_GHD = torch.stack([e.down_proj.weight for e in experts]).transpose(-2, -1)  # [G, H, D]
-    gate_RH = torch._grouped_mm(x_RD, w_gate_GDH, offs=offsets_G)
-    up_RH = torch._grouped_mm(x_RD, w_up_GDH, offs=offsets_G)
-    hidden_RH = nn.functional.silu(gate_RH) * up_RH
-    return torch._grouped_mm(hidden_RH, w_down_GHD, offs=offsets_G)  # [R, D]
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def reference_dispatch(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[Expert]) -> torch.Tensor:
+def reference_dispatch(x: torch.Tensor, decision: RoutingDecision, experts: Sequence[nn.Module]) -> torch.Tensor:
     """The same combine as `dispatch`, one token and one slot at a time (slow; for tests)."""
     check_inputs(x, decision, experts)
     rows = []

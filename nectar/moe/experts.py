@@ -15,6 +15,11 @@ activations one token moves in an unfused eager implementation (input read, outp
 hidden tensor written once and read once), in `dtype_bytes` per element. Weights are reported
 separately in `weight_bytes` because they are amortised over all tokens of a chunk.
 
+These modules are the standalone form of an expert (and what `build_experts` returns). Inside a
+`MoELayer` the experts live in an `ExpertPool` (`nectar.moe.expert_pool`): identical experts are
+stacked into 3-D parameters, and `layer.experts[i]` is a view of expert i with the same cost and
+forward as the standalone module.
+
 `EXPERT_KINDS` maps a kind name to its builder so that other modules (e.g. a LaCT fast-weight
 expert) can add kinds with `register_expert_kind` without editing this file.
 """
@@ -32,19 +37,21 @@ from transformers.pytorch_utils import Conv1D
 from nectar.telemetry.workload import ExpertCost
 
 
-def _check_positive_int(name: str, value: object) -> int:
+def check_positive_int(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return value
 
 
-def _element_bytes(module: nn.Module, dtype_bytes: int | None) -> int:
-    """Bytes per element: the caller's choice, else the parameters' dtype, else the default dtype."""
+_check_positive_int = check_positive_int
+
+
+def _element_bytes(expert: "Expert", dtype_bytes: int | None) -> int:
+    """Bytes per element: the caller's choice, else the weights' dtype, else the default dtype."""
     if dtype_bytes is not None:
         return _check_positive_int("dtype_bytes", dtype_bytes)
-    for param in module.parameters():
-        return param.element_size()
-    return torch.empty((), dtype=torch.get_default_dtype()).element_size()
+    size = expert.weight_element_size()
+    return size if size is not None else torch.empty((), dtype=torch.get_default_dtype()).element_size()
 
 
 class Expert(nn.Module):
@@ -64,8 +71,19 @@ class Expert(nn.Module):
         if x.dim() != 2 or x.shape[1] != self._d_model:
             raise ValueError(f"{type(self).__name__} expects x of shape [N, {self._d_model}], got {list(x.shape)}")
 
+    def storage(self) -> list[torch.Tensor]:
+        """The tensors holding this expert's weights (its parameters; slices of a stacked group
+        for the views of `nectar.moe.expert_pool`)."""
+        return list(self.parameters())
+
     def weight_numel(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        return sum(t.numel() for t in self.storage())
+
+    def weight_element_size(self) -> int | None:
+        """Bytes per weight element (None for an expert without weights)."""
+        for tensor in self.storage():
+            return tensor.element_size()
+        return None
 
     def flops_per_token(self) -> float:  # pragma: no cover - abstract
         raise NotImplementedError

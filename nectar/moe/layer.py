@@ -1,9 +1,15 @@
 """The Mixture-of-Experts feed-forward layer: gate -> router -> dispatch -> experts -> combine.
 
-The layer owns the trained gate (`nn.Linear(D, E, bias=False)`) and the experts; the router is
+The layer owns the trained gate (`nn.Linear(D, E, bias=False)`) and the experts, an `ExpertPool`
+(groups of identical experts with stacked weights; `layer.experts[i]` is expert i); the router is
 a separate, swappable module (`layer.router = other_router`), so several routing policies can
 run on one set of weights. The router gets the gate logits and the gate inputs (adaptive routers
 use the inputs; static ones ignore them).
+
+Dispatch (`nectar.moe.dispatch`) takes the grouped, host-sync-free path where it can (CUDA, bf16)
+and the exact per-expert loop otherwise (`layer.grouped = False` forces the loop).
+`layer.compile_dispatch()` runs gate → router → grouped dispatch through `torch.compile` (optional;
+eager is the default).
 
 While a `RoutingRecorder` is set (`layer.recorder`, for the length of one chunk: see
 `MoEGPT2LMHeadModel.recording`), every forward adds its counts and a sample of its logits and
@@ -21,7 +27,8 @@ import torch
 from torch import nn
 
 from nectar.moe.balancing import routing_entropy
-from nectar.moe.dispatch import dispatch
+from nectar.moe.dispatch import dispatch_path, dispatch_with_counts
+from nectar.moe.expert_pool import ExpertPool
 from nectar.moe.experts import Expert
 from nectar.moe.recorder import RoutingRecorder
 from nectar.moe.router import Router, RoutingDecision
@@ -51,14 +58,14 @@ class MoEMetrics:
 class MoELayer(nn.Module):
     """forward(x [B, T, D] or [N, D]) -> same shape: Σ_slots gate · expert(x)."""
 
-    def __init__(self, d_model: int, experts: nn.ModuleList | Sequence[Expert], router: Router):
+    def __init__(self, d_model: int, experts: ExpertPool | Sequence[Expert], router: Router):
         super().__init__()
-        experts = nn.ModuleList(experts) if not isinstance(experts, nn.ModuleList) else experts
-        if len(experts) == 0:
-            raise ValueError("MoELayer needs at least one expert")
+        if not isinstance(experts, ExpertPool):
+            experts = list(experts)
+            if len(experts) == 0:
+                raise ValueError("MoELayer needs at least one expert")
+            experts = ExpertPool.from_experts(experts)  # copies the experts' weights into stacks
         for i, expert in enumerate(experts):
-            if not isinstance(expert, Expert):
-                raise ValueError(f"expert {i} is a {type(expert).__name__}, not a nectar.moe.experts.Expert")
             if expert.d_model != d_model:
                 raise ValueError(f"expert {i} has d_model={expert.d_model}, layer has d_model={d_model}")
         if not isinstance(router, Router):
@@ -67,9 +74,11 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(d_model, len(experts), bias=False)  # weight [E, D]
         self.experts = experts
         self.router = router
-        self.grouped = True  # allow torch._grouped_mm for runs of identical experts
+        self.grouped = True  # take the grouped (sync-free) dispatch path where it can run
+        self.compile_options: dict | None = None  # set by compile_dispatch
         self.recorder: RoutingRecorder | None = None
         self.last_decision: RoutingDecision | None = None
+        self._last_counts: torch.Tensor | None = None
         self._last_dtype_bytes = 0
         self._last_metrics: MoEMetrics | None = None
 
@@ -77,17 +86,24 @@ class MoELayer(nn.Module):
     def num_experts(self) -> int:
         return len(self.experts)
 
+    def compile_dispatch(self, enabled: bool = True, **options) -> "MoELayer":
+        """Run gate → router → grouped dispatch through torch.compile(**options) when the grouped
+        path applies (the loop path stays eager). Off by default."""
+        self.compile_options = dict(options) if enabled else None
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         x_ND = x.reshape(-1, self.d_model)                     # [N, D]
-        logits_NE = self.gate(x_ND)                            # [N, E]
-        decision = self.router(logits_NE, x_ND)
-        if decision.num_experts != self.num_experts:
-            raise ValueError(f"router returned a decision over {decision.num_experts} experts; layer has {self.num_experts}")
-        y_ND = dispatch(x_ND, decision, self.experts, grouped=self.grouped)  # [N, D]
+        if self.compile_options is not None and dispatch_path(x_ND, self.experts, self.grouped) == "grouped":
+            y_ND, counts_E, *fields = _compiled(self.compile_options)(self, x_ND)
+            decision = RoutingDecision(*fields)
+        else:
+            y_ND, counts_E, decision = route_and_dispatch(self, x_ND)
         if self.recorder is not None:
-            self.recorder.record(self, x_ND, decision)
-        self.last_decision, self._last_dtype_bytes, self._last_metrics = decision, x.element_size(), None
+            self.recorder.record(self, x_ND, decision, counts_E=counts_E)
+        self.last_decision, self._last_counts = decision, counts_E
+        self._last_dtype_bytes, self._last_metrics = x.element_size(), None
         return y_ND.reshape(x.shape)
 
     @property
@@ -108,7 +124,9 @@ class MoELayer(nn.Module):
     @torch.no_grad()
     def metrics(self, decision: RoutingDecision, dtype_bytes: int) -> MoEMetrics:
         """Counts, entropies and the LayerWorkload of one decision (detached, on the host)."""
-        tokens_per_expert = decision.tokens_per_expert().tolist()
+        counts = self._last_counts if decision is self.last_decision and self._last_counts is not None \
+            else decision.tokens_per_expert()
+        tokens_per_expert = counts.tolist()
         num_tokens = int(decision.probs.shape[0])
         entropy = routing_entropy(decision.probs.float()) if num_tokens else None
         workload = self.layer_workload(tokens_per_expert, dtype_bytes, decision.dropped_count())
@@ -139,3 +157,29 @@ class MoELayer(nn.Module):
         tokens = max(self.last_metrics.num_tokens, 1)
         expert_flops = sum(n * cost.flops for n, cost in zip(work.tokens_per_expert, work.expert_costs))
         return expert_flops / tokens + work.router_flops_per_token
+
+
+def route_and_dispatch(layer: MoELayer, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingDecision]:
+    """gate -> router -> dispatch: (y [N, D], per-expert counts [E] on the device, the decision)."""
+    logits_NE = layer.gate(x_ND)                            # [N, E]
+    decision = layer.router(logits_NE, x_ND)
+    if decision.num_experts != layer.num_experts:
+        raise ValueError(f"router returned a decision over {decision.num_experts} experts; layer has {layer.num_experts}")
+    y_ND, counts_E = dispatch_with_counts(x_ND, decision, layer.experts, grouped=layer.grouped)
+    return y_ND, counts_E, decision
+
+
+def _route_and_dispatch_tensors(layer: MoELayer, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    y_ND, counts_E, d = route_and_dispatch(layer, x_ND)
+    return y_ND, counts_E, d.experts, d.gates, d.mask, d.dropped, d.probs, d.logits
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def _compiled(options: dict):
+    """One torch.compile'd route_and_dispatch per set of options (shared by all layers)."""
+    key = repr(sorted(options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_route_and_dispatch_tensors, **options)
+    return _COMPILED[key]

@@ -4,7 +4,8 @@ A `RoutingRecorder` is handed to the model for the length of a chunk (`model.rec
 every MoE layer adds its micro-batch to its own `LayerRecord`: per-expert (token, slot) counts and
 the agreement with static top-2 routing accumulate as device tensors (no host read inside the
 forward), and an evenly strided sample of the gate logits [n, E] and gate inputs [n, D] is kept
-for the controller (every `sample_stride`-th token of the chunk, at most `max_sample_tokens`).
+for the controller (every `sample_stride`-th token of the chunk, at most `max_sample_tokens`; when
+every token of a piece is kept, the layer's own tensors are kept, not copied: nothing mutates them).
 `summary()` reads everything back to the host once, after the chunk.
 """
 
@@ -43,6 +44,15 @@ class LayerSummary:
     inputs: torch.Tensor    # [n, D]
 
 
+def active_counts(decision: RoutingDecision) -> torch.Tensor:
+    """[E] long: (token, slot) pairs each expert computes, counted on the device (no boolean
+    indexing, which would read its size back to the host)."""
+    num_experts = decision.num_experts
+    experts_NK = decision.experts.long()
+    valid_NK = decision.active & (experts_NK >= 0) & (experts_NK < num_experts)
+    return count_per_expert(torch.where(valid_NK, experts_NK, num_experts), num_experts + 1)[:num_experts]
+
+
 def static_agreement_hits(decision: RoutingDecision, k: int = 2) -> torch.Tensor:
     """[] float: how many of the static top-k (token, expert) selections `decision` also computes."""
     static_Nk = decision.logits.topk(min(k, decision.num_experts), dim=-1).indices  # [N, k]
@@ -63,16 +73,20 @@ class RoutingRecorder:
         self.sample_stride, self.max_sample_tokens = sample_stride, max_sample_tokens
         self.keep_inputs, self.agreement_k = keep_inputs, agreement_k
 
-    def record(self, layer: nn.Module, x_ND: torch.Tensor, decision: RoutingDecision) -> None:
-        """Add one forward of `layer` (x_ND [N, D], its decision) to the layer's record."""
+    def record(self, layer: nn.Module, x_ND: torch.Tensor, decision: RoutingDecision,
+               counts_E: torch.Tensor | None = None) -> None:
+        """Add one forward of `layer` (x_ND [N, D], its decision) to the layer's record; `counts_E`
+        [E] are the dispatch's per-expert counts when the caller has them (else counted here).
+        Nothing is read back to the host."""
         i = self.index[id(layer)]
         rec = self.records[i]
         if rec is None:
             zero = torch.zeros((), device=x_ND.device)
             rec = self.records[i] = LayerRecord(
                 torch.zeros(decision.num_experts, dtype=torch.long, device=x_ND.device), zero, zero.long())
-        active_NK = decision.active
-        rec.counts_E += count_per_expert(decision.experts[active_NK], decision.num_experts)
+        if counts_E is None:
+            counts_E = active_counts(decision)
+        rec.counts_E += counts_E
         rec.agree_hits += static_agreement_hits(decision, self.agreement_k)
         rec.dropped += decision.dropped.sum()
         self._sample(rec, x_ND, decision.logits)
@@ -83,6 +97,12 @@ class RoutingRecorder:
         if room <= 0:
             return
         first = (-rec.tokens) % self.sample_stride          # first token of this piece on the stride grid
+        if first == 0 and self.sample_stride == 1 and room >= x_ND.shape[0]:  # every token: keep, no copy
+            rec.logits.append(logits_NE.detach())
+            if self.keep_inputs:
+                rec.inputs.append(x_ND.detach())
+            rec.sampled += x_ND.shape[0]
+            return
         rows = torch.arange(first, x_ND.shape[0], self.sample_stride, device=x_ND.device)[:room]  # [n]
         rec.logits.append(logits_NE.detach()[rows])
         if self.keep_inputs:
@@ -99,7 +119,14 @@ class RoutingRecorder:
         out = []
         for rec, n, h, d in zip(self.records, counts, hits, dropped):
             k = min(self.agreement_k, len(n))
-            logits = torch.cat(rec.logits) if rec.logits else torch.empty(0, len(n))
-            inputs = torch.cat(rec.inputs) if rec.inputs else torch.empty(0, 0)
+            logits = _joined(rec.logits, torch.empty(0, len(n)))
+            inputs = _joined(rec.inputs, torch.empty(0, 0))
             out.append(LayerSummary(n, int(d), h / max(k * rec.tokens, 1), logits, inputs))
         return out
+
+
+def _joined(pieces: list[torch.Tensor], empty: torch.Tensor) -> torch.Tensor:
+    """The pieces concatenated (a single piece as it is: no copy)."""
+    if not pieces:
+        return empty
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)

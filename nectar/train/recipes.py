@@ -22,7 +22,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from nectar.moe.static_routers import MixedTrainingRouter
-from nectar.moe.experts import GELUExpert
+from nectar.moe.expert_pool import GELUGroup
 from nectar.model import MoEGPT2LMHeadModel, preset_config
 from nectar.experiment.policies import cheap_experts
 from nectar.train.tokenizer import load_tokenizer, save_tokenizer
@@ -75,13 +75,14 @@ def init_narrow_from_dense(moe: MoEGPT2LMHeadModel, dense: GPT2LMHeadModel) -> N
     """Narrow GELU experts start as the first `hidden` units of the block's dense FFN."""
     for idx, layer in moe.moe_layers():
         mlp = dense.transformer.h[idx].mlp
-        for expert in layer.experts:
-            if isinstance(expert, GELUExpert) and expert.c_fc.weight.shape != mlp.c_fc.weight.shape:
-                hidden = expert.c_fc.weight.shape[1]                        # Conv1D weight [D, H]
-                expert.c_fc.weight.copy_(mlp.c_fc.weight[:, :hidden])
-                expert.c_fc.bias.copy_(mlp.c_fc.bias[:hidden])
-                expert.c_proj.weight.copy_(mlp.c_proj.weight[:hidden, :])   # [H, D]
-                expert.c_proj.bias.copy_(mlp.c_proj.bias)
+        for group in layer.experts.groups:                                  # stacked: [G, D, H], [G, H], ...
+            if isinstance(group, GELUGroup) and group.hidden < mlp.c_fc.weight.shape[1]:
+                hidden = group.hidden
+                for stacked, dense_part in ((group.c_fc, mlp.c_fc.weight[:, :hidden]),       # Conv1D [D, H]
+                                            (group.c_fc_bias, mlp.c_fc.bias[:hidden]),
+                                            (group.c_proj, mlp.c_proj.weight[:hidden, :]),   # [H, D]
+                                            (group.c_proj_bias, mlp.c_proj.bias)):
+                    stacked.copy_(dense_part.unsqueeze(0).expand_as(stacked))
 
 
 def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dtype: str = "float32",

@@ -82,6 +82,12 @@ class FakeNvml:
         value = self.power_at(self.clock())
         return self.power_fault(self.clock(), value) if self.power_fault else value
 
+    def power_and_mem_temp(self):
+        """The adapter's one-query read of instant power and memory temperature."""
+        self.log.append("fields")
+        power = self.power_instant_W()
+        return power, self.mem_temp_C()
+
     def _maybe(self, key: str, value):
         self.log.append(key)
         return None if key in self.unsupported else value

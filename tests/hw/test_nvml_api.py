@@ -214,3 +214,16 @@ def test_no_nvml_setter_anywhere_in_hw():
     setter = re.compile(r"nvml\w*(Set|Reset|Clear)\w*")
     offenders = [p.name for p in HW_DIR.glob("*.py") if setter.search(p.read_text())]
     assert offenders == []
+
+
+def test_power_and_memory_temperature_come_from_one_query(scripted):
+    api = NvmlApi(0, module=pynvml)
+    before = scripted.calls.get("nvmlDeviceGetFieldValues", 0)
+    assert api.power_and_mem_temp() == (250.5, 52.0)
+    assert scripted.calls["nvmlDeviceGetFieldValues"] == before + 1
+    scripted.fields[pynvml.NVML_FI_DEV_POWER_INSTANT] = (pynvml.NVML_ERROR_NOT_SUPPORTED, 0, "uiVal", 0)
+    assert api.power_and_mem_temp() == (240.0, 52.0) and api.power_is_average  # the 1 s average
+    assert api.unsupported == {"power_instant"}
+    before = scripted.calls["nvmlDeviceGetFieldValues"]
+    assert api.power_and_mem_temp() == (240.0, 52.0)
+    assert scripted.calls["nvmlDeviceGetFieldValues"] == before + 1  # memory temperature alone now

@@ -85,3 +85,25 @@ def test_samples_are_kept_in_time_order_and_pruned():
 def test_bad_settings_are_rejected(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SensorSampler(FakeNvml(FakeClock()), **kwargs)
+
+
+def test_slow_fields_are_read_only_every_nth_tick_and_windows_still_get_them():
+    from hw.sample_summary import summarise
+
+    fake = FakeNvml(FakeClock(), 150.0)
+    sampler = SensorSampler(fake, 0.01, clock=fake.clock, slow_every=4)
+    for _ in range(12):
+        fake.clock.advance(0.01)
+        sampler.sample_once()
+    samples = sampler.samples_between(0, 1)
+    assert all(s.power_W == 150.0 for s in samples)
+    assert [s.gpu_temp_C is not None for s in samples] == [True, False, False, False] * 3
+    assert fake.log.count("power") == 12 and fake.log.count("fields") == 3 and fake.log.count("gpu_temp") == 3
+    assert fake.log.count("memory") == 3 and fake.log.count("sm_clock") == 3 and fake.log.count("clock_events") == 3
+    summary = summarise(samples, 0.0, 1.0)
+    assert (summary.count, summary.gpu_temp_C, summary.mem_temp_C, summary.sm_clock_MHz) == (12, 40.0, 45.0, 1980.0)
+    every = SensorSampler(fake, 0.01, clock=fake.clock, slow_every=1)
+    every.sample_once()
+    assert every.samples_between(0, 1e9)[-1].gpu_temp_C == 40.0
+    with pytest.raises(ValueError, match="slow_every"):
+        SensorSampler(fake, 0.01, slow_every=0)

@@ -1,0 +1,93 @@
+"""Every speed benchmark runs on CPU with tiny sizes (`--device cpu --quick`) and writes JSON of the
+documented shape. Shapes only: speed targets live in the benchmarks' GPU runs, not in tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import nectar.moe.dispatch as dispatch_module
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_moe_layer_quick(tmp_path, monkeypatch):
+    from benchmarks import moe_layer
+
+    monkeypatch.setattr(dispatch_module, "GROUPED_MM_DEVICE_TYPES", dict(dispatch_module.GROUPED_MM_DEVICE_TYPES))
+    out = tmp_path / "moe_layer.json"
+    assert moe_layer.main(["--device", "cpu", "--quick", "--grouped-on-cpu", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert isinstance(rows, list) and all({"kind", "tokens", "path", "ratio_vs_dense"} <= set(r) for r in rows)
+    assert [r for r in rows if "error" in r] == []
+    paths = {(r["kind"], r["path"]) for r in rows}
+    for kind in ("swiglu", "gelu"):
+        assert {(kind, "dense"), (kind, "grouped"), (kind, "loop"), (kind, "part:router"), (kind, "part:combine"),
+                (kind, "part:experts"), (kind, "part:gemm1:grouped_mm")} <= paths
+    dense = [r for r in rows if r["path"] == "dense"]
+    assert all(r["ratio_vs_dense"] == 1.0 and r["ms"] > 0 for r in dense)
+    assert all(r["ratio_vs_dense"] > 0 for r in rows if r["path"] in ("grouped", "loop"))
+
+
+def test_forward_chunk_quick(tmp_path):
+    from benchmarks import forward_chunk
+
+    out = tmp_path / "forward_chunk.json"
+    assert forward_chunk.main(["--device", "cpu", "--quick", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [(r["dispatch"], r["path"]) for r in rows] == [
+        ("grouped", "plain"), ("grouped", "forward_chunk"), ("loop", "plain"), ("loop", "forward_chunk")]
+    assert all(r["ratio_vs_plain"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert rows[0]["dispatch_taken"] == "loop"  # no grouped kernel on CPU: the layers say what they ran
+
+
+def test_fastweight_quick(tmp_path):
+    from benchmarks import fastweight
+
+    out = tmp_path / "fastweight.json"
+    assert fastweight.main(["--device", "cpu", "--quick", "--dtype", "fp32", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert {(r["L"], r["what"]) for r in rows} == {(L, w) for L in (64, 128)
+                                                  for w in ("kernel", "update", "update_unfused", "update_bmm")}
+    assert all(r["share_of_matmul"] > 0 and r["tflops"] > 0 and "error" not in r for r in rows)
+
+
+def test_telemetry_overhead_quick(tmp_path):
+    from benchmarks import telemetry_overhead
+
+    out = tmp_path / "telemetry_overhead.json"
+    assert telemetry_overhead.main(["--device", "cpu", "--quick", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["ci_low"] <= report["overhead"] <= report["ci_high"]
+    assert report["alternations"] == 3 and len(report["trials"]) == 6
+    assert [t["sampler"] for t in report["trials"]] == ["off", "on", "on", "off", "off", "on"]
+    assert report["nvml_query_us"]["tick_fast (power only)"] > 0
+
+
+def test_paired_interval_closed_form():
+    from benchmarks.telemetry_overhead import paired_overhead, t975
+
+    ratios = [0.99, 1.0, 0.98, 1.01]
+    trials = []
+    for r in ratios:
+        trials += [{"sampler": "off", "tokens_per_s": 100.0}, {"sampler": "on", "tokens_per_s": 100.0 * r}]
+    summary = paired_overhead(trials)
+    import math
+    import statistics
+
+    logs = [math.log(r) for r in ratios]
+    half = 3.182 * statistics.stdev(logs) / 2
+    assert summary["overhead"] == pytest.approx(100 * (1 - math.exp(statistics.fmean(logs))))
+    assert summary["ci_low"] == pytest.approx(100 * (1 - math.exp(statistics.fmean(logs) + half)))
+    assert t975(9) == 2.262 and abs(t975(200) - 1.972) < 0.002
+
+
+def test_gpu_suite_script_is_valid_bash_and_names_the_four_outputs():
+    script = REPO / "benchmarks" / "run_gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    for name in ("moe_layer.json", "forward_chunk.json", "fastweight.json", "telemetry_overhead.json"):
+        assert name in text
