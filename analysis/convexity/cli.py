@@ -31,6 +31,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -141,7 +142,7 @@ def load_run_instance(run_dir: Path) -> tuple["ChunkInstance", np.ndarray | None
             budget = float(data["budget"]) if "budget" in data.files else None
             bias = data["bias_online"] if "bias_online" in data.files else None
             instance = ChunkInstance(data["q"], data["c"], float(data["lam"]), caps, budget)
-    except (OSError, EOFError, KeyError, TypeError) as exc:  # truncated / not a zip / wrong dtype
+    except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:  # truncated / not a zip / wrong dtype
         raise ValueError(f"{path} cannot be read: {exc}") from None
     return instance, bias
 

@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 from analysis.reconcile.replay import (ENERGY_SOURCES, TIMINGS, ReplayRow, is_scored_chunk, measured_energy_J,
                                       replay_trace, usable_window)
 from nectar.telemetry.trace import TraceRow
-from sim.presets import PRESET_DIR, GPUPreset, save_preset
+from sim.presets import GPUPreset, save_preset
 
-CALIBRATED_DIR = PRESET_DIR / "calibrated"
 INVALID_RESIDUAL = 1e3   # residual given to every entry when a trial preset is not physical
 
 
@@ -134,9 +133,9 @@ def default_free_parameters(base: GPUPreset) -> list[FreeParameter]:
 
     r_high = base.thermal_resistance_C_per_W * 2.0
     params = [
-        ratio("gemm_efficiency", 0.5, 2.0, cap=1.0),
-        ratio("attention_efficiency", 0.5, 2.0, cap=1.0),
-        ratio("bandwidth_efficiency", 0.5, 2.0, cap=1.0),
+        ratio("gemm_efficiency", 0.25, 4.0, cap=1.0),
+        ratio("attention_efficiency", 0.25, 4.0, cap=1.0),
+        ratio("bandwidth_efficiency", 0.25, 4.0, cap=1.0),
         ratio("idle_power_W", 0.5, 2.0, cap=0.9 * base.power_limit_W),
         ratio("compute_power_W", 0.5, 2.0),
         ratio("memory_power_W", 0.5, 2.0),
@@ -217,7 +216,8 @@ class _Objective:
 
 
 def calibrate(rows: Sequence[TraceRow], base: GPUPreset, config: CalibrationConfig | None = None, *,
-              breaks: frozenset[int] = frozenset(), progress: bool = False, all_rows: bool = False) -> CalibrationResult:
+              breaks: frozenset[int] = frozenset(), progress: bool = False, all_rows: bool = False,
+              data_name: str = "trace") -> CalibrationResult:
     """Fit the free parameters of `base` on the training split of `rows` (every row with
     `all_rows`, when another segment is held out); the calibrated preset."""
     config = config or CalibrationConfig()
@@ -241,7 +241,7 @@ def calibrate(rows: Sequence[TraceRow], base: GPUPreset, config: CalibrationConf
         message = _solve(objective, bounds)
     z = objective.best_z
     calibrated = apply(base, params, z).replace(name=f"{base.name}_calibrated",
-                                                source=_source(base, params, rows, stop, n_train))
+                                                source=_source(base, params, data_name, stop, n_train))
     fitted = [FittedParameter(p.name, float(v0), float(getattr(calibrated, p.name)), p.lower, p.upper)
               for p, v0 in zip(params, initial)]
     train_replay = replay_trace(rows, calibrated, stop=stop, breaks=breaks, **config.replay_options())
@@ -267,15 +267,20 @@ def _solve(objective: _Objective, bounds: np.ndarray) -> str:
         return f"stopped after {objective.calls} simulator replays (max_evaluations); best point kept"
 
 
-def _source(base: GPUPreset, params, rows, stop: int, n_train: int) -> str:
+BASE_SOURCE = "Base preset source: "
+
+
+def _source(base: GPUPreset, params, data_name: str, stop: int, n_train: int) -> str:
+    """Where the calibrated numbers come from; the base's own origin is kept once (never nested)."""
     names = ", ".join(p.name for p in params)
-    return (f"Calibrated by analysis/calibrate.py (scipy least_squares) on trace rows 0..{stop - 1} "
+    origin = base.source.rsplit(BASE_SOURCE, 1)[-1]
+    return (f"Calibrated by analysis/reconcile/calibrate.py (scipy least_squares) on {data_name} rows 0..{stop - 1} "
             f"({n_train} chunk windows, {stop} windows) from preset {base.name!r}; fitted: {names}. "
-            f"Base preset source: {base.source}")
+            f"{BASE_SOURCE}{origin}")
 
 
-def save_calibrated(result: CalibrationResult, path: str | Path | None = None) -> Path:
-    """Save the calibrated preset (default sim/presets/calibrated/<base name>.json)."""
-    target = Path(path) if path is not None else CALIBRATED_DIR / f"{result.base.name}.json"
+def save_calibrated(result: CalibrationResult, path: str | Path) -> Path:
+    """Save the calibrated preset to `path` (callers choose where: nothing lands in the source tree by default)."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return save_preset(result.preset, target)

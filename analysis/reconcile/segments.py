@@ -168,7 +168,10 @@ def reconcile_by_segment(segments: dict[str, MeasuredTrace], base: GPUPreset, co
     if calibrate_on not in segments:
         raise ValueError(f"no segment {calibrate_on!r} to calibrate on; the folder has {sorted(segments)}")
     train = segments[calibrate_on]
-    calibration = calibrate(train.rows, base, config, breaks=train.breaks, progress=progress, all_rows=True)
+    held = ", ".join(name for name in segments if name != calibrate_on) or "none"
+    where = f"{source}/{calibrate_on}" if source else calibrate_on
+    calibration = calibrate(train.rows, base, config, breaks=train.breaks, progress=progress, all_rows=True,
+                            data_name=f"every window of segment {where} (held out: {held}),")
     scores = [score_segment(name, trace, calibration.preset, base, config, held_out=name != calibrate_on)
               for name, trace in segments.items()]
     result = SegmentReconciliation(source, train.gpu_name, base.name, calibrate_on, calibration, scores)

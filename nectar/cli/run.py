@@ -148,21 +148,30 @@ def check_model_fits(model, seq_len: int, option: str = "--seq-len") -> None:
         raise ValueError(f"{option} {seq_len} exceeds the model's {positions} positions (n_positions in its config)")
 
 
-def explain_tokens(summary: dict, streamed_tokens: int) -> dict:
+def priced_tokens_per_chunk(runs) -> int | None:
+    """Tokens the backend accounted for one stream chunk (the first chunk window of the first run)."""
+    for run in runs:
+        for row in run.trace:
+            if row.kind == "chunk" and row.policy == run.name and row.workload is not None:
+                return int(row.workload.tokens)
+    return None
+
+
+def explain_tokens(summary: dict, streamed_tokens: int, chunk_tokens: int, priced_per_chunk: int | None) -> dict:
     """Add per policy `streamed_tokens` (what the model read) beside `tokens` (what the backend
     accounted and J/token divides by) and a top-level `tokens_note` saying why they differ."""
     for p in summary["policies"].values():
         p["streamed_tokens"] = streamed_tokens
-    if summary.get("priced_as"):
-        accounted = max((p.get("tokens") or 0) for p in summary["policies"].values())
+    if summary.get("priced_as") and priced_per_chunk:
+        priced = streamed_tokens // chunk_tokens * priced_per_chunk
         summary["tokens_note"] = (
-            f"'tokens' counts the tokens the simulator priced: every chunk of the stream was priced as "
-            f"{summary.get('price_batch')} sequences of {summary['priced_as']}'s shape, so each policy's "
-            f"{streamed_tokens} streamed tokens ('streamed_tokens') became up to {accounted} priced tokens; "
-            "J_per_token divides energy by priced tokens (guard checks are priced as they ran)")
+            f"tokens = priced tokens: the simulator priced every {chunk_tokens}-token chunk of the stream as "
+            f"{priced_per_chunk} tokens of {summary['priced_as']}'s shape ({summary.get('price_batch')} sequences), "
+            f"so each policy's {streamed_tokens} streamed tokens count as {priced}; J_per_token divides energy by "
+            "priced tokens, and chunks without a usable energy reading are left out of both")
     else:
-        summary["tokens_note"] = ("'tokens' counts the tokens the backend measured: the streamed tokens of the "
-                                  "chunks with a usable energy reading ('streamed_tokens': all of them)")
+        summary["tokens_note"] = ("tokens = the streamed tokens of the chunks with a usable energy reading "
+                                  f"(streamed_tokens = {streamed_tokens} per policy)")
     return summary
 
 
@@ -180,8 +189,8 @@ def print_table(summary: dict) -> None:
     base = summary["policies"].get("static-top2")
 
     def rel(key: str, p: dict, spec: str) -> str:
-        if not base or not all(isinstance(v, (int, float)) for v in (p[key], base[key])) or not base[key]:
-            return "-"
+        if not base or not all(_finite(v) for v in (p[key], base[key])) or not base[key]:
+            return "—"
         return _cell(100 * (p[key] / base[key] - 1), spec) + "%"
 
     for name, p in summary["policies"].items():
@@ -231,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(strict_json(summary, indent=2, sort_keys=True))
     else:
         print_table(summary)
-        print(summary["tokens_note"].replace("'", ""))
+        print(summary["tokens_note"])
         print(f"wrote {args.out}/summary.json, chunks.csv, trace.csv.gz and plots")
     warnings = energy_warnings(summary)
     for line in warnings:
@@ -254,7 +263,8 @@ def _run(args, cfg, factory, torch_device: str, argv):
     model = place_model(model, torch_device)
     torch.manual_seed(args.seed)
     runs = run_experiment(model, stream, guard, factory, cfg, progress=not args.no_progress)
-    summary = explain_tokens(build_summary(runs, cfg, backend=args.backend, faults=args.faults), cfg.tokens)
+    summary = explain_tokens(build_summary(runs, cfg, backend=args.backend, faults=args.faults), cfg.tokens,
+                             cfg.chunk_tokens, priced_tokens_per_chunk(runs))
     for run in runs:
         run.backend.close()
     return runs, summary

@@ -19,7 +19,7 @@ from analysis.reconcile.replay import ReplayRow, measured_energy_J, replay_trace
 from analysis.reconcile.synthetic_trace import Schedule, perturbed_preset, synthetic_measured_rows, write_synthetic_trace
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.trace import write_meta, write_trace
-from sim.presets import load_preset
+from sim.presets import list_presets, load_preset
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = Schedule(chunks=40, burst_every=10, burst_len=5)
@@ -27,11 +27,14 @@ SMALL = Schedule(chunks=40, burst_every=10, burst_len=5)
 # replay.measured_energy_J), so calibration on synthetic traces reads the integrated power ("auto");
 # the default "mean" is for real traces, whose counter shows no such bias.
 SYNTHETIC = dict(energy_source="auto")
+# The mechanics are tested from the data-sheet H100 preset, which stays put when the shipped h100_sxm
+# is refitted to new traces.
+BASE = "h100_sxm_datasheet"
 
 
 @pytest.fixture(scope="module")
 def base():
-    return load_preset("h100_sxm")
+    return load_preset(BASE)
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +168,7 @@ def test_calibration_recovers_a_different_gpu(reconciled, true_gpu, base):
 
 def test_calibrated_preset_keeps_sensor_fields_and_validates(reconciled, base):
     cal = reconciled.calibration.preset
-    assert cal.name == "h100_sxm_calibrated" and "least_squares" in cal.source
+    assert cal.name == f"{BASE}_calibrated" and "least_squares" in cal.source
     for field in ("energy_counter_period_s", "instant_sample_period_s", "sensor_noise_W", "initial_temp_C"):
         assert getattr(cal, field) == getattr(base, field)
 
@@ -212,7 +215,7 @@ def trace_dir(tmp_path_factory, true_gpu):
 
 def test_cli_json_matches_library_and_saves_preset(trace_dir, tmp_path, capsys, base):
     saved = tmp_path / "cal.json"
-    code = reconcile_main([str(trace_dir), "--json", "--no-progress", "--max-evaluations", "25",
+    code = reconcile_main([str(trace_dir), "--json", "--no-progress", "--max-evaluations", "25", "--preset", BASE,
                            "--save-preset", str(saved)])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -266,8 +269,8 @@ def test_cli_clear_errors(tmp_path, measured, capsys):
     assert reconcile_main([str(ok), "--preset", "h100_sxm", "--no-progress", "--max-evaluations", "2"]) == 0
 
 
-def test_pick_preset_by_gpu_name(trace_dir, base):
-    assert pick_preset(load_trace_dir(trace_dir)) == base
+def test_pick_preset_by_gpu_name(trace_dir):
+    assert pick_preset(load_trace_dir(trace_dir)) == load_preset("h100_sxm")   # the shipped preset of that GPU
 
 
 # ------------------------------------------------------------------------------------ committed traces
@@ -276,13 +279,17 @@ COMMITTED = sorted(p for p in (REPO / "data" / "traces").glob("*/*") if p.is_dir
 
 @pytest.mark.parametrize("trace_dir", COMMITTED or [None], ids=[f"{p.parent.name}-{p.name}" for p in COMMITTED] or ["none"])
 def test_reconciliation_on_committed_traces(trace_dir):
-    """Issue 7: the reconciliation runs on every measured trace committed under data/traces/<gpu>/<run>/,
-    and calibration beats the shipped preset on the held-out split. The goals (≤ 5 % MAPE, ≤ 2 °C) are
-    figures reported in the README, not asserted here."""
+    """The reconciliation runs on every measured trace committed under data/traces/<gpu>/<run>/, and
+    calibrating on the first 60 % beats the GPU's data-sheet preset (`<preset>_datasheet`, when the
+    shipped preset was refitted to these very traces) on the held-out 40 %. The figures are reported
+    in docs/results.md, not asserted here; tests/analysis/test_reconcile_segments.py holds the
+    shipped preset to them."""
     if trace_dir is None:
         pytest.skip("no measured traces committed under data/traces/ yet")
     trace = load_trace_dir(trace_dir)
-    result = reconcile(trace, pick_preset(trace), CalibrationConfig(max_evaluations=150))
+    shipped = pick_preset(trace)
+    base = load_preset(f"{shipped.name}_datasheet") if f"{shipped.name}_datasheet" in list_presets() else shipped
+    result = reconcile(trace, base, CalibrationConfig(max_evaluations=150))
     assert result.heldout.chunks > 0
     assert np.isfinite([result.heldout.energy_mape, result.heldout.temp_rmse_C]).all()
     assert result.heldout.energy_mape < result.heldout_uncalibrated.energy_mape
