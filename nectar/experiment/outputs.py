@@ -223,7 +223,7 @@ def _expert_label(kind: str, share: float) -> str:
 def write_outputs(out: Path, runs: list["PolicyRun"], summary: dict, command: str,
                   extra_trace: list[TraceRow] | None = None, **meta) -> None:
     """Write the run directory `out` (the temporary folder of an `OutputDir`, normally)."""
-    from nectar.cli.common import strict_json  # torch-free, like this module
+    from nectar.cli.common import strict_json, to_strict  # torch-free, like this module
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(strict_json(summary, indent=2, sort_keys=True) + "\n")
@@ -231,8 +231,8 @@ def write_outputs(out: Path, runs: list["PolicyRun"], summary: dict, command: st
     write_chunks_csv(out / "chunks.csv", rows)
     write_trace(out / "trace.csv.gz", [*(extra_trace or []), *(row for run in runs for row in run.trace)])
     labels = expert_labels(runs)
-    write_meta(out / "meta.json", command=command, backend=summary["backend"], gpu=summary["gpu"],
-               seed=summary["seed"], experts=labels, **meta)
+    write_meta(out / "meta.json", **to_strict(dict(command=command, backend=summary["backend"], gpu=summary["gpu"],
+                                                   seed=summary["seed"], experts=labels, **meta)))
     export_convexity(out, runs)
     from nectar.experiment.plots import write_all  # matplotlib only when plots are written
 

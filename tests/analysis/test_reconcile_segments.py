@@ -142,3 +142,16 @@ def test_shipped_preset_on_the_committed_segments(folder):
         if name == "main":
             gaps = [p.gap_points for p in policy_savings(replayed, trace.rows) if p.gap_points is not None]
             assert gaps and max(abs(g) for g in gaps) <= 3.0, gaps
+
+
+def test_report_accepts_a_gpu_folder_as_its_hint_says(gpu_folder, tmp_path):
+    """`nectar report RUN --trace-dir data/traces/<gpu>` (the report's own hint) reconciles by segment."""
+    from analysis.report.page import main as report_main
+    from tests.analysis.test_report import make_run_dir
+
+    run = make_run_dir(tmp_path / "run")
+    assert report_main([str(run), "--trace-dir", str(gpu_folder), "--no-progress", "--max-evaluations", "4",
+                        "--preset", BASE]) == 0
+    text = (run / "report.md").read_text()
+    assert "| thermal (held out) |" in text and "measured saving vs static-top2" in text
+    assert (run / "report_figures" / "reconcile_segments.png").stat().st_size > 1000

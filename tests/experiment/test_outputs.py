@@ -116,3 +116,21 @@ def test_atomic_write_replaces_or_keeps(tmp_path):
     with pytest.raises(ValueError, match="is a folder"):
         check_out_file(tmp_path)
     check_out_file(path, overwrite=True)
+
+
+def test_plots_name_expert_kinds_and_use_integer_chunk_ticks(tmp_path, monkeypatch):
+    from nectar.experiment import plots
+    from nectar.experiment.outputs import _expert_label
+
+    assert [_expert_label(k, s) for k, s in (("ffn", 1.0), ("ffn", 0.25), ("zero", 0.0), ("copy", 0.0))] == \
+        ["full", "narrow (25 %)", "zero", "copy"]
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    rows = [{"policy": "nectar", "chunk": i, "expert_counts": [[5, 3, 1, 1]]} for i in range(3)]
+    plots.expert_loads(rows, "nectar", tmp_path / "x.png", ["full", "full", "narrow (25 %)", "zero"])
+    ax = figures[0].axes[0]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == \
+        ["expert 0: full", "expert 1: full", "expert 2: narrow (25 %)", "expert 3: zero"]
+    figures[0].canvas.draw()
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
