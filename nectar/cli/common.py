@@ -12,6 +12,28 @@
   clear messages.
 
 This module imports nothing heavy: `nectar --help` and `nectar <command> --help` must not import torch.
+
+A command module follows one pattern (nectar/cli/run.py is the full example):
+
+    def build_parser():                      # torch-free; `parser(prog, __doc__)` shows every default
+        p = parser("nectar frontier", __doc__)
+        p.add_argument("--out", type=Path, default=Path("runs/frontier"), help="output folder")
+        p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+        return p
+
+    @cli_errors("frontier")
+    def main(argv=None):
+        args = build_parser().parse_args(argv)
+        check_args(args)                       # every ValueError before any compute
+        from nectar.experiment.outputs import prepare_out
+        out = prepare_out(args.out, args.overwrite)   # --out checked now
+        with out as tmp:                       # written into a temporary sibling, renamed on success
+            ...                                # heavy imports and compute here
+            (tmp / "summary.json").write_text(strict_json(summary, indent=2))
+        return 0
+
+and registers in nectar/cli/__init__.py (CORE, HELP); tests/cli/test_help.py and the fuzz table in
+tests/cli/test_fuzz.py then cover it.
 """
 
 from __future__ import annotations

@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.model is not None and args.save_model is not None:
         raise ValueError("--save-model saves the model hw-run trains; with --model nothing is trained")
-    out = prepare_out(args.out, args.overwrite)
+    out = prepare_out(args.out, args.overwrite, inputs=[args.model])
     save = prepare_out(args.save_model, args.overwrite, "--save-model") if args.save_model is not None else None
     plan = plan_segments(args, None)
     from nectar.control.controller import ControllerConfig

@@ -225,7 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     from nectar.experiment.outputs import prepare_out
 
-    out = prepare_out(args.out, args.overwrite)
+    from nectar.train.recipes import committed_model
+
+    out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
     cfg = _configs(args)
     factory = _backend_factory(args)
     probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -61,9 +61,13 @@ def _precious(path: Path) -> str | None:
     return None
 
 
-def check_out(path: Path, overwrite: bool = False, option: str = "--out") -> None:
-    """ValueError when `path` cannot become this command's output folder (see the module docstring)."""
+def check_out(path: Path, overwrite: bool = False, option: str = "--out", inputs: Sequence[Path] = ()) -> None:
+    """ValueError when `path` cannot become this command's output folder (see the module docstring),
+    or when it is, or holds, one of the command's `inputs` (which the new folder would replace)."""
     path = Path(path)
+    for source in inputs:
+        if source is not None and (path.resolve() == Path(source).resolve() or path.resolve() in Path(source).resolve().parents):
+            raise ValueError(f"{option} {path} would replace the input {source}; choose another folder")
     if path.exists() and not path.is_dir():
         raise ValueError(f"{option} {path} is a file, not a folder")
     if path.is_dir():
@@ -85,11 +89,12 @@ def check_out(path: Path, overwrite: bool = False, option: str = "--out") -> Non
 class OutputDir:
     """An output folder written all at once (see the module docstring). `with OutputDir(p) as tmp:`."""
 
-    def __init__(self, path: str | os.PathLike, overwrite: bool = False, option: str = "--out"):
+    def __init__(self, path: str | os.PathLike, overwrite: bool = False, option: str = "--out",
+                 inputs: Sequence[Path] = ()):
         self.path = Path(path)
         self.overwrite = overwrite
         self.option = option
-        check_out(self.path, overwrite, option)
+        check_out(self.path, overwrite, option, inputs)
         self.tmp: Path | None = None
         self._made: list[Path] = []   # parent folders this object created (removed again on failure)
 
@@ -145,9 +150,11 @@ class OutputDir:
         self._made = []
 
 
-def prepare_out(path: str | os.PathLike, overwrite: bool = False, option: str = "--out") -> OutputDir:
-    """The checked `OutputDir` for `path` (raises ValueError at once when it cannot be one)."""
-    return OutputDir(path, overwrite, option)
+def prepare_out(path: str | os.PathLike, overwrite: bool = False, option: str = "--out",
+                inputs: Sequence[Path] = ()) -> OutputDir:
+    """The checked `OutputDir` for `path` (raises ValueError at once when it cannot be one);
+    `inputs` are folders the command reads, which --out must neither be nor contain."""
+    return OutputDir(path, overwrite, option, inputs)
 
 
 def check_out_file(path: str | os.PathLike, overwrite: bool = False, option: str = "--out") -> None:

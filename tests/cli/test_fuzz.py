@@ -229,6 +229,8 @@ RUN_CASES = [
     Case("run-out-under-a-file", ["run", "--out", "{tmp}/f/run"], 2, r"is a file, so the folder cannot be created", write("f", "x")),
     Case("run-out-not-writable", ["run", "--out", "/proc/nectar-fuzz/run"], 2, r"cannot create a folder|not writable"),
     Case("run-out-not-empty", ["run", "--out", "{tmp}/out"], 2, r"not empty .*pass --overwrite", write("out/stale.png", "old")),
+    Case("run-out-would-replace-the-model", ["run", *MODEL, "--out", "{tmp}", "--overwrite"], 2,
+         r"would replace the input", model_copy()),
     Case("run-ctrl-c-while-loading", ["run", "--out", "{tmp}/out"], 130, r"interrupted; nothing written to .*out",
          patch=interrupt("nectar.train.recipes:load_or_train")),
     Case("run-model-seed-announces-training", ["run", "--model-seed", "7", "--out", "{tmp}/out"], 130,

@@ -20,12 +20,11 @@ ALL = sorted({*CORE, *COMMANDS})
 
 
 def _parser(command: str) -> argparse.ArgumentParser:
+    """A command's parser: `build_parser` of nectar/cli/<command>.py, or of the plugin's module."""
     from nectar.plugins import load_object
 
-    modules = {"run": "nectar.cli.run", "train": "nectar.cli.train", "hw-run": "nectar.cli.hw_run",
-               "verify-convexity": "analysis.convexity.cli", "reconcile": "analysis.reconcile.cli",
-               "report": "analysis.report.page"}
-    return load_object(f"{modules[command]}:build_parser")()
+    module = COMMANDS[command].split(":")[0] if command in COMMANDS else f"nectar.cli.{command.replace('-', '_')}"
+    return load_object(f"{module}:build_parser")()
 
 
 def test_help_imports_neither_torch_nor_transformers():
