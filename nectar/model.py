@@ -12,6 +12,13 @@
 - Routers are runtime policy, not weights: `set_router` / `set_router_by_name` swap them without
   touching the gates (the saved config records the router the model was built/trained with).
 - `chunk_workload` turns the last forward into the `ChunkWorkload` a telemetry backend prices.
+- Loading is strict and deterministic: `from_pretrained` refuses weights that do not cover the
+  config (missing, unexpected or mis-shaped tensors) and rebuilds every router from the config
+  after the weights are in (a router's buffers are not weights: transformers would otherwise
+  leave them as uninitialised memory). A router's trained `selection_bias` (auxiliary-loss-free
+  balancing) travels in the config (`router_selection_bias`). `save_pretrained` also writes
+  `auto_map` and a two-line `nectar_remote.py`, so `trust_remote_code=True` loads the checkpoint
+  with the installed `nectar` package and no `import nectar`.
 
 The config names its top-k / top-p fields `moe_top_k` / `moe_top_p`: `top_k` and `top_p` are
 generation parameters in transformers, which refuses to save a model config that sets them.
@@ -19,10 +26,11 @@ generation parameters in transformers, which refuses to save a model config that
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -36,7 +44,7 @@ from nectar.moe.expert_pool import ConstantGroup, ExpertPool, GELUGroup, SwiGLUG
 from nectar.moe.experts import ExpertSpec, GELUExpert
 from nectar.moe.layer import MoELayer, MoEMetrics
 from nectar.moe.recorder import RoutingRecorder
-from nectar.moe.static_routers import ROUTERS, make_router
+from nectar.moe.static_routers import ROUTERS, TopKRouter, TopPRouter, make_router
 from nectar.moe.router import Router
 from nectar.telemetry.workload import ChunkWorkload, LayerWorkload
 
@@ -44,6 +52,16 @@ MODEL_TYPE = "nectar_moe_gpt2"
 DEFAULT_ROUTER_INIT_STD = 1e-3
 ATTENTION_TYPES = ("gpt2", "hybrid_lact")
 RouterFactory = Callable[[int, int], Router]
+REMOTE_CODE_FILE = "nectar_remote.py"   # trust_remote_code entry point written beside every checkpoint
+AUTO_MAP = {"AutoConfig": "nectar_remote.MoEGPT2Config", "AutoModelForCausalLM": "nectar_remote.MoEGPT2LMHeadModel"}
+REMOTE_CODE = '''"""transformers' trust_remote_code entry point of a NECTAR MoE-DistilGPT2 checkpoint.
+
+The classes come from the installed `nectar` package (the repository on PYTHONPATH, or
+`pip install -e .` in it); nothing else is loaded from this directory.
+"""
+
+from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel  # noqa: F401
+'''
 
 
 class MoEGPT2Config(GPT2Config):
@@ -58,6 +76,8 @@ class MoEGPT2Config(GPT2Config):
     moe_top_p           top-p routing threshold (max_k = moe_top_k_max or E)
     router_temperature  softmax temperature of the routers
     router_init_std     std of the freshly initialised gate weights
+    router_selection_bias  per MoE layer, the trained router's selection bias [E] (auxiliary-loss-free
+                        balancing), restored on load; None when every bias is zero
     attention_type      "gpt2" (GPT-2 attention) | "hybrid_lact" (nectar.lact.hybrid_attention, LaCT
                         Algorithm 2, in every block; it keeps no KV cache, so use_cache is False;
                         its lact_* settings are read from this config as extra attributes)
@@ -68,7 +88,8 @@ class MoEGPT2Config(GPT2Config):
     def __init__(self, moe_layers: str | list[int] = "all", expert_specs: list[dict] | None = None,
                  n_experts: int = 8, router: str = "topk", moe_top_k: int = 2, capacity_factor: float = 1.25,
                  moe_top_p: float = 0.5, moe_top_k_max: int | None = None, router_temperature: float = 1.0,
-                 router_init_std: float = DEFAULT_ROUTER_INIT_STD, attention_type: str = "gpt2", **kwargs):
+                 router_init_std: float = DEFAULT_ROUTER_INIT_STD, attention_type: str = "gpt2",
+                 router_selection_bias: list[list[float]] | None = None, **kwargs):
         self.moe_layers = list(moe_layers) if not isinstance(moe_layers, str) else moe_layers
         self.expert_specs = [dict(spec) for spec in expert_specs] if expert_specs is not None else None
         self.n_experts = n_experts
@@ -80,7 +101,10 @@ class MoEGPT2Config(GPT2Config):
         self.router_temperature = router_temperature
         self.router_init_std = router_init_std
         self.attention_type = attention_type
+        self.router_selection_bias = ([list(map(float, row)) for row in router_selection_bias]
+                                      if router_selection_bias is not None else None)
         super().__init__(**kwargs)
+        self.validate_shape()
         self.validate_moe()
         if attention_type == "hybrid_lact":
             self.use_cache = False  # the hybrid layer recomputes the prefix instead of caching
@@ -131,6 +155,34 @@ class MoEGPT2Config(GPT2Config):
             return {"p": self.moe_top_p, "max_k": self.moe_top_k_max, **common}
         raise ValueError(f"unknown router {self.router!r}; choose one of {sorted(ROUTERS)}")
 
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoConfig"):
+        """No-op: `save_pretrained` writes its own `auto_map` pointing at the installed package (see
+        REMOTE_CODE); transformers' default would copy nectar/model.py into every checkpoint."""
+
+    def validate_shape(self) -> None:
+        """The GPT-2 fields a config.json could get wrong: positive sizes, heads dividing the width."""
+        for name in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size"):
+            value = getattr(self, name, None)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config {name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"config n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (isinstance(self.n_inner, bool) or not isinstance(self.n_inner, int)
+                                         or self.n_inner < 1):
+            raise ValueError(f"config n_inner must be a positive integer or null, got {self.n_inner!r}")
+
+    def validate_selection_bias(self) -> None:
+        bias = self.router_selection_bias
+        if bias is None:
+            return
+        layers, experts = len(self.moe_layer_indices()), self.num_experts()
+        if len(bias) != layers or any(len(row) != experts for row in bias):
+            raise ValueError(f"router_selection_bias must hold {layers} rows of {experts} values (MoE layers × "
+                             f"experts), got {[len(row) for row in bias]}")
+        if not all(math.isfinite(v) for row in bias for v in row):
+            raise ValueError("router_selection_bias holds a non-finite value")
+
     def validate_moe(self) -> None:
         self.moe_layer_indices()
         experts = self.num_experts()
@@ -141,6 +193,7 @@ class MoEGPT2Config(GPT2Config):
             raise ValueError(f"attention_type must be one of {ATTENTION_TYPES}, got {self.attention_type!r}")
         if not self.router_init_std >= 0:
             raise ValueError(f"router_init_std must be >= 0, got {self.router_init_std}")
+        self.validate_selection_bias()
 
 
 class MoEMLP(nn.Module):
@@ -204,6 +257,59 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
                 elif isinstance(group, ConstantGroup):
                     nn.init.normal_(group.mixer, std=std)
 
+    # ----- loading and saving ------------------------------------------------------------------
+    @classmethod
+    def register_for_auto_class(cls, auto_class="AutoModel"):
+        """No-op: see MoEGPT2Config.register_for_auto_class."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' from_pretrained, strict: every tensor the config implies must come from the
+        checkpoint and every checkpoint tensor must be used (ValueError otherwise; HF itself only
+        logs, and the model would then run with random layers); routers are rebuilt from the config
+        afterwards, so no router buffer is left uninitialised. A local checkpoint saved before the
+        stacked expert layout (keys `...mlp.moe.experts.<i>.c_fc.weight`) loads too."""
+        want_info = kwargs.pop("output_loading_info", False)
+        legacy = legacy_expert_tensors(pretrained_model_name_or_path)
+        with _transformers_errors_only() if legacy else nullcontext():  # it would report the old keys as unused
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
+                                             **kwargs)
+        model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+        if legacy:  # a checkpoint saved before the stacked expert layout: stack its expert tensors
+            model.load_legacy_experts(legacy)
+            info = without_legacy_keys(info)
+        check_loading_info(info, pretrained_model_name_or_path)
+        model.reset_routers()
+        return (model, info) if want_info else model
+
+    def reset_routers(self) -> None:
+        """Every MoE layer gets a fresh router of the config's kind, with the config's trained
+        selection bias (zeros when none was saved)."""
+        self.set_router_by_name(self.config.router, **self.config.router_kwargs())
+        bias = self.config.router_selection_bias
+        if bias is not None:
+            with torch.no_grad():
+                for (_, layer), row in zip(self.moe_layers(), bias):
+                    layer.router.selection_bias.copy_(torch.tensor(row))
+
+    def trained_selection_bias(self) -> list[list[float]] | None:
+        """The selection bias of the config's router kind in every MoE layer (None when all zero or
+        when a runtime policy router is installed: those are not part of the trained model)."""
+        routers = [layer.router for _, layer in self.moe_layers()]
+        if not routers or not all(type(r) in ROUTERS.values() for r in routers):
+            return None
+        rows = [r.selection_bias.detach().float().cpu().tolist() for r in routers]
+        return rows if any(v != 0.0 for row in rows for v in row) else None
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save_pretrained, plus the trained selection bias in the config and the
+        trust_remote_code entry point (`auto_map` + nectar_remote.py)."""
+        self.config.router_selection_bias = self.trained_selection_bias()
+        self.config.auto_map = dict(AUTO_MAP)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        (Path(save_directory) / REMOTE_CODE_FILE).write_text(REMOTE_CODE)
+        return result
+
     # ----- sparse upcycling -------------------------------------------------------------------
     @classmethod
     def from_dense(cls, dense: GPT2LMHeadModel, num_experts: int = 8, top_k: int = 2,
@@ -246,21 +352,6 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
                                             (group.c_proj_bias, dense_mlp.c_proj.bias)):
                         stacked.copy_(weight.unsqueeze(0).expand_as(stacked))  # every expert = the dense MLP
         self.tie_weights()
-
-    # ----- checkpoints of the per-expert layout -------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """transformers' from_pretrained; a local checkpoint saved before the stacked expert layout
-        (keys `...mlp.moe.experts.<i>.c_fc.weight`) is loaded too: its expert tensors are stacked
-        into the groups after the rest of the model has loaded."""
-        legacy = legacy_expert_tensors(pretrained_model_name_or_path)
-        if not legacy:
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        with _transformers_errors_only():  # it would report the old expert keys as unused
-            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.load_legacy_experts(legacy)
-        return loaded
 
     @torch.no_grad()
     def load_legacy_experts(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -382,6 +473,27 @@ def _transformers_errors_only() -> Iterator[None]:
         yield
     finally:
         hf_logging.set_verbosity(level)
+
+
+def without_legacy_keys(info: dict) -> dict:
+    """The loading report once legacy per-expert tensors were stacked into the groups."""
+    unexpected = [k for k in info.get("unexpected_keys", []) or [] if not LEGACY_EXPERT_KEY.match(str(k))]
+    missing = [k for k in info.get("missing_keys", []) or [] if ".mlp.moe.experts.groups." not in str(k)]
+    return {**info, "unexpected_keys": unexpected, "missing_keys": missing}
+
+
+def check_loading_info(info: dict, source) -> None:
+    """ValueError when transformers' loading report lists missing, unexpected or mis-shaped tensors."""
+    problems = []
+    for key, what in (("missing_keys", "missing from the checkpoint"), ("unexpected_keys", "not used by the config"),
+                      ("mismatched_keys", "of the wrong shape")):
+        names = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key, []) or [])
+        if names:
+            shown = ", ".join(names[:4]) + (f", … ({len(names)} in all)" if len(names) > 4 else "")
+            problems.append(f"{len(names)} tensor(s) {what}: {shown}")
+    if problems:
+        raise ValueError(f"the weights in {str(source)!r} do not match its config.json ({'; '.join(problems)}); "
+                         "was config.json edited, or the checkpoint written by another model?")
 
 
 def _block_of(key: str) -> int | None:

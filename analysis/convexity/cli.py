@@ -21,63 +21,85 @@ instance's tokens: with chunks drawn from the source, even the population optimu
 instance's optimum by a sampling floor, which is reported beside the sampled-chunk gap.
 
 Exit status: 0 when both problems are DCP, solved, and the main comparisons are within --goal;
-1 otherwise. Energy-assumption failures are findings: reported, not counted in the exit status.
+1 when a check fails; 2 for unusable input (a missing or malformed --run, --trace or --export),
+which is found before anything is solved. The last line is a one-line verdict; progress goes to
+stderr. Energy-assumption failures are findings: reported, not counted in the exit status.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
-from analysis.convexity import energy_assumptions as ea
-from analysis.convexity.chunk_problem import (
-    ChunkInstance,
-    SyntheticRouterSource,
-    closed_form_reference,
-    compare_bias,
-    compare_distribution,
-    derived_constraints,
-    solve_chunk_problem,
-    synthetic_setup,
-    topk_gap,
-)
-from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig, routing_distribution
+from nectar.cli.common import cli_errors, non_negative_int, parser, positive_float, positive_int, strict_json
+
+if TYPE_CHECKING:  # pragma: no cover  (cvxpy and torch are imported when the command runs, not for --help)
+    from analysis.convexity.chunk_problem import ChunkInstance, SyntheticRouterSource
 
 INSTANCE_FILE = "convexity_instance.npz"
 TRACE_FILE = "energy_trace.npz"
 FLOOR_SAMPLE_FACTOR = 4  # the population optimum is estimated on 4·T fresh tokens
 
 
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("nectar verify-convexity", __doc__)
+    p.add_argument("--run", type=Path, help=f"run directory holding {INSTANCE_FILE} (and optionally {TRACE_FILE}); "
+                   "default: a synthetic instance")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the synthetic instance and of chunk sampling")
+    p.add_argument("--json", action="store_true", help="print the report as JSON (the verdict goes to stderr)")
+    p.add_argument("--export", type=Path, help="write q, c, lam, p_online (unconstrained) to this .npz (default: none)")
+    p.add_argument("--overwrite", action="store_true", help="let --export replace an existing file")
+    p.add_argument("--tokens", type=positive_int, default=2048, help="synthetic instance size T")
+    p.add_argument("--experts", type=positive_int, default=8, help="synthetic number of experts E")
+    p.add_argument("--chunks", type=positive_int, default=200, help="online chunks before the comparison")
+    p.add_argument("--chunk-tokens", type=positive_int, default=1024, help="tokens per sampled online chunk")
+    p.add_argument("--mode", choices=("dual", "gradient"), default="dual", help="BiasOptimizer mode")
+    p.add_argument("--goal", type=positive_float, default=1e-3, help="largest acceptable relative objective gap")
+    p.add_argument("--no-energy", action="store_true", help="skip the energy-assumption checks")
+    p.add_argument("--sim-preset", default="h100_sxm", help="simulator preset for the energy checks")
+    p.add_argument("--trace", type=Path, help="a NECTAR trace (nectar.telemetry.trace format, .csv or .csv.gz) to check"
+                   " the energy assumptions on (\"measured\"; default: none)")
+    p.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
+    return p
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="nectar verify-convexity", description=__doc__.splitlines()[0])
-    parser.add_argument("--run", type=Path, help=f"run directory holding {INSTANCE_FILE} (and optionally {TRACE_FILE})")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic instance and of chunk sampling")
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--export", type=Path, help="write q, c, lam, p_online (unconstrained) to this .npz")
-    parser.add_argument("--tokens", type=int, default=2048, help="synthetic instance size T")
-    parser.add_argument("--experts", type=int, default=8, help="synthetic number of experts E")
-    parser.add_argument("--chunks", type=int, default=200, help="online chunks before the comparison")
-    parser.add_argument("--chunk-tokens", type=int, default=1024, help="tokens per sampled online chunk")
-    parser.add_argument("--mode", choices=("dual", "gradient"), default="dual", help="BiasOptimizer mode")
-    parser.add_argument("--goal", type=float, default=1e-3, help="largest acceptable relative objective gap")
-    parser.add_argument("--no-energy", action="store_true", help="skip the energy-assumption checks")
-    parser.add_argument("--sim-preset", default="h100_sxm", help="simulator preset for the energy checks")
-    parser.add_argument("--trace", type=Path, help="a NECTAR trace (nectar.telemetry.trace format, .csv or .csv.gz) to check"
-                        " the energy assumptions on (\"measured\")")
-    args = parser.parse_args(argv)
-    for name in ("tokens", "experts", "chunks", "chunk_tokens"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if not args.goal > 0:
-        parser.error("--goal must be > 0")
-    return args
+    return build_parser().parse_args(argv)
+
+
+def check_inputs(args: argparse.Namespace):
+    """Everything that can be wrong with the input, before any solving (ValueError → exit 2).
+    Returns the rows of --trace (None without it)."""
+    from nectar.experiment.outputs import check_out_file
+
+    if args.export is not None:
+        if args.export.suffix != ".npz":
+            raise ValueError(f"--export {args.export} must end in .npz")
+        check_out_file(args.export, args.overwrite, "--export")
+    if args.run is not None:
+        if not args.run.is_dir():
+            raise ValueError(f"--run {args.run} is not a run directory")
+        load_run_instance(args.run)  # raises on a missing or malformed instance
+    if args.trace is None:
+        return None
+    from nectar.telemetry.trace import read_trace
+
+    if not args.trace.is_file():
+        raise ValueError(f"--trace {args.trace} does not exist")
+    try:
+        rows = read_trace(args.trace)
+    except (OSError, EOFError, ValueError) as exc:
+        raise ValueError(f"--trace {args.trace} cannot be read: {exc}") from None
+    if not rows:
+        raise ValueError(f"--trace {args.trace} has no rows")
+    return rows
 
 
 @dataclass
@@ -94,6 +116,8 @@ class Setup:
 
 
 def synthetic_instances(args: argparse.Namespace) -> Setup:
+    from analysis.convexity.chunk_problem import ChunkInstance, derived_constraints, synthetic_setup
+
     source, costs, lam = synthetic_setup(args.seed, experts=args.experts)
     base = ChunkInstance(source.sample(np.random.default_rng(args.seed + 1), args.tokens), costs, lam)
     chunk_rng = np.random.default_rng(args.seed + 2)
@@ -101,23 +125,31 @@ def synthetic_instances(args: argparse.Namespace) -> Setup:
                  lambda: source.sample(chunk_rng, args.chunk_tokens), "fresh chunks from the synthetic source", source)
 
 
-def load_run_instance(run_dir: Path) -> tuple[ChunkInstance, np.ndarray | None]:
+def load_run_instance(run_dir: Path) -> tuple["ChunkInstance", np.ndarray | None]:
     """Read DIR/convexity_instance.npz → (instance with the run's caps/budget, bias_online or None)."""
+    from analysis.convexity.chunk_problem import ChunkInstance
+
     path = run_dir / INSTANCE_FILE
     if not path.is_file():
-        raise ValueError(f"{path} not found; a run directory must hold {INSTANCE_FILE} with q, c, lam")
-    with np.load(path) as data:
-        missing = {"q", "c", "lam"} - set(data.files)
-        if missing:
-            raise ValueError(f"{path} lacks {sorted(missing)} (needs q [T, E], c [E], lam)")
-        caps = data["caps"] if "caps" in data.files else None
-        budget = float(data["budget"]) if "budget" in data.files else None
-        bias = data["bias_online"] if "bias_online" in data.files else None
-        instance = ChunkInstance(data["q"], data["c"], float(data["lam"]), caps, budget)
+        raise ValueError(f"{path} not found; a run directory must hold {INSTANCE_FILE} with q, c, lam "
+                         "(`nectar run` writes it when the nectar policy ran)")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            missing = {"q", "c", "lam"} - set(data.files)
+            if missing:
+                raise ValueError(f"{path} lacks {sorted(missing)} (needs q [T, E], c [E], lam)")
+            caps = data["caps"] if "caps" in data.files else None
+            budget = float(data["budget"]) if "budget" in data.files else None
+            bias = data["bias_online"] if "bias_online" in data.files else None
+            instance = ChunkInstance(data["q"], data["c"], float(data["lam"]), caps, budget)
+    except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile) as exc:  # truncated / not a zip / wrong dtype
+        raise ValueError(f"{path} cannot be read: {exc}") from None
     return instance, bias
 
 
 def run_instances(args: argparse.Namespace) -> Setup:
+    from analysis.convexity.chunk_problem import derived_constraints
+
     instance, bias = load_run_instance(args.run)
     base = with_constraints(instance, None, None)
     has_constraints = instance.caps is not None or instance.budget is not None
@@ -129,12 +161,16 @@ def run_instances(args: argparse.Namespace) -> Setup:
                  run_bias=bias, run_bias_problem=problem if bias is not None else None)
 
 
-def with_constraints(instance: ChunkInstance, caps, budget) -> ChunkInstance:
+def with_constraints(instance: "ChunkInstance", caps, budget) -> "ChunkInstance":
+    from analysis.convexity.chunk_problem import ChunkInstance
+
     return ChunkInstance(instance.q, instance.c, instance.lam, caps, budget)
 
 
-def run_online(instance: ChunkInstance, sample_chunk: Callable[[], np.ndarray], args: argparse.Namespace) -> np.ndarray:
+def run_online(instance: "ChunkInstance", sample_chunk: Callable[[], np.ndarray], args: argparse.Namespace) -> np.ndarray:
     """The BiasOptimizer (default settings, --mode) after args.chunks chunks; returns its bias [E]."""
+    from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
+
     caps = None if instance.caps is None else instance.caps.tolist()
     config = BiasOptimizerConfig(lam=instance.lam, caps=caps, budget=instance.budget, mode=args.mode)
     optimizer = BiasOptimizer(instance.experts, config)
@@ -143,8 +179,12 @@ def run_online(instance: ChunkInstance, sample_chunk: Callable[[], np.ndarray], 
     return optimizer.bias.numpy()
 
 
-def verify(instance: ChunkInstance, bias_online: np.ndarray, online_source: str, goal: float):
+def verify(instance: "ChunkInstance", bias_online: np.ndarray, online_source: str, goal: float):
     """Solve with cvxpy; compare with the online bias and, unconstrained, the closed form → (report, result)."""
+    from analysis.convexity.chunk_problem import (closed_form_reference, compare_bias, compare_distribution,
+                                                  solve_chunk_problem, topk_gap)
+    from nectar.control.bias_optimizer import routing_distribution
+
     result = solve_chunk_problem(instance.q, instance.c, instance.lam, instance.caps, instance.budget)
     kkt_bias = result.kkt_bias(instance.c, instance.lam)
     online = compare_bias(instance, bias_online, result.p, kkt_bias)
@@ -171,7 +211,7 @@ def verify(instance: ChunkInstance, bias_online: np.ndarray, online_source: str,
     return report, result
 
 
-def online_bias(setup: Setup, problem: str, instance: ChunkInstance, sample_chunk, args) -> tuple[np.ndarray, str]:
+def online_bias(setup: Setup, problem: str, instance: "ChunkInstance", sample_chunk, args) -> tuple[np.ndarray, str]:
     """The run's own bias where it solved this problem, else a fresh BiasOptimizer run."""
     if setup.run_bias is not None and setup.run_bias_problem == problem:
         return np.asarray(setup.run_bias, dtype=float), "run (bias_online)"
@@ -193,6 +233,8 @@ def constrained_section(setup: Setup, args: argparse.Namespace) -> dict:
     if not label.startswith("run"):
         label += ", stationary chunks (the instance itself)"
     report, result = verify(instance, bias, label, args.goal)
+    from analysis.convexity.chunk_problem import compare_bias
+
     sampled_bias = run_online(instance, setup.sample_chunk, args)
     sampled = compare_bias(instance, sampled_bias, result.p, result.kkt_bias(instance.c, instance.lam))
     report["sampled_chunks"] = {
@@ -203,9 +245,11 @@ def constrained_section(setup: Setup, args: argparse.Namespace) -> dict:
     return report
 
 
-def sampling_floor(setup: Setup, instance: ChunkInstance, result, args) -> float | None:
+def sampling_floor(setup: Setup, instance: "ChunkInstance", result, args) -> float | None:
     """Gap to the instance optimum of the optimum on 4·T fresh tokens (a population proxy):
     what a perfect learner of the source's optimum gets on this instance. None for run instances."""
+    from analysis.convexity.chunk_problem import compare_bias, solve_chunk_problem
+
     if setup.source is None:
         return None
     fresh = setup.source.sample(np.random.default_rng(args.seed + 3), FLOOR_SAMPLE_FACTOR * instance.tokens)
@@ -214,20 +258,24 @@ def sampling_floor(setup: Setup, instance: ChunkInstance, result, args) -> float
     return compare_bias(instance, population_bias, result.p, result.kkt_bias(instance.c, instance.lam)).relative_gap
 
 
-def energy_section(args: argparse.Namespace) -> dict:
-    """Energy assumptions on the simulator and, with --run, on the measured trace."""
+def energy_section(args: argparse.Namespace, trace_rows=None) -> dict:
+    """Energy assumptions on the simulator and, with --trace or --run, on the measured data."""
+    from analysis.convexity import energy_assumptions as ea
+
     try:
         section = {"simulated": ea.check_simulated(preset=args.sim_preset, seed=args.seed)}
     except (RuntimeError, TypeError, ValueError, AttributeError) as exc:
         section = {"simulated": {"available": False, "reason": f"simulator failed: {exc!r}"}}
-    if args.trace is not None:
-        section["measured"] = trace_assumptions(args.trace)
+    if trace_rows is not None:
+        section["measured"] = trace_assumptions(args.trace, trace_rows)
     elif args.run is not None:
         section["measured"] = measured_assumptions(args.run / TRACE_FILE)
     return section
 
 
 def measured_assumptions(path: Path) -> dict:
+    from analysis.convexity import energy_assumptions as ea
+
     if not path.is_file():
         return {"available": False, "reason": f"{path} not found"}
     with np.load(path) as data:
@@ -235,53 +283,74 @@ def measured_assumptions(path: Path) -> dict:
         return ea.check_trace(data["loads"], data["energy_J"], duration)
 
 
-def trace_assumptions(path: Path) -> dict:
-    from nectar.telemetry.trace import read_trace
+def trace_assumptions(path: Path, rows) -> dict:
+    """The energy assumptions on a trace's chunk windows; a trace too small to judge is a finding."""
+    from analysis.convexity import energy_assumptions as ea
 
     try:
-        arrays = ea.trace_arrays(read_trace(path))
+        arrays = ea.trace_arrays(rows)
         report = ea.check_trace(arrays.loads, arrays.energy_J, arrays.duration_s)
-    except (FileNotFoundError, ValueError) as exc:
+    except ValueError as exc:
         return {"available": False, "reason": f"{path}: {exc}"}
     return {**report, "trace": str(path), "rows_skipped": arrays.skipped}
 
 
+def _progress(args: argparse.Namespace, message: str) -> None:
+    if not args.no_progress:
+        print(f"verify-convexity: {message}", file=sys.stderr, flush=True)
+
+
+def verdict(report: dict, goal: float) -> tuple[bool, str]:
+    """(passed, one line) for the two main comparisons."""
+    parts, ok = [], True
+    for name in ("unconstrained", "constrained"):
+        s = report[name]
+        passed = bool(s["is_dcp"] and s["meets_goal"])
+        ok &= passed
+        parts.append(f"{name} gap {s['relative_gap']:.2e}{'' if s['is_dcp'] else ' (not DCP)'}")
+    return ok, f"verdict: {'PASS' if ok else 'FAIL'} — " + ", ".join(parts) + f" (goal ≤ {goal:.0e})"
+
+
+@cli_errors("verify-convexity")
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        setup = run_instances(args) if args.run is not None else synthetic_instances(args)
-        unconstrained, result = unconstrained_section(setup, args)
-        constrained = constrained_section(setup, args)
-    except (ValueError, RuntimeError) as exc:
-        print(f"verify-convexity: {exc}", file=sys.stderr)
-        return 1
+    trace_rows = check_inputs(args)
+    _progress(args, "loading cvxpy and the instance")
+    setup = run_instances(args) if args.run is not None else synthetic_instances(args)
+    _progress(args, f"unconstrained problem: cvxpy and {args.chunks} online chunks")
+    unconstrained, result = unconstrained_section(setup, args)
+    _progress(args, "constrained problem (caps and budget)")
+    constrained = constrained_section(setup, args)
     report = {key: unconstrained[key] for key in ("is_dcp", "cvxpy_objective", "online_objective", "relative_gap")}
     report["instance"] = {"source": str(args.run) if args.run else "synthetic", "seed": args.seed,
                           "tokens": setup.base.tokens, "experts": setup.base.experts,
                           "lam": setup.base.lam, "c": setup.base.c.tolist()}
     report.update(unconstrained=unconstrained, constrained=constrained)
     if not args.no_energy:
-        report["energy_assumptions"] = energy_section(args)
+        _progress(args, "energy assumptions (simulator" + (", measured trace)" if trace_rows or args.run else ")"))
+        report["energy_assumptions"] = energy_section(args, trace_rows)
     if args.export is not None:
         export(args.export, setup.base, np.asarray(unconstrained["bias_online"]), result.p)
-    print(json.dumps(report, indent=2, default=_json_default) if args.json else format_text(report))
-    ok = all(s["is_dcp"] and s["meets_goal"] for s in (unconstrained, constrained))
+    ok, line = verdict(report, args.goal)
+    report["verdict"] = line
+    if args.json:
+        print(strict_json(report, indent=2))
+        print(line, file=sys.stderr)
+    else:
+        print(format_text(report))
+        print(line)
     return 0 if ok else 1
 
 
-def export(path: Path, instance: ChunkInstance, bias_online: np.ndarray, p_cvxpy: np.ndarray) -> None:
-    """q [T, E], c [E], lam, p_online [T, E] (and bias_online [E], p_cvxpy [T, E]) of the unconstrained instance."""
+def export(path: Path, instance: "ChunkInstance", bias_online: np.ndarray, p_cvxpy: np.ndarray) -> None:
+    """q [T, E], c [E], lam, p_online [T, E] (and bias_online [E], p_cvxpy [T, E]) of the unconstrained
+    instance, written atomically."""
+    from nectar.control.bias_optimizer import routing_distribution
+    from nectar.experiment.outputs import atomic_write
+
     p_online = routing_distribution(instance.q, bias_online).numpy()
-    np.savez_compressed(path, q=instance.q, c=instance.c, lam=instance.lam, p_online=p_online,
-                        bias_online=bias_online, p_cvxpy=p_cvxpy)
-
-
-def _json_default(value):
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value)}")
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, q=instance.q, c=instance.c, lam=instance.lam,
+                                                       p_online=p_online, bias_online=bias_online, p_cvxpy=p_cvxpy))
 
 
 def _fmt(value) -> str:

@@ -31,12 +31,11 @@ import numpy as np
 from scipy.optimize import least_squares
 from tqdm.auto import tqdm
 
-from analysis.reconcile.replay import (ENERGY_SOURCES, ReplayRow, is_scored_chunk, measured_energy_J, replay_trace,
-                             usable_window)
+from analysis.reconcile.replay import (ENERGY_SOURCES, TIMINGS, ReplayRow, is_scored_chunk, measured_energy_J,
+                                      replay_trace, usable_window)
 from nectar.telemetry.trace import TraceRow
-from sim.presets import PRESET_DIR, GPUPreset, save_preset
+from sim.presets import GPUPreset, save_preset
 
-CALIBRATED_DIR = PRESET_DIR / "calibrated"
 INVALID_RESIDUAL = 1e3   # residual given to every entry when a trial preset is not physical
 
 
@@ -66,7 +65,8 @@ class CalibrationConfig:
     energy_sigma: float = 0.025          # relative
     duration_sigma: float = 0.025        # relative (log ratio)
     temp_sigma_C: float = 1.0
-    energy_source: str = "auto"          # see analysis.reconcile.replay.measured_energy_J
+    energy_source: str = "mean"          # see analysis.reconcile.replay.measured_energy_J
+    timing: str = "measured"             # see analysis.reconcile.replay (windows last as long as measured)
     parameters: list[FreeParameter] | None = None  # None: default_free_parameters(base)
 
     def __post_init__(self) -> None:
@@ -80,6 +80,12 @@ class CalibrationConfig:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         if self.energy_source not in ENERGY_SOURCES:
             raise ValueError(f"energy_source must be one of {ENERGY_SOURCES}, got {self.energy_source!r}")
+        if self.timing not in TIMINGS:
+            raise ValueError(f"timing must be one of {TIMINGS}, got {self.timing!r}")
+
+    def replay_options(self) -> dict:
+        """Keyword arguments of `replay_trace` that this configuration fixes."""
+        return {"energy_source": self.energy_source, "timing": self.timing}
 
 
 @dataclass(frozen=True)
@@ -127,9 +133,9 @@ def default_free_parameters(base: GPUPreset) -> list[FreeParameter]:
 
     r_high = base.thermal_resistance_C_per_W * 2.0
     params = [
-        ratio("gemm_efficiency", 0.5, 2.0, cap=1.0),
-        ratio("attention_efficiency", 0.5, 2.0, cap=1.0),
-        ratio("bandwidth_efficiency", 0.5, 2.0, cap=1.0),
+        ratio("gemm_efficiency", 0.25, 4.0, cap=1.0),
+        ratio("attention_efficiency", 0.25, 4.0, cap=1.0),
+        ratio("bandwidth_efficiency", 0.25, 4.0, cap=1.0),
         ratio("idle_power_W", 0.5, 2.0, cap=0.9 * base.power_limit_W),
         ratio("compute_power_W", 0.5, 2.0),
         ratio("memory_power_W", 0.5, 2.0),
@@ -197,8 +203,7 @@ class _Objective:
             preset = apply(self.base, self.params, z)
         except ValueError:
             return np.full(self.size, INVALID_RESIDUAL)
-        replayed = replay_trace(self.rows, preset, stop=self.stop, breaks=self.breaks,
-                                energy_source=self.config.energy_source)
+        replayed = replay_trace(self.rows, preset, stop=self.stop, breaks=self.breaks, **self.config.replay_options())
         res = np.concatenate([residuals(replayed, self.config), z / self.prior_sigma])  # [R + P]
         self.size = res.size
         cost = 0.5 * float(res @ res)
@@ -211,13 +216,20 @@ class _Objective:
 
 
 def calibrate(rows: Sequence[TraceRow], base: GPUPreset, config: CalibrationConfig | None = None, *,
-              breaks: frozenset[int] = frozenset(), progress: bool = False) -> CalibrationResult:
-    """Fit the free parameters of `base` on the training split of `rows`; the calibrated preset."""
+              breaks: frozenset[int] = frozenset(), progress: bool = False, all_rows: bool = False,
+              data_name: str = "trace") -> CalibrationResult:
+    """Fit the free parameters of `base` on the training split of `rows` (every row with
+    `all_rows`, when another segment is held out); the calibrated preset."""
     config = config or CalibrationConfig()
     params = config.parameters if config.parameters is not None else default_free_parameters(base)
     if not params:
         raise ValueError("no free parameters to calibrate")
-    stop, n_train = split_row(rows, config.train_fraction)
+    if all_rows:
+        stop, n_train = len(rows), sum(is_scored_chunk(r) for r in rows)
+        if n_train < 1:
+            raise ValueError("the calibration segment has no chunk window with a workload")
+    else:
+        stop, n_train = split_row(rows, config.train_fraction)
     _check_training_data(rows[:stop], config.energy_source)
     initial = np.array([getattr(base, p.name) for p in params], dtype=float)  # [P]
     bounds = np.array([p.bounds_z(v) for p, v in zip(params, initial)])       # [P, 2]
@@ -229,10 +241,10 @@ def calibrate(rows: Sequence[TraceRow], base: GPUPreset, config: CalibrationConf
         message = _solve(objective, bounds)
     z = objective.best_z
     calibrated = apply(base, params, z).replace(name=f"{base.name}_calibrated",
-                                                source=_source(base, params, rows, stop, n_train))
+                                                source=_source(base, params, data_name, stop, n_train))
     fitted = [FittedParameter(p.name, float(v0), float(getattr(calibrated, p.name)), p.lower, p.upper)
               for p, v0 in zip(params, initial)]
-    train_replay = replay_trace(rows, calibrated, stop=stop, breaks=breaks, energy_source=config.energy_source)
+    train_replay = replay_trace(rows, calibrated, stop=stop, breaks=breaks, **config.replay_options())
     return CalibrationResult(calibrated, base, fitted, stop, n_train, objective.calls,
                              float(objective.first_cost), float(objective.best_cost), message, train_replay)
 
@@ -255,15 +267,20 @@ def _solve(objective: _Objective, bounds: np.ndarray) -> str:
         return f"stopped after {objective.calls} simulator replays (max_evaluations); best point kept"
 
 
-def _source(base: GPUPreset, params, rows, stop: int, n_train: int) -> str:
+BASE_SOURCE = "Base preset source: "
+
+
+def _source(base: GPUPreset, params, data_name: str, stop: int, n_train: int) -> str:
+    """Where the calibrated numbers come from; the base's own origin is kept once (never nested)."""
     names = ", ".join(p.name for p in params)
-    return (f"Calibrated by analysis/calibrate.py (scipy least_squares) on trace rows 0..{stop - 1} "
+    origin = base.source.rsplit(BASE_SOURCE, 1)[-1]
+    return (f"Calibrated by analysis/reconcile/calibrate.py (scipy least_squares) on {data_name} rows 0..{stop - 1} "
             f"({n_train} chunk windows, {stop} windows) from preset {base.name!r}; fitted: {names}. "
-            f"Base preset source: {base.source}")
+            f"{BASE_SOURCE}{origin}")
 
 
-def save_calibrated(result: CalibrationResult, path: str | Path | None = None) -> Path:
-    """Save the calibrated preset (default sim/presets/calibrated/<base name>.json)."""
-    target = Path(path) if path is not None else CALIBRATED_DIR / f"{result.base.name}.json"
+def save_calibrated(result: CalibrationResult, path: str | Path) -> Path:
+    """Save the calibrated preset to `path` (callers choose where: nothing lands in the source tree by default)."""
+    target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     return save_preset(result.preset, target)

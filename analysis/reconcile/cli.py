@@ -1,106 +1,164 @@
-"""`nectar reconcile TRACE_DIR`: replay a measured trace through the simulator, calibrate, report held-out error.
+"""`nectar reconcile TRACE_DIR`: replay measured traces through the simulator, calibrate it, report held-out error.
 
-TRACE_DIR holds trace.csv.gz (or trace.csv, or several *.csv.gz) and meta.json, as written by
-`nectar run` / `nectar hw-run`, e.g. data/traces/h100/. The simulator's free parameters are fitted
-on the first --train-fraction of the chunks; the rest is held out. A measured trace (meta backend
-"nvml") saves the calibrated preset to sim/presets/calibrated/<preset>.json unless --no-save;
---save-preset PATH saves it anywhere, for any trace. Exit status 2 on unusable input.
+TRACE_DIR is one trace folder (trace.csv.gz or trace.csv, or several *.csv.gz, and meta.json, as
+`nectar run` / `nectar hw-run` write them), or a GPU folder of segment folders such as
+data/traces/h100/ (main, thermal, power, long).
+
+- One trace folder: the simulator's free parameters are fitted on the first --train-fraction of
+  its chunks (in time order) and scored on the rest (held out by time).
+- A GPU folder (or --by-segment): fitted on every window of --calibrate-on (default main) and
+  scored on every other segment (held out by segment), with each policy's saving versus
+  static-top2, measured and simulated.
+
+Nothing is written unless --save PATH is given: then the calibrated preset is written there (e.g.
+`--save sim/presets/h200_sxm.json` fits a preset for a new GPU from its committed traces), named
+after the file. Exit status: 0 done, 2 unusable input.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
-from analysis.reconcile.calibrate import CalibrationConfig, save_calibrated
-from analysis.reconcile.score import GOALS, Metrics, ReconcileResult, load_trace_dir, pick_preset, reconcile
-from analysis.reconcile.replay import ENERGY_SOURCES
+from nectar.cli.common import cli_errors, fraction, parser, positive_int, strict_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nectar reconcile", description=__doc__.splitlines()[0])
-    p.add_argument("trace_dir", type=Path, metavar="TRACE_DIR")
+    from analysis.reconcile.replay import ENERGY_SOURCES, TIMINGS
+
+    p = parser("nectar reconcile", __doc__)
+    p.add_argument("trace_dir", type=Path, metavar="TRACE_DIR", help="a trace folder, or a GPU folder of segment folders")
+    p.add_argument("--by-segment", action="store_true",
+                   help="calibrate on one segment and hold out the others (implied by a GPU folder)")
+    p.add_argument("--calibrate-on", default="main", help="with --by-segment: the segment to calibrate on")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
-    p.add_argument("--train-fraction", type=float, default=CalibrationConfig.train_fraction,
-                   help="first fraction of the chunks used for calibration (default %(default)s)")
+    p.add_argument("--train-fraction", type=fraction, default=0.6,
+                   help="one trace folder: first fraction of the chunks used for calibration")
     p.add_argument("--preset", default=None, help="starting preset, name or JSON path (default: by the trace's GPU)")
-    p.add_argument("--save-preset", type=Path, default=None, help="write the calibrated preset here")
-    p.add_argument("--no-save", action="store_true", help="never write a calibrated preset")
-    p.add_argument("--max-evaluations", type=int, default=CalibrationConfig.max_evaluations,
-                   help="cap on simulator replays during calibration (default %(default)s)")
-    p.add_argument("--energy-source", choices=ENERGY_SOURCES, default="auto",
-                   help="measured energy per window: integrated instant power when sampled (auto), counter, power")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--save", "--save-preset", dest="save", type=Path, default=None,
+                   help="write the calibrated preset to this JSON file (default: nothing is written)")
+    p.add_argument("--overwrite", action="store_true", help="let --save replace an existing file")
+    p.add_argument("--max-evaluations", type=positive_int, default=300,
+                   help="cap on simulator replays during calibration")
+    p.add_argument("--energy-source", choices=ENERGY_SOURCES, default="mean",
+                   help="measured energy per window: mean of counter and integrated power (mean), integrated power "
+                        "when sampled (auto), counter, power")
+    p.add_argument("--timing", choices=TIMINGS, default="measured",
+                   help="replayed windows last as long as measured (idle padding), or only as long as their kernels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
 
+# ---------------------------------------------------------------------------- text output
 def _pct(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{100 * x:.2f}%"
+    return "n/a" if x is None or math.isnan(x) else f"{100 * x:.2f}%"
 
 
-def _line(name: str, m: Metrics) -> str:
-    return (f"{name:<22}{m.chunks:>7}{_pct(m.energy_mape):>11}{_pct(m.total_energy_error):>11}"
+def _line(name: str, m) -> str:
+    return (f"{name:<26}{m.chunks:>7}{_pct(m.energy_mape):>11}{_pct(m.total_energy_error):>11}"
             f"{m.temp_rmse_C:>10.2f}{_pct(m.duration_mape):>11}")
 
 
-def print_text(result: ReconcileResult) -> None:
-    cal = result.calibration
+HEADER = f"{'':<26}{'chunks':>7}{'E MAPE':>11}{'E total':>11}{'T RMSE°C':>10}{'t MAPE':>11}"
+
+
+def _calibration_lines(cal) -> list[str]:
+    lines = [f"calibration: {cal.evaluations} simulator replays, cost {cal.cost_initial:.4g} -> {cal.cost_final:.4g} "
+             f"({cal.message})"]
+    lines += [f"  {p.name:<28}{p.initial:>12.5g} -> {p.fitted:<12.5g}{'  (at bound)' if p.at_bound else ''}"
+              for p in cal.parameters]
+    return lines
+
+
+def _goal_line(met: dict[str, bool]) -> str:
+    from analysis.reconcile.score import GOALS
+
+    words = {"energy_mape_le_3pct": f"energy MAPE <= {100 * GOALS['energy_mape']:.0f}%",
+             "temp_rmse_le_1.5C": f"temperature RMSE <= {GOALS['temp_rmse_C']:g} °C",
+             "saving_within_3_points": f"saving within {GOALS['saving_points']:g} points"}
+    return "goals (held out): " + "; ".join(f"{words[k]}: {'met' if v else 'NOT met'}" for k, v in met.items())
+
+
+def print_time_split(result) -> None:
     print(f"trace: {result.source}  gpu: {result.gpu_name}  base preset: {result.base_preset}")
-    print(f"calibration: {cal.evaluations} simulator replays, cost {cal.cost_initial:.4g} -> {cal.cost_final:.4g} "
-          f"({cal.message})")
-    for p in cal.parameters:
-        print(f"  {p.name:<28}{p.initial:>12.5g} -> {p.fitted:<12.5g}{'  (at bound)' if p.at_bound else ''}")
-    print(f"{'split':<22}{'chunks':>7}{'E MAPE':>11}{'E total':>11}{'T RMSE°C':>10}{'t MAPE':>11}")
+    print("\n".join(_calibration_lines(result.calibration)))
+    print(HEADER)
     print(_line("train (calibrated)", result.train))
     print(_line("held-out (calibrated)", result.heldout))
     print(_line("held-out (base preset)", result.heldout_uncalibrated))
-    met = result.goals_met()
-    print(f"goals: energy MAPE <= {100 * GOALS['energy_mape']:.0f}%: {'met' if met['energy_mape_le_5pct'] else 'NOT met'}; "
-          f"temperature RMSE <= {GOALS['temp_rmse_C']:.0f} °C: {'met' if met['temp_rmse_le_2C'] else 'NOT met'}")
+    print(_goal_line(result.goals_met()))
     for warning in result.warnings:
         print(f"warning: {warning}")
-    if result.preset_path:
-        print(f"calibrated preset saved to {result.preset_path}")
 
 
-def json_safe(value):
-    """NaN/inf become null (strict JSON), recursively."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
+def print_by_segment(result) -> None:
+    print(f"traces: {result.source}  gpu: {result.gpu_name}  base preset: {result.base_preset}  "
+          f"calibrated on: {result.calibrate_on} (every window)")
+    print("\n".join(_calibration_lines(result.calibration)))
+    print(HEADER)
+    for s in result.segments:
+        role = "held out" if s.held_out else "calibration"
+        print(_line(f"{s.name} ({role})", s.calibrated))
+        print(_line(f"{s.name} (base preset)", s.base))
+    print(f"{'saving vs static-top2':<26}{'policy':>14}{'measured':>10}{'simulated':>11}{'gap (points)':>14}")
+    for s in result.segments:
+        for p in s.savings:
+            if p.measured_saving is None:
+                continue
+            print(f"{s.name:<26}{p.policy:>14}{100 * p.measured_saving:>9.1f}%{100 * p.simulated_saving:>10.1f}%"
+                  f"{p.gap_points:>+14.1f}")
+    print(_goal_line(result.goals_met()))
+    for warning in result.warnings:
+        print(f"warning: {warning}")
 
 
-def _save_path(args, trace) -> Path | None | bool:
-    if args.no_save:
-        return None
-    if args.save_preset is not None:
-        return args.save_preset
-    return True if trace.backend == "nvml" else None
+# ---------------------------------------------------------------------------- driver
+def _save(result, path: Path) -> Path:
+    """The calibrated preset, named after the file, written atomically."""
+    from nectar.experiment.outputs import atomic_write
+    from sim.presets import save_preset
+
+    preset = result.calibration.preset.replace(name=path.stem)
+    return atomic_write(path, lambda tmp: save_preset(preset, tmp))
 
 
+@cli_errors("reconcile")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        config = CalibrationConfig(train_fraction=args.train_fraction, max_evaluations=args.max_evaluations,
-                                   energy_source=args.energy_source)
+    from analysis.reconcile.calibrate import CalibrationConfig
+    from analysis.reconcile.score import load_trace_dir, pick_preset, reconcile
+    from analysis.reconcile.segments import is_segment_folder, load_segments, reconcile_by_segment
+    from nectar.experiment.outputs import check_out_file
+
+    if args.save is not None:
+        check_out_file(args.save, args.overwrite, "--save")
+    config = CalibrationConfig(train_fraction=args.train_fraction, max_evaluations=args.max_evaluations,
+                               energy_source=args.energy_source, timing=args.timing)
+    if not args.trace_dir.exists():
+        raise ValueError(f"trace directory {str(args.trace_dir)!r} does not exist")
+    if args.by_segment or is_segment_folder(args.trace_dir):
+        segments = load_segments(args.trace_dir)
+        base = pick_preset(next(iter(segments.values())), args.preset)
+        result = reconcile_by_segment(segments, base, config, calibrate_on=args.calibrate_on,
+                                      progress=not args.no_progress, source=str(args.trace_dir))
+        show = print_by_segment
+    else:
         trace = load_trace_dir(args.trace_dir)
         base = pick_preset(trace, args.preset)
         result = reconcile(trace, base, config, progress=not args.no_progress)
-    except ValueError as exc:
-        print(f"nectar reconcile: error: {exc}", file=sys.stderr)
-        return 2
-    target = _save_path(args, trace)
-    if target is not None:
-        result.preset_path = save_calibrated(result.calibration, None if target is True else target)
+        show = print_time_split
+    if args.save is not None:
+        result.preset_path = _save(result, args.save)
     if args.json:
-        print(json.dumps(json_safe(result.to_dict()), indent=2, sort_keys=True))
+        print(strict_json(result.to_dict(), indent=2, sort_keys=True))
     else:
-        print_text(result)
+        show(result)
+        if result.preset_path:
+            print(f"calibrated preset saved to {result.preset_path}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

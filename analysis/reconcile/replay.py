@@ -1,7 +1,11 @@
 """Replay a recorded trace through the simulator with the same workloads and the same timing.
 
 Each trace row is one telemetry window. A row with a workload is run on a `SimBackend` built
-from the given preset (`run_chunk`); a row without one (a controller pause, an idle
+from the given preset (`run_chunk`); with `timing="measured"` (the default) a window whose
+kernels the simulator finishes early is padded with idle time up to the window's measured length
+(the real GPU spent that time too: host work inside the window, launch gaps), so simulated and
+measured energy cover the same wall time; `sim_duration_s` stays the kernels' own duration, for
+the duration metric. A row without one (a controller pause, an idle
 measurement) idles the simulated GPU for the measured duration (a non-idle window without a
 workload, e.g. an undescribed calibration burst, cannot be simulated: it is replayed as idle too,
 never scored, and `unsimulated_load` lists it). The unmeasured time *between*
@@ -29,7 +33,8 @@ from sim.presets import GPUPreset
 
 TEMP_READING_OFFSET_C = 0.5     # E[T − floor(T)]: NVML reports whole degrees
 OVERLAP_TOLERANCE_S = 1e-3      # a window starting earlier than this before the last one ended: new recording
-ENERGY_SOURCES = ("auto", "counter", "power")
+ENERGY_SOURCES = ("auto", "mean", "counter", "power")
+TIMINGS = ("measured", "simulated")
 SCORED_KINDS = ("chunk", "calibration")  # warmup windows are replayed (heat) but never scored
 SENSOR_PERIOD_REPLAY_S = 1.0
 
@@ -59,11 +64,14 @@ def measured_energy_J(window: TelemetryWindow, source: str = "auto") -> float:
 
     "counter": the window's best estimate (`energy_J`: the counter difference, or integrated power
     where the reader flagged the counter untrustworthy). "power": the integrated instant power.
-    "auto" (default): the integrated power when the window has at least two instant-power samples,
-    else the counter. Why: the counter only moves every ~100 ms, so a window's counter difference
-    covers an interval shifted back by up to one update; for sub-second windows that follow idle
-    time this undercounts systematically (≈6 % for 0.5 s chunks on the simulated H100, whose
-    integrated power is within 0.1 % of the truth).
+    "auto": the integrated power when the window has at least two instant-power samples, else the
+    counter. Why: the counter only moves every ~100 ms, so a window's counter difference covers an
+    interval shifted back by up to one update; for sub-second windows that follow idle time this
+    undercounts systematically (≈6 % for 0.5 s chunks on the simulated H100, whose integrated power
+    is within 0.1 % of the truth). "mean" (the reconciliation's default): the mean of the two when
+    both exist, else whichever does. On the committed H100 traces the two disagree by ~5 % per
+    sub-second chunk but not on average (−0.6 … +1.6 % over a trace): their errors (counter
+    quantisation, power sampling) are largely independent, so their mean is the less noisy reading.
     """
     if source not in ENERGY_SOURCES:
         raise ValueError(f"energy source must be one of {ENERGY_SOURCES}, got {source!r}")
@@ -73,7 +81,10 @@ def measured_energy_J(window: TelemetryWindow, source: str = "auto") -> float:
         return float(power) if has_power else math.nan
     if source == "auto" and has_power:
         return float(power)
-    return float(window.energy_J)
+    counter = float(window.energy_J)
+    if source == "mean" and has_power:
+        return 0.5 * (counter + float(power)) if math.isfinite(counter) and counter > 0 else float(power)
+    return counter
 
 
 def is_scored_chunk(row: TraceRow) -> bool:
@@ -97,6 +108,20 @@ def usable_window(window: TelemetryWindow, energy_J: float) -> bool:
     values = (energy_J, window.duration_s, window.gpu_temp_C)
     return (all(math.isfinite(v) for v in values) and energy_J > 0
             and window.duration_s >= MIN_SCORED_WINDOW_S)
+
+
+def chronological(rows: Sequence[TraceRow]) -> list[TraceRow]:
+    """The rows in time order when they come from one clock (one device), else as they are.
+
+    A run writes its trace policy by policy; with interleaved policies on one GPU the windows of
+    different policies alternate in time, and replaying them in file order would put the other
+    policies' busy time between two chunks as idle gaps. When the windows sorted by start time
+    never overlap they are one recording on one clock and are replayed in that order; overlapping
+    windows mean separate recordings (e.g. each policy on its own simulated GPU from t = 0), which
+    keep their order and start a fresh simulated GPU each (`segment_starts`)."""
+    ordered = sorted(rows, key=lambda r: r.window.t_start_s)
+    overlap = any(b.window.t_start_s < a.window.t_end_s - OVERLAP_TOLERANCE_S for a, b in zip(ordered, ordered[1:]))
+    return list(rows) if overlap else ordered
 
 
 def segment_starts(rows: Sequence[TraceRow], breaks: frozenset[int] = frozenset()) -> list[int]:
@@ -131,8 +156,8 @@ def _fresh_backend(preset: GPUPreset, rows: Sequence[TraceRow], start: int, init
     return SimBackend(preset=preset, seed=0)
 
 
-def _simulate(backend: SimBackend, row: TraceRow) -> tuple[float, float, float]:
-    """Run one row on `backend`; (energy J, duration s, true end temperature °C)."""
+def _simulate(backend: SimBackend, row: TraceRow, timing: str = "measured") -> tuple[float, float, float]:
+    """Run one row on `backend`; (energy J, kernel duration s, true end temperature °C)."""
     measured_s = row.window.duration_s if math.isfinite(row.window.duration_s) else 0.0
     if row.workload is None:
         backend.idle(max(measured_s, 0.0))
@@ -140,18 +165,19 @@ def _simulate(backend: SimBackend, row: TraceRow) -> tuple[float, float, float]:
         return truth.energy_J, truth.t_end_s - truth.t_start_s, truth.temp_end_C
     backend.run_chunk(lambda: row.workload)
     truth = backend.last_truth
-    energy, start = truth.energy_J, truth.t_start_s
-    remaining = measured_s - (truth.t_end_s - truth.t_start_s)
-    if row.kind == "warmup" and remaining > 0:  # first-call overheads: the real window lasted longer
+    energy, kernels_s = truth.energy_J, truth.t_end_s - truth.t_start_s
+    remaining = measured_s - kernels_s
+    if remaining > 0 and (row.kind == "warmup" or timing == "measured"):  # the real window lasted longer
         backend.idle(remaining)
         energy += backend.last_truth.energy_J
-    truth = backend.last_truth
-    return energy, truth.t_end_s - start, truth.temp_end_C
+    if row.kind == "warmup":  # first-call overheads belong to the warm-up window's duration
+        kernels_s = backend.last_truth.t_end_s - truth.t_start_s
+    return energy, kernels_s, backend.last_truth.temp_end_C
 
 
 def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | None = None,
-                 breaks: frozenset[int] = frozenset(), energy_source: str = "auto",
-                 initial_temp: str = "measured", fast_sensor: bool = False) -> list[ReplayRow]:
+                 breaks: frozenset[int] = frozenset(), energy_source: str = "mean",
+                 initial_temp: str = "measured", fast_sensor: bool = False, timing: str = "measured") -> list[ReplayRow]:
     """Replay rows[:stop] on simulated GPUs built from `preset`; one ReplayRow per row.
 
     `initial_temp`: "measured" starts each recording at its first measured temperature,
@@ -164,6 +190,8 @@ def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | Non
         raise ValueError(f"initial_temp must be 'measured' or 'preset', got {initial_temp!r}")
     if energy_source not in ENERGY_SOURCES:
         raise ValueError(f"energy source must be one of {ENERGY_SOURCES}, got {energy_source!r}")
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {TIMINGS}, got {timing!r}")
     stop = len(rows) if stop is None else max(0, min(stop, len(rows)))
     preset = preset if fast_sensor else truth_only(preset)
     starts = set(segment_starts(rows[:stop], breaks))
@@ -176,7 +204,7 @@ def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | Non
                 backend = _fresh_backend(preset, rows, i, initial_temp)
             elif window.t_start_s - rows[i - 1].window.t_end_s > 0:
                 backend.idle(window.t_start_s - rows[i - 1].window.t_end_s)   # unmeasured host time
-            energy, duration, temp = _simulate(backend, row)
+            energy, duration, temp = _simulate(backend, row, timing)
         except ValueError as exc:
             raise ValueError(f"trace row {i} ({row.kind}, policy {row.policy!r}) cannot be replayed: {exc}") from exc
         measured = measured_energy_J(window, energy_source)

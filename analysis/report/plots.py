@@ -1,7 +1,9 @@
 """The figures of `nectar report`: one function per PNG, matplotlib with the Agg backend.
 
 Inputs are plain data (rows of chunks.csv as typed dicts, the summary's policies, replayed rows of
-a reconciliation), so each figure can be drawn and tested without the others.
+a reconciliation), so each figure can be drawn and tested without the others. Chunk axes have
+integer ticks, expert axes name each expert's kind when the run recorded them, and figures are
+saved with a tight bounding box so that no label is clipped.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from analysis.reconcile.replay import ReplayRow  # noqa: E402
 
@@ -21,8 +24,7 @@ DPI = 110
 
 
 def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -62,8 +64,9 @@ def pareto(points: dict[str, tuple[float, float]], front: Sequence[str], path: P
     return _save(fig, path)
 
 
-def expert_loads(shares: dict[str, np.ndarray], path: Path) -> Path:
-    """One heat map per policy: share of the layer's expert slots each expert received, [L, E]."""
+def expert_loads(shares: dict[str, np.ndarray], path: Path, labels: Sequence[str] | None = None) -> Path:
+    """One heat map per policy: share of the layer's expert slots each expert received, [L, E];
+    `labels` (one per expert, e.g. "full", "narrow (25 %)", "zero") name the expert axis."""
     n = len(shares)
     fig, axes = plt.subplots(1, n, figsize=(3.4 * n + 1.2, 3.6), squeeze=False, layout="constrained")
     vmax = max(float(s.max()) for s in shares.values())
@@ -72,11 +75,11 @@ def expert_loads(shares: dict[str, np.ndarray], path: Path) -> Path:
         image = ax.imshow(share, vmin=0.0, vmax=vmax, cmap="viridis", aspect="auto")
         ax.set(title=policy, xlabel="expert", ylabel="MoE layer", xticks=range(share.shape[1]),
                yticks=range(share.shape[0]))
+        if labels is not None and len(labels) == share.shape[1]:
+            ax.set_xticklabels([f"{i}: {kind}" for i, kind in enumerate(labels)], rotation=60, ha="right", fontsize=7)
     fig.colorbar(image, ax=axes[0].tolist(), label="share of the layer's slots", shrink=0.85)
     fig.suptitle("Expert loads over the whole run (even routing = 1/E everywhere)", fontsize=10)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cost_model(residuals: dict[str, list[tuple[int, float]]], measured: np.ndarray, predicted: np.ndarray,
@@ -87,6 +90,7 @@ def cost_model(residuals: dict[str, list[tuple[int, float]]], measured: np.ndarr
         if pairs:
             left.plot(*zip(*[(c, 100 * r) for c, r in pairs]), marker=".", label=policy)
     left.set(xlabel="chunk", ylabel="|predicted − measured| / measured (%)", title="Online cost model (RLS), before each update")
+    left.xaxis.set_major_locator(MaxNLocator(integer=True))
     if residuals:
         left.legend(fontsize=8)
     right.scatter(measured, predicted, s=12)
@@ -126,4 +130,20 @@ def temperature_replay(replay: Sequence[ReplayRow], uncalibrated: Sequence[Repla
     ax.axvline(split_row - 0.5, color="k", ls="--", lw=1)
     ax.set(xlabel="trace row", ylabel="GPU temperature (°C)", title="Temperature at the end of each window")
     ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def segment_temperatures(segments: Sequence, path: Path) -> Path:
+    """Measured and simulated (calibrated) temperature of every scored window, one panel per segment
+    (`segments`: analysis.reconcile.segments.SegmentScore, with their replays)."""
+    n = len(segments)
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, 3.6), squeeze=False, sharey=True)
+    for ax, seg in zip(axes[0], segments):
+        rows = [r for r in seg.replay if r.valid]
+        t0 = rows[0].t_measured_s if rows else 0.0
+        ax.plot([r.t_measured_s - t0 for r in rows], [r.measured_temp_C for r in rows], ".", ms=3, label="measured")
+        ax.plot([r.t_measured_s - t0 for r in rows], [r.sim_temp_C for r in rows], "-", lw=1, label="simulated")
+        ax.set(title=f"{seg.name} ({'held out' if seg.held_out else 'calibration'})", xlabel="time in the segment (s)")
+    axes[0][0].set_ylabel("GPU temperature (°C)")
+    axes[0][0].legend(fontsize=8)
     return _save(fig, path)

@@ -1,97 +1,121 @@
-"""Options shared by the commands that run routing policies on a token stream (`run`, `frontier`):
-the backend, the stream, the controller and its limits, and the simulator's pricing.
+"""Options shared by the commands that run routing policies on a token stream (`run`, `frontier`,
+`hw-run`): the stream, the controller and its limits, the simulator's pricing.
 
-Each option has its help and default here once; `configs(args)` turns them into a `RunConfig`,
-`backend_factory(args, cfg)` into a zero-argument backend factory (backends refuse options they
-cannot honour), and `place_model` puts the model where the backend measures it.
+Each option has its help and default here once. This module imports nothing heavy (`--help` must
+not import torch): the defaults of the controller's config classes are spelled out below, and
+tests/cli/test_help.py checks that they agree with the code. `configs(args)` builds a `RunConfig`,
+`backend_factory(args, cfg)` a zero-argument backend factory (backends refuse options they cannot
+honour), `place_model` puts the model where the backend measures it.
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
-from nectar.control.controller import ControllerConfig
-from nectar.control.limits import LimitConfig
-from nectar.control.quality_guard import GuardConfig
-from nectar.control.schedule import Schedule
-from nectar.experiment.runner import RunConfig
+from nectar.cli.common import non_negative_int, positive_float, positive_int
 
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+# Spelled-out defaults (tests/cli/test_help.py keeps them equal to the config classes').
+MAX_PPL_INCREASE = 0.01      # GuardConfig.max_ppl_increase
+BUDGET_USE = 0.9             # GuardConfig.budget_use
+PRICE_INIT = 0.3             # GuardConfig.price_init
+SHADOW_SHARE = 1 / 64        # ControllerConfig.shadow_share
 
 
-def schedule(text: str) -> Schedule:
+def schedule(text: str):
+    """argparse type: a power budget or heat schedule 'seconds:level,…' (or one number)."""
+    from nectar.control.schedule import Schedule   # torch-free
+
     try:
         return Schedule.parse(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def add_stream_args(p: argparse.ArgumentParser, tokens: int = 65536) -> None:
-    p.add_argument("--backend", choices=["sim", "nvml"], default="sim", help="telemetry backend (default: sim)")
+def add_stream_args(p: argparse.ArgumentParser, tokens: int = 65536, chunk_tokens: int = 4096,
+                    seq_len: int | None = 256) -> None:
     p.add_argument("--tokens", type=positive_int, default=tokens,
-                   help="stream tokens per policy, a multiple of --chunk-tokens (default: %(default)s)")
-    p.add_argument("--chunk-tokens", type=positive_int, default=4096,
-                   help="tokens per chunk: one controller step per chunk (default: %(default)s)")
-    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per sequence (default: %(default)s)")
+                   help="stream tokens per policy; a multiple of --chunk-tokens")
+    p.add_argument("--chunk-tokens", type=positive_int, default=chunk_tokens,
+                   help="tokens per chunk (one controller step per chunk); a multiple of --seq-len")
+    p.add_argument("--seq-len", type=positive_int, default=seq_len,
+                   help="tokens per sequence; at most the model's n_positions")
     p.add_argument("--micro-batch", type=positive_int, default=None,
-                   help="forward a chunk in micro-batches of this many sequences (default: whole chunk)")
-    p.add_argument("--seed", type=int, default=0, help="experiment seed: shadow sampling, mixtures (default: 0)")
+                   help="forward a chunk in micro-batches of this many sequences (default: the whole chunk)")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="experiment seed (shadow sampling, mixtures, simulator noise); it does not choose the model")
 
 
 def add_controller_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("controller and limits")
-    g.add_argument("--max-ppl-increase", type=float, default=GuardConfig.max_ppl_increase,
-                   help="quality bound: relative perplexity increase vs static routing (default: %(default)s = 1%%)")
-    g.add_argument("--budget-use", type=float, default=GuardConfig.budget_use,
-                   help="share of the quality bound NECTAR aims to spend (default: %(default)s)")
-    g.add_argument("--price", type=float, default=GuardConfig.price_init,
-                   help="initial price of quality μ; it then follows the budget (default: %(default)s)")
-    g.add_argument("--shadow-share", type=float, default=ControllerConfig.shadow_share,
-                   help="share of the stream's sequences re-run under static routing (default: 1/64)")
-    g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature (°C)")
+    g = p.add_argument_group("NECTAR's controller and the operating limits")
+    g.add_argument("--max-ppl-increase", type=positive_float, default=MAX_PPL_INCREASE,
+                   help="quality bound: relative perplexity increase vs static routing (0.01 = 1%%)")
+    g.add_argument("--budget-use", type=positive_float, default=BUDGET_USE,
+                   help="share of the quality bound NECTAR aims to spend, in (0, 1]")
+    g.add_argument("--price", type=positive_float, default=PRICE_INIT,
+                   help="initial price of quality μ; it then follows the budget")
+    g.add_argument("--shadow-share", type=positive_float, default=SHADOW_SHARE,
+                   help="share of the stream's sequences re-run under static routing for the paired quality check")
+    g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature, °C (20-100)")
     g.add_argument("--power-budget", type=schedule, default=None,
-                   help="hold mean power below this (W), or a schedule 'seconds:W,…' starting at 0")
+                   help="hold mean power below this, W, or a schedule 'seconds:W,…' starting at 0")
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("simulator")
-    g.add_argument("--faults", default=None, help="fault injection, e.g. 'stale:0.1,nan:0.05,hot_ambient:45'")
+    g.add_argument("--faults", default=None,
+                   help="fault injection, e.g. 'stale:0.1,nan:0.05,hot_ambient:45' (sim/faults.py lists them)")
     g.add_argument("--gpu", default=None, help="GPU preset, name or JSON path (default: h100_sxm)")
     g.add_argument("--price-as", default="auto",
-                   help="price routing at this shape (auto = distilgpt2; none = as it ran; default: auto)")
+                   help="price routing at this shape (auto = distilgpt2; none = as it ran)")
     g.add_argument("--price-batch", type=positive_int, default=128,
-                   help="sequences of 1024 tokens a stream chunk is priced as (default: 128 ≈ 0.25 s on an H100)")
+                   help="sequences of 1024 tokens a stream chunk is priced as (128 ≈ 0.25 s on an H100)")
     g.add_argument("--heat", type=schedule, default=None,
-                   help="extra ambient °C over time, 'seconds:°C,…' (a co-tenant heating the GPU)")
+                   help="extra ambient °C over simulated time, 'seconds:°C,…' (a co-tenant heating the GPU)")
 
 
-def controller_config(args) -> ControllerConfig:
+def check_stream_args(args) -> None:
+    """Checks that need neither torch nor the model (ValueError naming the option)."""
+    if args.seq_len is not None and args.chunk_tokens % args.seq_len:
+        raise ValueError(f"--chunk-tokens {args.chunk_tokens} is not a multiple of --seq-len {args.seq_len}")
+    if args.tokens % args.chunk_tokens:
+        lower = args.tokens // args.chunk_tokens * args.chunk_tokens
+        choices = " or ".join(str(n) for n in (lower, lower + args.chunk_tokens) if n > 0)
+        raise ValueError(f"--tokens {args.tokens} is not a multiple of --chunk-tokens {args.chunk_tokens}: use {choices}")
+    if not 0 < args.max_ppl_increase < 1:
+        raise ValueError(f"--max-ppl-increase must lie in (0, 1), got {args.max_ppl_increase}")
+    if not 0 < args.budget_use <= 1:
+        raise ValueError(f"--budget-use must lie in (0, 1], got {args.budget_use}")
+    if not 0 < args.shadow_share <= 1:
+        raise ValueError(f"--shadow-share must lie in (0, 1], got {args.shadow_share}")
+    if args.temp_cap is not None and not 20 <= args.temp_cap <= 100:
+        raise ValueError(f"--temp-cap must lie in [20, 100] °C, got {args.temp_cap}")
+
+
+def controller_config(args):
+    from nectar.control.controller import ControllerConfig
+    from nectar.control.limits import LimitConfig
+    from nectar.control.quality_guard import GuardConfig
+
     limits = LimitConfig(temp_cap_C=args.temp_cap, power_budget=args.power_budget)
     guard = GuardConfig(max_ppl_increase=args.max_ppl_increase, budget_use=args.budget_use, price_init=args.price)
     return ControllerConfig(shadow_share=args.shadow_share, seed=args.seed, limits=limits, guard=guard)
 
 
-def configs(args, policies: list[str], interleave: bool | None = None) -> RunConfig:
+def configs(args, policies: list[str], interleave: bool | None = None):
+    from nectar.experiment.runner import RunConfig
+
     return RunConfig(policies=policies, tokens=args.tokens, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
                      seed=args.seed, micro_batch_rows=args.micro_batch, interleave=interleave,
                      controller=controller_config(args))
 
 
-def backend_factory(args, cfg: RunConfig, **extra):
+def backend_factory(args, cfg, **extra):
     """A zero-argument factory of the chosen backend with the shared options."""
     from nectar.plugins import make_backend
 
-    options = dict(seed=args.seed, preset=args.gpu, faults=args.faults, price_as=args.price_as,
-                   price_batch=args.price_batch, chunk_rows=cfg.chunk_tokens // cfg.seq_len, heat=args.heat, **extra)
+    options = dict(seed=args.seed, preset=getattr(args, "gpu", None), faults=getattr(args, "faults", None),
+                   price_as=getattr(args, "price_as", "none"), price_batch=getattr(args, "price_batch", 128),
+                   chunk_rows=cfg.chunk_tokens // cfg.seq_len, heat=getattr(args, "heat", None), **extra)
     return lambda: make_backend(args.backend, **options)
 
 
@@ -106,6 +130,7 @@ def place_model(model, torch_device: str):
     return model.to(torch_device, torch.float32)
 
 
-def with_limits(cfg: RunConfig, temp_cap_C: float | None = None, power_budget: Schedule | None = None) -> RunConfig:
-    limits = replace(cfg.controller.limits, temp_cap_C=temp_cap_C, power_budget=power_budget)
-    return replace(cfg, controller=replace(cfg.controller, limits=limits))
+def check_model_fits(model, seq_len: int, option: str = "--seq-len") -> None:
+    positions = model.config.n_positions
+    if seq_len > positions:
+        raise ValueError(f"{option} {seq_len} exceeds the model's {positions} positions (n_positions in its config)")

@@ -5,38 +5,43 @@ Runs the static policies (static-top1/2/3, static-cheap, a sweep of fixed cheap-
 NECTAR's own router, per-token confidence thresholds, random per-token cheap mixtures), an adaptive
 baseline that holds a cheap share with a PI controller, and NECTAR, on one workload (stationary,
 domain-shift, thermal, power-schedule); computes the static hull and NECTAR's margin over it.
-Writes DIR/frontier.json (the report), DIR/summary.json, chunks.csv, trace.csv.gz, meta.json and
-plots (frontier.png, timeline.png); prints a table, or the report as JSON with --json.
+Writes DIR/frontier.json (the report), summary.json, chunks.csv, trace.csv.gz, meta.json and plots
+(frontier.png, timeline.png); prints a table, or the report as JSON with --json.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from nectar.cli.experiment_args import add_controller_args, add_sim_args, add_stream_args, positive_int
+from nectar.cli.common import cli_errors, comma_list, parser, positive_int, strict_json
+from nectar.cli.experiment_args import (add_controller_args, add_sim_args, add_stream_args, check_stream_args,
+                                        schedule)
 
-STATIC_FRONTIER = ("static-top1", "static-top2", "static-top3", "static-cheap",
+# Spelled out so that `--help` does not import torch (tests/cli/test_help.py checks them).
+WORKLOADS = ("stationary", "domain-shift", "thermal", "power-schedule")
+STATIC_FRONTIER = ["static-top1", "static-top2", "static-top3", "static-cheap",
                    "fixed-bias:0.5", "fixed-bias:1", "fixed-bias:2", "fixed-bias:3", "fixed-bias:5",
-                   "top-p:0.5", "top-p:0.7", "top-p:0.9", "mix:0.25", "mix:0.5", "mix:0.75")
-ADAPTIVE = ("pi-share:0.5", "nectar")
+                   "top-p:0.5", "top-p:0.7", "top-p:0.9", "mix:0.25", "mix:0.5", "mix:0.75"]
+ADAPTIVE = ["pi-share:0.5", "nectar"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from nectar.experiment.workloads import WORKLOADS
-
-    p = argparse.ArgumentParser(prog="nectar frontier", description=__doc__.splitlines()[0])
-    p.add_argument("--workload", choices=WORKLOADS, default="stationary", help="the stream and its conditions (default: stationary)")
-    p.add_argument("--policies", default=",".join(STATIC_FRONTIER + ADAPTIVE),
-                   help="comma list of policies (default: the whole static frontier, pi-share:0.5 and nectar)")
-    p.add_argument("--model", type=Path, default=None, help="a saved MoE model directory (default: the committed CPU demo model)")
-    add_stream_args(p, tokens=65536)
-    p.add_argument("--block-chunks", type=positive_int, default=4, help="domain-shift: chunks per domain block (default: 4)")
+    p = parser("nectar frontier", __doc__)
+    p.add_argument("--workload", choices=WORKLOADS, default="stationary", help="the stream and its conditions")
+    p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
+                   help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
+    p.add_argument("--policies", type=comma_list, default=STATIC_FRONTIER + ADAPTIVE,
+                   help="comma list of policies; static-top2 is the reference and must be among them")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a saved NECTAR MoE model directory (default: the committed data/models/cpu-demo)")
+    add_stream_args(p)
+    p.add_argument("--block-chunks", type=positive_int, default=4, help="domain-shift: chunks per domain block")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="run every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
-    p.add_argument("--out", type=Path, default=Path("runs/frontier"), help="output directory (default: runs/frontier)")
+    p.add_argument("--out", type=Path, default=Path("runs/frontier"), help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the frontier report as JSON on stdout")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_controller_args(p)
@@ -44,18 +49,39 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from nectar.experiment.frontier_run import run_frontier, print_frontier
+def check_args(args: argparse.Namespace) -> None:
+    check_stream_args(args)
+    if "static-top2" not in args.policies:
+        raise ValueError("--policies must include static-top2: the frontier measures every policy against it")
+    if args.workload == "thermal" and (args.temp_cap is None or args.heat is None):
+        raise ValueError("--workload thermal needs --temp-cap C and --heat 'seconds:°C,…' (the heat source)")
+    if args.workload == "power-schedule" and args.power_budget is None:
+        raise ValueError("--workload power-schedule needs --power-budget 'seconds:W,…'")
+    from nectar.experiment.policies import check_policies
 
     try:
-        report = run_frontier(args, command="nectar frontier " + " ".join(argv if argv is not None else sys.argv[2:]))
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"nectar frontier: error: {exc}", file=sys.stderr)
-        return 2
+        check_policies(args.policies)
+    except ValueError as exc:
+        raise ValueError(f"--policies: {exc}") from None
+
+
+@cli_errors("frontier")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    from nectar.experiment.frontier_run import print_frontier, run_frontier
+    from nectar.experiment.outputs import prepare_out
+    from nectar.train.recipes import committed_model
+
+    out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+    with out as tmp:
+        report = run_frontier(args, tmp, command="nectar frontier " + " ".join(argv if argv is not None else sys.argv[2:]))
     if args.json:
-        print(json.dumps(report, indent=2, sort_keys=True, allow_nan=False))
+        print(strict_json(report, indent=2, sort_keys=True))
     else:
         print_frontier(report)
         print(f"wrote {args.out}/frontier.json, summary.json, chunks.csv, trace.csv.gz and plots")
     return 0
+
+
+__all__ = ["build_parser", "main", "schedule"]

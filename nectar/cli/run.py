@@ -6,48 +6,97 @@ windows, thermal and power segments — use `nectar hw-run`). Writes DIR/summary
 policy chunk), DIR/trace.csv.gz (every telemetry window, the backend-neutral trace format),
 DIR/meta.json, DIR/convexity_instance.npz (for `nectar verify-convexity --run DIR`) and plots;
 prints a table, or the summary as JSON with --json.
+
+The experiment seed (`--seed`) never chooses the model: `--model DIR` loads a saved checkpoint
+(default: the committed data/models/cpu-demo) and `--model-seed S` asks for the cpu-demo model
+trained with seed S (trained first, ~20-25 minutes on 2 cores, when it is not cached). Every
+argument is checked, and --out with it, before anything is computed; the run directory appears
+only when the run is complete.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import sys
 from pathlib import Path
 
-import torch
-
+from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, strict_json
 from nectar.cli.experiment_args import (add_controller_args, add_sim_args, add_stream_args, backend_factory,
-                                       configs, place_model)
-from nectar.experiment.outputs import write_outputs
-from nectar.experiment.policies import DEFAULT_POLICIES, POLICIES, check_policies
-from nectar.experiment.runner import run_experiment
-from nectar.experiment.summary import build_summary
+                                        check_model_fits, check_stream_args, configs, place_model)
 
-
-def _policies(text: str) -> list[str]:
-    names = [n.strip() for n in text.split(",") if n.strip()]
-    try:
-        return check_policies(names)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+# Spelled out so that `nectar run --help` does not import torch (tests/cli/test_help.py checks them).
+DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="nectar run", description=__doc__.splitlines()[0])
-    p.add_argument("--policies", type=_policies, default=list(DEFAULT_POLICIES),
-                   help=f"comma list from {', '.join(POLICIES)} (default: {','.join(DEFAULT_POLICIES)})")
+    p = parser("nectar run", __doc__)
+    p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
+                   help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
+    p.add_argument("--policies", type=comma_list, default=list(DEFAULT_POLICIES),
+                   help=f"comma list of routing policies (default: {','.join(DEFAULT_POLICIES)}; "
+                        "an unknown name lists them all; `nectar frontier` runs the whole static frontier)")
     add_stream_args(p)
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="output directory (default: runs/latest)")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory to write")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out (the old folder is deleted only once the new run is complete)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
-    p.add_argument("--model", type=Path, default=None,
-                   help="a saved MoE checkpoint directory (default: the committed CPU demo model)")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", type=Path, default=None,
+                       help="a saved NECTAR MoE checkpoint directory (default: the committed data/models/cpu-demo)")
+    model.add_argument("--model-seed", type=non_negative_int, default=None,
+                       help="use the cpu-demo model trained with this seed (0: the committed one); another "
+                            "seed is trained first when runs/models/ has no copy: about 20-25 minutes on 2 CPU "
+                            "cores, announced before it starts")
     p.add_argument("--interleave", action="store_true", help="one shared backend, policies interleaved in time")
     add_controller_args(p)
     add_sim_args(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need neither torch nor the model (ValueError with the option's name)."""
+    check_stream_args(args)
+    from nectar.experiment.policies import check_policies   # torch-free import chain? no: after --help only
+
+    try:
+        check_policies(args.policies)
+    except ValueError as exc:
+        raise ValueError(f"--policies: {exc}") from None
+
+
+def priced_tokens_per_chunk(runs) -> int | None:
+    """Tokens the backend accounted for one stream chunk (the first chunk window of the first run)."""
+    for run in runs:
+        for row in run.trace:
+            if row.kind == "chunk" and row.policy == run.name and row.workload is not None:
+                return int(row.workload.tokens)
+    return None
+
+
+def explain_tokens(summary: dict, streamed_tokens: int, chunk_tokens: int, priced_per_chunk: int | None) -> dict:
+    """Add per policy `streamed_tokens` (what the model read) beside `tokens` (what the backend
+    accounted and J/token divides by) and a top-level `tokens_note` saying why they differ."""
+    for p in summary["policies"].values():
+        p["streamed_tokens"] = streamed_tokens
+    if summary.get("priced_as") and priced_per_chunk:
+        priced = streamed_tokens // chunk_tokens * priced_per_chunk
+        summary["tokens_note"] = (
+            f"tokens = priced tokens: the simulator priced every {chunk_tokens}-token chunk of the stream as "
+            f"{priced_per_chunk} tokens of {summary['priced_as']}'s shape ({summary.get('priced_rows_per_row')} "
+            "sequences of that shape per streamed sequence), "
+            f"so each policy's {streamed_tokens} streamed tokens count as {priced}; J_per_token divides energy by "
+            "priced tokens, and chunks without a usable energy reading are left out of both")
+    else:
+        summary["tokens_note"] = ("tokens = the streamed tokens of the chunks with a usable energy reading "
+                                  f"(streamed_tokens = {streamed_tokens} per policy)")
+    return summary
+
+
+def _cell(value, spec: str, scale: float = 1.0) -> str:
+    if not _finite(value):
+        return "—"
+    return format(value * scale, spec)
 
 
 def print_table(summary: dict) -> None:
@@ -56,41 +105,85 @@ def print_table(summary: dict) -> None:
           + (f" priced_as={summary['priced_as']}" if summary.get("priced_as") else ""))
     print(header)
     base = summary["policies"].get("static-top2")
+
+    def rel(key: str, p: dict, spec: str) -> str:
+        if not base or not all(_finite(v) for v in (p[key], base[key])) or not base[key]:
+            return "—"
+        return _cell(100 * (p[key] / base[key] - 1), spec) + "%"
+
     for name, p in summary["policies"].items():
-        rel_e = f"{100 * (p['J_per_token'] / base['J_per_token'] - 1):+.1f}%" if base else "-"
-        rel_p = f"{100 * (p['perplexity'] / base['perplexity'] - 1):+.2f}%" if base else "-"
-        print(f"{name:<16}{1e3 * p['J_per_token']:>10.4f}{rel_e:>9}{p['perplexity']:>9.3f}{rel_p:>8}"
-              f"{p['routing_agreement']:>7.3f}{p['max_temp_C']:>8.1f}{p['mean_power_W']:>7.0f}{100 * p['pause_share']:>6.1f}%")
+        print(f"{name:<16}{_cell(p['J_per_token'], '.4f', 1e3):>10}{rel('J_per_token', p, '+.1f'):>9}"
+              f"{_cell(p['perplexity'], '.3f'):>9}{rel('perplexity', p, '+.2f'):>8}"
+              f"{_cell(p['routing_agreement'], '.3f'):>7}{_cell(p['max_temp_C'], '.1f'):>8}"
+              f"{_cell(p['mean_power_W'], '.0f'):>7}{_cell(p.get('pause_share', 0.0), '.1f', 100):>6}%")
 
 
+def _finite(value) -> bool:
+    import math
+
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def energy_warnings(summary: dict) -> list[str]:
+    """One line per policy whose energy figures miss chunks or are missing (invalid telemetry)."""
+    lines = []
+    for name, p in summary["policies"].items():
+        bad = p.get("invalid_energy_chunks", 0)
+        if not _finite(p.get("J_per_token")):
+            lines.append(f"policy {name}: no usable energy reading (NaN or non-positive telemetry in {bad} "
+                         "chunk(s) or in the guard's reference); its energy figures are missing")
+        elif bad:
+            lines.append(f"policy {name}: {bad} chunk(s) had no usable energy reading; its energy figures leave them out")
+    return lines
+
+
+@cli_errors("run")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        cfg = configs(args, args.policies, interleave=True if args.interleave else None)
-        factory = backend_factory(args, cfg)
-        probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
-        torch_device = probe.torch_device
-        probe.close()
-        from nectar.train.recipes import load_or_train
+    check_args(args)
+    from nectar.experiment.outputs import prepare_out
 
-        model, stream, _ = load_or_train(args.model, seed=args.seed, progress=not args.no_progress)
-        model = place_model(model, torch_device)
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
-        print(f"nectar run: error: {exc}", file=sys.stderr)
-        return 2
-    torch.manual_seed(args.seed)
-    try:
-        runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
-    except ValueError as exc:  # a policy the model cannot run (e.g. static-top9 on 6 experts)
-        print(f"nectar run: error: {exc}", file=sys.stderr)
-        return 2
-    summary = build_summary(runs, cfg, backend=args.backend, faults=args.faults)
-    for run in runs:
-        run.backend.close()
-    write_outputs(args.out, runs, summary, command="nectar run " + " ".join(argv if argv is not None else sys.argv[2:]))
+    from nectar.train.recipes import committed_model
+
+    out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+    cfg = configs(args, args.policies, interleave=True if args.interleave else None)
+    factory = backend_factory(args, cfg)
+    probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
+    torch_device = probe.torch_device
+    probe.close()
+    with out as tmp:
+        runs, summary = _run(args, cfg, factory, torch_device, argv)
+        from nectar.experiment.outputs import write_outputs
+
+        write_outputs(tmp, runs, summary, command="nectar run " + " ".join(argv if argv is not None else sys.argv[2:]))
     if args.json:
-        print(json.dumps(summary, indent=2, sort_keys=True, default=lambda v: None if isinstance(v, float) and math.isnan(v) else v))
+        print(strict_json(summary, indent=2, sort_keys=True))
     else:
         print_table(summary)
+        print(summary["tokens_note"])
         print(f"wrote {args.out}/summary.json, chunks.csv, trace.csv.gz and plots")
-    return 0
+    warnings = energy_warnings(summary)
+    for line in warnings:
+        print(f"nectar run: warning: {line}", file=sys.stderr)
+    return 1 if any(not _finite(p.get("J_per_token")) for p in summary["policies"].values()) else 0
+
+
+def _run(args, cfg, factory, torch_device: str, argv):
+    import torch
+
+    from nectar.experiment.runner import run_experiment
+    from nectar.experiment.summary import build_summary
+    from nectar.train.recipes import load_or_train
+
+    announce = lambda message: print(f"nectar run: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    model_seed = args.model_seed if args.model_seed is not None else 0
+    model, stream, _ = load_or_train(args.model, seed=model_seed, progress=not args.no_progress, announce=announce)
+    check_model_fits(model, args.seq_len)
+    model = place_model(model, torch_device)
+    torch.manual_seed(args.seed)
+    runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
+    summary = explain_tokens(build_summary(runs, cfg, backend=args.backend, faults=args.faults), cfg.tokens,
+                             cfg.chunk_tokens, priced_tokens_per_chunk(runs))
+    for run in runs:
+        run.backend.close()
+    return runs, summary

@@ -100,12 +100,12 @@ def chunks_for(seconds: float, tokens_per_s: float, chunk_tokens: int, policies:
 
 def run_workload(name: str, model, demo, backend, cfg: RunConfig, out: Path, *, repeats: int, backend_name: str,
                  block_chunks: int, command: str, progress: bool, meta: dict) -> dict:
-    """One workload's frontier on the shared backend; writes OUT/<name>/ and returns the report."""
+    """One workload's frontier on the shared backend; writes the run directory `out`, returns the report."""
     workload = build_workload(name, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
                               block_chunks=block_chunks)
     runs, summary, report = frontier(model, workload, lambda: backend, cfg, backend_name, repeats=repeats,
                                      progress=progress)
-    write_frontier(out / name, runs, summary, report, command, **meta)
+    write_frontier(out, runs, summary, report, command, **meta)
     return report
 
 

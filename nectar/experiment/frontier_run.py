@@ -118,18 +118,18 @@ def write_frontier(out: Path, runs: list[PolicyRun], summary: dict, report: dict
                   **meta)
 
 
-def run_frontier(args, command: str) -> dict:
-    """`nectar frontier`: load the model, build the workload, run, write; returns the report."""
-    from nectar.cli.experiment_args import backend_factory, configs, place_model
+def run_frontier(args, out: Path, command: str) -> dict:
+    """`nectar frontier`: load the model, build the workload, run, write into `out`; returns the report."""
+    from nectar.cli.experiment_args import backend_factory, check_model_fits, configs, place_model
     from nectar.train.recipes import committed_model, load_demo_model
 
-    policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    cfg = configs(args, policies)
+    cfg = configs(args, args.policies)
     factory = backend_factory(args, cfg)
     probe = factory()
     torch_device = probe.torch_device
     probe.close()
     demo = load_demo_model(Path(args.model) if args.model is not None else committed_model("cpu-demo"))
+    check_model_fits(demo.model, cfg.seq_len)
     workload = build_workload(args.workload, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
                               block_chunks=args.block_chunks, temp_cap_C=args.temp_cap, heat=args.heat,
                               power_budget=args.power_budget)
@@ -138,7 +138,7 @@ def run_frontier(args, command: str) -> dict:
                                      progress=not args.no_progress)
     for run in runs:
         run.backend.close()
-    write_frontier(args.out, runs, summary, report, command)
+    write_frontier(out, runs, summary, report, command)
     return report
 
 

@@ -104,10 +104,6 @@ def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **ext
     """The run's summary in the schema of `nectar run --json` (plus the run's settings)."""
     limits, guard = cfg.controller.limits, cfg.controller.guard
     budget = None if limits.power_budget is None else limits.power_budget.describe()
-    tokens = sum(len(run.records) for run in runs[:1]) * cfg.chunk_tokens
     return {"backend": backend, "seed": cfg.seed, **runs[0].backend.info(),
-            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "stream_tokens_per_policy": tokens,
-            "tokens_note": "policies' 'tokens' count what the backend accounted: with price-as scaling the "
-                           "simulator prices each streamed sequence as a longer, larger batch",
-            "price_init": guard.price_init, "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
+            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "price_init": guard.price_init, "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
             "max_ppl_increase": guard.max_ppl_increase, **extra, "policies": summarise(runs)}

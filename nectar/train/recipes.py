@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import GPT2LMHeadModel
 
 from nectar.moe.static_routers import MixedTrainingRouter
 from nectar.moe.expert_pool import GELUGroup
-from nectar.model import MoEGPT2LMHeadModel, preset_config
+from nectar.model import MODEL_TYPE, MoEGPT2LMHeadModel, preset_config
 from nectar.experiment.policies import cheap_experts
 from nectar.train.tokenizer import load_tokenizer, save_tokenizer
 from nectar.train.loop import TrainConfig, evaluate_perplexity, moe_aux_loss, prepare_data, train_lm
@@ -130,23 +132,98 @@ def save_demo_model(demo: DemoModel, directory: Path) -> None:
     (directory / "nectar_model.json").write_text(json.dumps(demo.info, indent=2) + "\n")
 
 
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Measured: `nectar train --recipe cpu-demo --threads 1` took ~22 min on the 2-core CI machine.
+TRAINING_ESTIMATE = {"cpu-demo": "about 20-25 minutes on a 2-core CPU", "distilgpt2": "several minutes on a GPU"}
+
+
+def check_model_dir(directory: Path) -> None:
+    """ValueError unless `directory` holds a NECTAR MoE checkpoint: a readable config.json of model
+    type nectar_moe_gpt2 and a non-empty weights file (the loader checks the rest)."""
+    if not directory.exists():
+        raise ValueError(f"model directory {str(directory)!r} does not exist")
+    if not directory.is_dir():
+        raise ValueError(f"--model {str(directory)!r} is a file; pass the directory that holds config.json")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise ValueError(f"{directory} holds no saved model (config.json missing)")
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
+        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
+        raise ValueError(f"{config_path} describes a {found!r} model, not a NECTAR MoE ({MODEL_TYPE!r}); "
+                         "write one with `nectar train --recipe cpu-demo --out DIR`")
+    weights = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
+    if not weights:
+        raise ValueError(f"{directory} has config.json but no weights ({' or '.join(WEIGHT_FILES)})")
+    if weights[0].stat().st_size == 0:
+        raise ValueError(f"{weights[0]} is empty (an interrupted copy?)")
+
+
+@contextmanager
+def quiet_transformers():
+    """transformers' load report and progress bar off while the loader runs (it raises instead)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def load_demo_model(directory: Path) -> DemoModel:
-    if not (directory / "config.json").exists():
-        raise FileNotFoundError(f"{directory} holds no saved model (config.json missing)")
-    model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()  # committed weights are fp16
-    model.set_router_by_name("topk", k=model.config.moe_top_k)
-    tokenizer = load_tokenizer(directory)
-    heldout_path = directory / "heldout_ids.pt"
-    if heldout_path.exists():
-        heldout = torch.load(heldout_path)
-    else:
-        heldout = prepare_data(tokenizer=tokenizer).heldout_ids
+    """A saved experiment model (config, weights, tokenizer, held-out ids, info); ValueError with one
+    line naming the file when any part is missing, truncated or inconsistent."""
+    directory = Path(directory)
+    check_model_dir(directory)
+    try:
+        with quiet_transformers():
+            model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()  # committed weights are fp16
+    except Exception as exc:  # noqa: BLE001  safetensors/torch/transformers raise their own types for bad files
+        raise ValueError(f"cannot load the model in {directory}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = load_tokenizer(directory)
+    except Exception as exc:  # noqa: BLE001  tokenizers raises its own Exception type for a bad tokenizer.json
+        raise ValueError(f"cannot load the tokenizer in {directory}: {_first_line(exc)}") from exc
+    heldout = _load_heldout(directory, tokenizer, model.config.vocab_size)
     info_path = directory / "nectar_model.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    try:
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{info_path} is not valid JSON: {exc}") from exc
     return DemoModel(model, tokenizer, heldout, info)
 
 
+def _load_heldout(directory: Path, tokenizer, vocab_size: int) -> torch.Tensor:
+    """heldout_ids.pt (1-D token ids below the model's vocabulary), else the corpus's held-out split."""
+    path = directory / "heldout_ids.pt"
+    if not path.exists():
+        return prepare_data(tokenizer=tokenizer).heldout_ids
+    try:
+        heldout = torch.load(path, weights_only=True)
+    except Exception as exc:  # noqa: BLE001  truncated zip / pickle: several exception types
+        raise ValueError(f"cannot read {path}: {_first_line(exc)}") from exc
+    if not isinstance(heldout, torch.Tensor) or heldout.dim() != 1 or heldout.dtype != torch.long:
+        raise ValueError(f"{path} must hold a 1-D tensor of token ids (int64)")
+    if heldout.numel() and not 0 <= int(heldout.min()) <= int(heldout.max()) < vocab_size:
+        raise ValueError(f"{path} holds token ids outside the model's vocabulary [0, {vocab_size})")
+    return heldout
+
+
 def default_cache(preset: str, seed: int) -> Path:
+    """Where `load_or_train` keeps a model it trained (relative to the working directory)."""
     return Path("runs") / "models" / f"{preset}-seed{seed}-v{RECIPE_VERSION}"
 
 
@@ -155,11 +232,24 @@ def committed_model(preset: str) -> Path:
     return Path(__file__).resolve().parents[2] / "data" / "models" / preset
 
 
+def training_notice(preset: str, seed: int, cache: Path) -> str:
+    """What `load_or_train` says before it trains: which model, how long, where it goes."""
+    recipe = RECIPES[preset]
+    return (f"training the {preset} model with model seed {seed}: {recipe.dense_steps} dense + {recipe.moe_steps} MoE "
+            f"steps, {TRAINING_ESTIMATE.get(preset, 'time unknown')}; it is saved to {cache} and reused next time "
+            "(Ctrl-C to stop; pass --model DIR to use a saved model instead)")
+
+
 def load_or_train(model_dir: Path | None, seed: int = 0, progress: bool = True, preset: str = "cpu-demo",
-                  guard_tokens: int = 8192, device: str = "cpu", dtype: str = "float32"
+                  guard_tokens: int = 8192, device: str = "cpu", dtype: str = "float32",
+                  announce: Callable[[str], None] | None = print,
                   ) -> tuple[MoEGPT2LMHeadModel, torch.Tensor, torch.Tensor]:
     """(model, stream, guard): the model, and the held-out stream split into a guard part (the
-    first `guard_tokens`) and the evaluation stream (the rest)."""
+    first `guard_tokens`) and the evaluation stream (the rest).
+
+    `seed` is the *model* seed (which model), never an experiment's seed: `model_dir` if given, else
+    the committed model for seed 0, else the cached or newly trained model of that seed; training is
+    announced through `announce` first (what, how long, where)."""
     if preset not in RECIPES:
         raise ValueError(f"unknown model preset {preset!r}; choose one of {sorted(RECIPES)}")
     if model_dir is not None:
@@ -171,6 +261,8 @@ def load_or_train(model_dir: Path | None, seed: int = 0, progress: bool = True, 
         if (cache / "config.json").exists():
             demo = load_demo_model(cache)
         else:
+            if announce is not None:
+                announce(training_notice(preset, seed, cache))
             demo = train_demo_model(RECIPES[preset], seed=seed, device=device, dtype=dtype, progress=progress)
             save_demo_model(demo, cache)
     heldout = demo.heldout_ids

@@ -315,5 +315,7 @@ def test_cli_reads_a_run_directory(tmp_path, capsys):
 
 
 def test_cli_reports_a_missing_run_file(tmp_path, capsys):
-    assert cli_main(["--run", str(tmp_path), "--no-energy"]) == 1
-    assert "convexity_instance.npz" in capsys.readouterr().err
+    """Unusable input is exit status 2 (a failed check is 1), with one line naming the file."""
+    assert cli_main(["--run", str(tmp_path), "--no-energy"]) == 2
+    err = capsys.readouterr().err
+    assert "convexity_instance.npz" in err and "Traceback" not in err

@@ -19,15 +19,22 @@ from analysis.reconcile.replay import ReplayRow, measured_energy_J, replay_trace
 from analysis.reconcile.synthetic_trace import Schedule, perturbed_preset, synthetic_measured_rows, write_synthetic_trace
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.trace import write_meta, write_trace
-from sim.presets import load_preset
+from sim.presets import list_presets, load_preset
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = Schedule(chunks=40, burst_every=10, burst_len=5)
+# The simulated sensor's energy counter undercounts sub-second windows after idle (analysis.reconcile.
+# replay.measured_energy_J), so calibration on synthetic traces reads the integrated power ("auto");
+# the default "mean" is for real traces, whose counter shows no such bias.
+SYNTHETIC = dict(energy_source="auto")
+# The mechanics are tested from the data-sheet H100 preset, which stays put when the shipped h100_sxm
+# is refitted to new traces.
+BASE = "h100_sxm_datasheet"
 
 
 @pytest.fixture(scope="module")
 def base():
-    return load_preset("h100_sxm")
+    return load_preset(BASE)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +58,7 @@ def test_replay_with_the_true_preset_reproduces_the_recorded_truth(measured, tru
 
 
 def test_measured_side_matches_the_sensor_within_its_resolution(measured, true_gpu):
-    replayed = replay_trace(measured, true_gpu, initial_temp="preset")
+    replayed = replay_trace(measured, true_gpu, initial_temp="preset", energy_source="auto")
     for row, sim in zip(measured, replayed):
         # integrated 10 ms instant power (2 W noise) against the truth: well under 1 %
         assert sim.measured_energy_J == pytest.approx(row.extra["true_energy_J"], rel=0.01)
@@ -81,12 +88,16 @@ def test_warmup_window_keeps_its_measured_length(measured, true_gpu):
     chunk = next(r for r in measured if r.workload is not None)
     long = dataclasses.replace(chunk.window, t_end_s=chunk.window.t_start_s + chunk.window.duration_s + 2.0)
     warm = dataclasses.replace(chunk, window=long, kind="warmup")
-    (sim_warm,) = replay_trace([warm], true_gpu)
-    (sim_chunk,) = replay_trace([dataclasses.replace(chunk, window=long)], true_gpu)
+    (sim_warm,) = replay_trace([warm], true_gpu, timing="simulated")
+    (sim_chunk,) = replay_trace([dataclasses.replace(chunk, window=long)], true_gpu, timing="simulated")
     assert sim_warm.sim_duration_s == pytest.approx(long.duration_s, rel=1e-9)
     assert not sim_warm.is_chunk and sim_chunk.is_chunk
     # the extra 2 s at (at least) idle power are on top of the chunk's own energy
     assert sim_warm.sim_energy_J - sim_chunk.sim_energy_J > 2.0 * 0.9 * true_gpu.idle_power_W
+    # timing="measured" (the default) pads a chunk window the same way, but its duration stays the kernels'
+    (padded,) = replay_trace([dataclasses.replace(chunk, window=long)], true_gpu)
+    assert padded.sim_energy_J == pytest.approx(sim_warm.sim_energy_J, rel=1e-9)
+    assert padded.sim_duration_s == pytest.approx(sim_chunk.sim_duration_s, rel=1e-9)
 
 
 def test_energy_source_choice():
@@ -133,7 +144,7 @@ def test_split_is_chronological_over_chunks(measured):
 @pytest.fixture(scope="module")
 def reconciled(measured, base):
     trace = load_trace_dir_from_rows(measured)
-    return reconcile(trace, base, CalibrationConfig(max_evaluations=90))
+    return reconcile(trace, base, CalibrationConfig(max_evaluations=90, **SYNTHETIC))
 
 
 def load_trace_dir_from_rows(rows):
@@ -157,7 +168,7 @@ def test_calibration_recovers_a_different_gpu(reconciled, true_gpu, base):
 
 def test_calibrated_preset_keeps_sensor_fields_and_validates(reconciled, base):
     cal = reconciled.calibration.preset
-    assert cal.name == "h100_sxm_calibrated" and "least_squares" in cal.source
+    assert cal.name == f"{BASE}_calibrated" and "least_squares" in cal.source
     for field in ("energy_counter_period_s", "instant_sample_period_s", "sensor_noise_W", "initial_temp_C"):
         assert getattr(cal, field) == getattr(base, field)
 
@@ -165,7 +176,7 @@ def test_calibrated_preset_keeps_sensor_fields_and_validates(reconciled, base):
 def test_calibration_on_its_own_truth_stays_put(true_gpu):
     """Calibrating the true GPU's own preset against its trace must not wander off."""
     rows = synthetic_measured_rows(true_gpu, Schedule(chunks=20, burst_every=8, burst_len=4), seed=5)
-    result = calibrate(rows, true_gpu, CalibrationConfig(max_evaluations=30))
+    result = calibrate(rows, true_gpu, CalibrationConfig(max_evaluations=30, **SYNTHETIC))
     assert result.cost_final <= result.cost_initial
     for p in result.parameters:
         scale = abs(p.initial) if p.initial else 1.0
@@ -204,7 +215,7 @@ def trace_dir(tmp_path_factory, true_gpu):
 
 def test_cli_json_matches_library_and_saves_preset(trace_dir, tmp_path, capsys, base):
     saved = tmp_path / "cal.json"
-    code = reconcile_main([str(trace_dir), "--json", "--no-progress", "--max-evaluations", "25",
+    code = reconcile_main([str(trace_dir), "--json", "--no-progress", "--max-evaluations", "25", "--preset", BASE,
                            "--save-preset", str(saved)])
     out = json.loads(capsys.readouterr().out)
     assert code == 0
@@ -214,8 +225,10 @@ def test_cli_json_matches_library_and_saves_preset(trace_dir, tmp_path, capsys, 
     assert out["total_energy_error"] == pytest.approx(direct.heldout.total_energy_error)
     assert out["temp_rmse_C"] == pytest.approx(direct.heldout.temp_rmse_C)
     assert out["heldout_energy_mape"] < out["heldout_uncalibrated"]["energy_mape"]
-    assert load_preset(saved) == direct.calibration.preset
+    assert load_preset(saved) == direct.calibration.preset.replace(name="cal")   # named after its file
     assert out["preset_path"] == str(saved)
+    assert reconcile_main([str(trace_dir), "--no-progress", "--max-evaluations", "2", "--save", str(saved)]) == 2
+    assert "--overwrite" in capsys.readouterr().err                           # an existing file is kept
 
 
 def test_cli_text_output_and_no_default_save_for_non_measured(trace_dir, capsys):
@@ -250,13 +263,14 @@ def test_cli_clear_errors(tmp_path, measured, capsys):
         assert reconcile_main([str(path), "--no-progress", "--max-evaluations", "2"]) == 2, name
         assert message in capsys.readouterr().err, name
     ok = tmp_path / "unknown"
-    assert reconcile_main([str(ok), "--train-fraction", "1.5", "--no-progress"]) == 2
-    assert "train_fraction" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        reconcile_main([str(ok), "--train-fraction", "1.5", "--no-progress"])
+    assert exc.value.code == 2 and "between 0 and 1" in capsys.readouterr().err
     assert reconcile_main([str(ok), "--preset", "h100_sxm", "--no-progress", "--max-evaluations", "2"]) == 0
 
 
-def test_pick_preset_by_gpu_name(trace_dir, base):
-    assert pick_preset(load_trace_dir(trace_dir)) == base
+def test_pick_preset_by_gpu_name(trace_dir):
+    assert pick_preset(load_trace_dir(trace_dir)) == load_preset("h100_sxm")   # the shipped preset of that GPU
 
 
 # ------------------------------------------------------------------------------------ committed traces
@@ -265,13 +279,17 @@ COMMITTED = sorted(p for p in (REPO / "data" / "traces").glob("*/*") if p.is_dir
 
 @pytest.mark.parametrize("trace_dir", COMMITTED or [None], ids=[f"{p.parent.name}-{p.name}" for p in COMMITTED] or ["none"])
 def test_reconciliation_on_committed_traces(trace_dir):
-    """Issue 7: the reconciliation runs on every measured trace committed under data/traces/<gpu>/<run>/,
-    and calibration beats the shipped preset on the held-out split. The goals (≤ 5 % MAPE, ≤ 2 °C) are
-    figures reported in the README, not asserted here."""
+    """The reconciliation runs on every measured trace committed under data/traces/<gpu>/<run>/, and
+    calibrating on the first 60 % beats the GPU's data-sheet preset (`<preset>_datasheet`, when the
+    shipped preset was refitted to these very traces) on the held-out 40 %. The figures are reported
+    in docs/results.md, not asserted here; tests/analysis/test_reconcile_segments.py holds the
+    shipped preset to them."""
     if trace_dir is None:
         pytest.skip("no measured traces committed under data/traces/ yet")
     trace = load_trace_dir(trace_dir)
-    result = reconcile(trace, pick_preset(trace), CalibrationConfig(max_evaluations=150))
+    shipped = pick_preset(trace)
+    base = load_preset(f"{shipped.name}_datasheet") if f"{shipped.name}_datasheet" in list_presets() else shipped
+    result = reconcile(trace, base, CalibrationConfig(max_evaluations=150))
     assert result.heldout.chunks > 0
     assert np.isfinite([result.heldout.energy_mape, result.heldout.temp_rmse_C]).all()
     assert result.heldout.energy_mape < result.heldout_uncalibrated.energy_mape

@@ -67,7 +67,7 @@ def test_bad_files_and_names_are_rejected(tmp_path):
 
 def test_simulator_reruns_from_a_modified_preset_object():
     """Calibration changes fields and re-runs: a GEMM-bound chunk gets faster with faster GEMMs."""
-    base = load_preset("h100_sxm")
+    base = load_preset("h100_sxm_datasheet")   # room to double its GEMM efficiency below 1
     faster = base.replace(gemm_efficiency=2 * base.gemm_efficiency)
     workload = distilgpt2_moe_workload(2)
     times = []

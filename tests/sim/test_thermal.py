@@ -77,8 +77,9 @@ def test_backend_under_load_settles_at_ambient_plus_mean_power_times_R():
 
 
 def test_h100_preset_reproduces_the_measured_warm_up():
-    """DESIGN §5: idle ≈ 33 °C, ~70 °C after a minute of DistilGPT2-MoE inference at ~540 W."""
-    backend = SimBackend("h100_sxm", seed=0)
+    """docs/design.md §5 (the data-sheet preset's targets): idle ≈ 33 °C, ~70 °C after a minute of
+    DistilGPT2-MoE inference at ~540 W."""
+    backend = SimBackend("h100_sxm_datasheet", seed=0)
     assert backend.state.temperature_C == pytest.approx(33.0, abs=1.0)
     workload = distilgpt2_moe_workload(2)
     while backend.state.time_s < 60.0:
