@@ -275,10 +275,9 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
             loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, output_loading_info=True,
                                              **kwargs)
         model, info = loaded if isinstance(loaded, tuple) else (loaded, {})
+        check_loading_info(without_legacy_keys(info) if legacy else info, pretrained_model_name_or_path)
         if legacy:  # a checkpoint saved before the stacked expert layout: stack its expert tensors
             model.load_legacy_experts(legacy)
-            info = without_legacy_keys(info)
-        check_loading_info(info, pretrained_model_name_or_path)
         model.reset_routers()
         return (model, info) if want_info else model
 

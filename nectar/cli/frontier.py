@@ -33,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
                    help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
     p.add_argument("--policies", type=comma_list, default=STATIC_FRONTIER + ADAPTIVE,
-                   help="comma list of policies; static-top2 is the reference and must be among them")
+                   help="comma list of policies; static-top2 is the reference and must be among them "
+                        f"(default: {','.join(STATIC_FRONTIER + ADAPTIVE)})")
     p.add_argument("--model", type=Path, default=None,
                    help="a saved NECTAR MoE model directory (default: the committed data/models/cpu-demo)")
     add_stream_args(p)

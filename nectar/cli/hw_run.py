@@ -39,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-budget-s", type=positive_float, default=330.0, help="wall-clock budget for training")
     p.add_argument("--save-model", type=Path, default=None, help="also save the trained model to this folder")
     p.add_argument("--workloads", type=comma_list, default=list(GPU_WORKLOADS),
-                   help="comma list of frontier workloads, from " + ",".join(GPU_WORKLOADS))
-    p.add_argument("--policies", type=comma_list, default=list(GPU_POLICIES), help="comma list of policies")
+                   help=f"comma list of frontier workloads (default: {','.join(GPU_WORKLOADS)})")
+    p.add_argument("--policies", type=comma_list, default=list(GPU_POLICIES),
+                   help=f"comma list of policies (default: {','.join(GPU_POLICIES)})")
     p.add_argument("--repeats", type=positive_int, default=2, help="repeats of every workload (the margin's interval)")
     p.add_argument("--workload-seconds", type=positive_float, default=45.0,
                    help="GPU seconds per repeat of a workload, all policies together")

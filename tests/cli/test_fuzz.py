@@ -30,8 +30,7 @@ from nectar.cli import main as nectar_main
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "data" / "models" / "cpu-demo"
 WATCHED = [REPO / "sim" / "presets", DEMO]          # never written by any command below
-FAST_RUN = ["--tokens", "1024", "--chunk-tokens", "1024", "--guard-tokens", "1024", "--guard-check-tokens", "1024",
-            "--price-batch", "4", "--no-progress"]
+FAST_RUN = ["--tokens", "1024", "--chunk-tokens", "1024", "--price-batch", "4", "--no-progress"]
 
 
 @dataclass
@@ -208,13 +207,15 @@ RUN_CASES = [
          r"--seq-len 512 exceeds the model's 256 positions"),
     Case("run-tokens-not-a-multiple", ["run", "--tokens", "5000"], 2, r"--tokens 5000 is not a multiple .* use 4096 or 8192"),
     Case("run-chunk-not-multiple-of-seq", ["run", "--chunk-tokens", "1000"], 2, r"--chunk-tokens 1000 is not a multiple of --seq-len 256"),
-    Case("run-guard-check-not-multiple", ["run", "--guard-check-tokens", "1000"], 2, r"--guard-check-tokens 1000 is not a multiple"),
-    Case("run-guard-not-multiple", ["run", "--guard-tokens", "3000"], 2, r"--guard-tokens 3000 is not a multiple"),
-    Case("run-unknown-policy", ["run", "--policies", "static-top2,bogus"], 2, r"--policies: unknown policies \['bogus'\]"),
+    Case("run-shadow-share-zero", ["run", "--shadow-share", "0"], 2, r"--shadow-share: must be a positive number"),
+    Case("run-budget-use-above-one", ["run", "--budget-use", "1.5"], 2, r"--budget-use must lie in \(0, 1\]"),
+    Case("run-unknown-policy", ["run", "--policies", "static-top2,bogus"], 2, r"--policies: unknown policy 'bogus'"),
+    Case("run-bad-policy-value", ["run", "--policies", "static-top2,top-p:2"], 2, r"top-p takes a value in \[0, 1\]"),
     Case("run-policy-twice", ["run", "--policies", "nectar,nectar"], 2, r"listed twice"),
-    Case("run-lambda-zero", ["run", "--lambda", "0"], 2, r"--lambda: must be a positive number"),
-    Case("run-lambda-nan", ["run", "--lambda", "nan"], 2, r"--lambda: must be a positive number"),
-    Case("run-temp-cap-absurd", ["run", "--temp-cap", "500"], 2, r"temp cap must be in \[20, 100\]"),
+    Case("run-price-zero", ["run", "--price", "0"], 2, r"--price: must be a positive number"),
+    Case("run-price-nan", ["run", "--price", "nan"], 2, r"--price: must be a positive number"),
+    Case("run-temp-cap-absurd", ["run", "--temp-cap", "500"], 2, r"--temp-cap must lie in \[20, 100\]"),
+    Case("run-power-schedule-malformed", ["run", "--power-budget", "10:300,0:400"], 2, r"bad schedule|start at 0"),
     Case("run-power-budget-absurd", ["run", "--power-budget", "1"], 2, r"power budget must be in"),
     Case("run-max-ppl-increase", ["run", "--max-ppl-increase", "1.5"], 2, r"--max-ppl-increase must lie in \(0, 1\)"),
     Case("run-unknown-fault", ["run", "--faults", "bogus:1"], 2, r"bogus"),
@@ -267,8 +268,8 @@ TRAIN_CASES = [
 ]
 
 HW_RUN_CASES = [
-    Case("hw-run-unknown-segment", ["hw-run", "--backend", "sim", "--device", "cpu", "--segments", "main,party"], 2,
-         r"unknown segments \['party'\]"),
+    Case("hw-run-unknown-workload", ["hw-run", "--backend", "sim", "--device", "cpu", "--workloads", "stationary,party"], 2,
+         r"hw-run runs the workloads"),
     Case("hw-run-seq-len-beyond-model", ["hw-run", "--backend", "sim", "--device", "cpu", "--model", "{demo}",
                                          "--seq-len", "1024"], 2, r"--seq-len 1024 exceeds the model's 256 positions"),
     Case("hw-run-chunk-not-multiple", ["hw-run", "--backend", "sim", "--device", "cpu", "--model", "{demo}",
@@ -280,12 +281,28 @@ HW_RUN_CASES = [
     Case("hw-run-out-is-a-file", ["hw-run", "--backend", "sim", "--device", "cpu", "--model", "{demo}", "--out", "{tmp}/f"],
          2, r"is a file, not a folder", write("f", "x")),
     Case("hw-run-temp-cap-absurd", ["hw-run", "--backend", "sim", "--device", "cpu", "--model", "{demo}", "--out",
-                                    "{tmp}/o", "--temp-cap", "500"], 2, r"temp cap must be in"),
+                                    "{tmp}/o", "--temp-cap", "500"], 2, r"--temp-cap must lie in"),
 ]
 
-# FRONTIER_CASES: `nectar frontier` is being written separately; add its bad inputs here when it is merged
-# (same Case fields; e.g. an unknown policy in the grid, --out checks, malformed mixtures).
-FRONTIER_CASES: list[Case] = []
+FAST_FRONTIER = ["--tokens", "1024", "--chunk-tokens", "1024", "--price-batch", "4", "--no-progress"]
+FRONTIER_CASES = [
+    Case("frontier-unknown-workload", ["frontier", "--workload", "tidal"], 2, r"invalid choice: 'tidal'"),
+    Case("frontier-no-reference", ["frontier", "--policies", "static-top1,nectar"], 2, r"must include static-top2"),
+    Case("frontier-unknown-policy", ["frontier", "--policies", "static-top2,fixed-bias:x"], 2, r"is not a number"),
+    Case("frontier-mix-out-of-range", ["frontier", "--policies", "static-top2,mix:1.5"], 2, r"mix takes a value in"),
+    Case("frontier-thermal-without-cap", ["frontier", "--workload", "thermal"], 2, r"needs --temp-cap"),
+    Case("frontier-power-without-budget", ["frontier", "--workload", "power-schedule"], 2, r"needs --power-budget"),
+    Case("frontier-heat-malformed", ["frontier", "--workload", "thermal", "--temp-cap", "60", "--heat", "hot"], 2,
+         r"bad schedule"),
+    Case("frontier-domain-shift-without-domains", ["frontier", "--workload", "domain-shift", *FAST_FRONTIER,
+                                                   "--model", "{tmp}/model", "--out", "{tmp}/o"], 2,
+         r"domain-shift needs a model saved with per-domain", model_copy(), writes=("model",)),
+    Case("frontier-tokens-not-multiple", ["frontier", "--tokens", "5000"], 2, r"--tokens 5000 is not a multiple"),
+    Case("frontier-out-is-a-file", ["frontier", *FAST_FRONTIER, "--out", "{tmp}/file"], 2, r"is a file",
+         write("file", "keep me"), writes=("file",)),
+    Case("frontier-seq-len-beyond-model", ["frontier", "--seq-len", "512", "--chunk-tokens", "1024", "--tokens", "1024"],
+         2, r"exceeds the model's 256 positions"),
+]
 
 RECONCILE_CASES = [
     Case("reconcile-missing", ["reconcile", "{tmp}/nope", "--no-progress"], 2, r"does not exist"),

@@ -63,30 +63,24 @@ def test_every_option_has_help_and_shows_its_default(command):
 
 
 def test_spelled_out_defaults_agree_with_the_code():
-    from nectar.cli import hw_run, run, train
+    from nectar.cli import experiment_args, frontier, hw_run, run, train
     from nectar.control.controller import ControllerConfig
     from nectar.control.quality_guard import GuardConfig
-    from nectar.experiment import campaign, policies
-    from nectar.experiment.runner import RunConfig
+    from nectar.experiment import policies, workloads
     from nectar.model import PRESETS
-    from nectar.train import loop, recipes, tokenizer
+    from nectar.train import loop, recipes
 
     assert run.DEFAULT_POLICIES == policies.DEFAULT_POLICIES
-    assert run.LAMBDA == ControllerConfig.lam == hw_run.LAMBDA
-    assert run.MAX_PPL_INCREASE == GuardConfig.max_ppl_increase == hw_run.MAX_PPL_INCREASE
-    assert (run.GUARD_TOKENS, run.GUARD_CHECK_TOKENS) == (RunConfig.guard_tokens, RunConfig.guard_check_tokens)
+    assert experiment_args.MAX_PPL_INCREASE == GuardConfig.max_ppl_increase
+    assert experiment_args.BUDGET_USE == GuardConfig.budget_use
+    assert experiment_args.PRICE_INIT == GuardConfig.price_init
+    assert experiment_args.SHADOW_SHARE == ControllerConfig.shadow_share
+    assert frontier.WORKLOADS == workloads.WORKLOADS
+    assert set(hw_run.GPU_WORKLOADS) <= set(workloads.WORKLOADS)
+    for name in frontier.STATIC_FRONTIER:
+        assert not policies.parse_policy(name).adaptive, name
+    for name in frontier.ADAPTIVE + hw_run.GPU_POLICIES:
+        policies.parse_policy(name)
     assert set(train.PRESETS) == set(PRESETS)
     assert set(train.RECIPES) == set(recipes.RECIPES) == set(hw_run.RECIPES)
     assert set(train.DTYPES) == set(loop.DTYPES) and set(train.BALANCE_LOSSES) == set(loop.BALANCE_LOSSES)
-    assert train.DEFAULT_VOCAB_SIZE == tokenizer.DEFAULT_VOCAB_SIZE and train.MIN_VOCAB_SIZE == tokenizer.MIN_VOCAB_SIZE
-    assert train.BALANCE_COEF == loop.TrainConfig.balance_coef
-    assert hw_run.SEGMENTS == campaign.SEGMENTS
-
-
-def test_run_help_explains_seed_model_and_tokens():
-    buf = io.StringIO()
-    with redirect_stdout(buf), pytest.raises(SystemExit):
-        _parser("run").parse_args(["--help"])
-    text = " ".join(buf.getvalue().split())
-    assert "it does not choose the model" in text and "--model-seed" in text
-    assert "a multiple of --chunk-tokens" in text and "--overwrite" in text
