@@ -3,8 +3,8 @@
 A NECTAR decision may leave slots unused (adaptive k: `mask` False, or `dropped`). The experts
 module always takes K slots per token, so an unused slot is realised as gate 0 and either
 
-- "zero": index = the token's slot-0 expert. Portable and exact (the output gets + 0·y), but the
-  row is still computed: no compute is saved;
+- "zero": index = the expert of the token's first active slot. Portable and exact (the output gets
+  + 0·y), but the row is still computed: no compute is saved;
 - "sentinel": index = E, which the experts kernel skips: real compute saved. Support depends on
   the transformers version and the experts implementation (measured on 5.17 and 5.24):
 
@@ -19,7 +19,7 @@ module always takes K slots per token, so an unused slot is realised as gate 0 a
   Eager support is probed with three tokens. Other implementations (GPU kernels) get "zero".
 
 The recorder is given what the GPU computes: with "zero", every slot is a computed (token,
-expert) pair (the unused ones at the slot-0 expert), so the workload saves nothing, honestly.
+expert) pair (the unused ones at the first active slot's expert), so the workload saves nothing, honestly.
 """
 
 from __future__ import annotations
@@ -91,13 +91,14 @@ def realise(decision: RoutingDecision, num_experts: int, sentinel: bool
     """(index [N, K], gates [N, K], computed decision) for the experts module.
 
     Active slots pass through bit for bit; unused ones get gate 0 and index E (sentinel) or the
-    token's slot-0 expert (zero). The computed decision is what the recorder counts."""
+    expert of the token's first active slot (zero). The computed decision is what the recorder counts."""
     active_NK = decision.active
     gates_NK = decision.gates.masked_fill(~active_NK, 0.0)
     if sentinel:
         fill_NK = torch.full_like(decision.experts, num_experts)
-    else:
-        fill_NK = decision.experts[:, :1].clamp(0, num_experts - 1).expand_as(decision.experts)
+    else:                                                   # the token's first active slot's expert
+        first_N1 = active_NK.int().argmax(-1, keepdim=True)        # [N, 1] (first max)
+        fill_NK = decision.experts.gather(1, first_N1).clamp(0, num_experts - 1).expand_as(decision.experts)
     index_NK = torch.where(active_NK, decision.experts, fill_NK)
     if sentinel:
         return index_NK, gates_NK, decision

@@ -120,3 +120,28 @@ def test_adaptive_router_state_alpha_and_fallback():
         ConfidenceRouter(routing, 0.0)
     with pytest.raises(ValueError, match="renormalize"):
         ThresholdRouter(routing, 0.1, renormalize="sum")
+
+
+class _GarbageInUnusedSlots(ThresholdRouter):
+    """A router that leaves rubbish (index -1, gate 7) in its unused slots: the hook must ignore it."""
+
+    def forward(self, logits, inputs=None):
+        decision = super().forward(logits, inputs)
+        decision.experts = decision.experts.masked_fill(~decision.mask, -1)
+        decision.gates = decision.gates.masked_fill(~decision.mask, 7.0)
+        return decision
+
+
+@pytest.mark.parametrize("drop", ["auto", "zero"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_unused_slots_are_ignored_whatever_they_hold(family, drop):
+    model = tiny(family, torch.float64, "eager")
+    block = find_moe_blocks(model)[-1].block
+    x_ND = torch.randn(N, D, dtype=torch.float64, generator=torch.Generator().manual_seed(11))
+    outs = []
+    for router in (ThresholdRouter, _GarbageInUnusedSlots):
+        attached = attach(model, lambda layer: router(layer.family, 0.25), drop=drop)
+        with torch.no_grad():
+            outs.append(block(x_ND[None]))
+        attached.detach()
+    assert torch.equal(outs[0], outs[1])
