@@ -80,6 +80,12 @@ class AttachedMoE(nn.Module):
         return max(layer.top_k for layer in self._layers)
 
     @property
+    def skips_unused_slots(self) -> bool:
+        """True iff every MoE block skips the compute of unused slots (sentinel index); False means
+        some block computes them at gate 0, so adaptive k saves no compute there (`nectar.hf.drop`)."""
+        return all(layer.sentinel for layer in self._layers)
+
+    @property
     def reference_policy(self) -> str:
         """The static policy that is the model as trained: the family's own top-K."""
         return f"static-top{self.top_k}"

@@ -91,22 +91,21 @@ def test_olmoe_workload_has_no_shared_entry_and_forward_chunk_matches_the_plain_
     model.detach()
 
 
-def test_policies_install_and_the_simulator_prices_the_workload():
-    sim_backend = pytest.importorskip("sim.backend")
-    model = attach(tiny("qwen2_moe", torch.float32, "eager"))
+def test_policies_install_and_order_the_compute():
+    model = attach(tiny("qwen2_moe", torch.float32, "grouped_mm"))   # skips unused slots on 5.17 and 5.24
     _, layer = model.moe_layers()[0]
     assert cheap_experts(layer) == []                                # one width: nothing is "cheap"
     assert model.reference_policy == "static-top3" and model.max_positions == 64
     assert frontier_policies(3)[:3] == ["static-top3", "static-top2", "static-top1"]
-    flops, backend = {}, sim_backend.create(seed=0, price_as="none")
+    flops = {}
     for policy in ["static-top3", "static-top1", "static-tau0.2", "static-topp0.5", "nectar"]:
         assert is_hf_policy(policy)
         install(model, [layer.policy_router(policy) for _, layer in model.moe_layers()])
-        obs, window = measured_forward(backend, model, _batch(), policy)
-        assert window_energy_J(window) > 0 and math.isfinite(window_energy_J(window))
-        work = window.workload
+        work = forward_chunk(model, _batch(), policy=policy).workload
+        assert work.policy == policy
         flops[policy] = sum(n * c.flops for l in work.layers for n, c in zip(l.tokens_per_expert, l.expert_costs))
     assert flops["static-top1"] < flops["static-tau0.2"] < flops["static-top3"]
+    assert flops["static-top1"] < flops["static-topp0.5"] < flops["static-top3"]
     assert flops["nectar"] == flops["static-top3"]                    # τ starts at 0: the model as trained
     for bad, match in [("static-top4", "1 <= k <="), ("static-cheap", "unknown policy"), ("static-tau2", "threshold")]:
         with pytest.raises(ValueError, match=match):
@@ -114,8 +113,19 @@ def test_policies_install_and_the_simulator_prices_the_workload():
     model.detach()
 
 
+def test_the_simulator_prices_an_attached_models_chunk():
+    sim_backend = pytest.importorskip("sim.backend")
+    model = attach(tiny("deepseek_v3", torch.float32, "eager"))
+    install(model, [layer.policy_router("static-top2") for _, layer in model.moe_layers()])
+    for price_as in ("none", "auto"):
+        obs, window = measured_forward(sim_backend.create(seed=0, price_as=price_as), model, _batch(), "static-top2")
+        assert window_energy_J(window) > 0 and math.isfinite(window_energy_J(window))
+        assert len(window.workload.layers) == 3 and obs.workload.expert_counts()[0] == [48]     # the dense block
+    model.detach()
+
+
 def test_set_router_recorder_options_and_bad_counts():
-    model = attach(tiny("mixtral"))
+    model = attach(tiny("mixtral", torch.float32, "grouped_mm"))
     model.set_router(lambda idx, num: FamilyTopKRouter(model.moe_layers()[0][1].family, 1))
     recorder = model.new_recorder(agreement_k=1)
     with torch.no_grad(), model.recording(recorder):

@@ -41,7 +41,7 @@ def test_every_router_with_nothing_to_drop_is_exact_in_fp64(family):
     k = tiny(family).config.num_experts_per_tok
     for make in (lambda l: FamilyTopKRouter(l.family, k), lambda l: ThresholdRouter(l.family, 0.0),
                  lambda l: AdaptiveKRouter(l.family, 0.3, renormalize="mass"), lambda l: FamilyRouter(l.family)):
-        for drop in ("zero", "sentinel"):
+        for drop in ("zero", "auto"):
             attached = attach(model, make, drop=drop)
             if isinstance(attached.moe_layers()[0][1].router, AdaptiveKRouter):
                 for _, layer in attached.moe_layers():
@@ -126,3 +126,33 @@ def test_a_router_for_the_wrong_number_of_experts_is_refused():
         out = attached(input_ids=padded_batch()[0]).logits
     attached.detach()
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+def test_sentinel_slots_where_the_implementation_skips_them(impl):
+    from nectar.hf.drop import sentinel_support
+    model = tiny("olmoe", torch.float32, impl)
+    experts = model.model.layers[0].mlp.experts
+    support = sentinel_support(experts)
+    assert support.supported == (impl != "eager" or hasattr(experts, "_is_expert_parallel"))  # 5.17 eager crashes on E
+    if not support.supported:
+        with pytest.raises(ValueError, match="cannot skip a sentinel"):
+            attach(model, drop="sentinel")
+        auto = attach(model, drop="auto")
+        assert not auto.skips_unused_slots
+        auto.detach()
+        return
+    attached = attach(model, drop="sentinel")
+    assert attached.skips_unused_slots
+    if support.needs_flag:                                           # 5.24 grouped/batched_mm
+        assert experts._is_expert_parallel is True
+    ids, mask = padded_batch()
+    for _, layer in attached.moe_layers():
+        layer.router = ThresholdRouter(layer.family, 0.3)
+    sentinel = logits_of(attached, ids, mask)
+    attached.detach()
+    assert experts.__dict__.get("_is_expert_parallel", False) is False
+    zero = attach(model, lambda layer: ThresholdRouter(layer.family, 0.3), drop="zero")
+    assert not zero.skips_unused_slots
+    torch.testing.assert_close(logits_of(zero, ids, mask), sentinel, rtol=1e-5, atol=1e-5)
+    zero.detach()
