@@ -53,6 +53,10 @@ class AttachedMoE(nn.Module):
         self._check_attached()
         return self.hf.generate(*args, **kwargs)
 
+    def save_pretrained(self, *args, **kwargs):
+        """The transformers model's own save (routers are runtime policy, not weights)."""
+        return self.hf.save_pretrained(*args, **kwargs)
+
     @property
     def config(self):
         return self.hf.config
@@ -119,7 +123,7 @@ class AttachedMoE(nn.Module):
     def new_recorder(self, **options) -> RoutingRecorder:
         """A RoutingRecorder over the MoE layers; agreement is measured against the family's top-K
         unless `agreement_k` says otherwise."""
-        return RoutingRecorder([layer for layer in self._layers], **{"agreement_k": self.top_k, **options})
+        return RoutingRecorder(list(self._layers), **{"agreement_k": self.top_k, **options})
 
     @contextmanager
     def recording(self, recorder: RoutingRecorder) -> Iterator[RoutingRecorder]:
