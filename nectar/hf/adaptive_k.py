@@ -8,8 +8,9 @@ threshold α·τ (`nectar.hf.threshold.keep_mask`); kept slots are weighed the f
 What adapts — τ, α and fallback — is one `KAdaptation` record, read with `adaptation()` and written
 with `adapt(...)`, like `nectar.control.energy_router.EnergyAwareRouter`: the quality guard's α
 scales the threshold down (α = 1 full adaptation, α → 0 static) and fallback restores the static
-top-K, so `NectarController._judge` drives it unchanged. The controller's own step picks τ with
-`choose_threshold` on the chunk's sample of gate logits (cost + λ·KL, vectorised over a grid).
+top-K. The controller's step picks τ with `choose_threshold` on the chunk's sample of gate logits
+(cost + λ·KL, vectorised over a grid); `deviation` is the KL of the routing in force, the quantity
+the quality guard relates to the measured NLL increase.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 from nectar.hf.families import FamilyRouting
 from nectar.hf.routers import ThresholdRouter
-from nectar.hf.threshold import DEFAULT_GRID, check_threshold, choose_threshold
+from nectar.hf.threshold import DEFAULT_GRID, check_threshold, choose_threshold, threshold_objective
 
 
 @dataclass
@@ -67,6 +68,14 @@ class AdaptiveKRouter(ThresholdRouter):
         """(experts [n, K], renormalised weights [n, K]) of the family's top-K for logits [n, E]."""
         sel = self.family.select(logits)
         return sel.experts, sel.weights()
+
+    def deviation(self, logits: torch.Tensor) -> float:
+        """Mean KL(adapted ‖ static) over a sample of gate logits [n, E] of the routing in force
+        (−log of the kept share of the renormalised top-K weight; 0 for an empty sample)."""
+        if logits.numel() == 0:
+            return 0.0
+        experts, weights = self.slot_weights(logits)
+        return float(threshold_objective(weights, experts, 0.0, 0.0, [self.effective_threshold]).mean_kl[0])
 
     def choose_threshold(self, logits: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
         """The threshold minimising mean cost + λ·KL on a sample of this layer's gate logits [n, E]

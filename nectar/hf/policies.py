@@ -1,11 +1,14 @@
 """Routing policies for attached transformers MoE models: name → one router per MoE layer.
 
-- static-top{k}    the k largest of the family's top-K slots (k = K: the model as trained, exact);
-- static-tau{τ}    static top-1 plus every slot of renormalised weight ≥ τ (`ThresholdRouter`);
-- static-topp{p}   per token the fewest largest slots whose weights reach p (`ConfidenceRouter`);
-- nectar           the adaptive-k router (`AdaptiveKRouter`), τ steered by the controller.
-The static-tau / static-topp families plus static-top1..K are the static frontier's points.
-"static-cheap" has no meaning here (a pretrained pool's routed experts all have one width).
+Names follow `nectar.experiment.policies` where the concept is the same:
+- static-top<k>   the k largest of the family's top-K slots (k = K: the model as trained, exact);
+- threshold:<τ>   static top-1 plus every slot of renormalised weight ≥ τ (`ThresholdRouter`),
+                  the pretrained model's fixed knob (as fixed-bias:B is MoE-DistilGPT2's);
+- top-p:<p>       per token the fewest largest slots whose weights reach p (`ConfidenceRouter`);
+- nectar, nectar:<variant>   the adaptive-k router (`AdaptiveKRouter`), τ steered by the controller.
+static-top1..K, threshold:τ and top-p:p are the static frontier's points. Policies built on cheap
+experts (static-cheap, fixed-bias, mix, pi-share) have no meaning here: a pretrained pool's
+routed experts all have one width.
 """
 
 from __future__ import annotations
@@ -16,14 +19,14 @@ from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.hf.routers import ConfidenceRouter, FamilyTopKRouter, ThresholdRouter
 from nectar.moe.router import Router
 
-_PATTERN = re.compile(r"^(?:static-top(?P<k>\d+)|static-tau(?P<tau>[0-9.]+)|static-topp(?P<p>[0-9.]+)|(?P<nectar>nectar))$")
+_PATTERN = re.compile(r"^(?:static-top(?P<k>\d+)|threshold:(?P<tau>[^:]+)|top-p:(?P<p>[^:]+)|(?P<nectar>nectar(?::\w+)?))$")
 
 
 def _number(text: str, policy: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ValueError(f"bad number in policy {policy!r}") from None
+        raise ValueError(f"policy {policy!r}: {text!r} is not a number") from None
 
 
 def hf_policy_router(policy: str, layer, renormalize: str = "family") -> Router:
@@ -31,7 +34,7 @@ def hf_policy_router(policy: str, layer, renormalize: str = "family") -> Router:
     match = _PATTERN.match(policy)
     if match is None:
         raise ValueError(f"unknown policy {policy!r} for a transformers MoE model; use static-top<k> (k <= "
-                         f"{layer.top_k}), static-tau<τ>, static-topp<p> or nectar")
+                         f"{layer.top_k}), threshold:<τ>, top-p:<p> or nectar")
     family = layer.family
     if match["k"] is not None:
         k = int(match["k"])
@@ -52,5 +55,5 @@ def is_hf_policy(policy: str) -> bool:
 
 def frontier_policies(top_k: int, thresholds=(0.05, 0.1, 0.15, 0.2, 0.3), top_ps=(0.5, 0.7, 0.9)) -> list[str]:
     """The static frontier's policy names for a family with top-K = `top_k`."""
-    return ([f"static-top{k}" for k in range(top_k, 0, -1)] + [f"static-tau{t:g}" for t in thresholds]
-            + [f"static-topp{p:g}" for p in top_ps])
+    return ([f"static-top{k}" for k in range(top_k, 0, -1)] + [f"threshold:{t:g}" for t in thresholds]
+            + [f"top-p:{p:g}" for p in top_ps])

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.guard_set import measured_forward
+from nectar.experiment.runner import measured_forward
 from nectar.experiment.policies import cheap_experts
+from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.hf.attach import attach
 from nectar.hf.policies import frontier_policies, hf_policy_router, is_hf_policy
 from nectar.hf.routers import FamilyTopKRouter, ThresholdRouter
@@ -82,7 +83,7 @@ def test_olmoe_workload_has_no_shared_entry_and_forward_chunk_matches_the_plain_
                                             reduction="sum")                 # forward_chunk scores in fp32
     model = attach(hf)
     obs = forward_chunk(model, batch, max_sample_tokens=16)
-    assert obs.nll_sum == float(nll) and obs.nll_tokens == batch[:, 1:].numel()
+    assert obs.nll_sum == pytest.approx(float(nll), rel=1e-6) and obs.nll_tokens == batch[:, 1:].numel()
     assert obs.agreement == 1.0                                      # static top-K vs the family's top-K
     assert all(len(l.tokens_per_expert) == 16 for l in obs.workload.layers)
     assert [tuple(l.logits.shape) for l in obs.layers] == [(16, 16)] * 3
@@ -98,16 +99,17 @@ def test_policies_install_and_order_the_compute():
     assert model.reference_policy == "static-top3" and model.max_positions == 64
     assert frontier_policies(3)[:3] == ["static-top3", "static-top2", "static-top1"]
     flops = {}
-    for policy in ["static-top3", "static-top1", "static-tau0.2", "static-topp0.5", "nectar"]:
+    for policy in ["static-top3", "static-top1", "threshold:0.2", "top-p:0.5", "nectar"]:
         assert is_hf_policy(policy)
         install(model, [layer.policy_router(policy) for _, layer in model.moe_layers()])
         work = forward_chunk(model, _batch(), policy=policy).workload
         assert work.policy == policy
         flops[policy] = sum(n * c.flops for l in work.layers for n, c in zip(l.tokens_per_expert, l.expert_costs))
-    assert flops["static-top1"] < flops["static-tau0.2"] < flops["static-top3"]
-    assert flops["static-top1"] < flops["static-topp0.5"] < flops["static-top3"]
+    assert flops["static-top1"] < flops["threshold:0.2"] < flops["static-top3"]
+    assert flops["static-top1"] < flops["top-p:0.5"] < flops["static-top3"]
     assert flops["nectar"] == flops["static-top3"]                    # τ starts at 0: the model as trained
-    for bad, match in [("static-top4", "1 <= k <="), ("static-cheap", "unknown policy"), ("static-tau2", "threshold")]:
+    assert isinstance(hf_policy_router("nectar:prior", layer), AdaptiveKRouter)
+    for bad, match in [("static-top4", "1 <= k <="), ("static-cheap", "unknown policy"), ("threshold:2", "threshold"), ("top-p:x", "not a number"), ("nectar:a:b", "unknown policy")]:
         with pytest.raises(ValueError, match=match):
             hf_policy_router(bad, layer)
     model.detach()

@@ -64,3 +64,9 @@ def test_router_chooses_from_its_own_gate_logits():
     for lam in (0.05, 0.5):
         assert router.choose_threshold(logits, cost, lam) == choose_threshold(sel.weights(), sel.experts, cost, lam)
     assert 1.0 in DEFAULT_GRID and 0.0 in DEFAULT_GRID
+    assert router.deviation(logits) == 0.0 and router.deviation(logits[:0]) == 0.0        # τ = 0: static
+    router.adapt(threshold=1.0)                                                          # top-1 only
+    top1_kl = -torch.log(sel.weights().max(-1).values.double() / sel.weights().double().sum(-1)).mean()
+    assert router.deviation(logits) == pytest.approx(float(top1_kl), rel=1e-9)
+    router.adapt(alpha=0.0)                                                              # the guard's α scales τ
+    assert router.deviation(logits) == 0.0
