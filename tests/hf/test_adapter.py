@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.runner import measured_forward
 from nectar.experiment.policies import cheap_experts
 from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.hf.attach import attach
@@ -120,7 +119,14 @@ def test_the_simulator_prices_an_attached_models_chunk():
     model = attach(tiny("deepseek_v3", torch.float32, "eager"))
     install(model, [layer.policy_router("static-top2") for _, layer in model.moe_layers()])
     for price_as in ("none", "auto"):
-        obs, window = measured_forward(sim_backend.create(seed=0, price_as=price_as), model, _batch(), "static-top2")
+        box = {}
+
+        def compute():
+            box["obs"] = forward_chunk(model, _batch(), policy="static-top2")
+            return box["obs"].workload
+
+        window = sim_backend.create(seed=0, price_as=price_as).run_chunk(compute)
+        obs = box["obs"]
         assert window_energy_J(window) > 0 and math.isfinite(window_energy_J(window))
         assert len(window.workload.layers) == 3 and obs.workload.expert_counts()[0] == [48]     # the dense block
     model.detach()
