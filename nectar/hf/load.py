@@ -18,6 +18,8 @@ from nectar.hf.adapter import AttachedMoE
 from nectar.hf.attach import attach
 from nectar.hf.families import SUPPORTED_MODEL_TYPES
 
+DOMAINS_FILE = "heldout_domains.pt"
+
 
 def model_type_of(directory: str | os.PathLike) -> str | None:
     """config.json's model_type, or None when the directory holds no config.json."""
@@ -68,7 +70,9 @@ def load_moe(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
 
 def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A `nectar.train.recipes.DemoModel` (attached model, tokenizer, held-out stream, info) from a
-    directory written by `nectar.hf.train_small`: what `nectar run --model DIR` needs."""
+    directory written by `nectar.hf.train_small`: what `nectar run --model DIR` needs. Per-domain
+    held-out streams (`heldout_domains.pt`, {domain: [n] ids}), when saved, become its
+    `heldout_domains` (the domain-shift workload's streams)."""
     from nectar.train.loop import prepare_data
     from nectar.train.recipes import DemoModel
     from nectar.train.tokenizer import load_tokenizer
@@ -80,4 +84,8 @@ def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float3
     heldout = torch.load(heldout_path) if heldout_path.exists() else prepare_data(tokenizer=tokenizer).heldout_ids
     info_path = directory / "nectar_model.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return DemoModel(model, tokenizer, heldout, info)
+    demo = DemoModel(model, tokenizer, heldout, info)
+    domains_path = directory / DOMAINS_FILE
+    if domains_path.exists():
+        demo.heldout_domains = torch.load(domains_path)
+    return demo

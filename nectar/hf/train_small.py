@@ -10,7 +10,8 @@ budget (measured fwd+bwd time of the first steps) and capped at `max_epochs` of 
 
 On a GPU host (torch, transformers only):
     PYTHONPATH=. python -m nectar.hf.train_small --out runs/olmoe-small --device cuda --budget-s 240
-writes DIR/{config.json, model.safetensors, tokenizer.json, heldout_ids.pt, nectar_model.json},
+writes DIR/{config.json, model.safetensors, tokenizer.json, heldout_ids.pt, nectar_model.json} (plus
+heldout_domains.pt when per-domain held-out streams are given),
 which `nectar.hf.load.load_hf_demo(DIR)` (and so `nectar run --model DIR`, once wired) loads.
 """
 
@@ -138,8 +139,14 @@ def plan_steps(recipe: SmallMoERecipe, train_tokens: int, step_s: float, budget_
 
 
 def train_small_moe(recipe: SmallMoERecipe, device: str = "cpu", dtype: str = "float32", budget_s: float | None = None,
-                    seed: int = 0, data: PreparedData | None = None, progress: bool = True):
-    """Build and train the recipe's OLMoE model; returns a `nectar.train.recipes.DemoModel`."""
+                    seed: int = 0, data: PreparedData | None = None, progress: bool = True,
+                    heldout_domains: dict[str, torch.Tensor] | None = None):
+    """Build and train the recipe's OLMoE model; returns a `nectar.train.recipes.DemoModel`.
+
+    `data` defaults to the project's corpus and tokenizer (`prepare_data`); another corpus comes in
+    as a PreparedData (its tokenizer, train and held-out streams) plus, for the domain-shift
+    workload, its per-domain held-out streams (`heldout_domains`, kept on the result and saved by
+    `save_small_moe`)."""
     from nectar.train.recipes import DemoModel
 
     recipe.validate()
@@ -175,7 +182,22 @@ def train_small_moe(recipe: SmallMoERecipe, device: str = "cpu", dtype: str = "f
             "heldout_ppl": ppl, "parameters": sum(p.numel() for p in model.parameters()),
             "corpus_sha256": data.manifest.get("sha256_text"),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
-    return DemoModel(model, data.tokenizer, data.heldout_ids, info)
+    demo = DemoModel(model, data.tokenizer, data.heldout_ids, info)
+    if heldout_domains is not None:
+        demo.heldout_domains = {name: ids.cpu() for name, ids in heldout_domains.items()}
+    return demo
+
+
+def save_small_moe(demo, directory: Path, save_dtype: torch.dtype = torch.float32) -> None:
+    """save_pretrained (weights cast to `save_dtype`, in place) + tokenizer + held-out stream(s) + info:
+    what `load_hf_demo` reads."""
+    from nectar.hf.load import DOMAINS_FILE
+    from nectar.train.recipes import save_demo_model
+
+    demo.model.to(save_dtype)
+    save_demo_model(demo, Path(directory))
+    if getattr(demo, "heldout_domains", None):
+        torch.save(demo.heldout_domains, Path(directory) / DOMAINS_FILE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,8 +219,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from nectar.train.recipes import save_demo_model
-
     args = build_parser().parse_args(argv)
     recipe = SmallMoERecipe(**{k: getattr(args, k) for k in asdict(SmallMoERecipe())})
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
@@ -208,8 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as exc:
         print(f"train_small: error: {exc}", file=sys.stderr)
         return 2
-    demo.model.to(getattr(torch, args.save_dtype))
-    save_demo_model(demo, args.out)
+    save_small_moe(demo, args.out, getattr(torch, args.save_dtype))
     print(json.dumps({k: v for k, v in demo.info.items() if k != "recipe"}, indent=2))
     print(f"wrote {args.out}")
     return 0

@@ -8,9 +8,8 @@ import torch
 
 from nectar.experiment.forward import forward_chunk, install
 from nectar.hf.load import is_hf_moe_dir, load_hf_demo, load_moe
-from nectar.hf.train_small import SmallMoERecipe, main, plan_steps, train_small_moe
+from nectar.hf.train_small import SmallMoERecipe, main, plan_steps, save_small_moe, train_small_moe
 from nectar.train.loop import PreparedData
-from nectar.train.recipes import save_demo_model
 from nectar.train.tokenizer import encode_documents, train_tokenizer
 
 TINY = dict(hidden=32, layers=2, heads=4, experts=8, top_k=2, expert_hidden=16, seq_len=32, batch=8, lr=3e-3,
@@ -26,16 +25,18 @@ def tiny_data():
 
 
 def test_tiny_recipe_trains_saves_and_runs_attached(tiny_data, tmp_path):
-    demo = train_small_moe(SmallMoERecipe(**TINY), data=tiny_data, progress=False)
+    domains = {"prose": tiny_data.heldout_ids[:200], "code": tiny_data.heldout_ids[200:]}
+    demo = train_small_moe(SmallMoERecipe(**TINY), data=tiny_data, progress=False, heldout_domains=domains)
     info = demo.info
     assert info["steps"] == info["steps_planned"] >= 10 and info["experts_implementation"] in ("grouped_mm", "eager")
     assert info["final_loss"] < info["first_loss"] - 0.5             # it learns (aux loss included in both)
     assert info["heldout_ppl"] < len(tiny_data.tokenizer)
     assert demo.model.config.output_router_logits is False
-    save_demo_model(demo, tmp_path)
+    save_small_moe(demo, tmp_path)
     assert is_hf_moe_dir(tmp_path) and json.loads((tmp_path / "nectar_model.json").read_text())["steps"] == info["steps"]
     loaded = load_hf_demo(tmp_path)
     assert torch.equal(loaded.heldout_ids, tiny_data.heldout_ids) and loaded.info["seed"] == 0
+    assert {k: v.tolist() for k, v in loaded.heldout_domains.items()} == {k: v.tolist() for k, v in domains.items()}
     model = loaded.model
     with torch.no_grad():
         batch = loaded.heldout_ids[: 4 * 32].view(4, 32)
