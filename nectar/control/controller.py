@@ -34,6 +34,7 @@ from nectar.control.limits import LimitConfig, LimitGovernor
 from nectar.control.observation import ChunkObservation, LayerObservation
 from nectar.control.quality_guard import GuardConfig, GuardVerdict, QualityCheck, QualityGuard
 from nectar.control.routing_proxy import allowed_distribution, deviation_kl
+from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
@@ -146,7 +147,8 @@ class NectarController:
 
     def _deviation(self, observation: ChunkObservation) -> float:
         """Mean over layers of the KL (second-slot candidates) of the routing that ran to static."""
-        values = [deviation_kl(router, seen.logits) for router, seen in zip(self.routers, observation.layers)]
+        values = [router.deviation(seen.logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, seen.logits)
+                  for router, seen in zip(self.routers, observation.layers)]
         return sum(values) / max(len(values), 1)
 
     def _learn_costs(self, observation: ChunkObservation, window: TelemetryWindow) -> tuple[str, float | None]:
@@ -164,14 +166,18 @@ class NectarController:
     def _normalised_costs(self) -> list[torch.Tensor]:
         costs = self.cost_model.expert_costs()
         out = []
-        for layer in self.cost_layers:
-            c = costs[layer].double()                                          # [E]
+        for layer, router in zip(self.cost_layers, self.routers):
+            c = costs[layer][: router.num_experts].double()                    # [E] routed experts (shared ones follow)
             out.append(c / c.max().clamp_min(1e-12))
         return out
 
     def _step_layer(self, layer: int, opt: BiasOptimizer, router: EnergyAwareRouter, seen: LayerObservation,
                     c: torch.Tensor, lam: float, verdict: GuardVerdict) -> None:
-        """The layer's bias step on the chunk problem, then the fast net and α (if any)."""
+        """The layer's bias step on the chunk problem, then the fast net and α (if any); a pretrained
+        model's adaptive-k router instead takes the threshold that minimises cost + λ·KL on the chunk."""
+        if isinstance(router, AdaptiveKRouter):
+            router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=verdict.fallback)
+            return
         opt.config.lam = lam
         q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
         opt.step(q, c)
@@ -211,7 +217,7 @@ class NectarController:
             fallback=verdict.fallback, delta_nll=None if math.isnan(verdict.delta_nll) else verdict.delta_nll,
             deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(window),
             pause_s=self.limits.pause_s(window, window.duration_s), skipped=skipped,
-            biases=[r.bias.tolist() for r in self.routers],
+            biases=[r.bias.tolist() if hasattr(r, "bias") else [r.threshold] for r in self.routers],
             guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
             guard_s=0.0 if guard_window is None else guard_window.duration_s,
         )

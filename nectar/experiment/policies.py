@@ -31,10 +31,10 @@ from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
 NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale")
-STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix")
+STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix", "threshold")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
 POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "top-p:P", "mix:S",
-            "pi-share:S", *NECTAR_VARIANTS)
+            "pi-share:S", "threshold:T", *NECTAR_VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def parse_policy(name: str) -> PolicySpec:
     if name in NECTAR_VARIANTS:
         return PolicySpec(name, "nectar")
     kind, sep, value = name.partition(":")
-    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share"):
+    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share", "threshold"):
         number = _number(name, value)
-        if kind in ("top-p", "mix", "pi-share") and not 0.0 <= number <= 1.0:
+        if kind in ("top-p", "mix", "pi-share", "threshold") and not 0.0 <= number <= 1.0:
             raise ValueError(f"policy {name!r}: {kind} takes a value in [0, 1], got {number}")
         return PolicySpec(name, kind, number)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
@@ -101,6 +101,10 @@ def cheap_experts(layer, cheap_fraction: float = 0.5) -> list[int]:
 def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0) -> Router:
     """A fresh router of `policy` for `layer` (an MoE layer: num_experts, d_model, experts)."""
     spec = parse_policy(policy) if isinstance(policy, str) else policy
+    if hasattr(layer, "policy_router"):        # a transformers MoE block: nectar.hf.policies names its routers
+        return layer.policy_router(spec.name)
+    if spec.kind == "threshold":
+        raise ValueError(f"policy {spec.name!r} routes pretrained transformers MoE models only")
     num = layer.num_experts
     if spec.kind == "static-top":
         k = int(spec.value)
