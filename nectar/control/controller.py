@@ -50,6 +50,7 @@ class ControllerConfig:
     cost_learning: str = "telemetry"
     frozen_after: int = 8
     shadow_share: float = 1 / 64       # share of the stream's sequences re-run under static routing
+    shadow_backoff: int = 8            # checks thin out up to this factor while they keep confirming the model
     fast_lr: float = 0.5               # fast-weight router network: step size (relative), momentum, Muon
     fast_momentum: float = 0.5
     fast_muon: bool = True
@@ -64,6 +65,8 @@ class ControllerConfig:
             raise ValueError(f"cost_learning must be one of {COST_LEARNING}, got {self.cost_learning!r}")
         if not 0.0 < self.shadow_share <= 1.0:
             raise ValueError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
+        if self.shadow_backoff < 1:
+            raise ValueError(f"shadow_backoff must be >= 1, got {self.shadow_backoff}")
 
 
 @dataclass
@@ -109,6 +112,8 @@ class NectarController:
         ]
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.chunks = 0
+        self.backoff = 1                 # current thinning of the shadow checks
+        self._next_check = 0             # chunk index of the next check
         self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
 
     # ------------------------------------------------------------------------------ one chunk
@@ -118,8 +123,10 @@ class NectarController:
         """One control step after a chunk: its observation and telemetry window; `shadow(rows)`
         re-runs those rows of the chunk under static routing and returns the paired check."""
         deviation = self._deviation(observation)
+        predicted = self.guard.predicted_delta(deviation)
         check = self._check(observation, shadow)
         verdict = self.guard.judge(check, deviation)
+        self._schedule_next(observation, check, predicted)
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
         lam = self.lam
@@ -135,15 +142,27 @@ class NectarController:
         return self.guard.price * self.guard.kappa / (1.0 + self.limits.pressure)
 
     def _check(self, observation: ChunkObservation, shadow: ShadowCheck | None) -> QualityCheck | None:
-        """Re-run `shadow_share` of the sequences: that many rows of every chunk when a chunk has
-        enough rows, else one row every ⌈1 / (rows · share)⌉ chunks."""
+        """Re-run `shadow_share` of the sequences: that many rows of a chunk when a chunk has enough
+        rows, else one row every ⌈1 / (rows · share)⌉ chunks; thinned by the current backoff."""
         rows = observation.nll_rows.numel()
-        per_chunk = self.config.shadow_share * rows
-        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
-        if shadow is None or rows == 0 or self.chunks % every:
+        if shadow is None or rows == 0 or self.chunks < self._next_check:
             return None
+        per_chunk = self.config.shadow_share * rows
         picked = torch.randperm(rows, generator=self.generator)[:max(1, round(per_chunk))].sort().values   # [r]
         return shadow(picked)
+
+    def _schedule_next(self, observation: ChunkObservation, check: QualityCheck | None, predicted: float) -> None:
+        """After a check: while the measured increase agrees with the sensitivity model's prediction
+        (within a third of the target) and no fallback is needed, checks thin out (×2, at most
+        `shadow_backoff`); a surprise — a domain shift, a new limit — brings them back at once."""
+        if check is None:
+            return
+        target = self.config.guard.target_delta_nll
+        agrees = math.isfinite(predicted) and abs(check.delta_nll - predicted) < target / 3 and not self.guard.fallback
+        self.backoff = min(self.config.shadow_backoff, 2 * self.backoff) if agrees else 1
+        per_chunk = self.config.shadow_share * max(observation.nll_rows.numel(), 1)
+        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
+        self._next_check = self.chunks + every * self.backoff
 
     def _deviation(self, observation: ChunkObservation) -> float:
         """Mean over layers of the KL (second-slot candidates) of the routing that ran to static."""
