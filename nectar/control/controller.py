@@ -11,7 +11,8 @@ Per chunk (apply-then-update, LaCT order):
 3. limits: temperature, power and memory pressure ν rise while a limit binds (`limits`);
 4. each layer's bias solves the convex chunk problem min Σ c·p + λ Σ KL(p ‖ q) at
    λ = μ·κ / (1 + Σν) — one step of `BiasOptimizer` on the chunk's observed gate logits, restricted
-   to the second-slot candidates the router can actually choose (the static top-1 is forced);
+   to the second-slot candidates the router can actually choose (the static top-1 is forced); a
+   router that may drop its remaining slot gets the drop scale c/λ, the same trade-off per token;
 5. optionally the fast-weight router network and the mixing coefficient α take one gradient step
    on the same chunk objective for the same observed tokens (a step that scales with the gradient,
    so a near-zero gradient moves nothing);
@@ -200,7 +201,8 @@ class NectarController:
         opt.config.lam = lam
         q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
         opt.step(q, c)
-        router.adapt(bias=opt.bias, fallback=verdict.fallback)
+        router.adapt(bias=opt.bias, fallback=verdict.fallback,
+                     drop_scale=(c / lam).float() if getattr(router, "drop", False) else None)
         if router.fast_net is not None and seen.inputs.numel():
             self._step_fast(router, seen, c, lam)
         if layer == 0:
