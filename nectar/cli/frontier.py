@@ -74,19 +74,52 @@ def check_args(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
-    from nectar.experiment.frontier_run import print_frontier, run_frontier
+    from nectar.cli.replicas import launch
+    from nectar.experiment.frontier_run import run_frontier
     from nectar.experiment.outputs import prepare_out
     from nectar.train.recipes import committed_model
 
+    command = "nectar frontier " + " ".join(argv if argv is not None else sys.argv[2:])
+    where = launch()   # started by torchrun: this process is one data-parallel replica (None: one process)
+    if where is not None:
+        return _replica_main(args, command, where)
     out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
     with out as tmp:
-        report = run_frontier(args, tmp, command="nectar frontier " + " ".join(argv if argv is not None else sys.argv[2:]))
+        report = run_frontier(args, tmp, command=command)
+    _print(args, report)
+    return 0
+
+
+def _replica_main(args: argparse.Namespace, command: str, where) -> int:
+    """One data-parallel replica of `nectar frontier` (see nectar.cli.replicas): rank 0 writes and prints."""
+    from contextlib import nullcontext
+
+    from nectar.cli.experiment_args import backend_factory, configs
+    from nectar.cli.replicas import device_options, replica_group
+    from nectar.experiment.frontier_run import default_policies, run_frontier
+    from nectar.experiment.outputs import prepare_out
+    from nectar.train.recipes import committed_model
+
+    out = (prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+           if where.writes else nullcontext(None))
+    probe = backend_factory(args, configs(args, args.policies or default_policies(None)))()
+    torch_device = probe.torch_device
+    probe.close()
+    with replica_group(torch_device, where), out as tmp:
+        report = run_frontier(args, tmp, command, backend_options=device_options(torch_device, where))
+    if where.writes:
+        _print(args, report)
+    return 0
+
+
+def _print(args: argparse.Namespace, report: dict) -> None:
     if args.json:
         print(strict_json(report, indent=2, sort_keys=True))
     else:
+        from nectar.experiment.frontier_run import print_frontier
+
         print_frontier(report)
         print(f"wrote {args.out}/frontier.json, summary.json, chunks.csv, trace.csv.gz and plots")
-    return 0
 
 
 __all__ = ["build_parser", "main", "schedule"]

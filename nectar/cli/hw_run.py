@@ -7,6 +7,11 @@ cpu` runs the same orchestration on the simulator (for tests). Every argument, -
 --save-model are checked before the model is trained or loaded; each workload's run directory
 appears under --out as soon as that workload is complete (so a campaign stopped by a deadline
 keeps what it finished).
+
+On N GPUs of one host, `torchrun --nproc-per-node N -m nectar hw-run --model DIR …` runs the same
+campaign on data-parallel replicas (one process per GPU, see nectar.cli.replicas): every chunk is
+split over the GPUs, the calibration and every window are the node's (energy summed, the hottest
+GPU's temperature), and rank 0 writes. The replicas load a saved model (--model); none trains one.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import argparse
 import json
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json
@@ -120,56 +126,104 @@ def build_model(args, save):
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
+    from nectar.cli.replicas import device_options, launch, replica_group
+
+    where = launch()   # started by torchrun: one data-parallel replica (None: one process); before CUDA starts
+    if where is not None:
+        check_replica_args(args)
     check_args(args)
     from nectar.experiment.outputs import check_out, prepare_out
     from nectar.plugins import make_backend
 
-    check_out(args.out, args.overwrite, "--out", [p for p in (args.model,) if p is not None])
+    if where is None or where.writes:
+        check_out(args.out, args.overwrite, "--out", [p for p in (args.model,) if p is not None])
     save = prepare_out(args.save_model, args.overwrite, "--save-model") if args.save_model is not None else None
     configs(args, args.policies, interleave=True)          # checks the controller's options
     backend = make_backend(args.backend, seed=args.seed, price_as="none")
+    if where is not None:                                   # the replica's own GPU (NVML's index of its CUDA device)
+        options = device_options(backend.torch_device, where)
+        if options:
+            backend.close()
+            backend = make_backend(args.backend, seed=args.seed, price_as="none", **options)
     try:
-        campaign(args, backend, save, started, "nectar hw-run " + " ".join(argv if argv is not None else sys.argv[2:]))
+        with replica_group(args.device, where) as group:
+            campaign(args, backend, save, started, "nectar hw-run " + " ".join(argv if argv is not None else sys.argv[2:]),
+                     group)
     finally:
         backend.close()
-    print(f"done in {time.monotonic() - started:.0f} s; results under {args.out}", flush=True)
+    if where is None or where.writes:
+        print(f"done in {time.monotonic() - started:.0f} s; results under {args.out}", flush=True)
     return 0
 
 
-def campaign(args, backend, save, started: float, command: str) -> None:
+def check_replica_args(args: argparse.Namespace) -> None:
+    """Replicas run one saved model on one GPU each (ValueError otherwise)."""
+    if args.model is None:
+        raise ValueError("under torchrun, hw-run needs --model DIR: the replicas load one saved model and none trains "
+                         "one (train it first, e.g. nectar train --recipe distilgpt2 --device cuda --out DIR)")
+    if args.device not in ("cuda", "cpu"):
+        raise ValueError(f"--device {args.device}: under torchrun each replica takes the GPU of its LOCAL_RANK; "
+                         "use --device cuda (or cpu)")
+
+
+def campaign(args, backend, save, started: float, command: str, group=None) -> None:
     import torch
 
     from nectar.experiment.campaign import calibrate, chunks_for, report_speed, run_workload, save_calibration, stream_chunk
     from nectar.experiment.outputs import prepare_out
 
+    writes = group is None or group.rank == 0
+    say = print if writes else (lambda *a, **k: None)
     torch.manual_seed(args.seed)
     demo = build_model(args, save)
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     model = demo.model.to(args.device, dtype).eval()
-    print(f"model ready after {time.monotonic() - started:.0f} s", flush=True)
+    say(f"model ready after {time.monotonic() - started:.0f} s", flush=True)
     chunk = stream_chunk(demo.heldout_ids, min(args.micro_batch, args.chunk_tokens // args.seq_len), args.seq_len,
                          args.device)
     speed = report_speed(model, chunk)
     calibration = calibrate(model, backend, chunk, args.warmup_s, args.calibration_s)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_calibration(args.out, calibration, speed, demo.info)
-    print(strict_json({"speed": speed, "tokens_per_s": calibration.tokens_per_s, "power_W": calibration.power_W}),
-          flush=True)
+    if group is not None:
+        calibration = replica_calibration(group, calibration)
+    if writes:
+        args.out.mkdir(parents=True, exist_ok=True)
+        save_calibration(args.out, calibration, speed, demo.info)
+    say(strict_json({"speed": speed, "tokens_per_s": calibration.tokens_per_s, "power_W": calibration.power_W}),
+        flush=True)
     for name in args.workloads:
         expected = args.repeats * args.workload_seconds * 1.3 + 5
-        if time.monotonic() - started + expected > args.deadline_s:
-            print(f"skipping workload {name}: ~{expected:.0f} s would pass the {args.deadline_s:.0f} s deadline", flush=True)
+        elapsed = time.monotonic() - started
+        if group is not None:
+            elapsed = group.gather_objects(elapsed)[0]      # rank 0's clock decides for every replica
+        if elapsed + expected > args.deadline_s:
+            say(f"skipping workload {name}: ~{expected:.0f} s would pass the {args.deadline_s:.0f} s deadline", flush=True)
             continue
         args.tokens = args.chunk_tokens * chunks_for(args.workload_seconds, calibration.tokens_per_s, args.chunk_tokens,
                                                      len(args.policies))
         cfg = configs(args, args.policies, interleave=True)
-        with prepare_out(args.out / name, args.overwrite) as tmp:
+        with prepare_out(args.out / name, args.overwrite) if writes else nullcontext(None) as tmp:
             report = run_workload(name, model, demo, backend, cfg, tmp, repeats=args.repeats, backend_name=args.backend,
                                   block_chunks=args.block_chunks, command=command, progress=not args.no_progress,
                                   meta={"device": backend.info(), "model": demo.info})
-        print(strict_json({k: report.get(k) for k in ("workload", "nectar_saved", "nectar_dppl", "hull_saved_at_nectar_dppl",
-                                                       "nectar_margin_over_hull", "nectar_margin_ci95",
-                                                       "best_fixed_saved_within_bound")}), flush=True)
+        say(strict_json({k: report.get(k) for k in ("workload", "nectar_saved", "nectar_dppl", "hull_saved_at_nectar_dppl",
+                                                     "nectar_margin_over_hull", "nectar_margin_ci95",
+                                                     "best_fixed_saved_within_bound")}), flush=True)
+
+
+def replica_calibration(group, calibration):
+    """The node's calibration from every replica's: throughput and power summed (the GPUs run side by
+    side), J/token = Σ energy / Σ tokens of the static-top2 windows; every replica's trace rows, each
+    marked with its rank."""
+    from dataclasses import replace
+
+    from nectar.experiment.campaign import Calibration
+    from nectar.telemetry.energy import window_energy_J
+
+    parts = group.gather_objects(calibration)
+    top2 = [part.rows[2] for part in parts]                 # calibrate(): warm-up, idle, static-top2, static-top1
+    rows = [replace(row, extra={**row.extra, "replica": rank}) for rank, part in enumerate(parts) for row in part.rows]
+    return Calibration(rows, sum(p.tokens_per_s for p in parts), sum(p.power_W for p in parts),
+                       sum(window_energy_J(r.window) for r in top2) / sum(r.workload.tokens for r in top2))
 
 
 if __name__ == "__main__":

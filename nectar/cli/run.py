@@ -163,21 +163,34 @@ def energy_warnings(summary: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_args(args)
+    from contextlib import nullcontext
+
+    from nectar.cli.replicas import device_options, launch, replica_group
     from nectar.experiment.outputs import prepare_out
 
     from nectar.train.recipes import committed_model
 
-    out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+    where = launch()   # started by torchrun: this process is one data-parallel replica (None: one process)
+    if where is not None:
+        check_replica_model(args)
+    out = (prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+           if where is None or where.writes else nullcontext(None))
     cfg = configs(args, args.policies or list(DEFAULT_POLICIES), interleave=True if args.interleave else None)
     factory = backend_factory(args, cfg)
     probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
     torch_device = probe.torch_device
     probe.close()
-    with out as tmp:
-        runs, summary = _run(args, cfg, factory, torch_device, argv)
-        from nectar.experiment.outputs import write_outputs
+    if where is not None:
+        factory = backend_factory(args, cfg, **device_options(torch_device, where))
+    with replica_group(torch_device, where) as group, out as tmp:
+        runs, summary = _run(args, cfg, factory, torch_device, argv, group)
+        if tmp is not None:
+            from nectar.experiment.outputs import write_outputs
 
-        write_outputs(tmp, runs, summary, command="nectar run " + " ".join(argv if argv is not None else sys.argv[2:]))
+            write_outputs(tmp, runs, summary, command="nectar run " + " ".join(argv if argv is not None else sys.argv[2:]))
+    failed = any(not _finite(p.get("J_per_token")) for p in summary["policies"].values())
+    if where is not None and not where.writes:
+        return 1 if failed else 0
     if args.json:
         print(strict_json(summary, indent=2, sort_keys=True))
     else:
@@ -187,10 +200,21 @@ def main(argv: list[str] | None = None) -> int:
     warnings = energy_warnings(summary)
     for line in warnings:
         print(f"nectar run: warning: {line}", file=sys.stderr)
-    return 1 if any(not _finite(p.get("J_per_token")) for p in summary["policies"].values()) else 0
+    return 1 if failed else 0
 
 
-def _run(args, cfg, factory, torch_device: str, argv):
+def check_replica_model(args: argparse.Namespace) -> None:
+    """Replicas load one model; none of them trains one (each would, into the same cache)."""
+    if args.model is not None or not args.model_seed:
+        return
+    from nectar.train.recipes import default_cache
+
+    if not (default_cache("cpu-demo", args.model_seed) / "config.json").exists():
+        raise ValueError(f"--model-seed {args.model_seed}: that model is not trained yet; train it in one process first "
+                         f"(python -m nectar run --model-seed {args.model_seed} …), then start the replicas")
+
+
+def _run(args, cfg, factory, torch_device: str, argv, group=None):
     import torch
 
     from nectar.experiment.runner import run_experiment
@@ -207,6 +231,9 @@ def _run(args, cfg, factory, torch_device: str, argv):
     runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
     summary = explain_tokens(build_summary(runs, cfg, backend=args.backend, faults=args.faults), cfg.tokens,
                              cfg.chunk_tokens, priced_tokens_per_chunk(runs))
+    if group is not None:   # data-parallel: the records are the node's; say over which GPUs
+        summary["replicas"] = group.world_size
+        summary["replica_gpus"] = [info["gpu"] for info in group.gather_objects(runs[0].backend.info())]
     for run in runs:
         run.backend.close()
     return runs, summary

@@ -98,14 +98,16 @@ def chunks_for(seconds: float, tokens_per_s: float, chunk_tokens: int, policies:
     return max(lo, min(hi, round(seconds / (per_chunk_s * policies))))
 
 
-def run_workload(name: str, model, demo, backend, cfg: RunConfig, out: Path, *, repeats: int, backend_name: str,
+def run_workload(name: str, model, demo, backend, cfg: RunConfig, out: Path | None, *, repeats: int, backend_name: str,
                  block_chunks: int, command: str, progress: bool, meta: dict) -> dict:
-    """One workload's frontier on the shared backend; writes the run directory `out`, returns the report."""
+    """One workload's frontier on the shared backend; writes the run directory `out` (None: nothing,
+    a data-parallel replica other than rank 0), returns the report."""
     workload = build_workload(name, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
                               block_chunks=block_chunks)
     runs, summary, report = frontier(model, workload, lambda: backend, cfg, backend_name, repeats=repeats,
                                      progress=progress)
-    write_frontier(out, runs, summary, report, command, **meta)
+    if out is not None:
+        write_frontier(out, runs, summary, report, command, **meta)
     return report
 
 

@@ -120,14 +120,16 @@ def write_frontier(out: Path, runs: list[PolicyRun], summary: dict, report: dict
                   **meta)
 
 
-def run_frontier(args, out: Path, command: str) -> dict:
-    """`nectar frontier`: load the model, build the workload, run, write into `out`; returns the
-    report. Without --policies: the model's whole static frontier, the PI baseline and NECTAR."""
+def run_frontier(args, out: Path | None, command: str, backend_options: dict | None = None) -> dict:
+    """`nectar frontier`: load the model, build the workload, run, write into `out` (None: write
+    nothing — a data-parallel replica other than rank 0); returns the report. Without --policies: the
+    model's whole static frontier, the PI baseline and NECTAR. `backend_options`: extra backend
+    options (a replica's GPU)."""
     from nectar.cli.experiment_args import backend_factory, check_model_fits, configs, place_model
     from nectar.train.recipes import committed_model, load_demo_model
 
     cfg = configs(args, args.policies or default_policies(None))
-    factory = backend_factory(args, cfg)
+    factory = backend_factory(args, cfg, **(backend_options or {}))
     probe = factory()
     torch_device = probe.torch_device
     probe.close()
@@ -146,7 +148,8 @@ def run_frontier(args, out: Path, command: str) -> dict:
                                      progress=not args.no_progress)
     for run in runs:
         run.backend.close()
-    write_frontier(out, runs, summary, report, command)
+    if out is not None:
+        write_frontier(out, runs, summary, report, command)
     return report
 
 

@@ -11,12 +11,20 @@ the forward returns a `ChunkObservation`, and an adaptive policy's controller ge
 arguments, plus a shadow check that re-runs sequences of the chunk under static routing (charged
 to the policy). Under operating limits (temperature cap, power budget), a non-adaptive policy is
 held by the same pause governor NECTAR falls back on, with its routing left alone.
+
+Data-parallel replicas (`nectar.control.replicas`; one process per GPU under torchrun): each
+replica runs a contiguous share of every chunk's sequences on its own backend, then the replicas
+combine the chunk's observation and windows (and the quality check's) into the node's, and every
+replica takes the same controller step on them. The hooks are the `replicas` branches below and the
+section at the end of this file; without an active replica group nothing changes.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -25,6 +33,8 @@ from tqdm.auto import tqdm
 from nectar.control.controller import ControllerConfig, NectarController
 from nectar.control.limits import LimitGovernor
 from nectar.control.quality_guard import QualityCheck
+from nectar.control.replicas import ReplicaGroup, replica_extra
+from nectar.control.replicas import active as active_replicas
 from nectar.control.share_controller import ShareController
 from nectar.experiment.forward import forward_chunk, install
 from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
@@ -74,18 +84,21 @@ class PolicyRun:
     governor: LimitGovernor | None = None   # holds limits for a non-adaptive policy (pauses only)
     records: list[ChunkRecord] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)   # every telemetry window, in order
+    replicas: ReplicaGroup | None = None   # data-parallel: windows and observations are the node's
 
     def log(self, window, kind: str, chunk_index: int, suffix: str = "") -> None:
         self.trace.append(TraceRow(window, window.workload, kind=kind, policy=self.name + suffix,
-                                   chunk_index=chunk_index))
+                                   chunk_index=chunk_index, extra=replica_extra(window)))
 
 
-def measured_forward(backend, model, batch: torch.Tensor, policy: str, micro_rows: int | None = None):
+def measured_forward(backend, model, batch: torch.Tensor, policy: str, micro_rows: int | None = None,
+                     max_sample_tokens: int | None = None):
     """(observation, window): the chunk's forward run inside the backend's telemetry window."""
     box: dict = {}
+    sample = {} if max_sample_tokens is None else {"max_sample_tokens": max_sample_tokens}
 
     def compute():
-        box["observation"] = forward_chunk(model, batch, micro_rows, policy)
+        box["observation"] = forward_chunk(model, batch, micro_rows, policy, **sample)
         return box["observation"].workload
 
     window = backend.run_chunk(compute)
@@ -135,7 +148,10 @@ def shadow_check(model, run: PolicyRun, batch: torch.Tensor, rows: torch.Tensor,
 
 def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> ChunkRecord:
     install(model, run.routers)
-    observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows)
+    if run.replicas is None:
+        observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows)
+    else:
+        observation, window = replica_forward(model, run, batch, cfg)
     workload = window.workload
     record = ChunkRecord(
         policy=run.name, chunk=index, t_start_s=window.t_start_s, t_end_s=window.t_end_s,
@@ -148,7 +164,8 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> Chunk
     pause_s = 0.0
     if isinstance(run.controller, NectarController):
         record.fallback = any(r.fallback for r in run.routers)
-        shadow = lambda rows: shadow_check(model, run, batch, rows, observation, index, cfg.micro_batch_rows)  # noqa: E731
+        check = shadow_check if run.replicas is None else replica_shadow_check
+        shadow = lambda rows: check(model, run, batch, rows, observation, index, cfg.micro_batch_rows)  # noqa: E731
         control = run.controller.after_chunk(observation, window, shadow)
         record.alpha, record.lam, record.price, record.kappa = control.alpha, control.lam, control.price, control.kappa
         record.delta_nll, record.deviation, record.budget_W = control.delta_nll, control.deviation, control.budget_W
@@ -168,6 +185,8 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> Chunk
 
 def _pause(run: PolicyRun, record: ChunkRecord, seconds: float, index: int) -> None:
     pause = run.backend.idle(seconds)
+    if run.replicas is not None:
+        pause = run.replicas.window(pause)
     run.log(pause, "idle", index)
     record.pause_s, record.pause_energy_J = pause.duration_s, window_energy_J(pause)
     governor = run.governor if run.governor is not None else getattr(run.controller, "limits", None)
@@ -188,20 +207,90 @@ def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
 
 
 def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_factory: Callable[[], Any],
-                   cfg: RunConfig, progress: bool = True) -> list[PolicyRun]:
+                   cfg: RunConfig, progress: bool = True, replicas: ReplicaGroup | None = None) -> list[PolicyRun]:
     """Run every policy over the same chunks ([chunk_rows, seq_len] each; a 1-D stream is cut by
-    `chunks_of`); returns the per-policy runs with their records."""
+    `chunks_of`); returns the per-policy runs with their records. With `replicas` (default: the
+    active replica group, if any) this process runs its share of every chunk and the records are
+    the node's."""
     model.eval()
     device = next(model.parameters()).device
     chunks = chunks_of(chunks, cfg) if isinstance(chunks, torch.Tensor) and chunks.dim() == 1 else list(chunks)
     chunks = [c.to(device) for c in chunks]
+    replicas = replicas if replicas is not None else active_replicas()
+    if replicas is not None:
+        chunks = replica_shares(replicas, model, chunks, cfg)
+        progress = progress and replicas.rank == 0
     first = backend_factory()
     interleave = cfg.interleave if cfg.interleave is not None else not first.isolated
     runs = [build_policy(n, model, first if (interleave or j == 0) else backend_factory(), cfg)
             for j, n in enumerate(cfg.policies)]
+    for run in runs:
+        run.replicas = replicas
     schedule = [(i, (i + j) % len(runs) if interleave else j) for i in range(len(chunks)) for j in range(len(runs))]
     if not interleave:
         schedule.sort(key=lambda item: item[1])
     for i, j in tqdm(schedule, desc="chunks", disable=not progress):
         runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
     return runs
+
+
+# ---------------------------------------------------------------------------- data-parallel replicas
+
+SAMPLE_TOKENS = inspect.signature(forward_chunk).parameters["max_sample_tokens"].default  # one process's budget
+
+
+def replica_shares(replicas: ReplicaGroup, model, chunks: list[torch.Tensor], cfg: RunConfig) -> list[torch.Tensor]:
+    """This replica's contiguous share of every chunk, once every replica is known to run the same
+    experiment on the same model and stream (ValueError on every replica otherwise)."""
+    replicas.check_same(replica_settings(model, chunks, cfg))
+    return [replicas.local_rows(c) for c in chunks]
+
+
+def replica_settings(model, chunks: list[torch.Tensor], cfg: RunConfig) -> dict:
+    """What every replica must agree on: the run's configuration, the chunks, the model's weights."""
+    flat = _flatten(asdict(cfg))
+    digest = hashlib.sha256()
+    for chunk in chunks:
+        digest.update(chunk.detach().cpu().contiguous().numpy().tobytes())
+    with torch.no_grad():
+        weights = sum(float(p.double().sum()) for p in model.parameters())
+    return {**flat, "chunk_shapes": [tuple(c.shape) for c in chunks], "stream_sha256": digest.hexdigest(),
+            "model_parameters": sum(p.numel() for p in model.parameters()), "model_weight_sum": weights}
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def replica_forward(model, run: PolicyRun, batch: torch.Tensor, cfg: RunConfig):
+    """(observation, window) of the whole chunk: this replica's share runs in its own window, then
+    the replicas combine them (the gate inputs only when a fast-weight router network reads them)."""
+    observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
+                                           run.replicas.sample_tokens(SAMPLE_TOKENS))
+    with_inputs = any(getattr(r, "fast_net", None) is not None for r in run.routers)
+    return run.replicas.observation(observation, with_inputs), run.replicas.window(window)
+
+
+def replica_shadow_check(model, run: PolicyRun, batch: torch.Tensor, rows: torch.Tensor, observation, index: int,
+                         micro_rows: int | None) -> QualityCheck:
+    """`shadow_check` over replicas: `rows` index the whole chunk; this replica re-runs under static
+    routing the rows of its share, and the replicas combine the static NLLs and the windows."""
+    here = run.replicas.rows_here(rows, batch.shape[0])                     # [r'] rows of this share
+    local = None
+    if here.numel():
+        install(model, run.static_routers)
+        try:
+            static, window = measured_forward(run.backend, model, batch[here.to(batch.device)], "guard-shadow",
+                                              micro_rows)
+        finally:
+            install(model, run.routers)
+        local = (static.nll_rows, static.nll_tokens, window)
+    check = run.replicas.quality_check(rows, observation, local)
+    run.log(check.window, "chunk", index, ":guard")
+    return check
