@@ -35,6 +35,7 @@ RECIPES = ("cpu-demo", "distilgpt2")
 DTYPES = ("bfloat16", "float32")
 BALANCE_LOSSES = ("entropy", "importance", "kl_uniform", "null_aware", "switch")
 CORPORA = ("built", "slice")
+COMPUTE_COSTS = ("flops", "skip")
 MIN_VOCAB_SIZE = 257
 RECIPE_DEFAULT = "(default: the recipe's)"
 
@@ -42,7 +43,8 @@ RECIPE_DEFAULT = "(default: the recipe's)"
 OVERRIDES = {"steps_dense": "dense_steps", "steps_moe": "moe_steps", "batch": "batch", "seq_len": "seq_len",
              "lr": "lr", "moe_lr_scale": "moe_lr_scale", "vocab_size": "vocab_size", "top_k": "top_k",
              "balance_loss": "balance_loss", "balance_coef": "balance_coef", "aux_free_gamma": "aux_free_gamma",
-             "compute_coef": "compute_coef", "cheap_prob": "cheap_prob", "single_prob": "single_prob",
+             "compute_coef": "compute_coef", "compute_costs": "compute_costs",
+             "compute_temperature": "compute_temperature", "cheap_prob": "cheap_prob", "single_prob": "single_prob",
              "router_lr_scale": "router_lr_scale", "eval_tokens": "eval_tokens", "corpus": "corpus",
              "dense_share": "dense_share"}
 
@@ -98,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"weight of the balancing loss {RECIPE_DEFAULT}")
     p.add_argument("--compute-coef", type=non_negative_float, default=None,
                    help=f"weight of the expected-compute regulariser (moves tokens to cheap experts) {RECIPE_DEFAULT}")
+    p.add_argument("--compute-costs", choices=COMPUTE_COSTS, default=None,
+                   help=f"costs of that term: flops (every cheap expert is rewarded) or skip (only the zero expert) "
+                        f"{RECIPE_DEFAULT}")
+    p.add_argument("--compute-temperature", type=positive_float, default=None,
+                   help=f"softmax temperature of that term (< 1: it acts mostly on the first choice) {RECIPE_DEFAULT}")
     p.add_argument("--cheap-prob", type=non_negative_float, default=None,
                    help=f"share of fine-tuning tokens routed top-1 + best cheap expert {RECIPE_DEFAULT}")
     p.add_argument("--single-prob", type=non_negative_float, default=None,

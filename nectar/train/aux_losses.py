@@ -8,9 +8,13 @@
   1 when the full experts share the load evenly, n_F when one takes it all, and independent of how
   much probability goes to cheap experts — so balancing never pushes tokens towards or away from
   them. Differentiable through q (f is a count), 0 when no pair reached a full expert.
-- `expected_compute_loss` (a ReMoE / AdaMoE-style compute regulariser): the expected relative
-  FLOPs of the routing distribution, mean_t Σ_i p_ti · c_i with c_i = FLOPs_i / max_j FLOPs_j, so
-  that probability moves to cheap experts wherever the language-model loss does not hold it back.
+- `expected_compute_loss` (a ReMoE / AdaMoE-style compute regulariser): the expected cost of the
+  routing distribution, mean_t Σ_i q_ti · c_i with q = softmax(logits / τ), so that probability
+  moves to cheap experts wherever the language-model loss does not hold it back. Costs
+  (`compute_costs`): "flops", c_i = FLOPs_i / max_j FLOPs_j (every cheap expert is rewarded), or
+  "skip", c_i = 0 for the zero expert and 1 for every other (only skipping the FFN is rewarded, so
+  a token's first choice may become the zero expert while its second stays a computing expert).
+  A temperature τ < 1 sharpens q towards the top choice, so the term acts mostly on the first slot.
 """
 
 from __future__ import annotations
@@ -25,6 +29,18 @@ def relative_costs(layer) -> torch.Tensor:
     flops = torch.tensor([expert.cost_per_token().flops for expert in layer.experts], dtype=torch.float32)
     top = flops.max()
     return flops / top if top > 0 else torch.zeros_like(flops)
+
+
+COMPUTE_COSTS = ("flops", "skip")
+
+
+def compute_costs(layer, kind: str = "flops") -> torch.Tensor:
+    """[E] the per-expert costs of the compute regulariser (see the module docstring)."""
+    if kind == "flops":
+        return relative_costs(layer)
+    if kind == "skip":
+        return torch.tensor([0.0 if expert.kind == "zero" else 1.0 for expert in layer.experts])
+    raise ValueError(f"compute costs must be one of {COMPUTE_COSTS}, got {kind!r}")
 
 
 def full_mask(costs_E: torch.Tensor, cheap_fraction: float = 0.5) -> torch.Tensor:
@@ -50,7 +66,7 @@ def null_aware_switch_loss(decision: RoutingDecision, full_E: torch.Tensor) -> t
     return n_full * (fraction_F * q_NF.mean(0)).sum()
 
 
-def expected_compute_loss(decision: RoutingDecision, costs_E: torch.Tensor) -> torch.Tensor:
-    """mean_t Σ_i p_ti · c_i: the routing distribution's expected relative FLOPs, in [0, 1]."""
-    probs_NE = decision.probs.float()
-    return (probs_NE @ costs_E.to(probs_NE.device)).mean()
+def expected_compute_loss(decision: RoutingDecision, costs_E: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """mean_t Σ_i q_ti · c_i with q = softmax(logits / temperature) (at 1: the routing distribution)."""
+    q_NE = decision.probs.float() if temperature == 1.0 else torch.softmax(decision.logits.float() / temperature, -1)
+    return (q_NE @ costs_E.to(q_NE.device)).mean()

@@ -5,7 +5,9 @@
   seconds per stage, the FLOP-priced static frontier of the MoE;
 - `plot_training_curves(info, path)`: training loss and learning rate against tokens seen (the dense
   stage, then the MoE fine-tune), and held-out perplexity per domain of the parent and the MoE;
-- `write_model_summary(info, out)`: both into `out/summary.json` and `out/training_curves.png`.
+- `write_model_summary(info, out)`: both into `out/summary.json` and `out/training_curves.png`
+  (`nectar train --summary-out OUT` calls it; for a model saved earlier, e.g. by
+  `nectar hw-run --save-model DIR`: `python -m nectar.train.curves DIR OUT [--device NAME]`).
 matplotlib is imported only when a plot is drawn.
 """
 
@@ -84,8 +86,10 @@ def plot_training_curves(info: dict, path: Path) -> Path:
         ax_ppl.bar([k + (i - 0.5) * width for k in range(len(names))], values, width, label=label)
     ax_ppl.set_xticks(range(len(names)), names)
     ax_ppl.set(ylabel="held-out perplexity", title="held-out perplexity by domain")
-    ax_ppl.legend()
-    fig.suptitle(f"{(info.get('recipe') or {}).get('preset', '?')}: corpus {info.get('corpus_tokens') or 0:,} tokens")
+    ax_ppl.legend(loc="lower center")
+    corpus = info.get("corpus") or {}
+    fig.suptitle(f"{(info.get('recipe') or {}).get('preset', '?')}: corpus {info.get('corpus_tokens') or 0:,} tokens, "
+                 f"trained on {corpus.get('train_tokens') or 0:,} tokens of its {corpus.get('source', '?')} form")
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
@@ -101,3 +105,30 @@ def write_model_summary(info: dict, out: Path, **extra) -> dict:
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=1, allow_nan=False) + "\n")
     plot_training_curves(info, out / CURVES_FILE)
     return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m nectar.train.curves MODEL_DIR OUT [--device NAME]: the summary of a saved model."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(prog="python -m nectar.train.curves", description=main.__doc__)
+    parser.add_argument("model", type=Path, help="a saved model folder (holding nectar_model.json)")
+    parser.add_argument("out", type=Path, help="folder for summary.json and training_curves.png")
+    parser.add_argument("--device", default=None, help="the device the model was trained on, recorded as given")
+    args = parser.parse_args(argv)
+    path = args.model / "nectar_model.json"
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        print(f"error: cannot read {path}: {exc}", file=sys.stderr)
+        return 2
+    extra = {"device": args.device} if args.device else {}
+    summary = write_model_summary(info, args.out, model_dir=str(args.model), **extra)
+    print(json.dumps({k: summary[k] for k in ("corpus_tokens", "dense_heldout_ppl", "moe_heldout_ppl",
+                                              "train_seconds")}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,8 @@
 - `perplexities`: exp(mean NLL) on the mixed held-out stream ("all") and on each domain's stream;
 - `routing_report`: for each static policy (static-top2, static-top1, static-cheap by default), the
   mixed held-out perplexity, its increase over static-top2, the expert FLOPs per token actually
-  routed, and a whole-model FLOP estimate per token with its saving versus static-top2. FLOPs are
+  routed (also as full-expert equivalents per token and MoE layer: 2 for two full experts), and a
+  whole-model FLOP estimate per token with its saving versus static-top2. FLOPs are
   a proxy only: the energy frontier is measured by `nectar hw-run` / `nectar frontier`.
 Both evaluate at most `max_tokens` tokens per stream (consecutive windows from the start).
 """
@@ -46,6 +47,7 @@ def routing_report(model, ids: torch.Tensor, seq_len: int, batch: int, max_token
     device = next(model.parameters()).device
     saved_routers = [layer.router for _, layer in model.moe_layers()]
     other = dense_flops_per_token(model.config, seq_len)
+    full_flops = sum(max(e.cost_per_token().flops for e in layer.experts) for _, layer in model.moe_layers())
     rows = {}
     has_cheap = all(cheap_experts(layer) for _, layer in model.moe_layers())
     try:
@@ -62,6 +64,7 @@ def routing_report(model, ids: torch.Tensor, seq_len: int, batch: int, max_token
                                     for n, c in zip(layer.tokens_per_expert, layer.expert_costs))
             per_token = expert_flops / windows[:, :].numel()
             rows[policy] = {"perplexity": math.exp(nll / tokens), "expert_flops_per_token": per_token,
+                            "full_experts_per_layer": per_token / full_flops if full_flops else 0.0,
                             "flops_per_token": other + per_token}
     finally:
         install(model, saved_routers)

@@ -32,7 +32,8 @@ from transformers import GPT2LMHeadModel
 from nectar.model import MoEGPT2LMHeadModel
 from nectar.moe.balancing import (aux_free_bias_update, entropy_regularizer, importance_loss, kl_to_uniform,
                                   router_z_loss, switch_load_balancing_loss)
-from nectar.train.aux_losses import expected_compute_loss, full_mask, null_aware_switch_loss, relative_costs
+from nectar.train.aux_losses import (COMPUTE_COSTS, compute_costs, expected_compute_loss, full_mask,
+                                     null_aware_switch_loss, relative_costs)
 from nectar.train.schedule import CosineSchedule, StageClock
 from nectar.train.tokenizer import iter_batches
 
@@ -59,6 +60,8 @@ class TrainConfig:
     balance_loss: str = "switch"  # which balancing loss: see BALANCE_LOSSES
     z_coef: float = 1e-3          # router z-loss weight (MoE stage)
     compute_coef: float = 0.0     # expected-compute regulariser weight (MoE stage)
+    compute_costs: str = "flops"  # its per-expert costs: "flops" or "skip" (nectar.train.aux_losses)
+    compute_temperature: float = 1.0  # its softmax temperature (< 1: mostly the first choice)
     router_lr_scale: float = 1.0  # the gates' lr = lr * this (MoE stage)
     aux_free_gamma: float = 0.0   # > 0: DeepSeek-V3 auxiliary-loss-free bias step per training step
     skip_batches: int = 0         # start this many batches into the seeded stream (a later stage
@@ -81,6 +84,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not (value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value}")
+        if self.compute_costs not in COMPUTE_COSTS or not self.compute_temperature > 0:
+            raise ValueError(f"compute_costs must be one of {COMPUTE_COSTS} and compute_temperature > 0")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)} (float16 would need loss scaling), "
                              f"got {self.dtype!r}")
@@ -130,13 +135,15 @@ class MoEAuxLoss:
     from each layer's last routing decision (per-layer expert costs computed once)."""
 
     def __init__(self, model: MoEGPT2LMHeadModel, balance_coef: float, z_coef: float, balance_loss: str = "switch",
-                 compute_coef: float = 0.0):
+                 compute_coef: float = 0.0, compute_costs_kind: str = "flops", compute_temperature: float = 1.0):
         if balance_loss not in BALANCE_LOSSES:
             raise ValueError(f"balance_loss must be one of {sorted(BALANCE_LOSSES)}, got {balance_loss!r}")
         self.balance = BALANCE_LOSSES[balance_loss]
         self.balance_coef, self.z_coef, self.compute_coef = balance_coef, z_coef, compute_coef
-        self.costs = [relative_costs(layer) for _, layer in model.moe_layers()]   # [E] per layer
-        self.full = [full_mask(c) for c in self.costs]
+        self.temperature = compute_temperature
+        layers = [layer for _, layer in model.moe_layers()]
+        self.full = [full_mask(relative_costs(layer)) for layer in layers]            # [E] per layer
+        self.costs = [compute_costs(layer, compute_costs_kind) for layer in layers]   # [E] per layer
 
     def __call__(self, model: MoEGPT2LMHeadModel) -> torch.Tensor:
         terms = []
@@ -147,7 +154,7 @@ class MoEAuxLoss:
             term = self.balance_coef * self.balance(decision, self.full[i]) \
                 + self.z_coef * router_z_loss(decision.logits.float())
             if self.compute_coef:
-                term = term + self.compute_coef * expected_compute_loss(decision, self.costs[i])
+                term = term + self.compute_coef * expected_compute_loss(decision, self.costs[i], self.temperature)
             terms.append(term)
         return torch.stack(terms).mean()
 
@@ -286,7 +293,8 @@ def upcycle_and_finetune(dense: GPT2LMHeadModel, train_ids: torch.Tensor, cfg: T
 def finetune_moe(moe: MoEGPT2LMHeadModel, train_ids: torch.Tensor, cfg: TrainConfig,
                  deadline: float | None = None) -> TrainResult:
     """Train an MoE LM with LM loss + `MoEAuxLoss` (cfg's balancing, z and compute weights)."""
-    aux = MoEAuxLoss(moe, cfg.balance_coef, cfg.z_coef, cfg.balance_loss, cfg.compute_coef)
+    aux = MoEAuxLoss(moe, cfg.balance_coef, cfg.z_coef, cfg.balance_loss, cfg.compute_coef, cfg.compute_costs,
+                     cfg.compute_temperature)
     return train_lm(moe, train_ids, cfg, aux_loss=aux, deadline=deadline, desc="moe")
 
 

@@ -90,6 +90,8 @@ class ModelRecipe:
     balance_coef: float = 0.01
     z_coef: float = 1e-3
     compute_coef: float = 0.0
+    compute_costs: str = "flops"                    # "flops" or "skip" (nectar.train.aux_losses)
+    compute_temperature: float = 1.0
     aux_free_gamma: float = 0.0
     # evaluation and mechanics
     eval_tokens: int | None = 32768                 # per held-out stream
@@ -255,6 +257,7 @@ def stage_config(recipe: ModelRecipe, moe: bool, device: str, dtype: str, seed: 
                             warmup_steps=recipe.moe_warmup_steps, router_lr_scale=recipe.router_lr_scale,
                             balance_loss=recipe.balance_loss, balance_coef=recipe.balance_coef,
                             z_coef=recipe.z_coef, compute_coef=recipe.compute_coef,
+                            compute_costs=recipe.compute_costs, compute_temperature=recipe.compute_temperature,
                             aux_free_gamma=recipe.aux_free_gamma, skip_batches=skip_batches, **common)
 
 

@@ -8,7 +8,8 @@ import torch
 from nectar.moe.expert_pool import ExpertPool
 from nectar.moe.experts import ExpertSpec
 from nectar.moe.router import gate_decision
-from nectar.train.aux_losses import expected_compute_loss, full_mask, null_aware_switch_loss, relative_costs
+from nectar.train.aux_losses import (compute_costs, expected_compute_loss, full_mask, null_aware_switch_loss,
+                                     relative_costs)
 
 FULL = torch.tensor([True, True, True, False, False])   # 3 full experts, 2 cheap ones
 
@@ -76,3 +77,20 @@ def test_relative_costs_and_full_mask_of_a_pool():
     assert costs[:3].tolist() == [1.0, 1.0, 0.25] and costs[3:5].tolist() == [0.0, 0.0]
     assert 0 < float(costs[5]) < 0.1
     assert full_mask(costs).tolist() == [True, True, False, False, False, False]
+
+
+def test_skip_costs_reward_only_the_zero_expert_and_temperature_sharpens():
+    class Layer:
+        experts = ExpertPool.from_specs([ExpertSpec("gelu", 64, 2), ExpertSpec("gelu", 16, 1), ExpertSpec("zero"),
+                                         ExpertSpec("copy")], 32)
+    assert compute_costs(Layer(), "skip").tolist() == [1.0, 1.0, 1.0, 0.0, 1.0]
+    assert torch.equal(compute_costs(Layer(), "flops"), relative_costs(Layer()))
+    with pytest.raises(ValueError, match="compute costs"):
+        compute_costs(Layer(), "bytes")
+    logits = torch.tensor([[2.0, 1.0, 0.0, 1.5, -1.0]])
+    costs = torch.tensor([1.0, 1.0, 0.25, 0.0, 0.0])
+    d = decision(logits, torch.tensor([[0, 3]]))
+    for tau in (1.0, 0.3):
+        q = torch.softmax(logits / tau, -1)
+        assert float(expected_compute_loss(d, costs, tau)) == pytest.approx(float(q[0] @ costs), rel=1e-6)
+    assert float(expected_compute_loss(d, costs, 0.05)) == pytest.approx(1.0, abs=1e-3)  # → the top choice's cost

@@ -196,3 +196,11 @@ def test_aux_free_bias_step_runs_in_training_and_balances():
     assert all(abs(float(b.sum())) < 1e-5 for b in biases)             # centred, as the update keeps it
     with pytest.raises(ValueError, match="balance_loss"):
         quick_config(balance_loss="gini").validate()
+
+
+def test_spelled_out_choices_of_the_cli_agree_with_the_code():
+    from nectar.cli import train as cli
+    from nectar.train import aux_losses, recipes
+
+    assert set(cli.COMPUTE_COSTS) == set(aux_losses.COMPUTE_COSTS)
+    assert set(cli.OVERRIDES.values()) <= set(recipes.ModelRecipe.__dataclass_fields__)
