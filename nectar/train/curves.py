@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from nectar.train.recipes import json_safe
+from nectar.train.saved_model import json_safe
 
 SUMMARY_FILE = "summary.json"
 CURVES_FILE = "training_curves.png"

@@ -51,7 +51,7 @@ def built_documents(corpus: Corpus, split: str) -> DocumentSet:
     return DocumentSet({d: s.docs() for d, s in shards.items()}, {d: list(s.doc_ids) for d, s in shards.items()})
 
 
-def slice_documents(corpus: Corpus, corpus_dir=None) -> tuple[DocumentSet, DocumentSet]:
+def slice_documents(corpus: Corpus) -> tuple[DocumentSet, DocumentSet]:
     """(train, held-out) from the committed text slice, tokenized with the corpus tokenizer; the
     slice's documents are split by hash (1 in SLICE_HOLDOUT_EVERY held out). For tests and demos
     only: the slice itself comes from the corpus's held-out split."""
@@ -60,7 +60,7 @@ def slice_documents(corpus: Corpus, corpus_dir=None) -> tuple[DocumentSet, Docum
     tokenizer = Tokenizer.from_str(corpus.tokenizer_json())
     parts: tuple[dict, dict] = ({}, {})
     names: tuple[dict, dict] = ({}, {})
-    for doc in load_slice(corpus_dir):
+    for doc in load_slice(corpus.corpus_dir):
         held = hash_rank(doc.doc_id, 0) % SLICE_HOLDOUT_EVERY == 0
         ids = np.asarray(tokenizer.encode(doc.text, add_special_tokens=False).ids, dtype=np.int64)
         parts[held].setdefault(doc.domain, []).append(ids)

@@ -114,7 +114,8 @@ class TrainResult:
 
 
 def prepare_data(*args, **kwargs):
-    """The training data of a recipe (see nectar.train.recipes.load_training_data)."""
+    """The training data of a recipe: `nectar.train.recipes.load_training_data` (the one place the
+    recipes load data through, so that callers and tests can intercept it here)."""
     from nectar.train.recipes import load_training_data
 
     return load_training_data(*args, **kwargs)

@@ -24,10 +24,8 @@ Recipes: "cpu-demo" (6 × 128, a 4096-id BPE, a 3 M-token subset: the committed 
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -36,7 +34,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from nectar.experiment.policies import cheap_experts
-from nectar.model import MODEL_TYPE, MoEGPT2LMHeadModel, load_dense_gpt2, preset_config
+from nectar.model import MoEGPT2LMHeadModel, load_dense_gpt2, preset_config
 from nectar.moe.expert_pool import GELUGroup
 from nectar.moe.static_routers import TopKRouter
 from nectar.train import loop
@@ -45,7 +43,9 @@ from nectar.train.data import (DocumentSet, built_documents, decode_texts, domai
                                slice_documents, subset)
 from nectar.train.evaluate import perplexities, routing_report
 from nectar.train.routing import AdaptiveTrainingRouter
-from nectar.train.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer, wrap_tokenizer
+from nectar.train.saved_model import (WEIGHT_FILES, DemoModel, check_model_dir, first_line, json_safe,  # noqa: F401
+                                      load_demo_model, quiet_transformers, save_demo_model)
+from nectar.train.tokenizer import train_tokenizer, wrap_tokenizer
 
 RECIPE_VERSION = 2
 CURVE_POINTS = 250     # per-stage loss curves are stored as at most this many bin means
@@ -124,13 +124,14 @@ RECIPES = {
     "cpu-demo": ModelRecipe(
         vocab_size=4096, train_tokens_per_domain=1_000_000, heldout_tokens_per_domain=40_000,
         dense_steps=1000, moe_steps=400, lr=3e-3, moe_lr_scale=0.5, router_lr_scale=3.0, cheap_prob=0.3,
-        single_prob=0.2, balance_loss="null_aware", compute_coef=0.05, eval_tokens=32768),
+        single_prob=0.2, balance_loss="null_aware", compute_coef=0.03, compute_costs="skip", eval_tokens=32768),
     "distilgpt2": ModelRecipe(
         preset="distilgpt2", base="distilgpt2", dense=dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         full_experts=6, zero_compute=("zero", "copy", "constant"), dense_steps=None, moe_steps=None,
         time_budget_s=330.0, dense_share=0.6, batch=64, seq_len=1024, lr=1e-3, warmup_steps=100, weight_decay=0.1,
         moe_lr_scale=0.3, moe_warmup_steps=20, router_lr_scale=3.0, cheap_prob=0.3, single_prob=0.2,
-        balance_loss="null_aware", compute_coef=0.05, eval_tokens=262144, eval_batch=32, log_every=25),
+        balance_loss="null_aware", compute_coef=0.03, compute_costs="skip", eval_tokens=262144, eval_batch=32,
+        log_every=25),
 }
 
 
@@ -139,16 +140,6 @@ def generic_recipe(preset: str = "tiny", num_experts: int = 4, **overrides) -> M
     return replace(ModelRecipe(preset=preset, base=preset, dense={}, full_experts=num_experts, narrow_experts=0,
                                zero_compute=(), cheap_prob=0.0, dense_steps=200, moe_steps=50, batch=8, seq_len=128,
                                moe_lr_scale=0.3, moe_warmup_steps=5), **overrides)
-
-
-@dataclass
-class DemoModel:
-    model: MoEGPT2LMHeadModel
-    tokenizer: object
-    heldout_ids: torch.Tensor                                  # [N] the mixed held-out token stream
-    info: dict
-    heldout_domains: dict[str, torch.Tensor] | None = None     # {domain: [N_d]} held-out stream per domain
-    dense: GPT2LMHeadModel | None = None                       # the dense parent (not saved with the model)
 
 
 @dataclass
@@ -175,7 +166,7 @@ def load_training_data(recipe: ModelRecipe, seed: int = 0, tokenizer=None, corpu
     if recipe.corpus == "built":
         train, held = built_documents(corpus, "train"), built_documents(corpus, "test")
     else:
-        train, held = slice_documents(corpus, corpus_dir)
+        train, held = slice_documents(corpus)
     train = subset(train, recipe.train_tokens_per_domain, seed)
     held = subset(held, recipe.heldout_tokens_per_domain, 0)        # the same held-out text for every seed
     source = corpus_tokenizer(corpus)
@@ -275,7 +266,7 @@ def load_dense_from(directory: Path):
     try:
         dense = load_dense_gpt2(directory, local_files_only=True)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"--dense-from {directory}: {_first_line(exc)}") from exc
+        raise ValueError(f"--dense-from {directory}: {first_line(exc)}") from exc
     if isinstance(dense, MoEGPT2LMHeadModel) or type(dense).__name__ != "GPT2LMHeadModel":
         raise ValueError(f"--dense-from {directory} holds a {type(dense).__name__}, not a dense GPT-2 LM")
     if not (directory / "tokenizer.json").is_file() and not all((directory / f).is_file() for f in GPT2_VOCAB_FILES):
@@ -285,7 +276,7 @@ def load_dense_from(directory: Path):
         with quiet_transformers():
             tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as exc:  # noqa: BLE001  tokenizers/transformers raise several types for a missing tokenizer
-        raise ValueError(f"--dense-from {directory}: cannot load its tokenizer ({_first_line(exc)})") from exc
+        raise ValueError(f"--dense-from {directory}: cannot load its tokenizer ({first_line(exc)})") from exc
     if tokenizer.eos_token_id is None:
         raise ValueError(f"--dense-from {directory}: its tokenizer has no eos token")
     return dense.float(), tokenizer
@@ -383,131 +374,9 @@ def model_info(recipe, seed, data, dense_result, moe_result, dense_ppl, moe_ppl,
     }
 
 
-# ----- saving and loading ------------------------------------------------------------------------
-def json_safe(value):
-    """NaN/inf → None, tuples → lists, recursively (nectar_model.json is strict JSON)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    return value
-
-
-def save_demo_model(demo: DemoModel, directory: Path) -> None:
-    """Config + weights, tokenizer, heldout_ids.pt (int32), heldout_domains.pt, nectar_model.json."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with quiet_transformers():
-        demo.model.save_pretrained(directory)
-    save_tokenizer(demo.tokenizer, directory)
-    torch.save(demo.heldout_ids.to(torch.int32).clone(), directory / "heldout_ids.pt")
-    if demo.heldout_domains:
-        torch.save({k: v.to(torch.int32).clone() for k, v in demo.heldout_domains.items()},
-                   directory / "heldout_domains.pt")
-    (directory / "nectar_model.json").write_text(json.dumps(json_safe(demo.info), indent=1, allow_nan=False) + "\n")
-
-
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Measured on the shared 2-core machine, `nectar train --recipe cpu-demo --threads 1` (docs/model.md).
 TRAINING_ESTIMATE = {"cpu-demo": "about 20-25 minutes on a 2-core CPU",
                      "distilgpt2": "about 6 minutes on one H200 (330 s training + evaluation)"}
-
-
-def check_model_dir(directory: Path) -> None:
-    """ValueError unless `directory` holds a NECTAR MoE checkpoint: a readable config.json of model
-    type nectar_moe_gpt2 and a non-empty weights file (the loader checks the rest)."""
-    if not directory.exists():
-        raise ValueError(f"model directory {str(directory)!r} does not exist")
-    if not directory.is_dir():
-        raise ValueError(f"--model {str(directory)!r} is a file; pass the directory that holds config.json")
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise ValueError(f"{directory} holds no saved model (config.json missing)")
-    try:
-        config = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{config_path} is not valid JSON: {exc}") from exc
-    if not isinstance(config, dict) or config.get("model_type") != MODEL_TYPE:
-        found = config.get("model_type") if isinstance(config, dict) else type(config).__name__
-        raise ValueError(f"{config_path} describes a {found!r} model, not a NECTAR MoE ({MODEL_TYPE!r}); "
-                         "write one with `nectar train --recipe cpu-demo --out DIR`")
-    weights = [directory / name for name in WEIGHT_FILES if (directory / name).is_file()]
-    if not weights:
-        raise ValueError(f"{directory} has config.json but no weights ({' or '.join(WEIGHT_FILES)})")
-    if weights[0].stat().st_size == 0:
-        raise ValueError(f"{weights[0]} is empty (an interrupted copy?)")
-
-
-@contextmanager
-def quiet_transformers():
-    """transformers' load report and progress bar off while the loader runs (it raises instead)."""
-    from transformers.utils import logging as hf_logging
-
-    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(verbosity)
-        if bars:
-            hf_logging.enable_progress_bar()
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def load_demo_model(directory: Path) -> DemoModel:
-    """A saved experiment model (config, weights, tokenizer, held-out streams, info); ValueError with
-    one line naming the file when any part is missing, truncated or inconsistent."""
-    directory = Path(directory)
-    check_model_dir(directory)
-    try:
-        with quiet_transformers():
-            model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()  # committed weights are fp16
-    except Exception as exc:  # noqa: BLE001  safetensors/torch/transformers raise their own types for bad files
-        raise ValueError(f"cannot load the model in {directory}: {_first_line(exc)}") from exc
-    try:
-        tokenizer = load_tokenizer(directory)
-    except Exception as exc:  # noqa: BLE001  tokenizers raises its own Exception type for a bad tokenizer.json
-        raise ValueError(f"cannot load the tokenizer in {directory}: {_first_line(exc)}") from exc
-    vocab = model.config.vocab_size
-    heldout = _load_tokens(directory / "heldout_ids.pt", vocab, required=True)
-    domains = _load_tokens(directory / "heldout_domains.pt", vocab, required=False)
-    info_path = directory / "nectar_model.json"
-    try:
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{info_path} is not valid JSON: {exc}") from exc
-    return DemoModel(model, tokenizer, heldout, info, domains)
-
-
-def _load_tokens(path: Path, vocab_size: int, required: bool):
-    """heldout_ids.pt (one 1-D tensor) or heldout_domains.pt ({name: 1-D tensor}) of integer token
-    ids below the vocabulary, as int64; None when an optional file is absent."""
-    if not path.exists():
-        if required:
-            raise ValueError(f"{path} is missing (the held-out stream `nectar train` saves with every model)")
-        return None
-    try:
-        value = torch.load(path, weights_only=True)
-    except Exception as exc:  # noqa: BLE001  truncated zip / pickle: several exception types
-        raise ValueError(f"cannot read {path}: {_first_line(exc)}") from exc
-    tensors = value if isinstance(value, dict) else {"": value}
-    if not tensors or (required and isinstance(value, dict)):
-        raise ValueError(f"{path} must hold {'a 1-D tensor' if required else 'a dict of 1-D tensors'} of token ids")
-    out = {}
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype not in (torch.int32, torch.int64) or not t.numel():
-            raise ValueError(f"{path} must hold non-empty 1-D integer tensors of token ids")
-        if not 0 <= int(t.min()) <= int(t.max()) < vocab_size:
-            raise ValueError(f"{path} holds token ids outside the model's vocabulary [0, {vocab_size})")
-        out[name] = t.long()
-    return out[""] if "" in out and len(out) == 1 and not isinstance(value, dict) else out
 
 
 def default_cache(preset: str, seed: int) -> Path:
