@@ -230,9 +230,12 @@ def print_summary(info: dict, out: Path) -> None:
     for name, row in (moe.get("routing") or {}).items():
         print(f"  {name:<14} ppl {row['perplexity']:9.2f} ({100 * row['dppl']:+6.2f}%)  "
               f"FLOPs/token saved vs top-2 {100 * row['flops_saved']:5.1f}%")
-    print(f"dense: {info['dense_steps']} steps, {dense.get('tokens', 0):,} tokens, {info['dense_seconds']:.1f} s; "
-          f"moe: {info['moe_steps']} steps, {moe.get('tokens', 0):,} tokens, {info['moe_seconds']:.1f} s; "
-          f"data {info['data_seconds']:.1f} s, evaluation {info['eval_seconds']:.1f} s")
+    for label, stage, seconds in (("dense", dense, info["dense_seconds"]), ("moe", moe, info["moe_seconds"])):
+        tokens = stage.get("tokens", 0) or 0
+        rate = f", {tokens / seconds:,.0f} tokens/s" if seconds else ""
+        print(f"{label}: {stage.get('steps', 0)} steps, {tokens:,} tokens, {seconds:.1f} s{rate}")
+    print(f"data {info['data_seconds']:.1f} s, evaluation {info['eval_seconds']:.1f} s, "
+          f"wall {info.get('wall_seconds', 0):.1f} s")
     print(f"saved the model to {out}")
 
 
