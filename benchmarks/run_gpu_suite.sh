@@ -39,7 +39,7 @@ run forward_chunk "${LIMIT_FORWARD_CHUNK:-40}" benchmarks/forward_chunk.py --dev
 run fastweight "${LIMIT_FASTWEIGHT:-90}" benchmarks/fastweight.py --device cuda --dtype bf16 --dim 512 --hidden 1024 \
   --heads 16 --chunk-sizes 4096 16384 --compile --compile-kernel-sizes 16384 --json-out "$OUT/fastweight.json"
 
-run telemetry_overhead "${LIMIT_TELEMETRY:-55}" benchmarks/telemetry_overhead.py --device cuda --alternations 10 \
+run telemetry_overhead "${LIMIT_TELEMETRY:-120}" benchmarks/telemetry_overhead.py --device cuda --alternations 10 \
   --seconds 2 --warmup-seconds 3 --batch 32 --seq-len 1024 --json-out "$OUT/telemetry_overhead.json"
 
 date | tee -a "$LOG"

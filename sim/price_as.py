@@ -24,11 +24,12 @@ class TargetShape:
     seq_len: int
     batch: int
     vocab_size: int
+    dtype_bytes: int = 2            # the GPU runs the target in bf16
 
 
 TARGETS = {
-    # DistilGPT2's shape with the project's 8192-token vocabulary: the model `nectar hw-run` trains on the GPU
-    "distilgpt2": TargetShape("distilgpt2", d_model=768, n_heads=12, seq_len=1024, batch=32, vocab_size=8192),
+    # DistilGPT2's shape with the project's vocabulary, in bf16: the model `nectar hw-run` trains on the GPU
+    "distilgpt2": TargetShape("distilgpt2", d_model=768, n_heads=12, seq_len=1024, batch=32, vocab_size=16384),
 }
 
 
@@ -43,13 +44,15 @@ def _scale_counts(counts: list[int], factor: float) -> list[int]:
     return floors
 
 
-def _scale_cost(cost: ExpertCost, width_ratio: float) -> ExpertCost:
-    """FLOPs and weights of an FFN expert grow with D·H (both scale): ratio²; activations: ratio."""
+def _scale_cost(cost: ExpertCost, width_ratio: float, dtype_ratio: float) -> ExpertCost:
+    """An FFN expert's FLOPs and weights grow with D·H (both scale): ratio²; the activations a token
+    moves grow with D and H: ratio. Zero-compute experts scale with D alone. Bytes also change with
+    the element size (the CPU model runs fp32, the priced GPU model bf16)."""
     if cost.kind in ("zero", "copy", "constant"):
-        return replace(cost, flops=cost.flops * width_ratio, bytes=cost.bytes * width_ratio,
-                       weight_bytes=cost.weight_bytes * width_ratio)
-    return replace(cost, flops=cost.flops * width_ratio**2, bytes=cost.bytes * width_ratio**2,
-                   weight_bytes=cost.weight_bytes * width_ratio**2)
+        return replace(cost, flops=cost.flops * width_ratio, bytes=cost.bytes * width_ratio * dtype_ratio,
+                       weight_bytes=cost.weight_bytes * width_ratio * dtype_ratio)
+    return replace(cost, flops=cost.flops * width_ratio**2, bytes=cost.bytes * width_ratio * dtype_ratio,
+                   weight_bytes=cost.weight_bytes * width_ratio**2 * dtype_ratio)
 
 
 def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload:
@@ -59,12 +62,13 @@ def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload
             raise ValueError(f"unknown price-as target {target!r}; choose one of {sorted(TARGETS)}")
         target = TARGETS[target]
     width_ratio = target.d_model / workload.d_model
+    dtype_ratio = target.dtype_bytes / workload.dtype_bytes
     tokens = target.batch * target.seq_len
     token_ratio = tokens / workload.tokens
     layers = [
         LayerWorkload(
             tokens_per_expert=_scale_counts(layer.tokens_per_expert, token_ratio),
-            expert_costs=[_scale_cost(c, width_ratio) for c in layer.expert_costs],
+            expert_costs=[_scale_cost(c, width_ratio, dtype_ratio) for c in layer.expert_costs],
             router_flops_per_token=layer.router_flops_per_token * width_ratio,
             dropped_tokens=round(layer.dropped_tokens * token_ratio),
         )
@@ -72,7 +76,7 @@ def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload
     ]
     return replace(workload, tokens=tokens, batch=target.batch, seq_len=target.seq_len,
                    d_model=target.d_model, n_heads=target.n_heads, vocab_size=target.vocab_size,
-                   layers=layers)
+                   layers=layers, dtype_bytes=target.dtype_bytes)
 
 
 @dataclass(frozen=True)

@@ -131,6 +131,6 @@ def place_model(model, torch_device: str):
 
 
 def check_model_fits(model, seq_len: int, option: str = "--seq-len") -> None:
-    positions = model.config.n_positions
+    positions = getattr(model, "max_positions", None) or model.config.n_positions
     if seq_len > positions:
         raise ValueError(f"{option} {seq_len} exceeds the model's {positions} positions (n_positions in its config)")

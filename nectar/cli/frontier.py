@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workload", choices=WORKLOADS, default="stationary", help="the stream and its conditions")
     p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
                    help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
-    p.add_argument("--policies", type=comma_list, default=STATIC_FRONTIER + ADAPTIVE,
-                   help="comma list of policies; static-top2 is the reference and must be among them "
-                        f"(default: {','.join(STATIC_FRONTIER + ADAPTIVE)})")
+    p.add_argument("--policies", type=comma_list, default=None,
+                   help="comma list of policies; the reference (static-top2, or a transformers MoE model's own "
+                        f"top-K) must be among them (default: {','.join(STATIC_FRONTIER + ADAPTIVE)}; a transformers "
+                        "MoE model: its own static frontier, then nectar)")
     p.add_argument("--model", type=Path, default=None,
                    help="a saved NECTAR MoE model directory (default: the committed data/models/cpu-demo)")
     add_stream_args(p)
@@ -52,12 +53,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(args: argparse.Namespace) -> None:
     check_stream_args(args)
-    if "static-top2" not in args.policies:
-        raise ValueError("--policies must include static-top2: the frontier measures every policy against it")
     if args.workload == "thermal" and (args.temp_cap is None or args.heat is None):
         raise ValueError("--workload thermal needs --temp-cap C and --heat 'seconds:°C,…' (the heat source)")
     if args.workload == "power-schedule" and args.power_budget is None:
         raise ValueError("--workload power-schedule needs --power-budget 'seconds:W,…'")
+    if args.policies is None:
+        return
+    if not any(name.startswith("static-top") for name in args.policies):
+        raise ValueError("--policies must include the reference (static-top2, or a transformers MoE model's own "
+                         "static-top<K>): the frontier measures every policy against it")
     from nectar.experiment.policies import check_policies
 
     try:

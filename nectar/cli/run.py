@@ -32,9 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = parser("nectar run", __doc__)
     p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
                    help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
-    p.add_argument("--policies", type=comma_list, default=list(DEFAULT_POLICIES),
-                   help=f"comma list of routing policies (default: {','.join(DEFAULT_POLICIES)}; "
-                        "an unknown name lists them all; `nectar frontier` runs the whole static frontier)")
+    p.add_argument("--policies", type=comma_list, default=None,
+                   help=f"comma list of routing policies (default: {','.join(DEFAULT_POLICIES)}; a transformers "
+                        "MoE model: static-top<K>,static-top1,nectar; an unknown name lists them all; `nectar "
+                        "frontier` runs the whole static frontier)")
     add_stream_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory to write")
     p.add_argument("--overwrite", action="store_true",
@@ -57,12 +58,33 @@ def build_parser() -> argparse.ArgumentParser:
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need neither torch nor the model (ValueError with the option's name)."""
     check_stream_args(args)
-    from nectar.experiment.policies import check_policies   # torch-free import chain? no: after --help only
+    if args.policies is None:
+        return
+    from nectar.experiment.policies import check_policies
 
     try:
         check_policies(args.policies)
     except ValueError as exc:
         raise ValueError(f"--policies: {exc}") from None
+
+
+def policies_for(model, cfg, asked: list[str] | None):
+    """The policies to run on this model: the asked ones, each checked against the model (a policy the
+    model cannot route fails here, before any compute), or the model's defaults (a transformers MoE
+    model: its own top-K, top-1 and NECTAR)."""
+    from dataclasses import replace
+
+    from nectar.experiment.policies import policy_router
+
+    reference = getattr(model, "reference_policy", None)
+    if asked is None and reference is not None:
+        cfg = replace(cfg, policies=[reference, "static-top1", "nectar"])
+    for name in cfg.policies:
+        try:
+            policy_router(name, model.moe_layers()[0][1])
+        except ValueError as exc:
+            raise ValueError(f"--policies: {exc}") from None
+    return cfg
 
 
 def priced_tokens_per_chunk(runs) -> int | None:
@@ -146,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     from nectar.train.recipes import committed_model
 
     out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
-    cfg = configs(args, args.policies, interleave=True if args.interleave else None)
+    cfg = configs(args, args.policies or list(DEFAULT_POLICIES), interleave=True if args.interleave else None)
     factory = backend_factory(args, cfg)
     probe = factory()  # fail early and clearly (bad fault spec, no GPU or driver, bad preset)
     torch_device = probe.torch_device
@@ -180,6 +202,7 @@ def _run(args, cfg, factory, torch_device: str, argv):
     model, stream, _ = load_or_train(args.model, seed=model_seed, progress=not args.no_progress, announce=announce)
     check_model_fits(model, args.seq_len)
     model = place_model(model, torch_device)
+    cfg = policies_for(model, cfg, args.policies)
     torch.manual_seed(args.seed)
     runs = run_experiment(model, stream, factory, cfg, progress=not args.no_progress)
     summary = explain_tokens(build_summary(runs, cfg, backend=args.backend, faults=args.faults), cfg.tokens,

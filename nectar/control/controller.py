@@ -11,7 +11,8 @@ Per chunk (apply-then-update, LaCT order):
 3. limits: temperature, power and memory pressure ν rise while a limit binds (`limits`);
 4. each layer's bias solves the convex chunk problem min Σ c·p + λ Σ KL(p ‖ q) at
    λ = μ·κ / (1 + Σν) — one step of `BiasOptimizer` on the chunk's observed gate logits, restricted
-   to the second-slot candidates the router can actually choose (the static top-1 is forced);
+   to the second-slot candidates the router can actually choose (the static top-1 is forced); a
+   router that may drop its remaining slot gets the drop scale c/λ, the same trade-off per token;
 5. optionally the fast-weight router network and the mixing coefficient α take one gradient step
    on the same chunk objective for the same observed tokens (a step that scales with the gradient,
    so a near-zero gradient moves nothing);
@@ -34,6 +35,7 @@ from nectar.control.limits import LimitConfig, LimitGovernor
 from nectar.control.observation import ChunkObservation, LayerObservation
 from nectar.control.quality_guard import GuardConfig, GuardVerdict, QualityCheck, QualityGuard
 from nectar.control.routing_proxy import allowed_distribution, deviation_kl
+from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
@@ -49,6 +51,7 @@ class ControllerConfig:
     cost_learning: str = "telemetry"
     frozen_after: int = 8
     shadow_share: float = 1 / 64       # share of the stream's sequences re-run under static routing
+    shadow_backoff: int = 8            # checks thin out up to this factor while they keep confirming the model
     fast_lr: float = 0.5               # fast-weight router network: step size (relative), momentum, Muon
     fast_momentum: float = 0.5
     fast_muon: bool = True
@@ -63,6 +66,8 @@ class ControllerConfig:
             raise ValueError(f"cost_learning must be one of {COST_LEARNING}, got {self.cost_learning!r}")
         if not 0.0 < self.shadow_share <= 1.0:
             raise ValueError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
+        if self.shadow_backoff < 1:
+            raise ValueError(f"shadow_backoff must be >= 1, got {self.shadow_backoff}")
 
 
 @dataclass
@@ -108,6 +113,8 @@ class NectarController:
         ]
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.chunks = 0
+        self.backoff = 1                 # current thinning of the shadow checks
+        self._next_check = 0             # chunk index of the next check
         self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
 
     # ------------------------------------------------------------------------------ one chunk
@@ -117,8 +124,10 @@ class NectarController:
         """One control step after a chunk: its observation and telemetry window; `shadow(rows)`
         re-runs those rows of the chunk under static routing and returns the paired check."""
         deviation = self._deviation(observation)
+        predicted = self.guard.predicted_delta(deviation)
         check = self._check(observation, shadow)
         verdict = self.guard.judge(check, deviation)
+        self._schedule_next(observation, check, predicted)
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
         lam = self.lam
@@ -134,19 +143,32 @@ class NectarController:
         return self.guard.price * self.guard.kappa / (1.0 + self.limits.pressure)
 
     def _check(self, observation: ChunkObservation, shadow: ShadowCheck | None) -> QualityCheck | None:
-        """Re-run `shadow_share` of the sequences: that many rows of every chunk when a chunk has
-        enough rows, else one row every ⌈1 / (rows · share)⌉ chunks."""
+        """Re-run `shadow_share` of the sequences: that many rows of a chunk when a chunk has enough
+        rows, else one row every ⌈1 / (rows · share)⌉ chunks; thinned by the current backoff."""
         rows = observation.nll_rows.numel()
-        per_chunk = self.config.shadow_share * rows
-        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
-        if shadow is None or rows == 0 or self.chunks % every:
+        if shadow is None or rows == 0 or self.chunks < self._next_check:
             return None
+        per_chunk = self.config.shadow_share * rows
         picked = torch.randperm(rows, generator=self.generator)[:max(1, round(per_chunk))].sort().values   # [r]
         return shadow(picked)
 
+    def _schedule_next(self, observation: ChunkObservation, check: QualityCheck | None, predicted: float) -> None:
+        """After a check: while the measured increase agrees with the sensitivity model's prediction
+        (within a third of the target) and no fallback is needed, checks thin out (×2, at most
+        `shadow_backoff`); a surprise — a domain shift, a new limit — brings them back at once."""
+        if check is None:
+            return
+        target = self.config.guard.target_delta_nll
+        agrees = math.isfinite(predicted) and abs(check.delta_nll - predicted) < target / 3 and not self.guard.fallback
+        self.backoff = min(self.config.shadow_backoff, 2 * self.backoff) if agrees else 1
+        per_chunk = self.config.shadow_share * max(observation.nll_rows.numel(), 1)
+        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
+        self._next_check = self.chunks + every * self.backoff
+
     def _deviation(self, observation: ChunkObservation) -> float:
         """Mean over layers of the KL (second-slot candidates) of the routing that ran to static."""
-        values = [deviation_kl(router, seen.logits) for router, seen in zip(self.routers, observation.layers)]
+        values = [router.deviation(seen.logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, seen.logits)
+                  for router, seen in zip(self.routers, observation.layers)]
         return sum(values) / max(len(values), 1)
 
     def _learn_costs(self, observation: ChunkObservation, window: TelemetryWindow) -> tuple[str, float | None]:
@@ -164,18 +186,23 @@ class NectarController:
     def _normalised_costs(self) -> list[torch.Tensor]:
         costs = self.cost_model.expert_costs()
         out = []
-        for layer in self.cost_layers:
-            c = costs[layer].double()                                          # [E]
+        for layer, router in zip(self.cost_layers, self.routers):
+            c = costs[layer][: router.num_experts].double()                    # [E] routed experts (shared ones follow)
             out.append(c / c.max().clamp_min(1e-12))
         return out
 
     def _step_layer(self, layer: int, opt: BiasOptimizer, router: EnergyAwareRouter, seen: LayerObservation,
                     c: torch.Tensor, lam: float, verdict: GuardVerdict) -> None:
-        """The layer's bias step on the chunk problem, then the fast net and α (if any)."""
+        """The layer's bias step on the chunk problem, then the fast net and α (if any); a pretrained
+        model's adaptive-k router instead takes the threshold that minimises cost + λ·KL on the chunk."""
+        if isinstance(router, AdaptiveKRouter):
+            router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=verdict.fallback)
+            return
         opt.config.lam = lam
         q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
         opt.step(q, c)
-        router.adapt(bias=opt.bias, fallback=verdict.fallback)
+        router.adapt(bias=opt.bias, fallback=verdict.fallback,
+                     drop_scale=(c / lam).float() if getattr(router, "drop", False) else None)
         if router.fast_net is not None and seen.inputs.numel():
             self._step_fast(router, seen, c, lam)
         if layer == 0:
@@ -211,7 +238,7 @@ class NectarController:
             fallback=verdict.fallback, delta_nll=None if math.isnan(verdict.delta_nll) else verdict.delta_nll,
             deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(window),
             pause_s=self.limits.pause_s(window, window.duration_s), skipped=skipped,
-            biases=[r.bias.tolist() for r in self.routers],
+            biases=[r.bias.tolist() if hasattr(r, "bias") else [r.threshold] for r in self.routers],
             guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
             guard_s=0.0 if guard_window is None else guard_window.duration_s,
         )

@@ -13,6 +13,10 @@ learned coefficient α. Safeguards:
   leaves the trained distribution; "all" — any expert; "cheap" — cheap experts only;
 - combine gates come from the unbiased static probabilities, renormalised over the chosen slots
   (the bias steers selection only, as in auxiliary-loss-free balancing);
+- with `drop`, a token may also skip its remaining slot and use its static top-1 expert alone: it
+  does when −log(1 − w) < d[e], w the chosen expert's share of the two static gates and d[e] the
+  drop scale of that expert (c_e / λ from the controller: the per-token minimiser of cost + λ ×
+  the KL of the dropped gate mass); d = 0 never drops;
 - in fallback the router is the static top-k router (the quality guard decides).
 
 What adapts — bias, α and fallback — is one `Adaptation` record, read with `adaptation()` and
@@ -28,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from nectar.control.fast_router import FastWeightRouterNet
-from nectar.moe.router import Router, RoutingDecision, gate_decision
+from nectar.moe.router import Router, RoutingDecision, gate_decision, gate_probs
 from nectar.moe.static_routers import check_cheap, static_top1_plus
 
 CANDIDATES = ("static-or-cheap", "all", "cheap")
@@ -38,14 +42,16 @@ CANDIDATES = ("static-or-cheap", "all", "cheap")
 class Adaptation:
     """The adaptable state of one EnergyAwareRouter.
 
-    bias      [E] per-expert score bias (the convex chunk problem's parametrisation)
-    alpha     mixing coefficient of the fast-weight network's token-dependent part, in [0, 1]
-    fallback  True: route as the static top-k router
+    bias        [E] per-expert score bias (the convex chunk problem's parametrisation)
+    alpha       mixing coefficient of the fast-weight network's token-dependent part, in [0, 1]
+    fallback    True: route as the static top-k router
+    drop_scale  [E] per-expert drop scale d (zeros: never drop the remaining slot)
     """
 
     bias: torch.Tensor
     alpha: float = 1.0
     fallback: bool = False
+    drop_scale: torch.Tensor | None = None
 
 
 class EnergyAwareRouter(Router):
@@ -60,6 +66,7 @@ class EnergyAwareRouter(Router):
         candidates: str = "static-or-cheap",
         fallback_k: int = 2,
         fast_net: FastWeightRouterNet | None = None,
+        drop: bool = False,
     ):
         super().__init__(num_experts, temperature)
         check_cheap(cheap_experts, num_experts, extra_slots)
@@ -76,6 +83,8 @@ class EnergyAwareRouter(Router):
         self.fallback_k = fallback_k
         self.fast_net = fast_net
         self.register_buffer("bias", torch.zeros(num_experts), persistent=False)  # [E]
+        self.register_buffer("drop_scale", torch.zeros(num_experts), persistent=False)  # [E]
+        self.drop = drop
         self.alpha = 1.0
         self.fallback = False
 
@@ -87,21 +96,33 @@ class EnergyAwareRouter(Router):
 
     def adaptation(self) -> Adaptation:
         """A copy of the current adaptable state."""
-        return Adaptation(self.bias.detach().clone(), self.alpha, self.fallback)
+        return Adaptation(self.bias.detach().clone(), self.alpha, self.fallback, self.drop_scale.detach().clone())
 
-    def adapt(self, bias: torch.Tensor | None = None, alpha: float | None = None, fallback: bool | None = None) -> None:
-        """Set any of bias [E], α and fallback (the only way the controller changes the router)."""
+    def adapt(self, bias: torch.Tensor | None = None, alpha: float | None = None, fallback: bool | None = None,
+              drop_scale: torch.Tensor | None = None) -> None:
+        """Set any of bias [E], α, fallback and drop_scale [E] (the only way the controller changes
+        the router)."""
         if bias is not None:
-            bias = torch.as_tensor(bias)
-            if bias.shape != self.bias.shape:
-                raise ValueError(f"bias must have shape {list(self.bias.shape)}, got {list(bias.shape)}")
-            self.bias = bias.to(device=self.bias.device, dtype=torch.float32)
+            self.bias = self._vector(bias, "bias")
+        if drop_scale is not None:
+            if not self.drop:
+                raise ValueError("this router was built without drop=True; it never drops a slot")
+            scale = self._vector(drop_scale, "drop_scale")
+            if bool((scale < 0).any()):
+                raise ValueError("drop_scale must be >= 0")
+            self.drop_scale = scale
         if alpha is not None:
             if not 0.0 <= alpha <= 1.0:
                 raise ValueError(f"alpha must be in [0, 1], got {alpha}")
             self.alpha = float(alpha)
         if fallback is not None:
             self.fallback = bool(fallback)
+
+    def _vector(self, value, name: str) -> torch.Tensor:
+        value = torch.as_tensor(value)
+        if value.shape != self.bias.shape:
+            raise ValueError(f"{name} must have shape {list(self.bias.shape)}, got {list(value.shape)}")
+        return value.to(device=self.bias.device, dtype=torch.float32)
 
     # ---- routing --------------------------------------------------------------------------------
 
@@ -127,7 +148,20 @@ class EnergyAwareRouter(Router):
             return gate_decision(logits, experts, self.temperature)
         scores = logits / self.temperature + self.dynamic_scores(logits, inputs)  # [N, E]
         scores = scores + self._allowed(logits)
-        return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
+        experts = static_top1_plus(scores, logits, self.extra_slots)              # [N, 1 + extra]
+        return gate_decision(logits, experts, self.temperature, self.kept_slots(logits, experts))
+
+    def kept_slots(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+        """[N, K] bool: the slots a token uses (None: all); with `drop`, slot 2 goes where
+        −log(1 − w) < d[expert], w its share of the two static gates."""
+        if not self.drop or not bool((self.drop_scale > 0).any()):
+            return None
+        q = gate_probs(logits.float(), self.temperature).gather(-1, experts)        # [N, K]
+        share = q[:, 1] / (q[:, 0] + q[:, 1]).clamp_min(1e-30)                    # [N]
+        keep = -torch.log1p(-share.clamp(max=1 - 1e-7)) >= self.drop_scale.to(q.device)[experts[:, 1]]
+        mask = torch.ones_like(experts, dtype=torch.bool)
+        mask[:, 1] = keep
+        return mask
 
     def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
         """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere."""

@@ -105,6 +105,13 @@ class QualityGuard:
         lo, hi = self.config.kappa_range
         return min(hi, max(lo, fast / slow))
 
+    def predicted_delta(self, deviation: float) -> float:
+        """The NLL increase per token the sensitivity model expects for a routing `deviation`
+        (the fast ratio ΔNLL / deviation; nan before the first check)."""
+        if self._fast is None or not math.isfinite(deviation):
+            return math.nan
+        return _ratio(self._fast) * deviation
+
     def judge(self, check: QualityCheck | None, deviation: float) -> GuardVerdict:
         """Update the price, the sensitivity and the fallback from one check (None: no check this
         chunk). `deviation` is the routing deviation of the checked chunk (mean KL to static)."""

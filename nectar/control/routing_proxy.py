@@ -4,7 +4,8 @@ The router forces the static top-1 expert into the first slot and picks the rema
 a candidate set A_t (the static second choice and the best cheap expert, for "static-or-cheap").
 The chunk problem is therefore posed over A_t: q_t is the static softmax restricted to A_t and
 renormalised (zero elsewhere), and p_t = softmax(log q_t + b) over A_t; the router's argmax over
-A_t is the mode of that p_t. `deviation_kl` is the mean KL(p_t ‖ q_t) of the bias in force: the
+A_t is the mode of that p_t. `deviation_kl` is the mean KL(p_t ‖ q_t) of the bias in force, plus,
+for a token whose remaining slot is dropped, the KL of the dropped gate mass −log(1 − w): the
 routing deviation the quality guard relates to the measured NLL increase.
 """
 
@@ -31,4 +32,16 @@ def deviation_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
     log_p = torch.log_softmax(log_q + router.bias.to(log_q), dim=-1)          # [N, E]
     p_NE = log_p.exp()
     kl_N = (p_NE * (log_p - log_q)).where(q_NE > 0, torch.zeros_like(p_NE)).sum(-1)
-    return float(kl_N.mean())
+    return float(kl_N.mean()) + drop_kl(router, logits)
+
+
+def drop_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
+    """Mean over tokens of −log(1 − w) for the tokens whose remaining slot the router drops."""
+    logits = logits.float()
+    decision = router(logits)
+    if decision.mask.all():
+        return 0.0
+    q_NK = decision.probs.gather(-1, decision.experts)                          # [N, K]
+    share_N = q_NK[:, 1] / (q_NK[:, 0] + q_NK[:, 1]).clamp_min(1e-30)
+    dropped_N = ~decision.mask[:, 1]
+    return float((-torch.log1p(-share_N.clamp(max=1 - 1e-7)) * dropped_N).mean())

@@ -101,11 +101,11 @@ def check_limits(records: list[dict], temp_cap_C: float | None, budget: Schedule
 
 
 def policy_points(summary: dict, chunks: list[dict], temp_cap_C: float | None = None,
-                  budget: Schedule | None = None) -> list[PolicyPoint]:
+                  budget: Schedule | None = None, baseline: str = BASELINE) -> list[PolicyPoint]:
     policies = summary["policies"]
-    if BASELINE not in policies:
-        raise ValueError(f"the frontier needs {BASELINE} among the policies (it is the reference)")
-    base = policies[BASELINE]
+    if baseline not in policies:
+        raise ValueError(f"the frontier needs {baseline} among the policies (it is the reference)")
+    base = policies[baseline]
     points = []
     for name, p in policies.items():
         records = [r for r in chunks if r["policy"] == name]
@@ -120,14 +120,16 @@ def policy_points(summary: dict, chunks: list[dict], temp_cap_C: float | None = 
 
 
 def frontier_report(summary: dict, chunks: list[dict], workload: str, temp_cap_C: float | None = None,
-                    budget: Schedule | None = None, nectar: str = NECTAR) -> dict:
-    """The frontier JSON: top-level figures of the issue, then one row per policy."""
+                    budget: Schedule | None = None, nectar: str = NECTAR, baseline: str = BASELINE) -> dict:
+    """The frontier JSON: top-level figures of the issue, then one row per policy (savings and
+    perplexity increases against `baseline`: static-top2, or a pretrained model's own top-K)."""
     bound = summary["max_ppl_increase"]
-    points = policy_points(summary, chunks, temp_cap_C, budget)
+    points = policy_points(summary, chunks, temp_cap_C, budget, baseline)
     static = [p for p in points if not p.adaptive and p.limits.holds]
     hull = StaticHull([HullPoint(p.name, p.dppl, p.saved) for p in static])
     within = [p.saved for p in static if p.dppl <= bound]
     report = {"backend": summary["backend"], "gpu": summary["gpu"], "workload": workload, "quality_bound": bound,
+              "baseline": baseline,
               "temp_cap_C": temp_cap_C, "power_budget_W": None if budget is None else budget.describe(),
               "best_fixed_saved_within_bound": max(within) if within else None,
               "static_policies_holding_limits": [p.name for p in static]}

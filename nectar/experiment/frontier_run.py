@@ -70,6 +70,7 @@ def frontier(model, workload: W.Workload, backend_factory, cfg: RunConfig, backe
     the last repeat, the pooled summary and the report (with per-repeat margins). The caller owns
     the backends the factory makes (a shared GPU backend stays open across repeats)."""
     cfg = with_workload_limits(cfg, workload)
+    baseline = getattr(model, "reference_policy", "static-top2")      # transformers MoE: the family's top-K
     all_rows, margins, runs = [], [], []
     for r in range(repeats):
         rep_cfg = replace(cfg, seed=cfg.seed + r, controller=replace(cfg.controller, seed=cfg.seed + r))
@@ -78,11 +79,12 @@ def frontier(model, workload: W.Workload, backend_factory, cfg: RunConfig, backe
         rows = [{**row, "repeat": r} for row in record_rows(runs)]
         summary = build_summary(runs, rep_cfg, backend=backend_name, workload=workload.describe())
         margins.append(frontier_report(summary, rows, workload.name, workload.temp_cap_C,
-                                       workload.power_budget).get("nectar_margin_over_hull"))
+                                       workload.power_budget, baseline=baseline).get("nectar_margin_over_hull"))
         all_rows += rows
     summary = build_summary(runs, cfg, backend=backend_name, workload=workload.describe(), repeats=repeats)
     summary["policies"] = pooled_policies(runs, all_rows)
-    report = frontier_report(summary, all_rows, workload.name, workload.temp_cap_C, workload.power_budget)
+    report = frontier_report(summary, all_rows, workload.name, workload.temp_cap_C, workload.power_budget,
+                             baseline=baseline)
     report.update(repeats=repeats, nectar_margin_per_repeat=margins, **interval(margins),
                   workload_detail=workload.describe(), chunk_domains=workload.domains,
                   settings=settings(cfg))
@@ -119,11 +121,12 @@ def write_frontier(out: Path, runs: list[PolicyRun], summary: dict, report: dict
 
 
 def run_frontier(args, out: Path, command: str) -> dict:
-    """`nectar frontier`: load the model, build the workload, run, write into `out`; returns the report."""
+    """`nectar frontier`: load the model, build the workload, run, write into `out`; returns the
+    report. Without --policies: the model's whole static frontier, the PI baseline and NECTAR."""
     from nectar.cli.experiment_args import backend_factory, check_model_fits, configs, place_model
     from nectar.train.recipes import committed_model, load_demo_model
 
-    cfg = configs(args, args.policies)
+    cfg = configs(args, args.policies or default_policies(None))
     factory = backend_factory(args, cfg)
     probe = factory()
     torch_device = probe.torch_device
@@ -134,12 +137,29 @@ def run_frontier(args, out: Path, command: str) -> dict:
                               block_chunks=args.block_chunks, temp_cap_C=args.temp_cap, heat=args.heat,
                               power_budget=args.power_budget)
     model = place_model(demo.model, torch_device)
+    if args.policies is None:
+        cfg = replace(cfg, policies=default_policies(model))
+    reference = getattr(model, "reference_policy", "static-top2")
+    if reference not in cfg.policies:
+        raise ValueError(f"--policies must include {reference}: the frontier measures every policy against it")
     runs, summary, report = frontier(model, workload, factory, cfg, args.backend, repeats=args.repeats,
                                      progress=not args.no_progress)
     for run in runs:
         run.backend.close()
     write_frontier(out, runs, summary, report, command)
     return report
+
+
+def default_policies(model) -> list[str]:
+    """The frontier's policies for `model` (None: MoE-DistilGPT2's): the static frontier, the PI
+    baseline and NECTAR; a transformers MoE model has its own static frontier (nectar.hf.policies)."""
+    if model is not None and hasattr(model, "reference_policy"):
+        from nectar.hf.policies import frontier_policies
+
+        return frontier_policies(model.top_k) + ["nectar"]
+    from nectar.cli.frontier import ADAPTIVE, STATIC_FRONTIER
+
+    return STATIC_FRONTIER + ADAPTIVE
 
 
 def print_frontier(report: dict) -> None:

@@ -14,7 +14,7 @@ Adaptive:
 - `nectar`, and the ablations `nectar:prior` (the cost model keeps its FLOP prior),
   `nectar:frozen` (the cost model stops learning after a few chunks), `nectar:fast` (with the
   fast-weight router network), `nectar:noscale` (one quality price for every chunk, no
-  per-chunk sensitivity).
+  per-chunk sensitivity), `nectar:nodrop` (never lets a token skip its remaining slot).
 Cheap experts are those whose forward FLOPs per token are at most half of the layer's most
 expensive expert (narrow and zero-computation experts).
 """
@@ -30,11 +30,11 @@ from nectar.control.fast_router import FastWeightRouterNet
 from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
-NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale")
-STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix")
+NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale", "nectar:nodrop")
+STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix", "threshold")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
 POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "top-p:P", "mix:S",
-            "pi-share:S", *NECTAR_VARIANTS)
+            "pi-share:S", "threshold:T", *NECTAR_VARIANTS)
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,9 @@ def parse_policy(name: str) -> PolicySpec:
     if name in NECTAR_VARIANTS:
         return PolicySpec(name, "nectar")
     kind, sep, value = name.partition(":")
-    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share"):
+    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share", "threshold"):
         number = _number(name, value)
-        if kind in ("top-p", "mix", "pi-share") and not 0.0 <= number <= 1.0:
+        if kind in ("top-p", "mix", "pi-share", "threshold") and not 0.0 <= number <= 1.0:
             raise ValueError(f"policy {name!r}: {kind} takes a value in [0, 1], got {number}")
         return PolicySpec(name, kind, number)
     raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
@@ -101,6 +101,10 @@ def cheap_experts(layer, cheap_fraction: float = 0.5) -> list[int]:
 def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0) -> Router:
     """A fresh router of `policy` for `layer` (an MoE layer: num_experts, d_model, experts)."""
     spec = parse_policy(policy) if isinstance(policy, str) else policy
+    if hasattr(layer, "policy_router"):        # a transformers MoE block: nectar.hf.policies names its routers
+        return layer.policy_router(spec.name)
+    if spec.kind == "threshold":
+        raise ValueError(f"policy {spec.name!r} routes pretrained transformers MoE models only")
     num = layer.num_experts
     if spec.kind == "static-top":
         k = int(spec.value)
@@ -117,7 +121,8 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     if spec.kind == "mix":
         return MixedTrainingRouter(num, cheap, k=2, cheap_prob=spec.value, temperature=temperature, seed=seed)
     fast_net = FastWeightRouterNet(layer.d_model, num) if spec.name == "nectar:fast" else None
-    router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net)
+    drop = spec.is_nectar and spec.name != "nectar:nodrop"
+    router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net, drop=drop)
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))
     return router

@@ -96,7 +96,8 @@ def build_policy(name: str, model, backend, cfg: RunConfig) -> PolicyRun:
     spec = parse_policy(name)
     layers = [layer for _, layer in model.moe_layers()]
     routers = [policy_router(spec, layer, seed=cfg.seed) for layer in layers]
-    run = PolicyRun(name, spec, routers, [policy_router("static-top2", layer) for layer in layers], backend)
+    reference = getattr(model, "reference_policy", "static-top2")   # transformers MoE: the family's own top-K
+    run = PolicyRun(name, spec, routers, [policy_router(reference, layer) for layer in layers], backend)
     if spec.is_nectar:
         run.controller = NectarController(routers, nectar_config(spec, cfg.controller),
                                           cost_layers=[idx for idx, _ in model.moe_layers()])

@@ -6,10 +6,13 @@ a separate, swappable module (`layer.router = other_router`), so several routing
 run on one set of weights. The router gets the gate logits and the gate inputs (adaptive routers
 use the inputs; static ones ignore them).
 
-Dispatch (`nectar.moe.dispatch`) takes the grouped, host-sync-free path where it can (CUDA, bf16)
-and the exact per-expert loop otherwise (`layer.grouped = False` forces the loop).
-`layer.compile_dispatch()` runs gate → router → grouped dispatch through `torch.compile` (optional;
-eager is the default).
+Dispatch (`nectar.moe.dispatch`): in eager mode the per-expert loop (one host read of the counts
+per layer, then one large GEMM per expert) is the default, because it measured faster on the H200
+(docs/results/h200/bench: whole MoE-DistilGPT2 forward 2.50 vs 1.68 M tokens/s; MoE layer at 128K
+tokens 0.62× vs 0.58× dense, SwiGLU); `layer.grouped = True` takes the grouped, host-sync-free
+`torch._grouped_mm` path where it can run (CUDA, bf16). `layer.compile_dispatch()` runs gate →
+router → grouped dispatch through `torch.compile` (0.91× dense for SwiGLU at 32K tokens on the
+H200; optional, and it turns the grouped path on).
 
 While a `RoutingRecorder` is set (`layer.recorder`, for the length of one chunk: see
 `MoEGPT2LMHeadModel.recording`), every forward adds its counts and a sample of its logits and
@@ -74,7 +77,7 @@ class MoELayer(nn.Module):
         self.gate = nn.Linear(d_model, len(experts), bias=False)  # weight [E, D]
         self.experts = experts
         self.router = router
-        self.grouped = True  # take the grouped (sync-free) dispatch path where it can run
+        self.grouped = False  # True: the grouped (sync-free) dispatch path where it can run (see above)
         self.compile_options: dict | None = None  # set by compile_dispatch
         self.recorder: RoutingRecorder | None = None
         self.last_decision: RoutingDecision | None = None
@@ -90,6 +93,7 @@ class MoELayer(nn.Module):
         """Run gate → router → grouped dispatch through torch.compile(**options) when the grouped
         path applies (the loop path stays eager). Off by default."""
         self.compile_options = dict(options) if enabled else None
+        self.grouped = self.grouped or enabled
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

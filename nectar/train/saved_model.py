@@ -111,6 +111,10 @@ def load_demo_model(directory: Path) -> DemoModel:
     """A saved experiment model (config, weights, tokenizer, held-out streams, info); ValueError with
     one line naming the file when any part is missing, truncated or inconsistent."""
     directory = Path(directory)
+    from nectar.hf.load import is_hf_moe_dir, load_hf_demo
+
+    if is_hf_moe_dir(directory):        # a saved Mixtral / Qwen-MoE / OLMoE / DeepSeek-V3 (nectar.hf)
+        return load_hf_demo(directory)
     check_model_dir(directory)
     try:
         with quiet_transformers():

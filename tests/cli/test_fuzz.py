@@ -288,6 +288,7 @@ FAST_FRONTIER = ["--tokens", "1024", "--chunk-tokens", "1024", "--price-batch", 
 FRONTIER_CASES = [
     Case("frontier-unknown-workload", ["frontier", "--workload", "tidal"], 2, r"invalid choice: 'tidal'"),
     Case("frontier-no-reference", ["frontier", "--policies", "static-top1,nectar"], 2, r"must include static-top2"),
+    Case("frontier-no-static-policy", ["frontier", "--policies", "nectar"], 2, r"must include the reference"),
     Case("frontier-unknown-policy", ["frontier", "--policies", "static-top2,fixed-bias:x"], 2, r"is not a number"),
     Case("frontier-mix-out-of-range", ["frontier", "--policies", "static-top2,mix:1.5"], 2, r"mix takes a value in"),
     Case("frontier-thermal-without-cap", ["frontier", "--workload", "thermal"], 2, r"needs --temp-cap"),

@@ -153,11 +153,28 @@ def test_shadow_schedule_covers_the_requested_share_of_sequences():
         seen.append(rows.numel())
         return QualityCheck(2.0, 2.0, 16 * rows.numel())
 
-    ctl, _ = _controller()
+    ctl, _ = _controller(shadow_backoff=1)
     ctl.config.shadow_share = 1 / 64
     for _ in range(32):
         ctl.after_chunk(_observe([2, 2, 2, 2], torch.zeros(8, 4), rows=16), _window(), shadow)
     assert sum(seen) == 32 * 16 // 64      # one row every fourth chunk of 16 rows
+
+
+def test_checks_thin_out_while_they_confirm_the_model_and_return_on_a_surprise():
+    """ΔNLL = 0.2 · deviation, which the sensitivity model learns: the checks back off to every
+    8th chunk; when the domain turns three times as sensitive they come back at once."""
+    ctl, router = _controller(guard=GuardConfig(price_lr=0.0, fast_memory=1.0), shadow_backoff=8)
+    logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(3))
+    checked = []
+    for i in range(60):
+        slope = 0.2 if i < 40 else 0.6
+        check = _check(slope * deviation_kl(router, logits))
+        rec_chunks = ctl.chunks
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), lambda rows, c=check: checked.append(rec_chunks) or c(rows))
+    gaps = [b - a for a, b in zip(checked, checked[1:])]
+    assert max(gaps[:8]) == 8                        # backed off while the model held
+    after = [c for c in checked if c >= 40]
+    assert after and after[1] - after[0] == 1        # a surprise: the next chunk is checked again
 
 
 def test_bad_controller_options():

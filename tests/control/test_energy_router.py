@@ -122,3 +122,48 @@ def test_static_or_cheap_candidates_choose_between_the_trained_routings():
     assert torch.equal(router(logits).experts[:, 1], cheap[:, 1])
     with pytest.raises(ValueError):
         EnergyAwareRouter(6, cheap_experts=[4], candidates="some")
+
+
+def test_drop_rule_is_the_per_token_minimiser_of_cost_plus_dropped_mass_kl():
+    """Slot 2 is dropped exactly where c_e < λ·(−log(1 − w)) fails, i.e. where the closed-form
+    per-token comparison 'saved cost c_e vs λ × KL of the dropped gate mass' favours dropping."""
+    torch.manual_seed(3)
+    num, lam = 6, 0.5
+    cost = torch.tensor([0.0, 0.1, 0.3, 0.05, 0.2, 0.4])                           # [E] saved J per slot
+    router = EnergyAwareRouter(num, cheap_experts=[3], drop=True)
+    router.adapt(drop_scale=cost / lam)
+    logits = torch.randn(500, num) * 2                                             # [N, E]
+    decision = router(logits)
+    probs = torch.softmax(logits, -1)
+    for n in range(logits.shape[0]):
+        e1, e2 = decision.experts[n].tolist()
+        w = probs[n, e2] / (probs[n, e1] + probs[n, e2])
+        drop_better = cost[e2] > lam * -torch.log1p(-w)                            # keep costs c, drop costs λ·KL
+        assert bool(decision.mask[n, 1]) == (not bool(drop_better))
+    assert 0 < int((~decision.mask[:, 1]).sum()) < logits.shape[0]                 # both outcomes occur
+    kept = decision.gates[decision.mask[:, 1]]
+    dropped = decision.gates[~decision.mask[:, 1]]
+    assert torch.allclose(kept.sum(-1), torch.ones(len(kept)))
+    assert torch.allclose(dropped[:, 0], torch.ones(len(dropped))) and bool((dropped[:, 1] == 0).all())
+
+
+def test_drop_needs_a_drop_router_and_counts_in_the_deviation():
+    from nectar.control.routing_proxy import deviation_kl, drop_kl
+
+    plain = EnergyAwareRouter(4, cheap_experts=[3])
+    with pytest.raises(ValueError, match="drop=True"):
+        plain.adapt(drop_scale=torch.ones(4))
+    router = EnergyAwareRouter(4, cheap_experts=[3], drop=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        router.adapt(drop_scale=-torch.ones(4))
+    logits = torch.randn(300, 4)
+    assert drop_kl(router, logits) == 0.0
+    base = deviation_kl(router, logits)
+    router.adapt(drop_scale=torch.full((4,), 0.3))
+    decision = router(logits)
+    probs = torch.softmax(logits, -1)
+    q = probs.gather(-1, decision.experts)
+    w = q[:, 1] / q.sum(-1)
+    expected = float((-torch.log1p(-w) * ~decision.mask[:, 1]).mean())            # independent per-token sum
+    assert drop_kl(router, logits) == pytest.approx(expected, rel=1e-5)
+    assert deviation_kl(router, logits) == pytest.approx(base + expected, rel=1e-5)

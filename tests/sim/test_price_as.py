@@ -38,3 +38,18 @@ def test_unknown_target():
     with pytest.raises(ValueError):
         rescale(_small(), "gpt5")
     assert "distilgpt2" in TARGETS
+
+
+def test_activation_bytes_scale_with_width_and_element_size_weights_with_area():
+    """A GELU expert D→H moves (2D + 4H) activations per token and holds D·H·2 weights: priced at
+    768→3072 in bf16 from 128→512 in fp32, both must equal the big expert's own figures."""
+    small, big = (128, 512), (768, 3072)
+    cost = lambda d, h, elem: ExpertCost(flops=4 * d * h, bytes=(2 * d + 4 * h) * elem, weight_bytes=2 * d * h * elem)  # noqa: E731
+    layer = LayerWorkload([1024], [cost(*small, 4)])
+    work = ChunkWorkload(tokens=1024, batch=4, seq_len=256, d_model=128, n_layers=1, n_heads=4, vocab_size=100,
+                         layers=[layer], dtype_bytes=4)
+    priced = rescale(work, TargetShape("t", d_model=768, n_heads=12, seq_len=1024, batch=4, vocab_size=100))
+    want = cost(*big, 2)
+    got = priced.layers[0].expert_costs[0]
+    assert (got.flops, got.bytes, got.weight_bytes) == pytest.approx((want.flops, want.bytes, want.weight_bytes))
+    assert priced.dtype_bytes == 2

@@ -1,0 +1,84 @@
+"""NECTAR's energy knob for pretrained experts: per-token adaptive k over the family's own top-K.
+
+No retraining: the gate is the model's own. Per token the static top-1 expert is always kept and a
+slot of rank ≥ 1 is kept iff its renormalised weight among the top-K is at least the effective
+threshold α·τ (`nectar.hf.threshold.keep_mask`); kept slots are weighed the family's way
+(`nectar.hf.routers`). τ = 0 (or fallback) is the family's top-K exactly; τ > 1/2 is top-1.
+
+What adapts — τ, α and fallback — is one `KAdaptation` record, read with `adaptation()` and written
+with `adapt(...)`, like `nectar.control.energy_router.EnergyAwareRouter`: the quality guard's α
+scales the threshold down (α = 1 full adaptation, α → 0 static) and fallback restores the static
+top-K. The controller's step picks τ with `choose_threshold` on the chunk's sample of gate logits
+(cost + λ·KL, vectorised over a grid); `deviation` is the KL of the routing in force, the quantity
+the quality guard relates to the measured NLL increase.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from nectar.hf.families import FamilyRouting
+from nectar.hf.routers import ThresholdRouter
+from nectar.hf.threshold import DEFAULT_GRID, check_threshold, choose_threshold, threshold_objective
+
+
+@dataclass
+class KAdaptation:
+    """The adaptable state of one AdaptiveKRouter.
+
+    threshold  τ in [0, 1]: a slot of rank ≥ 1 is kept iff its renormalised weight ≥ α·τ
+    alpha      the quality guard's mixing coefficient in [0, 1]
+    fallback   True: route as the family's static top-K
+    """
+
+    threshold: float = 0.0
+    alpha: float = 1.0
+    fallback: bool = False
+
+
+class AdaptiveKRouter(ThresholdRouter):
+    """ThresholdRouter whose threshold, α and fallback the controller adapts."""
+
+    def __init__(self, family: FamilyRouting, threshold: float = 0.0, renormalize: str = "family"):
+        super().__init__(family, threshold, renormalize)
+        self.alpha = 1.0
+        self.fallback = False
+
+    @property
+    def effective_threshold(self) -> float:
+        return 0.0 if self.fallback else self.alpha * self.threshold
+
+    def adaptation(self) -> KAdaptation:
+        """A copy of the current adaptable state."""
+        return KAdaptation(self.threshold, self.alpha, self.fallback)
+
+    def adapt(self, threshold: float | None = None, alpha: float | None = None, fallback: bool | None = None) -> None:
+        """Set any of τ, α and fallback (the only way the controller changes the router)."""
+        if threshold is not None:
+            self.threshold = check_threshold(threshold)
+        if alpha is not None:
+            self.alpha = check_threshold(alpha, "alpha")
+        if fallback is not None:
+            self.fallback = bool(fallback)
+
+    @torch.no_grad()
+    def slot_weights(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(experts [n, K], renormalised weights [n, K]) of the family's top-K for logits [n, E]."""
+        sel = self.family.select(logits)
+        return sel.experts, sel.weights()
+
+    def deviation(self, logits: torch.Tensor) -> float:
+        """Mean KL(adapted ‖ static) over a sample of gate logits [n, E] of the routing in force
+        (−log of the kept share of the renormalised top-K weight; 0 for an empty sample)."""
+        if logits.numel() == 0:
+            return 0.0
+        experts, weights = self.slot_weights(logits)
+        return float(threshold_objective(weights, experts, 0.0, 0.0, [self.effective_threshold]).mean_kl[0])
+
+    def choose_threshold(self, logits: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
+        """The threshold minimising mean cost + λ·KL on a sample of this layer's gate logits [n, E]
+        (`cost`: a scalar or [E] per-expert cost, e.g. J per token)."""
+        experts, weights = self.slot_weights(logits)
+        return choose_threshold(weights, experts, cost, lam, grid)
