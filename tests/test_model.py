@@ -265,19 +265,37 @@ def test_presets():
         preset_config("gpt5")
 
 
-def test_committed_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout():
-    """data/models/cpu-demo was saved with one module per expert (`...experts.<i>.c_fc.weight`):
-    every such tensor lands in its stack, and a layer computes what those per-expert modules compute."""
+def test_a_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout(tmp_path):
+    """Checkpoints saved before the stacked layout hold one module per expert
+    (`...experts.<i>.c_fc.weight`): a copy of data/models/cpu-demo rewritten that way loads, every
+    such tensor lands in its stack, and a layer computes what those per-expert modules compute."""
+    import shutil
     from pathlib import Path
 
     from safetensors import safe_open
+    from safetensors.torch import save_file
 
     from nectar.moe.dispatch import reference_dispatch
+    from nectar.moe.expert_pool import GELUGroup
 
-    directory = Path(__file__).resolve().parents[1] / "data" / "models" / "cpu-demo"
-    model = MoEGPT2LMHeadModel.from_pretrained(directory, dtype=torch.float32).eval()
-    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
-        saved = {k: f.get_tensor(k).float() for k in f.keys()}
+    demo = Path(__file__).resolve().parents[1] / "data" / "models" / "cpu-demo"
+    current = MoEGPT2LMHeadModel.from_pretrained(demo, dtype=torch.float32).eval()
+    with safe_open(str(demo / "model.safetensors"), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    legacy = {k: v for k, v in tensors.items() if ".mlp.moe.experts.groups." not in k}
+    for idx, layer in current.moe_layers():
+        for g, (group, first, _) in enumerate(layer.experts.spans()):
+            stacked = f"transformer.h.{idx}.mlp.moe.experts.groups.{g}."
+            if isinstance(group, GELUGroup) and stacked + "c_fc" in tensors:
+                for j in range(group.count):
+                    old = f"transformer.h.{idx}.mlp.moe.experts.{first + j}."
+                    for name, key in (("c_fc.weight", "c_fc"), ("c_fc.bias", "c_fc_bias"), ("c_proj.weight", "c_proj"),
+                                      ("c_proj.bias", "c_proj_bias")):
+                        legacy[old + name] = tensors[stacked + key][j].clone()
+    shutil.copytree(demo, tmp_path / "legacy")
+    save_file(legacy, str(tmp_path / "legacy" / "model.safetensors"), metadata={"format": "pt"})
+    model = MoEGPT2LMHeadModel.from_pretrained(tmp_path / "legacy", dtype=torch.float32).eval()
+    saved = {k: v.float() for k, v in legacy.items()}
     layer = model.transformer.h[3].mlp.moe
     old = []
     for i, view in enumerate(layer.experts):
@@ -289,8 +307,11 @@ def test_committed_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout
         else:
             expert = type(view)(view.d_model)
         old.append(expert)
-    assert len([k for k in saved if ".mlp.moe.experts." in k]) == 6 * 4 * 5  # 6 layers × 5 GELU experts
+    gelu_experts = sum(isinstance(view, GELUExpert) for view in layer.experts)
+    assert len([k for k in saved if ".mlp.moe.experts." in k]) == 6 * 4 * gelu_experts  # 6 layers, 4 tensors each
     hidden = torch.randn(40, model.config.n_embd)
     with torch.no_grad():
         decision = layer.router(layer.gate(hidden))
         torch.testing.assert_close(layer(hidden), reference_dispatch(hidden, decision, old), rtol=1e-5, atol=1e-6)
+        ids = torch.arange(24).view(2, 12)
+        torch.testing.assert_close(model(ids).logits, current(ids).logits)

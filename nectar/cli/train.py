@@ -1,12 +1,20 @@
-"""`nectar train`: train the dense model, upcycle it to MoE, fine-tune, report held-out perplexity.
+"""`nectar train`: train a dense parent, upcycle it to an MoE, fine-tune it, evaluate, save the model.
 
-Writes to --out DIR: tokenizer/, dense/, moe/ (save_pretrained directories) and summary.json
-(settings, per-stage losses summary, held-out perplexities, timings). Example (CPU, ~2 min):
+A recipe (nectar.train.recipes, docs/model.md) decides everything; options override its fields.
+`--recipe cpu-demo|distilgpt2` picks one (`nectar train --recipe distilgpt2 --device cuda --out DIR`
+is the GPU model of `nectar hw-run`, ~6 min on one H200); without --recipe, `--preset tiny|distilgpt2`
+trains that shape with --num-experts full GELU experts. `--dense-from DIR` upcycles real GPT-2 /
+DistilGPT2 weights from a local directory instead of training the parent (the corpus is re-tokenized
+with DIR's tokenizer; nothing is downloaded). Examples:
 
-    nectar train --preset tiny --steps-dense 200 --steps-moe 50 --out runs/tiny
+    nectar train --preset tiny --corpus slice --steps-dense 200 --steps-moe 50 --out runs/tiny
+    nectar train --recipe cpu-demo --threads 1 --fp16 --out data/models/cpu-demo --overwrite
+    nectar train --recipe distilgpt2 --device cuda --out runs/distilgpt2 --summary-out docs/results/h200/model
 
-Every argument (and --out) is checked before training starts, and the command says what it trains
-and for how long before it does; the output folder appears only when training is complete.
+--out gets what `nectar run --model` loads: config + weights, tokenizer, heldout_ids.pt,
+heldout_domains.pt and nectar_model.json (recipe, corpus sha256, tokens and seconds per stage,
+loss curves, held-out perplexity overall and per domain); `--save-dense` adds dense/. Every
+argument (and --out) is checked before training starts; the folder appears only when complete.
 """
 
 from __future__ import annotations
@@ -15,63 +23,98 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from nectar.cli.common import (cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int,
-                               strict_json)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from transformers import GPT2LMHeadModel
-
-    from nectar.train.loop import PreparedData, TrainConfig, TrainResult
+from nectar.cli.common import cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int
 
 # Names and defaults of the training code, spelled out so that `nectar train --help` does not import
 # torch; tests/cli/test_help.py checks that they agree with nectar.model, nectar.train.*.
 PRESETS = ("distilgpt2", "tiny")
 RECIPES = ("cpu-demo", "distilgpt2")
 DTYPES = ("bfloat16", "float32")
-BALANCE_LOSSES = ("entropy", "importance", "kl_uniform", "switch")
-DEFAULT_VOCAB_SIZE = 8192
+BALANCE_LOSSES = ("entropy", "importance", "kl_uniform", "null_aware", "switch")
+CORPORA = ("built", "slice")
+COMPUTE_COSTS = ("flops", "skip")
 MIN_VOCAB_SIZE = 257
-BALANCE_COEF = 0.01
+RECIPE_DEFAULT = "(default: the recipe's)"
+
+# option -> ModelRecipe field it overrides (None: not given, keep the recipe's)
+OVERRIDES = {"steps_dense": "dense_steps", "steps_moe": "moe_steps", "batch": "batch", "seq_len": "seq_len",
+             "lr": "lr", "moe_lr_scale": "moe_lr_scale", "vocab_size": "vocab_size", "top_k": "top_k",
+             "balance_loss": "balance_loss", "balance_coef": "balance_coef", "aux_free_gamma": "aux_free_gamma",
+             "compute_coef": "compute_coef", "compute_costs": "compute_costs",
+             "compute_temperature": "compute_temperature", "cheap_prob": "cheap_prob", "single_prob": "single_prob",
+             "router_lr_scale": "router_lr_scale", "eval_tokens": "eval_tokens", "corpus": "corpus",
+             "dense_share": "dense_share"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("nectar train", __doc__)
-    p.add_argument("--preset", choices=PRESETS, default="tiny", help="dense model shape")
-    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="train this recipe's model (nectar.train.recipes); without it, --preset's shape with "
+                        "--num-experts full experts")
+    p.add_argument("--preset", choices=PRESETS, default="tiny", help="dense model shape when no --recipe is given")
+    p.add_argument("--dense-from", type=Path, default=None,
+                   help="upcycle the GPT-2 / DistilGPT2 in this local directory (HF format, local_files_only) "
+                        "instead of training the dense parent; the corpus is re-tokenized with its tokenizer")
+    p.add_argument("--out", type=Path, default=Path("runs/train"), help="output folder (the saved MoE model)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a non-empty --out (the old folder is deleted only once training is complete)")
-    p.add_argument("--steps-dense", type=positive_int, default=200, help="dense training steps")
-    p.add_argument("--steps-moe", type=positive_int, default=50, help="MoE fine-tuning steps")
-    p.add_argument("--batch", type=positive_int, default=8, help="sequences per step")
-    p.add_argument("--seq-len", type=positive_int, default=128, help="tokens per sequence (at most the preset's positions)")
-    p.add_argument("--lr", type=positive_float, default=None, help="learning rate (default: 3e-3 for tiny, 6e-4 for distilgpt2)")
-    p.add_argument("--moe-lr-scale", type=positive_float, default=0.3, help="MoE fine-tuning lr = lr * this")
+    p.add_argument("--summary-out", type=Path, default=None,
+                   help="also write summary.json and training_curves.png here (e.g. docs/results/<gpu>/model)")
+    p.add_argument("--save-dense", action="store_true", help="also save the dense parent to OUT/dense")
+    p.add_argument("--corpus", choices=CORPORA, default=None,
+                   help=f"built: the token shards (data/corpus/built or $NECTAR_DATA); slice: the committed text "
+                        f"slice, split by document (tests and quick demos only) {RECIPE_DEFAULT}")
+    p.add_argument("--steps-dense", type=positive_int, default=None, help=f"dense training steps {RECIPE_DEFAULT}")
+    p.add_argument("--steps-moe", type=positive_int, default=None, help=f"MoE fine-tuning steps {RECIPE_DEFAULT}")
+    p.add_argument("--time-budget-s", type=positive_float, default=None,
+                   help=f"wall-clock budget of both training stages; the lr schedule follows it {RECIPE_DEFAULT}")
+    p.add_argument("--dense-share", type=positive_float, default=None,
+                   help=f"share of the time budget for the dense stage, in (0, 1) {RECIPE_DEFAULT}")
+    p.add_argument("--batch", type=positive_int, default=None, help=f"sequences per step {RECIPE_DEFAULT}")
+    p.add_argument("--seq-len", type=positive_int, default=None,
+                   help=f"tokens per sequence, at most the model's positions {RECIPE_DEFAULT}")
+    p.add_argument("--lr", type=positive_float, default=None, help=f"peak learning rate {RECIPE_DEFAULT}")
+    p.add_argument("--moe-lr-scale", type=positive_float, default=None,
+                   help=f"MoE fine-tuning lr = lr * this {RECIPE_DEFAULT}")
+    p.add_argument("--router-lr-scale", type=positive_float, default=None,
+                   help=f"the gates' lr = MoE lr * this {RECIPE_DEFAULT}")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
-    p.add_argument("--dtype", choices=DTYPES, default="float32", help="autocast dtype")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bfloat16 on CUDA, else float32)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the dense stage (falls back to eager)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed")
-    p.add_argument("--vocab-size", type=positive_int, default=DEFAULT_VOCAB_SIZE, help=f"BPE vocabulary (>= {MIN_VOCAB_SIZE})")
-    p.add_argument("--num-experts", type=positive_int, default=4, help="GELU experts per MoE layer (without --expert-specs)")
-    p.add_argument("--top-k", type=positive_int, default=2, help="experts per token (at most the number of experts)")
+    p.add_argument("--vocab-size", type=positive_int, default=None,
+                   help=f"train a BPE of this many ids on the training text (>= {MIN_VOCAB_SIZE}) instead of using "
+                        f"the corpus tokenizer {RECIPE_DEFAULT}")
+    p.add_argument("--num-experts", type=positive_int, default=4,
+                   help="full GELU experts per MoE layer without --recipe and --expert-specs")
+    p.add_argument("--top-k", type=positive_int, default=None, help=f"experts per token {RECIPE_DEFAULT}")
     p.add_argument("--expert-specs", type=str, default=None,
                    help='JSON list, e.g. \'[{"kind": "gelu", "count": 4}, {"kind": "zero", "count": 1}]\' '
-                        "(default: --num-experts GELU experts)")
-    p.add_argument("--balance-loss", choices=BALANCE_LOSSES, default="switch", help="MoE stage balancing loss")
-    p.add_argument("--balance-coef", type=non_negative_float, default=BALANCE_COEF, help="weight of the balancing loss")
-    p.add_argument("--aux-free-gamma", type=non_negative_float, default=0.0,
-                   help="> 0: auxiliary-loss-free balancing bias step size per training step (DeepSeek-V3)")
-    p.add_argument("--eval-tokens", type=positive_int, default=None, help="cap on held-out tokens evaluated (default: all)")
-    p.add_argument("--time-budget-s", type=positive_float, default=None,
-                   help="wall-clock budget for both training stages, split in proportion to their steps (default: none)")
+                        "(default: the recipe's pool)")
+    p.add_argument("--balance-loss", choices=BALANCE_LOSSES, default=None,
+                   help=f"MoE stage balancing loss; null_aware balances the full experts only {RECIPE_DEFAULT}")
+    p.add_argument("--balance-coef", type=non_negative_float, default=None,
+                   help=f"weight of the balancing loss {RECIPE_DEFAULT}")
+    p.add_argument("--compute-coef", type=non_negative_float, default=None,
+                   help=f"weight of the expected-compute regulariser (moves tokens to cheap experts) {RECIPE_DEFAULT}")
+    p.add_argument("--compute-costs", choices=COMPUTE_COSTS, default=None,
+                   help=f"costs of that term: flops (every cheap expert is rewarded) or skip (only the zero expert) "
+                        f"{RECIPE_DEFAULT}")
+    p.add_argument("--compute-temperature", type=positive_float, default=None,
+                   help=f"softmax temperature of that term (< 1: it acts mostly on the first choice) {RECIPE_DEFAULT}")
+    p.add_argument("--cheap-prob", type=non_negative_float, default=None,
+                   help=f"share of fine-tuning tokens routed top-1 + best cheap expert {RECIPE_DEFAULT}")
+    p.add_argument("--single-prob", type=non_negative_float, default=None,
+                   help=f"share of fine-tuning tokens routed to their top-1 expert alone {RECIPE_DEFAULT}")
+    p.add_argument("--aux-free-gamma", type=non_negative_float, default=None,
+                   help=f"> 0: auxiliary-loss-free balancing bias step per training step {RECIPE_DEFAULT}")
+    p.add_argument("--eval-tokens", type=positive_int, default=None,
+                   help=f"held-out tokens evaluated per stream {RECIPE_DEFAULT}")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--recipe", choices=RECIPES, default=None,
-                   help="train an experiment model instead (nectar.train.recipes): dense → upcycle with "
-                        "narrow/zero/copy experts → fine-tune with cheap-slot mixing; saves what `nectar run "
-                        "--model` loads (fp16 weights with --fp16)")
-    p.add_argument("--fp16", action="store_true", help="with --recipe: store the weights in float16")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -88,24 +131,6 @@ def parse_expert_specs(text: str | None) -> list[dict] | None:
     return specs
 
 
-def stage_summary(result: TrainResult) -> dict:
-    head = result.lm_losses[: max(1, len(result.lm_losses) // 10)]
-    tail = result.lm_losses[-max(1, len(result.lm_losses) // 10):]
-    return {"steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 2),
-            "stopped_early": result.stopped_early,
-            "first_loss": sum(head) / len(head) if head else None,
-            "last_loss": sum(tail) / len(tail) if tail else None}
-
-
-@dataclass
-class StageOutcome:
-    model: GPT2LMHeadModel
-    result: TrainResult
-    heldout_perplexity: float
-    config: TrainConfig
-    perplexity_at_upcycle: float | None = None
-
-
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[dict] | None]:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -115,13 +140,50 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[dict] |
         parser.error(str(exc))
     if args.threads is not None and args.threads < 1:
         parser.error(f"--threads must be >= 1, got {args.threads}")
-    if args.vocab_size < MIN_VOCAB_SIZE:
+    if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
         parser.error(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + eos), got {args.vocab_size}")
+    if args.dense_share is not None and not 0 < args.dense_share < 1:
+        parser.error(f"--dense-share must lie in (0, 1), got {args.dense_share}")
+    for name in ("cheap_prob", "single_prob"):
+        if getattr(args, name) is not None and getattr(args, name) > 1:
+            parser.error(f"--{name.replace('_', '-')} must lie in [0, 1], got {getattr(args, name)}")
     return args, expert_specs
 
 
-def check_args(args: argparse.Namespace, expert_specs: list[dict] | None) -> None:
-    """Everything the two stages will need, checked before the first step (ValueError)."""
+def make_recipe(args: argparse.Namespace, expert_specs: list[dict] | None):
+    """The recipe the options describe: --recipe's (or the generic one of --preset) with overrides."""
+    from nectar.train.recipes import RECIPES as TABLE, generic_recipe
+
+    recipe = TABLE[args.recipe] if args.recipe else generic_recipe(args.preset, args.num_experts)
+    changes = {field: getattr(args, option) for option, field in OVERRIDES.items() if getattr(args, option) is not None}
+    if expert_specs is not None:
+        changes["specs"] = expert_specs
+    if args.time_budget_s is not None:
+        changes["time_budget_s"] = args.time_budget_s
+    if args.compile:
+        changes["compile"] = True
+    return replace(recipe, **changes)
+
+
+def model_positions(args: argparse.Namespace, recipe) -> tuple[int, str]:
+    """(n_positions, what it is) of the dense parent: --dense-from's config or the recipe's shape."""
+    from nectar.model import PRESETS as MODEL_PRESETS
+
+    if args.dense_from is not None:
+        config_path = args.dense_from / "config.json"
+        if not config_path.is_file():
+            raise ValueError(f"--dense-from {str(args.dense_from)!r}: no config.json there (a local directory written "
+                             "by save_pretrained; nothing is downloaded)")
+        try:
+            return int(json.loads(config_path.read_text())["n_positions"]), "--dense-from model's"
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{config_path} is not a GPT-2 config: {exc}") from None
+    shape = {**MODEL_PRESETS[recipe.base], **recipe.dense}
+    return int(shape["n_positions"]), f"{args.recipe or args.preset} preset's"
+
+
+def check_args(args: argparse.Namespace, expert_specs: list[dict] | None):
+    """The recipe, checked with everything the stages will need before the first step (ValueError)."""
     import torch
 
     from nectar.model import PRESETS as MODEL_PRESETS, MoEGPT2Config
@@ -132,149 +194,90 @@ def check_args(args: argparse.Namespace, expert_specs: list[dict] | None) -> Non
         torch.device(args.device)
     except RuntimeError as exc:
         raise ValueError(f"--device {args.device!r} is not a torch device: {exc}") from None
-    positions = MODEL_PRESETS[args.preset]["n_positions"]
-    if args.seq_len < 2 or args.seq_len > positions:
-        raise ValueError(f"--seq-len {args.seq_len} must lie in [2, {positions}] (the {args.preset} preset's positions)")
-    shape = {k: MODEL_PRESETS[args.preset][k] for k in ("n_embd", "n_head", "n_inner")}
+    recipe = make_recipe(args, expert_specs)
+    recipe.validate()
+    positions, what = model_positions(args, recipe)
+    if recipe.seq_len < 2 or recipe.seq_len > positions:
+        raise ValueError(f"--seq-len {recipe.seq_len} must lie in [2, {positions}] (the {what} positions)")
+    shape = {**MODEL_PRESETS[recipe.base], **recipe.dense}
+    inner = shape.get("n_inner") or 4 * shape["n_embd"]
     try:
-        MoEGPT2Config(n_layer=1, n_positions=positions, vocab_size=args.vocab_size, bos_token_id=0, eos_token_id=0, n_experts=args.num_experts,
-                      moe_top_k=args.top_k, **({"expert_specs": expert_specs} if expert_specs else {}), **shape)
+        MoEGPT2Config(n_layer=1, n_positions=positions, vocab_size=recipe.vocab_size or 512, bos_token_id=0,
+                      eos_token_id=0, n_embd=shape["n_embd"], n_head=shape["n_head"], n_inner=shape.get("n_inner"),
+                      moe_top_k=recipe.top_k, expert_specs=recipe.expert_specs(inner))
     except (ValueError, TypeError) as exc:
         option = "--expert-specs" if expert_specs and "top_k" not in str(exc) else "--top-k / --num-experts"
         raise ValueError(f"{option}: {exc}") from None
+    return recipe
 
 
-def training_notice(args: argparse.Namespace) -> str:
-    budget = f"a time budget of {args.time_budget_s:g} s" if args.time_budget_s else "no time budget"
-    return (f"training the {args.preset} preset on {args.device}: {args.steps_dense} dense + {args.steps_moe} MoE steps "
-            f"of {args.batch} × {args.seq_len} tokens, {budget}; results go to {args.out} when it is done")
+def training_notice(args: argparse.Namespace, recipe) -> str:
+    budget = f"a time budget of {recipe.time_budget_s:g} s" if recipe.time_budget_s else "no time budget"
+    stages = ((None if args.dense_from else recipe.dense_steps, "dense"), (recipe.moe_steps, "MoE"))
+    steps = " + ".join(f"{n} {what}" for n, what in stages if n is not None) or "no step limit"
+    parent = f"the dense parent from {args.dense_from}" if args.dense_from else f"the {recipe.base} shape"
+    return (f"training {args.recipe or args.preset} ({parent}) on {args.device}: {steps} steps of {recipe.batch} × "
+            f"{recipe.seq_len} tokens, {budget}; the model goes to {args.out} when it is done")
 
 
-def deadlines(args: argparse.Namespace, start: float) -> tuple[float | None, float | None]:
-    """The time budget split between the stages in proportion to their step counts."""
-    if not args.time_budget_s:
-        return None, None
-    share = args.steps_dense / max(1, args.steps_dense + args.steps_moe)
-    return start + args.time_budget_s * share, start + args.time_budget_s
-
-
-def run_dense_stage(args: argparse.Namespace, data: PreparedData, deadline: float | None, ppl) -> StageOutcome:
-    import torch
-    from transformers import GPT2LMHeadModel
-
-    from nectar.model import preset_config
-    from nectar.train.loop import TrainConfig, train_dense
-
-    lr = args.lr if args.lr is not None else (3e-3 if args.preset == "tiny" else 6e-4)
-    cfg = TrainConfig(steps=args.steps_dense, batch=args.batch, seq_len=args.seq_len, lr=lr, device=args.device,
-                      dtype=args.dtype, seed=args.seed, progress=not args.no_progress)
-    config = preset_config(args.preset, vocab_size=len(data.tokenizer), eos_token_id=data.tokenizer.eos_token_id)
-    torch.manual_seed(args.seed)
-    dense = GPT2LMHeadModel(config)
-    result = train_dense(dense, data.train_ids, cfg, deadline=deadline)
-    return StageOutcome(dense, result, ppl(dense), cfg)
-
-
-def run_moe_stage(args: argparse.Namespace, data: PreparedData, dense: StageOutcome, expert_specs,
-                  deadline: float | None, ppl) -> StageOutcome:
-    import torch
-
-    from nectar.model import MoEGPT2LMHeadModel
-    from nectar.train.loop import finetune_moe
-
-    cfg = replace(dense.config, steps=args.steps_moe, lr=dense.config.lr * args.moe_lr_scale, warmup_steps=5,
-                  skip_batches=dense.result.steps, balance_loss=args.balance_loss, balance_coef=args.balance_coef,
-                  aux_free_gamma=args.aux_free_gamma)  # fine-tune on data the dense stage did not see
-    torch.manual_seed(args.seed)
-    moe = MoEGPT2LMHeadModel.from_dense(dense.model, num_experts=args.num_experts, top_k=args.top_k,
-                                        **({"expert_specs": expert_specs} if expert_specs else {}))
-    at_upcycle = ppl(moe)  # equals the dense perplexity when every expert is a copy of the dense MLP
-    result = finetune_moe(moe, data.train_ids, cfg, deadline=deadline)
-    return StageOutcome(moe, result, ppl(moe), cfg, at_upcycle)
-
-
-def save_outputs(out: Path, data: PreparedData, dense: StageOutcome, moe: StageOutcome, summary: dict) -> None:
-    from nectar.train.tokenizer import save_tokenizer
-
-    out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(data.tokenizer, out / "tokenizer")
-    dense.model.save_pretrained(str(out / "dense"))
-    moe.model.save_pretrained(str(out / "moe"))
-    (out / "summary.json").write_text(strict_json(summary, indent=2) + "\n")
-
-
-def make_summary(args, data: PreparedData, dense: StageOutcome, moe: StageOutcome, expert_specs, seconds) -> dict:
-    return {
-        "preset": args.preset, "vocab_size": len(data.tokenizer), "uniform_perplexity": float(len(data.tokenizer)),
-        "train_tokens": int(data.train_ids.numel()), "heldout_tokens": int(data.heldout_ids.numel()),
-        "eval_tokens_cap": args.eval_tokens, "corpus_sha256": data.manifest.get("sha256_text"),
-        "dense": {**stage_summary(dense.result), "heldout_perplexity": dense.heldout_perplexity,
-                  "config": asdict(dense.config)},
-        "moe": {**stage_summary(moe.result), "heldout_perplexity": moe.heldout_perplexity,
-                "heldout_perplexity_at_upcycle": moe.perplexity_at_upcycle, "config": asdict(moe.config),
-                "num_experts": moe.model.config.num_experts(), "top_k": args.top_k, "expert_specs": expert_specs},
-        "seconds_total": round(seconds, 2),
-    }
-
-
-def train_recipe(args, out: Path) -> int:
-    """`nectar train --recipe NAME`: the experiment model of `nectar run` (data/models/cpu-demo was
-    made with `nectar train --recipe cpu-demo --threads 1 --fp16 --out data/models/cpu-demo`)."""
-    import torch
-
-    from nectar.train.recipes import RECIPES as RECIPE_TABLE, TRAINING_ESTIMATE, save_demo_model, train_demo_model
-
-    recipe = RECIPE_TABLE[args.recipe]
-    print(f"nectar train: training the {args.recipe} recipe with seed {args.seed}: {recipe.dense_steps} dense + "
-          f"{recipe.moe_steps} MoE steps, {TRAINING_ESTIMATE.get(args.recipe, 'time unknown')}"
-          + (f" (time budget {args.time_budget_s:g} s)" if args.time_budget_s else "")
-          + f"; the model goes to {args.out} when it is done", file=sys.stderr, flush=True)
-    demo = train_demo_model(recipe, seed=args.seed, device=args.device, dtype=args.dtype,
-                            progress=not args.no_progress, time_budget_s=args.time_budget_s)
-    if args.fp16:
-        demo.model = demo.model.to(torch.float16)
-    save_demo_model(demo, out)
-    print(strict_json(demo.info, indent=2))
-    return 0
+def print_summary(info: dict, out: Path) -> None:
+    dense, moe = info["dense"], info["moe"]
+    names = list(moe["heldout_ppl"])
+    print("held-out perplexity  " + "  ".join(f"{n:>10}" for n in names))
+    for label, stage in (("dense parent", dense), ("MoE, static top-2", moe)):
+        print(f"{label:<20} " + "  ".join(f"{stage['heldout_ppl'][n]:>10.2f}" for n in names))
+    print(f"MoE right after upcycling: {moe['heldout_ppl_at_upcycle']:.2f}")
+    for name, row in (moe.get("routing") or {}).items():
+        print(f"  {name:<14} ppl {row['perplexity']:9.2f} ({100 * row['dppl']:+6.2f}%)  "
+              f"FLOPs/token saved vs top-2 {100 * row['flops_saved']:5.1f}%")
+    for label, stage, seconds in (("dense", dense, info["dense_seconds"]), ("moe", moe, info["moe_seconds"])):
+        tokens = stage.get("tokens", 0) or 0
+        rate = f", {tokens / seconds:,.0f} tokens/s" if seconds else ""
+        print(f"{label}: {stage.get('steps', 0)} steps, {tokens:,} tokens, {seconds:.1f} s{rate}")
+    print(f"data {info['data_seconds']:.1f} s, evaluation {info['eval_seconds']:.1f} s, "
+          f"wall {info.get('wall_seconds', 0):.1f} s")
+    print(f"saved the model to {out}")
 
 
 @cli_errors("train")
 def main(argv: list[str] | None = None) -> int:
     args, expert_specs = parse_args(argv)
-    check_args(args, expert_specs)
+    recipe = check_args(args, expert_specs)
     from nectar.experiment.outputs import prepare_out
 
-    output = prepare_out(args.out, args.overwrite)
+    inputs = [args.dense_from] if args.dense_from is not None else []
+    output = prepare_out(args.out, args.overwrite, "--out", inputs)
+    summary_out = (prepare_out(args.summary_out, args.overwrite, "--summary-out", inputs)
+                   if args.summary_out is not None else None)
     import torch
+
+    from nectar.train.recipes import quiet_transformers, save_demo_model, train_demo_model
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    command = "nectar train " + " ".join(argv if argv is not None else sys.argv[2:])
+    print(f"nectar train: {training_notice(args, recipe)}", file=sys.stderr, flush=True)
+    started = time.monotonic()
     with output as tmp:
-        if args.recipe is not None:
-            return train_recipe(args, tmp)
-        summary, data, dense, moe = train_stages(args, expert_specs)
-        save_outputs(tmp, data, dense, moe, summary)
-    print(f"dense: {dense.result.steps} steps in {dense.result.seconds:.1f}s, held-out perplexity "
-          f"{dense.heldout_perplexity:.2f} (uniform {len(data.tokenizer)})")
-    print(f"moe:   {moe.result.steps} steps in {moe.result.seconds:.1f}s, held-out perplexity "
-          f"{moe.heldout_perplexity:.2f} ({moe.model.config.num_experts()} experts, top-{args.top_k}; "
-          f"{moe.perplexity_at_upcycle:.2f} right after upcycling)")
-    print(f"saved tokenizer/, dense/, moe/, summary.json to {args.out}")
+        demo = train_demo_model(recipe, seed=args.seed, device=args.device, dtype=dtype,
+                                progress=not args.no_progress, dense_from=args.dense_from)
+        demo.info.update(command=command, wall_seconds=time.monotonic() - started,
+                         weights_dtype="float16" if args.fp16 else "float32")
+        if args.fp16:
+            demo.model = demo.model.to(torch.float16)
+        save_demo_model(demo, tmp)
+        if args.save_dense and demo.dense is not None:
+            with quiet_transformers():
+                demo.dense.save_pretrained(str(tmp / "dense"))
+    if summary_out is not None:
+        from nectar.train.curves import write_model_summary
+
+        device = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+        with summary_out as tmp:
+            write_model_summary(demo.info, tmp, device=device, command=command)
+    print_summary(demo.info, args.out)
     return 0
-
-
-def train_stages(args, expert_specs):
-    from nectar.train.loop import evaluate_perplexity, prepare_data
-
-    print(f"nectar train: {training_notice(args)}", file=sys.stderr, flush=True)
-    start = time.monotonic()
-    dense_deadline, moe_deadline = deadlines(args, start)
-    data = prepare_data(vocab_size=args.vocab_size)
-    ppl = lambda m: evaluate_perplexity(m, data.heldout_ids, args.seq_len, args.batch,  # noqa: E731
-                                        max_tokens=args.eval_tokens)
-    dense = run_dense_stage(args, data, dense_deadline, ppl)
-    moe = run_moe_stage(args, data, dense, expert_specs, moe_deadline, ppl)
-    return make_summary(args, data, dense, moe, expert_specs, time.monotonic() - start), data, dense, moe
 
 
 if __name__ == "__main__":

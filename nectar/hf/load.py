@@ -68,12 +68,23 @@ def load_moe(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
     return attach(model, routers=routers, drop=drop)
 
 
+def corpus_heldout(tokenizer) -> torch.Tensor:
+    """[N] the corpus's held-out split as one stream in `tokenizer`'s ids (for a model saved
+    without its own held-out stream)."""
+    from nectar.train.corpus import Corpus
+    from nectar.train.data import built_documents, mixed_stream, retokenize
+    from nectar.train.recipes import corpus_tokenizer
+
+    corpus = Corpus()
+    held = retokenize(built_documents(corpus, "test"), corpus_tokenizer(corpus), tokenizer)
+    return mixed_stream(held, tokenizer.eos_token_id or 0, 0)
+
+
 def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """A `nectar.train.recipes.DemoModel` (attached model, tokenizer, held-out stream, info) from a
     directory written by `nectar.hf.train_small`: what `nectar run --model DIR` needs. Per-domain
     held-out streams (`heldout_domains.pt`, {domain: [n] ids}), when saved, become its
     `heldout_domains` (the domain-shift workload's streams)."""
-    from nectar.train.loop import prepare_data
     from nectar.train.recipes import DemoModel
     from nectar.train.tokenizer import load_tokenizer
 
@@ -81,7 +92,7 @@ def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float3
     model = load_moe(directory, dtype=dtype, device=device)
     tokenizer = load_tokenizer(directory)
     heldout_path = directory / "heldout_ids.pt"
-    heldout = torch.load(heldout_path) if heldout_path.exists() else prepare_data(tokenizer=tokenizer).heldout_ids
+    heldout = torch.load(heldout_path) if heldout_path.exists() else corpus_heldout(tokenizer)
     info_path = directory / "nectar_model.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     demo = DemoModel(model, tokenizer, heldout, info)

@@ -5,7 +5,8 @@ hidden 512, top-8, no shared expert, softmax router without top-k renormalisatio
 family's own load-balancing loss (`router_aux_loss_coef`, included in the transformers loss) plus
 a router z-loss (the OLMoE paper's; transformers lacks it, so gate hooks collect the logits).
 Training is `nectar.train.loop.train_lm` (AdamW, warmup + cosine, clipping, bf16 autocast on a GPU)
-on the project's tokenizer and corpus (`prepare_data`). The step count is set from the time
+on the project's corpus (`nectar.train.recipes.load_training_data`: the built token shards, or the
+committed slice with `--corpus slice`). The step count is set from the time
 budget (measured fwd+bwd time of the first steps) and capped at `max_epochs` of the training text.
 
 On a GPU host (torch, transformers only):
@@ -29,7 +30,7 @@ import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM
 
 from nectar.hf.families import find_moe_blocks
-from nectar.train.loop import DTYPES, PreparedData, TrainConfig, evaluate_perplexity, prepare_data, train_lm
+from nectar.train.loop import DTYPES, TrainConfig, evaluate_perplexity, train_lm
 from nectar.train.tokenizer import iter_batches
 
 IMPLEMENTATIONS = ("grouped_mm", "eager")  # tried in this order; batched_mm gathers [N·K, 2H, D] weights
@@ -43,7 +44,8 @@ class SmallMoERecipe:
     experts: int = 64
     top_k: int = 8
     expert_hidden: int = 128
-    vocab_size: int = 8192
+    corpus: str = "built"            # "built" (the token shards) or "slice" (the committed slice)
+    vocab_size: int = 0              # 0: the corpus BPE (16 384 ids); N: a BPE of N ids trained on the text
     seq_len: int = 256
     batch: int = 64
     lr: float = 2e-3
@@ -62,6 +64,8 @@ class SmallMoERecipe:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.hidden % self.heads or self.top_k > self.experts:
             raise ValueError("hidden must be a multiple of heads and top_k <= experts")
+        if self.corpus not in ("built", "slice") or self.vocab_size < 0:
+            raise ValueError(f"corpus must be 'built' or 'slice' (got {self.corpus!r}) and vocab_size >= 0")
         if not (self.lr > 0 and self.max_epochs > 0 and self.aux_coef >= 0 and self.z_coef >= 0):
             raise ValueError("lr and max_epochs must be > 0; aux_coef and z_coef >= 0")
 
@@ -130,6 +134,13 @@ def pick_implementation(model, batch: torch.Tensor, device: str, dtype: str) -> 
     raise RuntimeError("no experts implementation trains on this device: " + "; ".join(errors))
 
 
+def corpus_data(recipe: SmallMoERecipe, seed: int = 0):
+    """The project's corpus as the recipe asks for it (the recipes' one data path)."""
+    from nectar.train.recipes import ModelRecipe, load_training_data
+
+    return load_training_data(ModelRecipe(corpus=recipe.corpus, vocab_size=recipe.vocab_size or None), seed)
+
+
 def plan_steps(recipe: SmallMoERecipe, train_tokens: int, step_s: float, budget_s: float | None) -> int:
     """Steps within `max_epochs` of the text and (with a budget) the time left for training."""
     by_epochs = max(1, int(recipe.max_epochs * train_tokens / (recipe.batch * recipe.seq_len)))
@@ -139,19 +150,20 @@ def plan_steps(recipe: SmallMoERecipe, train_tokens: int, step_s: float, budget_
 
 
 def train_small_moe(recipe: SmallMoERecipe, device: str = "cpu", dtype: str = "float32", budget_s: float | None = None,
-                    seed: int = 0, data: PreparedData | None = None, progress: bool = True,
+                    seed: int = 0, data=None, progress: bool = True,
                     heldout_domains: dict[str, torch.Tensor] | None = None):
     """Build and train the recipe's OLMoE model; returns a `nectar.train.recipes.DemoModel`.
 
-    `data` defaults to the project's corpus and tokenizer (`prepare_data`); another corpus comes in
-    as a PreparedData (its tokenizer, train and held-out streams) plus, for the domain-shift
-    workload, its per-domain held-out streams (`heldout_domains`, kept on the result and saved by
-    `save_small_moe`)."""
+    `data` defaults to the recipe's corpus (`corpus_data`); another comes in as a
+    `nectar.train.recipes.TrainingData` (tokenizer, train and held-out streams, per-domain held-out
+    streams for the domain-shift workload, info). `heldout_domains` overrides the data's per-domain
+    streams (kept on the result and saved by `save_small_moe`)."""
     from nectar.train.recipes import DemoModel
 
     recipe.validate()
     start = time.monotonic()
-    data = data if data is not None else prepare_data(vocab_size=recipe.vocab_size)
+    data = data if data is not None else corpus_data(recipe, seed)
+    heldout_domains = heldout_domains if heldout_domains is not None else data.heldout_domains
     eos = data.tokenizer.eos_token_id or 0
     torch.manual_seed(seed)
     model = OlmoeForCausalLM(olmoe_config(recipe, len(data.tokenizer), eos)).to(device).train()
@@ -180,7 +192,7 @@ def train_small_moe(recipe: SmallMoERecipe, device: str = "cpu", dtype: str = "f
             "first_loss": result.total_losses[0] if result.total_losses else math.nan,
             "final_loss": result.final_loss, "loss_includes": "LM + aux_coef·load balancing (transformers)",
             "heldout_ppl": ppl, "parameters": sum(p.numel() for p in model.parameters()),
-            "corpus_sha256": data.manifest.get("sha256_text"),
+            "corpus_sha256": data.info.get("sha256"),
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     demo = DemoModel(model, data.tokenizer, data.heldout_ids, info)
     if heldout_domains is not None:

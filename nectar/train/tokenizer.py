@@ -105,19 +105,27 @@ def cut_batches(ids: torch.Tensor, batch_size: int, seq_len: int) -> torch.Tenso
 
 
 def iter_batches(ids: torch.Tensor, batch_size: int, seq_len: int, seed: int | None = 0,
-                 epochs: int | None = None) -> Iterator[torch.Tensor]:
+                 epochs: int | None = None, skip: int = 0) -> Iterator[torch.Tensor]:
     """Yield [B, T] batches of random rows (a fresh permutation per epoch; `seed=None`: in order).
 
-    With `epochs=None` the iterator never ends; training loops stop it after their step count.
+    `skip` batches are passed over without being built (a later stage continues the same seeded
+    stream where an earlier one stopped). With `epochs=None` the iterator never ends; training
+    loops stop it after their step count.
     """
     sequences = cut_sequences(ids, seq_len)  # [S, T]
     if sequences.shape[0] < batch_size:
         raise ValueError(f"{sequences.shape[0]} sequences of {seq_len} tokens do not fill one batch of {batch_size}")
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    per_epoch = sequences.shape[0] // batch_size
     epoch = 0
     while epochs is None or epoch < epochs:
         order = (torch.randperm(sequences.shape[0], generator=generator) if generator is not None
                  else torch.arange(sequences.shape[0]))
-        for start in range(0, order.numel() - batch_size + 1, batch_size):
-            yield sequences[order[start:start + batch_size]]  # [B, T]
+        for b in range(per_epoch):
+            if skip > 0:
+                skip -= 1
+                continue
+            yield sequences[order[b * batch_size:(b + 1) * batch_size]]  # [B, T]
         epoch += 1

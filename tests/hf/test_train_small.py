@@ -9,7 +9,7 @@ import torch
 from nectar.experiment.forward import forward_chunk, install
 from nectar.hf.load import is_hf_moe_dir, load_hf_demo, load_moe
 from nectar.hf.train_small import SmallMoERecipe, main, plan_steps, save_small_moe, train_small_moe
-from nectar.train.loop import PreparedData
+from nectar.train.recipes import TrainingData
 from nectar.train.tokenizer import encode_documents, train_tokenizer
 
 TINY = dict(hidden=32, layers=2, heads=4, experts=8, top_k=2, expert_hidden=16, seq_len=32, batch=8, lr=3e-3,
@@ -20,8 +20,8 @@ TINY = dict(hidden=32, layers=2, heads=4, experts=8, top_k=2, expert_hidden=16, 
 def tiny_data():
     texts = [f"expert {i} reads token {i * 7 % 13} in layer {i % 5} of block {i % 3}." for i in range(300)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
-    return PreparedData(tokenizer, encode_documents(tokenizer, texts[:270] * 2), encode_documents(tokenizer, texts[270:] * 4),
-                        {"sha256_text": "test"})
+    held = encode_documents(tokenizer, texts[270:] * 4)
+    return TrainingData(tokenizer, encode_documents(tokenizer, texts[:270] * 2), held, {"all": held}, {"sha256": "test"})
 
 
 def test_tiny_recipe_trains_saves_and_runs_attached(tiny_data, tmp_path):

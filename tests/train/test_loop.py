@@ -131,20 +131,24 @@ def test_deadline_and_config_validation():
 
 def test_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["--preset", "tiny", "--steps-dense", "3", "--steps-moe", "2", "--batch", "2", "--seq-len", "32",
-            "--vocab-size", "400", "--eval-tokens", "640", "--num-experts", "3", "--top-k", "2",
-            "--out", str(out), "--no-progress"]
+    argv = ["--preset", "tiny", "--corpus", "slice", "--steps-dense", "3", "--steps-moe", "2", "--batch", "2",
+            "--seq-len", "32", "--vocab-size", "400", "--eval-tokens", "640", "--num-experts", "3", "--top-k", "2",
+            "--out", str(out), "--no-progress", "--save-dense", "--summary-out", str(tmp_path / "summary")]
     assert train_main(argv) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["vocab_size"] == 400 and summary["dense"]["steps"] == 3 and summary["moe"]["steps"] == 2
-    assert summary["moe"]["num_experts"] == 3 and summary["moe"]["config"]["skip_batches"] == 3
-    dense_ppl = summary["dense"]["heldout_perplexity"]
+    info = json.loads((out / "nectar_model.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    assert info["corpus"]["vocab_size"] == 400 and info["dense_steps"] == 3 and info["moe_steps"] == 2
+    assert info["moe"]["num_experts"] == 3 and info["recipe"]["moe_steps"] == 2
+    assert info["command"].startswith("nectar train --preset tiny")
+    dense_ppl = info["dense_heldout_ppl"]
     assert 1 < dense_ppl < 2 * 400
-    assert summary["moe"]["heldout_perplexity_at_upcycle"] == pytest.approx(dense_ppl, rel=1e-4)  # exact upcycling
-    tokenizer = load_tokenizer(out / "tokenizer")
-    moe = AutoModelForCausalLM.from_pretrained(out / "moe")
+    assert info["moe"]["heldout_ppl_at_upcycle"] == pytest.approx(dense_ppl, rel=1e-4)  # exact upcycling
+    assert set(info["moe"]["heldout_ppl"]) == {"all", "prose", "reference", "code"}
+    tokenizer = load_tokenizer(out)
+    moe = AutoModelForCausalLM.from_pretrained(out)
     assert isinstance(moe, MoEGPT2LMHeadModel) and moe.config.vocab_size == len(tokenizer)
     assert isinstance(AutoModelForCausalLM.from_pretrained(out / "dense"), GPT2LMHeadModel)
+    summary = json.loads((tmp_path / "summary" / "summary.json").read_text())
+    assert summary["dense_heldout_ppl"] == dense_ppl and (tmp_path / "summary" / "training_curves.png").stat().st_size
     assert "held-out perplexity" in capsys.readouterr().out
 
 
@@ -157,7 +161,14 @@ def test_cli_argument_checks(tmp_path):
             parse_args(bad)
 
 
-@pytest.mark.parametrize("loss", ["switch", "importance", "kl_uniform", "entropy"])
+def null_aware_all_full(d):
+    """The null-aware loss with every expert full: Switch over all active slots, by hand."""
+    probs, experts = d.probs, d.experts[d.active]
+    fraction = torch.stack([(experts == e).float().mean() for e in range(probs.shape[1])])
+    return probs.shape[1] * (fraction * probs.mean(0)).sum()
+
+
+@pytest.mark.parametrize("loss", ["switch", "importance", "kl_uniform", "entropy", "null_aware"])
 def test_every_balancing_loss_is_reachable_from_training(loss):
     from nectar.moe.balancing import entropy_regularizer, importance_loss, kl_to_uniform, switch_load_balancing_loss
 
@@ -168,7 +179,8 @@ def test_every_balancing_loss_is_reachable_from_training(loss):
     moe(torch.randint(0, VOCAB, (3, 10)))
     reference = {"switch": switch_load_balancing_loss, "importance": lambda d: importance_loss(d.probs),
                  "kl_uniform": lambda d: kl_to_uniform(d.probs),
-                 "entropy": lambda d: entropy_regularizer(d.probs, token_coef=1.0, marginal_coef=1.0)}[loss]
+                 "entropy": lambda d: entropy_regularizer(d.probs, token_coef=1.0, marginal_coef=1.0),
+                 "null_aware": null_aware_all_full}[loss]
     expected = torch.stack([0.5 * reference(layer.last_decision) for _, layer in moe.moe_layers()]).mean()
     torch.testing.assert_close(moe_aux_loss(moe, 0.5, 0.0, loss), expected)
     _, result = upcycle_and_finetune(small_dense(), patterned_stream(600), quick_config(steps=3, balance_loss=loss),
@@ -184,3 +196,11 @@ def test_aux_free_bias_step_runs_in_training_and_balances():
     assert all(abs(float(b.sum())) < 1e-5 for b in biases)             # centred, as the update keeps it
     with pytest.raises(ValueError, match="balance_loss"):
         quick_config(balance_loss="gini").validate()
+
+
+def test_spelled_out_choices_of_the_cli_agree_with_the_code():
+    from nectar.cli import train as cli
+    from nectar.train import aux_losses, recipes
+
+    assert set(cli.COMPUTE_COSTS) == set(aux_losses.COMPUTE_COSTS)
+    assert set(cli.OVERRIDES.values()) <= set(recipes.ModelRecipe.__dataclass_fields__)

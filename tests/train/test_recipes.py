@@ -30,3 +30,126 @@ def test_narrow_experts_are_the_first_units_of_the_dense_ffn():
                 torch.testing.assert_close(layer.experts[i](x), narrow, rtol=1e-5, atol=1e-6)
             for i in (0, 1):
                 torch.testing.assert_close(layer.experts[i](x), mlp(x), rtol=1e-5, atol=1e-6)
+
+
+# ----- the recipe's code path, at a tiny size, on the committed slice ------------------------------
+import json  # noqa: E402
+import math  # noqa: E402
+import time  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+import pytest  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
+
+from nectar.cli.train import main as train_main  # noqa: E402
+from nectar.train import loop  # noqa: E402
+from nectar.train.corpus import Corpus, load_slice  # noqa: E402
+from nectar.train.recipes import (RECIPES, DemoModel, load_demo_model, load_training_data, save_demo_model,  # noqa: E402
+                                  train_demo_model)
+from nectar.train.tokenizer import save_tokenizer, train_tokenizer  # noqa: E402
+
+TINY = dict(n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64)
+
+
+def tiny_gpu_recipe(**changes):
+    """The distilgpt2 recipe (same experts, losses, routers, schedule) at a size a CPU runs in seconds."""
+    return replace(RECIPES["distilgpt2"], corpus="slice", dense=TINY, dense_steps=6, moe_steps=4, time_budget_s=None,
+                   batch=2, seq_len=32, warmup_steps=2, moe_warmup_steps=1, eval_tokens=512, eval_batch=4,
+                   log_every=3, **changes)
+
+
+@pytest.fixture(scope="module")
+def tiny_demo():
+    torch.set_num_threads(1)
+    return train_demo_model(tiny_gpu_recipe(), seed=0, progress=False)
+
+
+def test_gpu_recipe_path_runs_on_cpu_and_is_deterministic(tiny_demo):
+    info = tiny_demo.info
+    assert info["dense_steps"] == 6 and info["moe_steps"] == 4 and info["moe"]["num_experts"] == 10
+    kinds = [s["kind"] for s in info["moe"]["expert_specs"]]
+    assert kinds == ["gelu", "gelu", "zero", "copy", "constant"]
+    assert set(info["dense"]["heldout_ppl"]) == {"all", "prose", "reference", "code"}
+    assert set(info["moe"]["routing"]) == {"static-top2", "static-top1", "static-cheap"}
+    assert info["moe"]["routing"]["static-top1"]["flops_saved"] > 0
+    assert info["corpus_sha256"] == Corpus().sha256 and info["corpus_tokens"] >= 30_000_000
+    assert len(info["dense"]["curve"]["lm_loss"]) == 6 and info["dense"]["tokens"] == 6 * 2 * 32
+    again = train_demo_model(tiny_gpu_recipe(), seed=0, progress=False)
+    assert again.info["moe"]["curve"] == info["moe"]["curve"] and again.info["moe_heldout_ppl"] == info["moe_heldout_ppl"]
+    for (name, a), (_, b) in zip(tiny_demo.model.state_dict().items(), again.model.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_saved_model_round_trips_with_its_domain_streams(tiny_demo, tmp_path):
+    save_demo_model(tiny_demo, tmp_path / "m")
+    json.loads((tmp_path / "m" / "nectar_model.json").read_text(), parse_constant=lambda c: pytest.fail(f"bare {c}"))
+    loaded = load_demo_model(tmp_path / "m")
+    assert torch.equal(loaded.heldout_ids, tiny_demo.heldout_ids) and loaded.heldout_ids.dtype == torch.long
+    assert set(loaded.heldout_domains) == {"prose", "reference", "code"}
+    for name, stream in tiny_demo.heldout_domains.items():
+        assert torch.equal(loaded.heldout_domains[name], stream)
+    ids = tiny_demo.heldout_ids[:64].view(2, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model(ids).logits, tiny_demo.model(ids).logits, rtol=1e-4, atol=1e-4)
+    torch.save({"prose": torch.tensor([1, 10**6])}, tmp_path / "m" / "heldout_domains.pt")
+    with pytest.raises(ValueError, match="outside the model's vocabulary"):
+        load_demo_model(tmp_path / "m")
+    (tmp_path / "m" / "heldout_domains.pt").write_bytes(b"broken")
+    with pytest.raises(ValueError, match="cannot read .*heldout_domains.pt"):
+        load_demo_model(tmp_path / "m")
+    (tmp_path / "m" / "heldout_domains.pt").unlink()
+    assert load_demo_model(tmp_path / "m").heldout_domains is None     # optional (older models)
+    (tmp_path / "m" / "heldout_ids.pt").unlink()
+    with pytest.raises(ValueError, match="heldout_ids.pt is missing"):
+        load_demo_model(tmp_path / "m")
+
+
+def test_a_time_budget_ends_each_stage_with_a_decayed_learning_rate():
+    data = load_training_data(tiny_gpu_recipe(), seed=0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(data.tokenizer), **TINY))
+    cfg = loop.TrainConfig(steps=None, batch=2, seq_len=32, lr=1e-3, warmup_steps=2, lr_floor=0.1, progress=False,
+                           log_every=5)
+    start = time.monotonic()
+    result = loop.train_lm(model, data.train_ids, cfg, deadline=start + 1.5)
+    assert 1.5 <= time.monotonic() - start < 10 and result.steps > 5 and not result.stopped_early
+    assert result.lrs[-1] < 0.15 * cfg.lr and max(result.lrs) > 0.8 * cfg.lr
+    assert all(a >= b for a, b in zip(result.lrs[2:], result.lrs[3:]))  # decays after warm-up
+    assert len(result.lm_losses) == result.steps
+
+
+def test_upcycling_real_gpt2_weights_from_a_local_directory(tmp_path, capsys):
+    torch.manual_seed(0)
+    texts = [d.text for d in load_slice()]
+    tokenizer = train_tokenizer(texts[::3], vocab_size=700)       # a GPT-2-style byte-level BPE of its own
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
+                                      eos_token_id=tokenizer.eos_token_id, **TINY)).eval()
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    save_tokenizer(tokenizer, tmp_path / "gpt2")
+    argv = ["--preset", "tiny", "--corpus", "slice", "--dense-from", str(tmp_path / "gpt2"), "--steps-moe", "2",
+            "--batch", "2", "--seq-len", "32", "--eval-tokens", "512", "--num-experts", "2", "--out",
+            str(tmp_path / "moe"), "--no-progress"]
+    assert train_main(argv) == 0
+    demo = load_demo_model(tmp_path / "moe")
+    info = demo.info
+    assert info["dense_from"] == str(tmp_path / "gpt2") and info["dense_steps"] == 0 and info["moe_steps"] == 2
+    assert info["corpus"]["tokenizer"] == "given" and demo.model.config.vocab_size == len(tokenizer)
+    reference = load_training_data(replace(RECIPES["cpu-demo"], corpus="slice", vocab_size=None), tokenizer=tokenizer)
+    assert torch.equal(demo.heldout_ids, reference.heldout_ids)          # the corpus in the model's own ids
+    first = demo.tokenizer.decode(demo.heldout_domains["prose"][:200].tolist())
+    corpus_tok = AutoTokenizer.from_pretrained(str(tmp_path / "gpt2"), local_files_only=True)
+    assert first == corpus_tok.decode(reference.heldout_domains["prose"][:200].tolist())
+    expected = loop.evaluate_perplexity(GPT2LMHeadModel.from_pretrained(tmp_path / "gpt2"), reference.heldout_ids,
+                                        seq_len=32, batch=16, max_tokens=512)
+    assert info["dense_heldout_ppl"] == pytest.approx(expected, rel=1e-5)
+    assert math.isfinite(info["moe_heldout_ppl"])
+    (tmp_path / "empty").mkdir()
+    bad = [str(tmp_path / "empty") if a == str(tmp_path / "gpt2") else str(tmp_path / "x") if a == str(tmp_path / "moe")
+           else a for a in argv]
+    assert train_main(bad) == 2
+    assert "no config.json there" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_dense_from_needs_a_tokenizer(tmp_path):
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, **TINY)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match="cannot load its tokenizer"):
+        train_demo_model(tiny_gpu_recipe(), dense_from=tmp_path / "gpt2", progress=False)

@@ -1,0 +1,33 @@
+"""The learning-rate schedule against its closed form, and stage progress by steps and by time."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from nectar.train.schedule import CosineSchedule, StageClock
+
+
+def test_cosine_schedule_closed_form():
+    s = CosineSchedule(warmup_steps=10, floor=0.1)
+    assert s.factor(0, 0.0) == pytest.approx(0.1) and s.factor(9, 0.0) == pytest.approx(1.0)
+    for p in (0.0, 0.25, 0.5, 0.9, 1.0):
+        assert s.factor(50, p) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p)))
+    assert s.factor(50, 1.7) == pytest.approx(0.1)                    # past the end: the floor
+    assert CosineSchedule().factor(0, 0.0) == 1.0
+    with pytest.raises(ValueError):
+        CosineSchedule(floor=1.5)
+
+
+def test_stage_progress_by_steps_time_or_both():
+    steps = StageClock(steps=100, start=0.0)
+    assert steps.progress(25, now=1e9) == 0.25 and not steps.time_limited(25, now=1e9)
+    timed = StageClock(deadline=10.0, start=0.0)
+    assert timed.progress(3, now=4.0) == pytest.approx(0.4) and timed.time_limited(3, now=10.0)
+    both = StageClock(steps=100, deadline=10.0, start=0.0)
+    assert both.progress(10, now=5.0) == pytest.approx(0.5)            # the further of the two
+    assert both.progress(80, now=5.0) == pytest.approx(0.8)
+    assert both.time_limited(10, now=11.0) and not both.time_limited(100, now=11.0)
+    with pytest.raises(ValueError, match="step count or a time budget"):
+        StageClock()
