@@ -8,7 +8,7 @@ import pytest
 from nectar.cli.frontier import main as frontier_main
 from nectar.cli.run import main as run_main
 from nectar.hf.train_small import SmallMoERecipe, save_small_moe, train_small_moe
-from nectar.train.loop import PreparedData
+from nectar.train.recipes import TrainingData
 from nectar.train.tokenizer import encode_documents, train_tokenizer
 
 
@@ -16,8 +16,8 @@ from nectar.train.tokenizer import encode_documents, train_tokenizer
 def olmoe_dir(tmp_path_factory):
     texts = [f"expert {i} reads token {i * 7 % 13} in layer {i % 5} of block {i % 3}." for i in range(400)]
     tokenizer = train_tokenizer(texts, vocab_size=300)
-    data = PreparedData(tokenizer, encode_documents(tokenizer, texts[:300] * 2), encode_documents(tokenizer, texts[300:] * 6),
-                        {"sha256_text": "test"})
+    data = TrainingData(tokenizer, encode_documents(tokenizer, texts[:300] * 2), encode_documents(tokenizer, texts[300:] * 6),
+                        {}, {"sha256": "test"})
     recipe = SmallMoERecipe(hidden=32, layers=2, heads=4, experts=8, top_k=4, expert_hidden=16, seq_len=32, batch=8,
                             max_epochs=1.0, max_positions=64, eval_tokens=512)
     path = tmp_path_factory.mktemp("olmoe")
