@@ -85,18 +85,17 @@ def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float3
     directory written by `nectar.hf.train_small`: what `nectar run --model DIR` needs. Per-domain
     held-out streams (`heldout_domains.pt`, {domain: [n] ids}), when saved, become its
     `heldout_domains` (the domain-shift workload's streams)."""
-    from nectar.train.recipes import DemoModel
+    from nectar.train.saved_model import DemoModel, load_tokens
     from nectar.train.tokenizer import load_tokenizer
 
     directory = Path(directory)
     model = load_moe(directory, dtype=dtype, device=device)
     tokenizer = load_tokenizer(directory)
-    heldout_path = directory / "heldout_ids.pt"
-    heldout = torch.load(heldout_path) if heldout_path.exists() else corpus_heldout(tokenizer)
+    vocab = int(model.config.vocab_size)
+    heldout = load_tokens(directory / "heldout_ids.pt", vocab, required=False)
+    heldout = heldout if heldout is not None else corpus_heldout(tokenizer)
     info_path = directory / "nectar_model.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     demo = DemoModel(model, tokenizer, heldout, info)
-    domains_path = directory / DOMAINS_FILE
-    if domains_path.exists():
-        demo.heldout_domains = torch.load(domains_path)
+    demo.heldout_domains = load_tokens(directory / DOMAINS_FILE, vocab, required=False)
     return demo

@@ -126,8 +126,8 @@ def load_demo_model(directory: Path) -> DemoModel:
     except Exception as exc:  # noqa: BLE001  tokenizers raises its own Exception type for a bad tokenizer.json
         raise ValueError(f"cannot load the tokenizer in {directory}: {first_line(exc)}") from exc
     vocab = model.config.vocab_size
-    heldout = _load_tokens(directory / "heldout_ids.pt", vocab, required=True)
-    domains = _load_tokens(directory / "heldout_domains.pt", vocab, required=False)
+    heldout = load_tokens(directory / "heldout_ids.pt", vocab, required=True)
+    domains = load_tokens(directory / "heldout_domains.pt", vocab, required=False)
     info_path = directory / "nectar_model.json"
     try:
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
@@ -136,7 +136,7 @@ def load_demo_model(directory: Path) -> DemoModel:
     return DemoModel(model, tokenizer, heldout, info, domains)
 
 
-def _load_tokens(path: Path, vocab_size: int, required: bool):
+def load_tokens(path: Path, vocab_size: int, required: bool):
     """heldout_ids.pt (one 1-D tensor) or heldout_domains.pt ({name: 1-D tensor}) of integer token
     ids below the vocabulary, as int64; None when an optional file is absent."""
     if not path.exists():
