@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/nectar run --out runs/main
+	$(BIN)/nectar run --out runs/main --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -x --timeout=900
