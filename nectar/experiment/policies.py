@@ -14,7 +14,8 @@ Adaptive:
 - `nectar`, and the ablations `nectar:prior` (the cost model keeps its FLOP prior),
   `nectar:frozen` (the cost model stops learning after a few chunks), `nectar:fast` (with the
   fast-weight router network), `nectar:noscale` (one quality price for every chunk, no
-  per-chunk sensitivity), `nectar:nodrop` (never lets a token skip its remaining slot).
+  per-chunk sensitivity), `nectar:drop` (may also let a token skip its remaining slot; off by
+  default: it lost more to the static hull than plain NECTAR did, in the simulator and on the H200).
 Cheap experts are those whose forward FLOPs per token are at most half of the layer's most
 expensive expert (narrow and zero-computation experts).
 """
@@ -30,7 +31,7 @@ from nectar.control.fast_router import FastWeightRouterNet
 from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
-NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale", "nectar:nodrop")
+NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale", "nectar:drop")
 STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix", "threshold")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
 POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "top-p:P", "mix:S",
@@ -121,7 +122,7 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     if spec.kind == "mix":
         return MixedTrainingRouter(num, cheap, k=2, cheap_prob=spec.value, temperature=temperature, seed=seed)
     fast_net = FastWeightRouterNet(layer.d_model, num) if spec.name == "nectar:fast" else None
-    drop = spec.is_nectar and spec.name != "nectar:nodrop"
+    drop = spec.name == "nectar:drop"
     router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net, drop=drop)
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))
