@@ -121,14 +121,18 @@ def build_chunk_problem(q, c, lam: float, caps=None, budget: float | None = None
     inst = ChunkInstance(q, c, lam, caps, budget)
     if inst.lam <= 0:
         raise ValueError(f"lam must be > 0, got {inst.lam}")
-    if (inst.q <= 0).any():
-        raise ValueError("q must be strictly positive for the KL term (softmax outputs are)")
+    support = inst.q > 0                                      # [T, E] experts a token may take
+    if (inst.q < 0).any() or not support.any(axis=1).all():
+        raise ValueError("q must be >= 0 with at least one positive entry per token (a restricted softmax)")
     _validate_constraints(inst)
     tokens, experts = inst.q.shape
     cost = inst.c / inst.lam  # [E] in units of λ
     p = cp.Variable((tokens, experts), name="p")
-    objective = (cp.sum(p @ cost) + cp.sum(cp.rel_entr(p, inst.q))) / tokens
+    q_on_support = np.where(support, inst.q, 1.0)             # KL over the support: p = 0 off it
+    objective = (cp.sum(p @ cost) + cp.sum(cp.rel_entr(p, q_on_support))) / tokens
     constraints = [cp.sum(p, axis=1) == 1]
+    if not support.all():
+        constraints.append(cp.multiply(p, (~support).astype(float)) == 0)
     cap_constraint = budget_constraint = None
     if inst.caps is not None:
         cap_constraint = cp.sum(p, axis=0) / tokens <= inst.caps
@@ -257,14 +261,35 @@ def closed_form_reference(instance: ChunkInstance) -> tuple[np.ndarray, np.ndarr
 
 def derived_constraints(instance: ChunkInstance) -> tuple[np.ndarray, float]:
     """Caps and budget that both bind at the optimum: the cheapest expert (where an energy budget
-    pushes load) capped at 80% of its unconstrained optimal load, and a budget halfway between the
-    cheapest mean cost the caps allow and the unconstrained optimum's mean cost."""
+    pushes load) capped at 80% of its unconstrained optimal load above what tokens with no other
+    candidate must give it, and a budget halfway between the cheapest mean cost the caps allow (on
+    q's support) and the unconstrained optimum's mean cost."""
     p_star, _ = closed_form_reference(instance)
     cheapest = int(np.argmin(instance.c))
+    support = instance.q > 0                                                   # [T, E]
+    forced = float((support.sum(axis=1) == 1)[support[:, cheapest]].sum()) / instance.tokens
     caps = np.ones(instance.experts)
-    caps[cheapest] = 0.8 * float(p_star[:, cheapest].mean())
+    caps[cheapest] = forced + 0.8 * (float(p_star[:, cheapest].mean()) - forced)
     unconstrained_cost = float((p_star @ instance.c).mean())
-    return caps, 0.5 * (cheapest_mean_cost(instance.c, caps) + unconstrained_cost)
+    floor = cheapest_mean_cost(instance.c, caps) if support.all() else cheapest_feasible_cost(instance.q, instance.c, caps)
+    return caps, 0.5 * (floor + unconstrained_cost)
+
+
+def cheapest_feasible_cost(q: np.ndarray, c: np.ndarray, caps: np.ndarray) -> float:
+    """min (1/T) Σ_t Σ_i c_i p_ti over p ≥ 0 on q's support with rows summing to 1 and mean loads
+    ≤ caps: a linear program (scipy's HiGHS); ValueError when the caps cannot be met."""
+    from scipy.optimize import linprog
+    from scipy.sparse import eye, kron
+
+    tokens, experts = q.shape
+    rows = kron(eye(tokens), np.ones((1, experts)))                           # Σ_i p_ti = 1
+    loads = kron(np.ones((1, tokens)), eye(experts)) / tokens                  # mean load per expert
+    bounds = [(0.0, 1.0 if on else 0.0) for on in (q > 0).ravel()]
+    result = linprog(np.tile(c, tokens) / tokens, A_ub=loads, b_ub=caps, A_eq=rows, b_eq=np.ones(tokens),
+                     bounds=bounds, method="highs")
+    if result.status != 0:
+        raise ValueError(f"caps {caps} cannot be met on this instance's support: {result.message}")
+    return float(result.fun)
 
 
 def cheapest_mean_cost(c: np.ndarray, caps: np.ndarray) -> float:

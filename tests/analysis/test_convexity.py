@@ -107,11 +107,10 @@ def test_infeasible_and_invalid_instances_are_rejected():
         build_chunk_problem(inst.q, inst.c, inst.lam, caps=np.full(inst.experts, 0.1))
     with pytest.raises(ValueError, match="cheapest"):
         build_chunk_problem(inst.q, inst.c, inst.lam, budget=0.5 * inst.c.min())
-    q_zero = inst.q.copy()
-    q_zero[0] = 0.0
-    q_zero[0, 0] = 1.0
-    with pytest.raises(ValueError, match="strictly positive"):
-        build_chunk_problem(q_zero, inst.c, inst.lam)
+    q_empty = inst.q.copy()
+    q_empty[0] = 0.0
+    with pytest.raises(ValueError):
+        build_chunk_problem(q_empty, inst.c, inst.lam)
     with pytest.raises(ValueError, match="experts"):
         build_chunk_problem(inst.q, inst.c[:-1], inst.lam)
 
@@ -319,3 +318,28 @@ def test_cli_reports_a_missing_run_file(tmp_path, capsys):
     assert cli_main(["--run", str(tmp_path), "--no-energy"]) == 2
     err = capsys.readouterr().err
     assert "convexity_instance.npz" in err and "Traceback" not in err
+
+
+def test_restricted_support_matches_the_closed_form():
+    """q with zeros (the router's second-slot candidates only): cvxpy's optimum keeps p = 0 off the
+    support and equals the closed form p ∝ q·exp(−c/λ) on it."""
+    inst = instance(tokens=40)
+    rng = np.random.default_rng(5)
+    q = inst.q.copy()
+    for row in q:
+        row[rng.choice(len(row), size=len(row) - 2, replace=False)] = 0.0   # two candidates per token
+    q = q / q.sum(axis=1, keepdims=True)
+    result = solve_chunk_problem(q, inst.c, inst.lam)
+    expected = q * np.exp(-inst.c / inst.lam)
+    expected = expected / expected.sum(axis=1, keepdims=True)
+    assert np.abs(result.p - expected).max() < 1e-4                     # interior-point accuracy
+    assert (result.p[q == 0] < 1e-7).all()
+
+
+def test_cheapest_feasible_cost_equals_the_greedy_fill_on_full_support():
+    """The LP floor (any support) agrees with the closed-form greedy fill where every expert is allowed."""
+    from analysis.convexity.chunk_problem import cheapest_feasible_cost
+
+    inst = instance(tokens=30)
+    caps = np.full(inst.experts, 0.3)
+    assert cheapest_feasible_cost(inst.q, inst.c, caps) == pytest.approx(cheapest_mean_cost(inst.c, caps), rel=1e-7)
