@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workloads", type=comma_list, default=list(GPU_WORKLOADS),
                    help=f"comma list of frontier workloads (default: {','.join(GPU_WORKLOADS)})")
     p.add_argument("--policies", type=comma_list, default=list(GPU_POLICIES),
-                   help=f"comma list of policies (default: {','.join(GPU_POLICIES)})")
+                   help=f"comma list of policies (default: {','.join(GPU_POLICIES)}; for a transformers MoE "
+                        "model its own static frontier and nectar)")
     p.add_argument("--repeats", type=positive_int, default=2, help="repeats of every workload (the margin's interval)")
     p.add_argument("--workload-seconds", type=positive_float, default=45.0,
                    help="GPU seconds per repeat of a workload, all policies together")
@@ -70,14 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
 def model_positions(args: argparse.Namespace) -> int:
     """n_positions of the model hw-run will use: the saved model's config, or the recipe's preset."""
     if args.model is not None:
+        from nectar.hf.load import is_hf_moe_dir
         from nectar.train.recipes import check_model_dir
 
+        if is_hf_moe_dir(args.model):                      # a transformers MoE (nectar.hf)
+            return int(json.loads((args.model / "config.json").read_text())["max_position_embeddings"])
         check_model_dir(args.model)
         return int(json.loads((args.model / "config.json").read_text())["n_positions"])
     from nectar.model import PRESETS
     from nectar.train.recipes import RECIPES as RECIPE_TABLE
 
     return int(PRESETS[RECIPE_TABLE[args.preset].base]["n_positions"])
+
+
+def hf_default_policies(model_dir) -> list[str] | None:
+    """A transformers MoE's own static frontier and NECTAR (None for a NECTAR MoE model)."""
+    from nectar.hf.load import is_hf_moe_dir
+
+    if not is_hf_moe_dir(model_dir):
+        return None
+    from nectar.hf.policies import frontier_policies
+
+    return frontier_policies(int(json.loads((model_dir / "config.json").read_text())["num_experts_per_tok"])) + ["nectar"]
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -92,6 +107,8 @@ def check_args(args: argparse.Namespace) -> None:
     elif args.seq_len > positions:
         raise ValueError(f"--seq-len {args.seq_len} exceeds the model's {positions} positions (n_positions)")
     args.tokens = args.chunk_tokens          # one chunk per policy until the calibration sizes the stream
+    if args.policies == list(GPU_POLICIES) and args.model is not None:
+        args.policies = hf_default_policies(args.model) or args.policies
     check_stream_args(args)
     from nectar.experiment.policies import check_policies
 

@@ -49,3 +49,18 @@ def test_frontier_uses_the_models_top_k_as_its_baseline(olmoe_dir, tmp_path, cap
 def test_cheap_expert_policies_are_refused_clearly(olmoe_dir, tmp_path, capsys):
     assert run_main(["--model", str(olmoe_dir), "--out", str(tmp_path / "c"), "--policies", "static-cheap", *COMMON]) == 2
     assert "unknown policy 'static-cheap' for a transformers MoE model" in capsys.readouterr().err
+
+
+def test_hw_run_accepts_a_transformers_moe_and_defaults_to_its_own_frontier(olmoe_dir, tmp_path, capsys):
+    """The GPU campaign (here on the simulator backend and the CPU) takes a saved transformers MoE:
+    its positions come from max_position_embeddings, its policies from its own top-K."""
+    from nectar.cli.hw_run import main as hw_run_main
+
+    out = tmp_path / "hw"
+    argv = ["--model", str(olmoe_dir), "--backend", "sim", "--device", "cpu", "--out", str(out), "--workloads",
+            "stationary", "--repeats", "1", "--workload-seconds", "1", "--warmup-s", "0.2", "--calibration-s", "0.2",
+            "--chunk-tokens", "512", "--micro-batch", "8", "--seq-len", "64", "--no-progress"]
+    assert hw_run_main(argv) == 0
+    report = json.loads((out / "stationary" / "frontier.json").read_text())
+    assert report["baseline"] == "static-top4"
+    assert {p["name"] for p in report["policies"]} >= {"static-top4", "static-top1", "threshold:0.1", "nectar"}
