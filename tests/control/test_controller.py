@@ -211,4 +211,3 @@ def test_fast_weight_router_network_steps_do_not_raise_the_chunk_objective():
     assert any(not torch.equal(a, b) for a, b in zip(before, net.fast_weights()))
     assert objective() <= start + 1e-6
     assert net.steps_done == 5 and 0.05 <= router.alpha <= 1.0
-
