@@ -54,7 +54,8 @@ def test_the_run_path_does_not_import_matplotlib():
 
 def test_no_file_cites_a_document_the_repository_lacks():
     tracked = subprocess.run(["git", "ls-files", "*.py", "*.md"], capture_output=True, text=True, cwd=REPO).stdout.split()
-    citing = [f for f in tracked if "DESIGN.md" in (REPO / f).read_text(errors="ignore") and f != "tests/test_architecture.py"]
+    external = "DESIGN" + ".md"        # spelled in two parts so that this file does not cite it either
+    citing = [f for f in tracked if external in (REPO / f).read_text(errors="ignore")]
     assert citing == [] and (REPO / "docs" / "design.md").is_file()
 
 
