@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {command!r}; choose one of {', '.join(HELP)}")
     try:  # SIGTERM ends a command like Ctrl-C: outputs cleaned up, exit status 130
         signal.signal(signal.SIGTERM, _terminate)
+        signal.signal(signal.SIGINT, signal.default_int_handler)   # also when started with SIGINT ignored (nohup, &)
     except ValueError:  # not the main thread
         pass
     return _dispatch(command, rest)
