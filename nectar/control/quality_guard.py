@@ -54,7 +54,8 @@ class GuardConfig:
     fast_memory: float = 0.3         # weight of the newest check in the fast (domain) estimate
     slow_memory: float = 0.05        # ... in the slow (stream) estimate
     kappa_range: tuple[float, float] = (0.5, 2.0)
-    gross: float = 4.0               # one check above gross × target falls back to static at once
+    gross: float = 4.0               # one check above gross × target falls back to static at once and
+                                     # multiplies μ by (measured / target)
 
     def __post_init__(self):
         if not 0 < self.max_ppl_increase < 1:
@@ -129,14 +130,16 @@ class QualityGuard:
         self.price = min(high, max(low, self.price * math.exp(cfg.price_lr * error)))
         self.fallback = delta > cfg.gross * target
         if self.fallback:
-            self._fall_back()
+            self._fall_back(delta / target)
         return GuardVerdict(delta, math.expm1(delta), self.price, self.kappa, self.fallback)
 
-    def _fall_back(self) -> None:
+    def _fall_back(self, overshoot: float = 2.0) -> None:
+        """Static routing for the next chunk, and a price raised in proportion to the violation
+        (`overshoot` = measured / target NLL increase, at least ×2)."""
         low, high = self.config.price_range
         self.violations += 1
         self.fallback = True
-        self.price = min(high, max(low, 2.0 * self.price))
+        self.price = min(high, max(low, max(2.0, overshoot) * self.price))
 
     def _update_sensitivity(self, delta: float, deviation: float) -> None:
         if not (math.isfinite(deviation) and deviation > 0):

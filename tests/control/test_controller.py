@@ -78,7 +78,8 @@ def test_price_spends_the_budget_in_an_environment_with_a_known_answer():
 def test_sensitivity_scales_lambda_between_domains():
     """Two alternating 'domains' whose NLL costs differ 3× per unit of deviation: the sensitive
     domain's next chunk gets a larger λ (less deviation) than the cheap domain's."""
-    ctl, router = _controller(guard=GuardConfig(fast_memory=0.8, slow_memory=0.05, price_lr=0.05))
+    # gross=50: no fallbacks, so that the test isolates the sensitivity scaling
+    ctl, router = _controller(guard=GuardConfig(fast_memory=0.8, slow_memory=0.05, price_lr=0.05, gross=50.0))
     logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(2))
     lam_after = {"easy": [], "hard": []}
     for i in range(60):
@@ -211,3 +212,18 @@ def test_fast_weight_router_network_steps_do_not_raise_the_chunk_objective():
     assert any(not torch.equal(a, b) for a, b in zip(before, net.fast_weights()))
     assert objective() <= start + 1e-6
     assert net.steps_done == 5 and 0.05 <= router.alpha <= 1.0
+
+
+@pytest.mark.parametrize("overshoot", [5.0, 20.0])
+def test_a_gross_violation_raises_the_price_in_proportion_to_its_size(overshoot):
+    """μ after a check measuring `overshoot` × the target NLL increase: the usual dual step, then
+    × overshoot (at least × 2) with a fallback — one violation brings a far too low price near the
+    right scale instead of doubling it check after check."""
+    from nectar.control.quality_guard import QualityGuard
+
+    cfg = GuardConfig(price_init=0.3)
+    guard = QualityGuard(cfg)
+    delta = overshoot * cfg.target_delta_nll
+    verdict = guard.judge(QualityCheck(adapted_nll=3.0 + delta, static_nll=3.0, tokens=256), deviation=1.0)
+    stepped = 0.3 * math.exp(cfg.price_lr * 2.0)                   # the relative error clips at 2
+    assert verdict.fallback and guard.price == pytest.approx(stepped * overshoot, rel=1e-6)
