@@ -156,9 +156,8 @@ class EnergyAwareRouter(Router):
         −log(1 − w) < d[expert], w its share of the two static gates."""
         if not self.drop or not bool((self.drop_scale > 0).any()):
             return None
-        q = gate_probs(logits.float(), self.temperature).gather(-1, experts)        # [N, K]
-        share = q[:, 1] / (q[:, 0] + q[:, 1]).clamp_min(1e-30)                    # [N]
-        keep = -torch.log1p(-share.clamp(max=1 - 1e-7)) >= self.drop_scale.to(q.device)[experts[:, 1]]
+        cost_N = dropped_mass_kl(gate_probs(logits.float(), self.temperature), experts)
+        keep = cost_N >= self.drop_scale.to(cost_N.device)[experts[:, 1]]
         mask = torch.ones_like(experts, dtype=torch.bool)
         mask[:, 1] = keep
         return mask
@@ -177,3 +176,11 @@ class EnergyAwareRouter(Router):
         allowed = torch.full_like(logits, float("-inf"))
         allowed.scatter_(-1, torch.cat([static, best_cheap], dim=-1), 0.0)
         return allowed
+
+
+def dropped_mass_kl(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """[N] −log(1 − w): the KL cost of dropping slot 2, w its share of the two static gates
+    (probs [N, E] static softmax, experts [N, K] chosen experts)."""
+    q_NK = probs.gather(-1, experts)
+    share_N = q_NK[:, 1] / (q_NK[:, 0] + q_NK[:, 1]).clamp_min(1e-30)
+    return -torch.log1p(-share_N.clamp(max=1 - 1e-7))

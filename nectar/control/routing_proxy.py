@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from nectar.control.energy_router import EnergyAwareRouter
+from nectar.control.energy_router import EnergyAwareRouter, dropped_mass_kl
 
 
 def allowed_distribution(router: EnergyAwareRouter, logits: torch.Tensor) -> torch.Tensor:
@@ -41,7 +41,5 @@ def drop_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
     decision = router(logits)
     if decision.mask.all():
         return 0.0
-    q_NK = decision.probs.gather(-1, decision.experts)                          # [N, K]
-    share_N = q_NK[:, 1] / (q_NK[:, 0] + q_NK[:, 1]).clamp_min(1e-30)
     dropped_N = ~decision.mask[:, 1]
-    return float((-torch.log1p(-share_N.clamp(max=1 - 1e-7)) * dropped_N).mean())
+    return float((dropped_mass_kl(decision.probs, decision.experts) * dropped_N).mean())
