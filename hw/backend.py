@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from typing import Any, Callable
 
+from hw.cotenant import CoTenant
 from hw.energy_meter import EnergyMeter, Measurement
 from hw.info import device_info
 from hw.nvml_api import NvmlApi
@@ -74,6 +76,7 @@ class NvmlBackend:
     ):
         if sample_period_s is not None and not sample_period_s > 0:
             raise ValueError(f"sample_period_s must be > 0 seconds or None (no sampler), got {sample_period_s}")
+        self.device_index = device_index
         self.nvml = nvml if nvml is not None else NvmlApi(device_index)
         self.sleep = sleep
         self.sampler = None
@@ -124,6 +127,13 @@ class NvmlBackend:
                 compute()
         self.last_measurement = handle.measurement
         return measurement_to_window(handle.measurement)
+
+    @contextmanager
+    def cotenant(self, duty: float):
+        """A co-tenant process heating this GPU while the block runs (`hw.cotenant.CoTenant`: bf16
+        matmuls for `duty` of every 100 ms); always stopped on the way out."""
+        with CoTenant(duty, device=f"cuda:{self.device_index}") as tenant:
+            yield tenant
 
     def close(self) -> None:
         """Stop the sampler and shut NVML down; safe to call twice."""

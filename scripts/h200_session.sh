@@ -1,9 +1,19 @@
 #!/usr/bin/env bash
-# The GPU experiments behind docs/results/h200/, as three calls of at most 10 minutes each (the
-# second reuses the first's trained model while the machine is still warm). Results go into $OUT as
-# one tarball per phase plus its log; what is kept is committed under docs/results/h200/ and
-# data/traces/h200/.
+# The GPU experiments behind docs/results/h200/, as calls of at most 10 minutes each (a call that
+# reuses a trained model comes right after the one that trained it, while the machine is still
+# warm). Results go into $OUT as one tarball per phase plus its log; what is kept is committed under
+# docs/results/h200/ and data/traces/h200/.
 #
+# Second session (feed-forward price, drop on by default, fixed-price frontier, limit workloads):
+#   bash scripts/h200_session.sh main     # train (≤ 250 s), calibrate, stationary + domain-shift
+#                                         # frontiers, 9 policies, ~95 s of GPU time each → main.tar.gz
+#   bash scripts/h200_session.sh limits   # (right after) power-schedule (interleaved) and thermal
+#                                         # (one policy after another, co-tenant, cap 60 °C) → limits.tar.gz
+#   bash scripts/h200_session.sh olmoe    # a small OLMoE (64 experts, top-8) trained here, then hw-run's
+#                                         # calibration and its stationary + domain-shift frontiers
+#                                         # with ~1 s windows                             → olmoe.tar.gz
+#
+# First session:
 #   bash scripts/h200_session.sh model    # train the distilgpt2 recipe (≤ 330 s), calibrate, frontier:
 #                                         # stationary, 2 repeats of 45 s               → model.tar.gz
 #   bash scripts/h200_session.sh extras   # (same machine, right after) domain-shift frontier of that
@@ -14,7 +24,7 @@
 #
 # Needs torch (CUDA), transformers, nvidia-ml-py and the built corpus (data/corpus/built, carried).
 set -u
-PHASE=${1:?usage: bash scripts/h200_session.sh model|extras}
+PHASE=${1:?usage: bash scripts/h200_session.sh main|limits|olmoe|model|extras|long}
 OUT=${OUT:?set OUT to the folder that comes back}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -34,7 +44,31 @@ step() {  # step LIMIT_S ARGS...
   echo "=== exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
 }
 
+MAIN_POLICIES=static-top2,static-top1,static-cheap,top-p:0.5,top-p:0.8,fixed-price:1,fixed-price:2,fixed-price:4,nectar
+LIMIT_POLICIES=static-top2,static-top1,static-cheap,fixed-price:2,nectar
+
 case "$PHASE" in
+main)
+  step 590 python -m nectar hw-run --train-budget-s 250 --out "$R/main" --overwrite --save-model "$R/gpu_model" \
+    --no-progress --workloads stationary,domain-shift --repeats 1 --workload-seconds 95 --policies "$MAIN_POLICIES" \
+    --deadline-s 575
+  cp "$R/gpu_model/nectar_model.json" "$R/main/" 2>/dev/null
+  tar czf "$OUT/main.tar.gz" -C "$R" main ;;
+limits)
+  step 590 python -m nectar hw-run --model "$R/gpu_model" --out "$R/limits" --overwrite --no-progress \
+    --workloads power-schedule,thermal --temp-cap 60 --cotenant-duty 0.3 --policy-warmup-s 15 --repeats 1 \
+    --workload-seconds 150 --policies "$LIMIT_POLICIES" --deadline-s 575
+  tar czf "$OUT/limits.tar.gz" -C "$R" limits ;;
+olmoe)
+  step 160 python -m nectar.hf.train_small --out "$R/olmoe" --device cuda --budget-s 130 --expert-hidden 256 \
+    --no-progress
+  mkdir -p "$R/olmoe_runs"
+  cp "$R/olmoe/nectar_model.json" "$R/olmoe_runs/olmoe_model.json" 2>/dev/null
+  step 420 python -m nectar hw-run --model "$R/olmoe" --out "$R/olmoe_runs/frontier" --overwrite --no-progress \
+    --workloads stationary,domain-shift --repeats 2 --workload-seconds 60 --seq-len 256 --micro-batch 256 \
+    --policies static-top8,static-top6,static-top4,static-top2,top-p:0.9,top-p:0.7,threshold:0.05,threshold:0.1,nectar \
+    --chunk-tokens 1048576 --deadline-s 410
+  tar czf "$OUT/olmoe.tar.gz" -C "$R" olmoe_runs ;;
 model)
   step 575 python -m nectar hw-run --out "$R/model" --overwrite --save-model "$R/gpu_model" --no-progress \
     --workloads stationary --deadline-s 545

@@ -15,6 +15,7 @@ clock is simpy's, and no wall-clock value enters any result.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -66,6 +67,9 @@ def _seed(seed: Any) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     return int(seed)
+
+
+COTENANT_HEAT_C = 15.0   # extra ambient °C of a co-tenant at full duty (the simulator's heat source)
 
 
 class SimBackend:
@@ -154,6 +158,20 @@ class SimBackend:
         if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"idle seconds must be a finite number >= 0, got {seconds!r}")
         return self._measure(self.gpu.run_idle(float(seconds)))
+
+    @contextmanager
+    def cotenant(self, duty: float):
+        """The simulator's stand-in for a co-tenant process (`hw.cotenant` on a GPU): while the block
+        runs, the GPU's ambient rises by duty × COTENANT_HEAT_C (its heat only: a real co-tenant's
+        power is not simulated)."""
+        if not 0.0 < duty <= 1.0:
+            raise ValueError(f"co-tenant duty must be in (0, 1], got {duty!r}")
+        before = self.gpu.heat
+        self.gpu.heat = lambda t: (0.0 if before is None else before(t)) + duty * COTENANT_HEAT_C
+        try:
+            yield self
+        finally:
+            self.gpu.heat = before
 
     def close(self) -> None:
         self._closed = True

@@ -17,7 +17,6 @@ from nectar.cli.common import non_negative_int, positive_float, positive_int
 # Spelled-out defaults (tests/cli/test_help.py keeps them equal to the config classes').
 MAX_PPL_INCREASE = 0.01      # GuardConfig.max_ppl_increase
 BUDGET_USE = 0.9             # GuardConfig.budget_use
-PRICE_INIT = 0.3             # GuardConfig.price_init
 SHADOW_SHARE = 1 / 64        # ControllerConfig.shadow_share
 
 
@@ -51,8 +50,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
                    help="quality bound: relative perplexity increase vs static routing (0.01 = 1%%)")
     g.add_argument("--budget-use", type=positive_float, default=BUDGET_USE,
                    help="share of the quality bound NECTAR aims to spend, in (0, 1]")
-    g.add_argument("--price", type=positive_float, default=PRICE_INIT,
-                   help="initial price of quality μ; it then follows the budget")
+    g.add_argument("--price", type=positive_float, default=None,
+                   help="initial price of quality μ; it then follows the budget (default: the router family's: "
+                        "0.3 for NECTAR's router, 10 for a transformers MoE's adaptive k)")
     g.add_argument("--shadow-share", type=positive_float, default=SHADOW_SHARE,
                    help="share of the stream's sequences re-run under static routing for the paired quality check")
     g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature, °C (20-100)")

@@ -23,6 +23,7 @@ from nectar.cli.experiment_args import (add_controller_args, add_sim_args, add_s
 WORKLOADS = ("stationary", "domain-shift", "thermal", "power-schedule")
 STATIC_FRONTIER = ["static-top1", "static-top2", "static-top3", "static-cheap",
                    "fixed-bias:0.5", "fixed-bias:1", "fixed-bias:2", "fixed-bias:3", "fixed-bias:5",
+                   "fixed-price:0.5", "fixed-price:1", "fixed-price:2", "fixed-price:4",
                    "top-p:0.5", "top-p:0.7", "top-p:0.9", "mix:0.25", "mix:0.5", "mix:0.75"]
 ADAPTIVE = ["pi-share:0.5", "nectar"]
 

@@ -28,7 +28,8 @@ from nectar.cli.experiment_args import add_controller_args, check_stream_args, c
 
 # Spelled out so that `nectar hw-run --help` does not import torch (tests/cli/test_help.py checks them).
 RECIPES = ("cpu-demo", "distilgpt2")
-GPU_WORKLOADS = ("stationary", "domain-shift")
+GPU_WORKLOADS = ("stationary", "domain-shift", "power-schedule", "thermal")
+DEFAULT_WORKLOADS = ("stationary", "domain-shift")
 GPU_POLICIES = ["static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:0.5", "fixed-bias:1",
                 "fixed-bias:2", "fixed-bias:3", "top-p:0.5", "top-p:0.8", "mix:0.5", "pi-share:0.5", "nectar"]
 MAX_SEQ_LEN = 1024
@@ -44,8 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="distilgpt2", choices=RECIPES, help="recipe of the model trained without --model")
     p.add_argument("--train-budget-s", type=positive_float, default=330.0, help="wall-clock budget for training")
     p.add_argument("--save-model", type=Path, default=None, help="also save the trained model to this folder")
-    p.add_argument("--workloads", type=comma_list, default=list(GPU_WORKLOADS),
-                   help=f"comma list of frontier workloads (default: {','.join(GPU_WORKLOADS)})")
+    p.add_argument("--workloads", type=comma_list, default=list(DEFAULT_WORKLOADS),
+                   help=f"comma list of frontier workloads out of {', '.join(GPU_WORKLOADS)} (default: "
+                        f"{','.join(DEFAULT_WORKLOADS)}); thermal needs --temp-cap; power-schedule takes "
+                        "--power-budget (default: 0.85/0.75/0.85 of static-top2's calibrated power)")
     p.add_argument("--policies", type=comma_list, default=list(GPU_POLICIES),
                    help=f"comma list of policies (default: {','.join(GPU_POLICIES)}; for a transformers MoE "
                         "model its own static frontier and nectar)")
@@ -55,6 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-chunks", type=positive_int, default=2, help="domain-shift: chunks per domain block")
     p.add_argument("--warmup-s", type=positive_float, default=8.0, help="warm-up window before calibration")
     p.add_argument("--calibration-s", type=positive_float, default=5.0, help="length of each calibration window")
+    p.add_argument("--cotenant-duty", type=positive_float, default=0.3,
+                   help="thermal: share of every 100 ms a co-tenant process spends on bf16 matmuls beside the run")
+    p.add_argument("--policy-warmup-s", type=positive_float, default=15.0,
+                   help="thermal: static-top2 warm-up (with the co-tenant) before each policy, seconds")
+    p.add_argument("--thermal-headroom-c", type=positive_float, default=2.0,
+                   help="thermal without --temp-cap: the cap is this many °C below the temperature static-top2 "
+                        "reaches in one warm-up beside the co-tenant (rounded down)")
     p.add_argument("--chunk-tokens", type=positive_int, default=1048576,
                    help="tokens per controller chunk, a multiple of --seq-len (~0.6 s on an H200: the NVML counter "
                         "is usable per chunk)")
@@ -99,8 +109,9 @@ def check_args(args: argparse.Namespace) -> None:
     """Resolve --seq-len and check everything before the model is built (ValueError)."""
     unknown = [w for w in args.workloads if w not in GPU_WORKLOADS]
     if unknown or not args.workloads:
-        raise ValueError(f"hw-run runs the workloads {', '.join(GPU_WORKLOADS)}; got {unknown or args.workloads} "
-                         "(thermal and power-schedule run in the simulator: nectar frontier --workload …)")
+        raise ValueError(f"hw-run runs the workloads {', '.join(GPU_WORKLOADS)}; got {unknown or args.workloads}")
+    if not 0 < args.cotenant_duty <= 1:
+        raise ValueError(f"--cotenant-duty must be in (0, 1], got {args.cotenant_duty}")
     positions = model_positions(args)
     if args.seq_len is None:
         args.seq_len = min(MAX_SEQ_LEN, positions)
@@ -208,7 +219,8 @@ def campaign(args, backend, save, started: float, command: str, group=None) -> N
     say(strict_json({"speed": speed, "tokens_per_s": calibration.tokens_per_s, "power_W": calibration.power_W}),
         flush=True)
     for name in args.workloads:
-        expected = args.repeats * args.workload_seconds * 1.3 + 5
+        warmups = (len(args.policies) + 1) * args.policy_warmup_s if name == "thermal" else 0.0
+        expected = args.repeats * (args.workload_seconds * 1.3 + warmups) + 5
         elapsed = time.monotonic() - started
         if group is not None:
             elapsed = group.gather_objects(elapsed)[0]      # rank 0's clock decides for every replica
@@ -217,14 +229,51 @@ def campaign(args, backend, save, started: float, command: str, group=None) -> N
             continue
         args.tokens = args.chunk_tokens * chunks_for(args.workload_seconds, calibration.tokens_per_s, args.chunk_tokens,
                                                      len(args.policies))
-        cfg = configs(args, args.policies, interleave=True)
-        with prepare_out(args.out / name, args.overwrite) if writes else nullcontext(None) as tmp:
+        conditions, before_policy, heat = workload_conditions(name, args, calibration, model, backend, chunk)
+        cfg = configs(args, args.policies, interleave=name != "thermal")
+        with heat, prepare_out(args.out / name, args.overwrite) if writes else nullcontext(None) as tmp:
+            if conditions.get("temp_cap_C", 0.0) is None:
+                conditions["temp_cap_C"] = auto_temp_cap(model, backend, chunk, args)
+            if conditions:
+                say(f"{name}: {strict_json({k: str(v) for k, v in conditions.items()})}", flush=True)
             report = run_workload(name, model, demo, backend, cfg, tmp, repeats=args.repeats, backend_name=args.backend,
                                   block_chunks=args.block_chunks, command=command, progress=not args.no_progress,
-                                  meta={"device": backend.info(), "model": demo.info})
+                                  meta={"device": backend.info(), "model": demo.info}, conditions=conditions,
+                                  before_policy=before_policy)
         say(strict_json({k: report.get(k) for k in ("workload", "nectar_saved", "nectar_dppl", "hull_saved_at_nectar_dppl",
                                                      "nectar_margin_over_hull", "nectar_margin_ci95",
                                                      "best_fixed_saved_within_bound")}), flush=True)
+
+
+def workload_conditions(name: str, args, calibration, model, backend, chunk):
+    """(build_workload's conditions, the hook before each policy, the heat source's context) of a
+    workload: a power budget over each policy's own time; a temperature cap with a co-tenant heating
+    the GPU and the same static-top2 warm-up before every policy (they run one after another)."""
+    from nectar.control.schedule import Schedule
+    from nectar.experiment.campaign import default_power_budget, measured_block
+
+    if name == "power-schedule":
+        budget = args.power_budget or default_power_budget(calibration.power_W, args.workload_seconds / len(args.policies))
+        return {"power_budget": budget}, None, nullcontext()
+    if name == "thermal":
+        def warm_up(run):
+            measured_block(model, backend, chunk, "static-top2", args.policy_warmup_s, "warmup")
+        conditions = {"temp_cap_C": args.temp_cap, "heat": Schedule.constant(args.cotenant_duty)}
+        return conditions, warm_up, backend.cotenant(args.cotenant_duty)
+    return {}, None, nullcontext()
+
+
+def auto_temp_cap(model, backend, chunk, args) -> float:
+    """A cap that binds: `--thermal-headroom-c` below the temperature static-top2 reaches in one
+    warm-up beside the co-tenant (rounded down to whole °C, as the sensor reads)."""
+    import math
+
+    from nectar.experiment.campaign import measured_block
+
+    row = measured_block(model, backend, chunk, "static-top2", args.policy_warmup_s, "warmup")
+    if not math.isfinite(row.window.gpu_temp_C):
+        raise ValueError("thermal: the warm-up read no temperature; give --temp-cap C")
+    return float(math.floor(row.window.gpu_temp_C) - args.thermal_headroom_c)
 
 
 def replica_calibration(group, calibration):

@@ -4,7 +4,9 @@ energy-aware router's bias for the next chunk.
 Per chunk (apply-then-update, LaCT order):
 1. quality: a paired shadow check on a random share of the chunk's sequences (static routing vs
    the routing that ran) moves the price of quality μ (dual ascent on the budget) and the relative
-   sensitivity κ of the current domain (`quality_guard`);
+   sensitivity κ of the current domain (`quality_guard`); once the sensitivity is known, the price
+   is set feed-forward instead: the λ whose chunk-problem solution on this chunk's gate logits has
+   the deviation that spends the budget (bisection in log λ; `_feedforward_lam`);
 2. energy: the online cost model (RLS on the chunk's workload and telemetry window) updates the
    per-expert costs c (`cost_model`; `cost_learning` = "telemetry", "prior" to keep the FLOP prior,
    or "frozen" to stop learning after `frozen_after` chunks);
@@ -23,17 +25,17 @@ One `ControlRecord` per chunk is returned for the log.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
 
-from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
+from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig, kkt_bias
 from nectar.control.cost_model import OnlineCostModel
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.limits import LimitConfig, LimitGovernor
 from nectar.control.observation import ChunkObservation, LayerObservation
-from nectar.control.quality_guard import GuardConfig, GuardVerdict, QualityCheck, QualityGuard
+from nectar.control.quality_guard import DEFAULT_START_PRICE, GuardConfig, GuardVerdict, QualityCheck, QualityGuard
 from nectar.control.routing_proxy import allowed_distribution, deviation_kl
 from nectar.hf.adaptive_k import AdaptiveKRouter
 from nectar.telemetry.energy import window_energy_J
@@ -97,8 +99,11 @@ class NectarController:
     """Drives one EnergyAwareRouter per MoE layer from telemetry, costs, limits and the quality guard."""
 
     def __init__(self, routers: list[EnergyAwareRouter], config: ControllerConfig | None = None,
-                 cost_layers: list[int] | None = None, cost_model: OnlineCostModel | None = None):
-        self.config = config or ControllerConfig()
+                 cost_layers: list[int] | None = None, cost_model: OnlineCostModel | None = None,
+                 start_costs: list[torch.Tensor] | None = None):
+        """`start_costs` ([E] per router, e.g. the FLOP prior): the first chunk already runs where
+        the chunk problem puts these costs at the start price (None: the first chunk runs static)."""
+        self.config = start_priced(config or ControllerConfig(), routers)
         self.routers = routers
         self.cost_model = cost_model                  # built from the first chunk's workload if None
         self.guard = QualityGuard(self.config.guard)
@@ -116,6 +121,18 @@ class NectarController:
         self.backoff = 1                 # current thinning of the shadow checks
         self._next_check = 0             # chunk index of the next check
         self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
+        if start_costs is not None:
+            self._start(start_costs)
+
+    def _start(self, costs: list[torch.Tensor]) -> None:
+        """Route the first chunk at the start price with the given costs (routers that need the
+        chunk's logits to choose, as adaptive k does, start static)."""
+        if len(costs) != len(self.routers):
+            raise ValueError(f"start_costs has {len(costs)} entries for {len(self.routers)} routers")
+        for router, opt, c in zip(self.routers, self.optimizers, costs):
+            if not isinstance(router, AdaptiveKRouter):
+                c = c.double() / c.max().clamp_min(1e-12)
+                router.adapt(bias=kkt_bias(c, self.lam).float(), drop_scale=(c / self.lam).float() if router.drop else None)
 
     # ------------------------------------------------------------------------------ one chunk
 
@@ -126,13 +143,18 @@ class NectarController:
         deviation = self._deviation(observation)
         predicted = self.guard.predicted_delta(deviation)
         check = self._check(observation, shadow)
+        if check is not None and check.window is not None:
+            self.limits.observe_busy(check.window)
         verdict = self.guard.judge(check, deviation)
         self._schedule_next(observation, check, predicted)
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
+        costs = self._normalised_costs()
+        target = self.guard.target_deviation()
+        if target is not None:
+            self.guard.set_price(self._feedforward_lam(observation, costs, target) / self.guard.kappa)
         lam = self.lam
-        for layer, (opt, router, seen, c) in enumerate(
-                zip(self.optimizers, self.routers, observation.layers, self._normalised_costs())):
+        for layer, (opt, router, seen, c) in enumerate(zip(self.optimizers, self.routers, observation.layers, costs)):
             self._step_layer(layer, opt, router, seen, c, lam, verdict)
         self.chunks += 1
         return self._record(verdict, deviation, residual, skipped, window, check)
@@ -162,13 +184,35 @@ class NectarController:
         agrees = math.isfinite(predicted) and abs(check.delta_nll - predicted) < target / 3 and not self.guard.fallback
         self.backoff = min(self.config.shadow_backoff, 2 * self.backoff) if agrees else 1
         per_chunk = self.config.shadow_share * max(observation.nll_rows.numel(), 1)
-        every = 1 if per_chunk >= 1 else math.ceil(1 / per_chunk)
-        self._next_check = self.chunks + every * self.backoff
+        every = 1 if per_chunk >= 1 or not self.guard.measured else math.ceil(1 / per_chunk)
+        # after a fallback verdict the next chunk runs static: check the first adapted chunk after it
+        self._next_check = self.chunks + (2 if self.guard.fallback else every * self.backoff)
 
     def _deviation(self, observation: ChunkObservation) -> float:
         """Mean over layers of the KL (second-slot candidates) of the routing that ran to static."""
-        values = [router.deviation(seen.logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, seen.logits)
-                  for router, seen in zip(self.routers, observation.layers)]
+        values = [_router_deviation(router, seen.logits) for router, seen in zip(self.routers, observation.layers)]
+        return sum(values) / max(len(values), 1)
+
+    def _feedforward_lam(self, observation: ChunkObservation, costs: list[torch.Tensor], target: float) -> float:
+        """The quality λ whose routing would have had mean deviation `target` on this chunk's gate
+        logits (deviation falls as λ rises; bisection in log λ over the price range)."""
+        low, high = (math.log(v) for v in self.config.guard.price_range)
+        for _ in range(24):
+            mid = 0.5 * (low + high)
+            if self._trial_deviation(observation, costs, math.exp(mid)) > target:
+                low = mid
+            else:
+                high = mid
+        return math.exp(high)
+
+    def _trial_deviation(self, observation: ChunkObservation, costs: list[torch.Tensor], lam: float) -> float:
+        """Mean deviation on the chunk's logits had each router taken its step at λ (state restored)."""
+        values = []
+        for router, opt, seen, c in zip(self.routers, self.optimizers, observation.layers, costs):
+            saved = router.adaptation()
+            _apply_lam(router, opt, seen, c, lam, fallback=False)
+            values.append(_router_deviation(router, seen.logits))
+            router.adapt(**_restorable(router, saved))
         return sum(values) / max(len(values), 1)
 
     def _learn_costs(self, observation: ChunkObservation, window: TelemetryWindow) -> tuple[str, float | None]:
@@ -196,13 +240,13 @@ class NectarController:
         """The layer's bias step on the chunk problem, then the fast net and α (if any); a pretrained
         model's adaptive-k router instead takes the threshold that minimises cost + λ·KL on the chunk."""
         if isinstance(router, AdaptiveKRouter):
-            router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=verdict.fallback)
+            _apply_lam(router, opt, seen, c, lam, verdict.fallback)
             return
         opt.config.lam = lam
         q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
         opt.step(q, c)
         router.adapt(bias=opt.bias, fallback=verdict.fallback,
-                     drop_scale=(c / lam).float() if getattr(router, "drop", False) else None)
+                     drop_scale=(c / lam).float() if router.drop else None)
         if router.fast_net is not None and seen.inputs.numel():
             self._step_fast(router, seen, c, lam)
         if layer == 0:
@@ -242,3 +286,39 @@ class NectarController:
             guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
             guard_s=0.0 if guard_window is None else guard_window.duration_s,
         )
+
+
+def start_priced(config: ControllerConfig, routers: list) -> ControllerConfig:
+    """`config` with the start price resolved: the given one, else the routers' family's
+    START_PRICE (the highest of them: the most careful), else the guard's default."""
+    if config.guard.price_init is not None:
+        return config
+    price = max((getattr(r, "START_PRICE", DEFAULT_START_PRICE) for r in routers), default=DEFAULT_START_PRICE)
+    return replace(config, guard=replace(config.guard, price_init=price))
+
+
+def _router_deviation(router, logits: torch.Tensor) -> float:
+    """KL deviation of the routing in force from static (0 while the router is in fallback)."""
+    if router.fallback:
+        return 0.0
+    return router.deviation(logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, logits)
+
+
+def _apply_lam(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor, lam: float, fallback: bool) -> None:
+    """Put the router where the chunk problem at λ puts it: the adaptive-k threshold, or the KKT
+    bias (with the optimizer's current constraint multipliers) and drop scale c/λ."""
+    if isinstance(router, AdaptiveKRouter):
+        router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=fallback)
+        return
+    router.adapt(bias=kkt_bias(c, lam, opt.mu, opt.nu).float(), fallback=fallback,
+                 drop_scale=(c / lam).float() if router.drop else None)
+
+
+def _restorable(router, saved) -> dict:
+    """adapt(...) keywords that put a router back to a saved adaptation record."""
+    if isinstance(router, AdaptiveKRouter):
+        return {"threshold": saved.threshold, "alpha": saved.alpha, "fallback": saved.fallback}
+    state = {"bias": saved.bias, "alpha": saved.alpha, "fallback": saved.fallback}
+    if router.drop:
+        state["drop_scale"] = saved.drop_scale
+    return state

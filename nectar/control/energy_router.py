@@ -57,6 +57,8 @@ class Adaptation:
 class EnergyAwareRouter(Router):
     """logits [N, E] (+ gate inputs [N, D] for the fast net) -> decision with NECTAR's safeguards."""
 
+    START_PRICE = 0.3   # the controller's start price for this router (see quality_guard)
+
     def __init__(
         self,
         num_experts: int,

@@ -24,7 +24,7 @@ class LimitConfig:
     temp_cap_C: float | None = None      # hold the GPU below this temperature
     slowdown_C: float = 89.0             # always keep away from the slowdown threshold
     temp_margin_C: float = 2.0           # start pushing this far below the cap
-    power_budget: Schedule | None = None  # W over time since the run started
+    power_budget: Schedule | None = None  # W over the policy's own time (its chunks, checks and pauses)
     power_margin: float = 0.02           # aim this share below the budget
     mem_target: float | None = 0.90      # memory pressure above this pushes routing cheaper
     dual_lr: float = 0.5
@@ -54,7 +54,7 @@ class LimitGovernor:
     def __init__(self, config: LimitConfig | None = None):
         self.config = config or LimitConfig()
         self.nu_temp = self.nu_power = self.nu_mem = 0.0
-        self._t0: float | None = None
+        self.elapsed_s = 0.0                 # the policy's own time: its busy and idle windows so far
         self._last_temp: tuple[float, float] | None = None   # (time, temperature) of the last window
         self.idle_W: float | None = None                       # learned from pause windows
 
@@ -65,23 +65,24 @@ class LimitGovernor:
             return 0.0
         return self.nu_temp + self.nu_power + self.nu_mem
 
-    def budget_W(self, window: TelemetryWindow) -> float | None:
-        """The power budget in force at the end of `window` (None: no budget)."""
+    def budget_W(self, window: TelemetryWindow | None = None) -> float | None:
+        """The power budget in force now, at the end of the policy's last window (None: no budget).
+        The schedule runs on the policy's own time, so that policies interleaved on one GPU each
+        see the whole schedule."""
         if self.config.power_budget is None:
             return None
-        return self.config.power_budget.at(window.t_end_s - self._start(window))
+        return self.config.power_budget.at(self.elapsed_s)
 
-    def _start(self, window: TelemetryWindow) -> float:
-        if self._t0 is None:
-            self._t0 = window.t_start_s
-        return self._t0
+    def observe_busy(self, window: TelemetryWindow) -> None:
+        """Count a window of the policy's that is not a chunk (a quality check) in its own time."""
+        self.elapsed_s += max(0.0, window.duration_s)
 
     def update(self, window: TelemetryWindow, work_window: TelemetryWindow | None = None) -> None:
         """One dual step from the chunk's window (and the time the GPU was busy with it)."""
         cfg = self.config
+        self.elapsed_s += max(0.0, window.duration_s) if math.isfinite(window.duration_s) else 0.0
         if not window.is_valid():
             return
-        self._start(window)
         self.nu_temp = self._step(self.nu_temp, self._temp_signal(window))
         budget = self.budget_W(window)
         if budget is not None:
@@ -109,6 +110,7 @@ class LimitGovernor:
 
     def observe_idle(self, window: TelemetryWindow) -> None:
         """Learn the idle power from a pause's window (it prices the next pauses)."""
+        self.elapsed_s += max(0.0, window.duration_s) if math.isfinite(window.duration_s) else 0.0
         if window.is_valid() and window.duration_s > 0:
             self.idle_W = window.mean_power_W if self.idle_W is None else 0.5 * (self.idle_W + window.mean_power_W)
 

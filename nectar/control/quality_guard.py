@@ -15,8 +15,17 @@ and no more).
 Sensitivity. How much NLL a unit of routing deviation costs differs between domains. The guard
 keeps two ratio estimates ΔNLL / deviation, a fast one (the current domain) and a slow one (the
 stream); their quotient κ multiplies the price for the next chunk, so that the budget is spent
-where it is cheap. A gross violation, or a check that returns nothing finite, falls back to
-static routing for the next chunk.
+where it is cheap.
+
+Feed-forward price (default). Once the fast ratio s is known, the deviation that spends the budget
+is D* = target / s (at most `trust` × the deviation it was measured at: the linear model is not
+extrapolated far); the controller then sets λ so that the chunk problem's solution on the chunk's
+own gate logits has deviation D* (`target_deviation`, `set_price`). Dual ascent alone (the
+`feedforward=False` ablation) needs many checks to reach the budget; the feed-forward price
+reaches it after one check and follows a new domain after one.
+
+A gross violation, or a check that returns nothing finite, falls back to static routing for the
+next chunk (one chunk: the raised price takes over after it).
 """
 
 from __future__ import annotations
@@ -25,6 +34,9 @@ import math
 from dataclasses import dataclass
 
 from nectar.telemetry.window import TelemetryWindow
+
+
+DEFAULT_START_PRICE = 0.3   # NECTAR's router (a router class may declare its own START_PRICE)
 
 
 @dataclass
@@ -47,7 +59,8 @@ class QualityCheck:
 class GuardConfig:
     max_ppl_increase: float = 0.01   # the quality bound: relative perplexity increase vs static routing
     budget_use: float = 0.9          # aim the measured increase at this share of the bound
-    price_init: float = 0.3          # initial quality price μ (normalised expert cost per nat of KL)
+    price_init: float | None = None  # initial quality price μ (normalised expert cost per nat of KL);
+                                     # None: the router family's START_PRICE (set by the controller)
     price_lr: float = 0.25           # step of log μ per check, per unit of relative error
     price_range: tuple[float, float] = (0.005, 50.0)
     sensitivity: bool = True         # scale the price by the current chunk's relative sensitivity
@@ -56,18 +69,22 @@ class GuardConfig:
     kappa_range: tuple[float, float] = (0.5, 2.0)
     gross: float = 4.0               # one check above gross × target falls back to static at once and
                                      # multiplies μ by (measured / target)
+    feedforward: bool = True         # set λ from the measured sensitivity (False: dual ascent only)
+    trust: float = 3.0               # D* at most this multiple of the deviation s was measured at
 
     def __post_init__(self):
         if not 0 < self.max_ppl_increase < 1:
             raise ValueError(f"max_ppl_increase must be in (0, 1), got {self.max_ppl_increase}")
         if not 0 < self.budget_use <= 1:
             raise ValueError(f"budget_use must be in (0, 1], got {self.budget_use}")
-        if not (self.price_init > 0 and math.isfinite(self.price_init)):
+        if self.price_init is not None and not (self.price_init > 0 and math.isfinite(self.price_init)):
             raise ValueError(f"price_init must be a finite number > 0, got {self.price_init}")
         if not (0 < self.fast_memory <= 1 and 0 < self.slow_memory <= 1):
             raise ValueError("fast_memory and slow_memory must be in (0, 1]")
         if self.gross <= 1:
             raise ValueError(f"gross must be > 1, got {self.gross}")
+        if not self.trust > 1:
+            raise ValueError(f"trust must be > 1, got {self.trust}")
 
     @property
     def target_delta_nll(self) -> float:
@@ -89,7 +106,7 @@ class QualityGuard:
 
     def __init__(self, config: GuardConfig | None = None):
         self.config = config or GuardConfig()
-        self.price = self.config.price_init
+        self.price = DEFAULT_START_PRICE if self.config.price_init is None else self.config.price_init
         self.fallback = False
         self.violations = 0
         self._fast: tuple[float, float] | None = None   # (ΔNLL, deviation) averages
@@ -113,12 +130,40 @@ class QualityGuard:
             return math.nan
         return _ratio(self._fast) * deviation
 
+    @property
+    def calibrated(self) -> bool:
+        """Whether a positive sensitivity (ΔNLL per unit deviation) has been measured."""
+        if self._fast is None:
+            return False
+        ratio = _ratio(self._fast)
+        return math.isfinite(ratio) and ratio > 0
+
+    @property
+    def measured(self) -> bool:
+        """Whether any check has measured the sensitivity (a check at a non-zero deviation)."""
+        return self._fast is not None
+
+    def target_deviation(self) -> float | None:
+        """The routing deviation the fast sensitivity says spends the budget (feed-forward price),
+        capped at `trust` × the deviation it was measured at; None while unknown or switched off."""
+        cfg = self.config
+        if not cfg.feedforward or self.fallback or not self.calibrated:
+            return None
+        return min(cfg.target_delta_nll / _ratio(self._fast), cfg.trust * self._fast[1])
+
+    def set_price(self, price: float) -> None:
+        """Set μ (clipped to the price range): the feed-forward price chosen by the controller."""
+        low, high = self.config.price_range
+        if math.isfinite(price):
+            self.price = min(high, max(low, price))
+
     def judge(self, check: QualityCheck | None, deviation: float) -> GuardVerdict:
         """Update the price, the sensitivity and the fallback from one check (None: no check this
         chunk). `deviation` is the routing deviation of the checked chunk (mean KL to static)."""
         cfg = self.config
         if check is None:
-            return GuardVerdict(math.nan, math.nan, self.price, self.kappa, self.fallback)
+            self.fallback = False        # a fallback lasts one chunk; the raised price takes over
+            return GuardVerdict(math.nan, math.nan, self.price, self.kappa, False)
         delta = check.delta_nll
         target = cfg.target_delta_nll
         if not math.isfinite(delta):

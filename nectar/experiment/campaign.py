@@ -7,9 +7,13 @@ network), run with `PYTHONPATH=. python -m nectar hw-run --out DIR`:
    DistilGPT2-shape parent → sparse upcycling → MoE fine-tune, bf16), or load `--model DIR`;
 2. warm the GPU up, then measure calibration windows of ≥ 5 s (idle, static-top2, static-top1): a
    trace for the reconciliation of the simulator with the GPU;
-3. per workload (stationary, domain-shift, …): the static frontier and NECTAR on the same stream,
-   interleaved in time on the one GPU, with NVML energy windows, `--repeats` times; each workload
-   writes a run directory (frontier.json, summary.json, chunks.csv, trace.csv.gz, meta.json, plots).
+3. per workload (stationary, domain-shift, power-schedule, thermal): the static frontier and NECTAR
+   on the same stream with NVML energy windows, `--repeats` times; each workload writes a run
+   directory (frontier.json, summary.json, chunks.csv, trace.csv.gz, meta.json, plots). Policies
+   are interleaved in time on the one GPU, except under a temperature cap: the GPU's temperature is
+   shared, so there each policy runs on its own, after the same warm-up, beside a co-tenant process
+   that heats the GPU (`backend.cotenant`). A power budget is a schedule over each policy's own
+   time (default: 0.85 / 0.75 / 0.85 of static-top2's calibrated power over thirds of it).
 A workload that would end after `--deadline-s` is skipped and says so. `--backend sim --device cpu`
 runs the same orchestration on the simulator (for tests).
 """
@@ -24,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from nectar.control.schedule import Schedule
 from nectar.experiment.forward import forward_chunk, install
 from nectar.experiment.frontier_run import build_workload, frontier, write_frontier
 from nectar.experiment.policies import policy_router
@@ -98,14 +103,22 @@ def chunks_for(seconds: float, tokens_per_s: float, chunk_tokens: int, policies:
     return max(lo, min(hi, round(seconds / (per_chunk_s * policies))))
 
 
+def default_power_budget(power_W: float, policy_seconds: float) -> Schedule:
+    """0.85, 0.75, then 0.85 × static-top2's calibrated power over thirds of a policy's own time."""
+    third = max(policy_seconds / 3, 1.0)
+    return Schedule((0.0, third, 2 * third), tuple(round(f * power_W) for f in (0.85, 0.75, 0.85)))
+
+
 def run_workload(name: str, model, demo, backend, cfg: RunConfig, out: Path | None, *, repeats: int, backend_name: str,
-                 block_chunks: int, command: str, progress: bool, meta: dict) -> dict:
+                 block_chunks: int, command: str, progress: bool, meta: dict, conditions: dict | None = None,
+                 before_policy=None) -> dict:
     """One workload's frontier on the shared backend; writes the run directory `out` (None: nothing,
-    a data-parallel replica other than rank 0), returns the report."""
+    a data-parallel replica other than rank 0), returns the report. `conditions`: the workload's
+    temp_cap_C / heat / power_budget (see `build_workload`)."""
     workload = build_workload(name, cfg, demo.heldout_ids, getattr(demo, "heldout_domains", None),
-                              block_chunks=block_chunks)
+                              block_chunks=block_chunks, **(conditions or {}))
     runs, summary, report = frontier(model, workload, lambda: backend, cfg, backend_name, repeats=repeats,
-                                     progress=progress)
+                                     progress=progress, before_policy=before_policy)
     if out is not None:
         write_frontier(out, runs, summary, report, command, **meta)
     return report

@@ -65,17 +65,19 @@ def with_workload_limits(cfg: RunConfig, workload: W.Workload) -> RunConfig:
 
 
 def frontier(model, workload: W.Workload, backend_factory, cfg: RunConfig, backend_name: str, repeats: int = 1,
-             progress: bool = True) -> tuple[list[PolicyRun], dict, dict]:
+             progress: bool = True, before_policy=None) -> tuple[list[PolicyRun], dict, dict]:
     """Run the policies on the workload `repeats` times (seeds seed, seed+1, …); returns the runs of
     the last repeat, the pooled summary and the report (with per-repeat margins). The caller owns
-    the backends the factory makes (a shared GPU backend stays open across repeats)."""
+    the backends the factory makes (a shared GPU backend stays open across repeats).
+    `before_policy`: see `run_experiment` (policies one after another only)."""
     cfg = with_workload_limits(cfg, workload)
     baseline = getattr(model, "reference_policy", "static-top2")      # transformers MoE: the family's top-K
     all_rows, margins, runs = [], [], []
     for r in range(repeats):
         rep_cfg = replace(cfg, seed=cfg.seed + r, controller=replace(cfg.controller, seed=cfg.seed + r))
         torch.manual_seed(rep_cfg.seed)
-        runs = run_experiment(model, workload.chunks, backend_factory, rep_cfg, progress=progress)
+        runs = run_experiment(model, workload.chunks, backend_factory, rep_cfg, progress=progress,
+                              before_policy=before_policy)
         rows = [{**row, "repeat": r} for row in record_rows(runs)]
         summary = build_summary(runs, rep_cfg, backend=backend_name, workload=workload.describe())
         margins.append(frontier_report(summary, rows, workload.name, workload.temp_cap_C,

@@ -5,17 +5,21 @@ Non-adaptive (the static frontier):
 - `static-cheap`: the static top-1 expert plus the best cheap expert by the trained logits;
 - `fixed-bias:B`: NECTAR's own router with a fixed score bias B on the cheap experts and no
   controller (B = 0 is static top-2 over the static-or-cheap candidates);
+- `fixed-price:L`: NECTAR's own router (with the drop option) frozen where the chunk problem puts
+  it at a fixed quality price λ = L with the FLOP prior's costs: bias −c/λ and drop scale c/λ, no
+  controller — the static policy NECTAR's controller moves along;
 - `top-p:P`: per-token confidence threshold (top-p routing, at most two experts): a token takes
   experts by probability until their mass reaches P;
 - `mix:S`: a random share S of the tokens routes its second slot to the best cheap expert.
 Adaptive:
 - `pi-share:S`: NECTAR's router whose cheap bias a PI controller moves so that a share S of second
   slots goes to cheap experts (a DTop-p-style baseline: it holds a compute target, not energy);
-- `nectar`, and the ablations `nectar:prior` (the cost model keeps its FLOP prior),
-  `nectar:frozen` (the cost model stops learning after a few chunks), `nectar:fast` (with the
-  fast-weight router network), `nectar:noscale` (one quality price for every chunk, no
-  per-chunk sensitivity), `nectar:drop` (may also let a token skip its remaining slot; off by
-  default: it lost more to the static hull than plain NECTAR did, in the simulator and on the H200).
+- `nectar` (a token may go to a cheap expert or skip its remaining slot), and the ablations
+  `nectar:prior` (the cost model keeps its FLOP prior), `nectar:frozen` (the cost model stops
+  learning after a few chunks), `nectar:fast` (with the fast-weight router network),
+  `nectar:dual` (the price by dual ascent alone, no feed-forward from the sensitivity),
+  `nectar:noscale` (dual ascent and one price for every chunk, no per-chunk sensitivity),
+  `nectar:nodrop` (cheap experts only, never a skipped slot).
 Cheap experts are those whose forward FLOPs per token are at most half of the layer's most
 expensive expert (narrow and zero-computation experts).
 """
@@ -26,15 +30,17 @@ from dataclasses import dataclass
 
 import torch
 
+from nectar.control.bias_optimizer import kkt_bias
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
-NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:noscale", "nectar:drop")
-STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "top-p", "mix", "threshold")
+NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:dual", "nectar:noscale",
+                   "nectar:nodrop")
+STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "fixed-price", "top-p", "mix", "threshold")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
-POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "top-p:P", "mix:S",
+POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "fixed-price:L", "top-p:P", "mix:S",
             "pi-share:S", "threshold:T", *NECTAR_VARIANTS)
 
 
@@ -64,8 +70,10 @@ def parse_policy(name: str) -> PolicySpec:
     if name in NECTAR_VARIANTS:
         return PolicySpec(name, "nectar")
     kind, sep, value = name.partition(":")
-    if sep and kind in ("fixed-bias", "top-p", "mix", "pi-share", "threshold"):
+    if sep and kind in ("fixed-bias", "fixed-price", "top-p", "mix", "pi-share", "threshold"):
         number = _number(name, value)
+        if kind == "fixed-price" and not number > 0:
+            raise ValueError(f"policy {name!r}: the price must be > 0, got {number}")
         if kind in ("top-p", "mix", "pi-share", "threshold") and not 0.0 <= number <= 1.0:
             raise ValueError(f"policy {name!r}: {kind} takes a value in [0, 1], got {number}")
         return PolicySpec(name, kind, number)
@@ -122,11 +130,20 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     if spec.kind == "mix":
         return MixedTrainingRouter(num, cheap, k=2, cheap_prob=spec.value, temperature=temperature, seed=seed)
     fast_net = FastWeightRouterNet(layer.d_model, num) if spec.name == "nectar:fast" else None
-    drop = spec.name == "nectar:drop"
+    drop = spec.name != "nectar:nodrop" and spec.kind in ("nectar", "fixed-price")
     router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net, drop=drop)
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))
+    if spec.kind == "fixed-price":
+        c = prior_costs(layer)
+        router.adapt(bias=kkt_bias(c, spec.value).float(), drop_scale=(c / spec.value).float())
     return router
+
+
+def prior_costs(layer) -> torch.Tensor:
+    """[E] float64 the FLOP prior's per-token expert costs, normalised to the costliest expert."""
+    flops = torch.tensor([float(expert.cost_per_token().flops) for expert in layer.experts], dtype=torch.float64)
+    return flops / flops.max()
 
 
 def cheap_bias(num_experts: int, cheap: list[int], value: float) -> torch.Tensor:

@@ -37,7 +37,8 @@ from nectar.control.replicas import ReplicaGroup, replica_extra
 from nectar.control.replicas import active as active_replicas
 from nectar.control.share_controller import ShareController
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
+from nectar.experiment.policies import (DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router,
+                                        prior_costs)
 from nectar.experiment.summary import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.trace import TraceRow
@@ -113,7 +114,8 @@ def build_policy(name: str, model, backend, cfg: RunConfig) -> PolicyRun:
     run = PolicyRun(name, spec, routers, [policy_router(reference, layer) for layer in layers], backend)
     if spec.is_nectar:
         run.controller = NectarController(routers, nectar_config(spec, cfg.controller),
-                                          cost_layers=[idx for idx, _ in model.moe_layers()])
+                                          cost_layers=[idx for idx, _ in model.moe_layers()],
+                                          start_costs=[prior_costs(layer) for layer in layers])
     elif spec.kind == "pi-share":
         run.controller = ShareController(routers, target_share=spec.value, limits=cfg.controller.limits)
     elif cfg.has_limits:
@@ -128,7 +130,9 @@ def nectar_config(spec: PolicySpec, base: ControllerConfig) -> ControllerConfig:
     if spec.name == "nectar:frozen":
         return replace(base, cost_learning="frozen")
     if spec.name == "nectar:noscale":
-        return replace(base, guard=replace(base.guard, sensitivity=False))
+        return replace(base, guard=replace(base.guard, sensitivity=False, feedforward=False))
+    if spec.name == "nectar:dual":
+        return replace(base, guard=replace(base.guard, feedforward=False))
     return base
 
 
@@ -207,11 +211,13 @@ def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
 
 
 def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_factory: Callable[[], Any],
-                   cfg: RunConfig, progress: bool = True, replicas: ReplicaGroup | None = None) -> list[PolicyRun]:
+                   cfg: RunConfig, progress: bool = True, replicas: ReplicaGroup | None = None,
+                   before_policy: Callable[[PolicyRun], Any] | None = None) -> list[PolicyRun]:
     """Run every policy over the same chunks ([chunk_rows, seq_len] each; a 1-D stream is cut by
     `chunks_of`); returns the per-policy runs with their records. With `replicas` (default: the
     active replica group, if any) this process runs its share of every chunk and the records are
-    the node's."""
+    the node's. `before_policy(run)` is called before each policy's first chunk when policies run
+    one after another (not interleaved): e.g. the same warm-up for every policy of a thermal run."""
     model.eval()
     device = next(model.parameters()).device
     chunks = chunks_of(chunks, cfg) if isinstance(chunks, torch.Tensor) and chunks.dim() == 1 else list(chunks)
@@ -230,6 +236,8 @@ def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_fac
     if not interleave:
         schedule.sort(key=lambda item: item[1])
     for i, j in tqdm(schedule, desc="chunks", disable=not progress):
+        if before_policy is not None and not interleave and i == 0:
+            before_policy(runs[j])
         runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
     return runs
 

@@ -100,10 +100,20 @@ def record_rows(runs: list["PolicyRun"]) -> list[dict]:
     return rows
 
 
+def start_price(runs: list["PolicyRun"], given: float | None) -> float | None:
+    """The start price NECTAR's controller used (the given one, or its router family's)."""
+    for run in runs:
+        config = getattr(run.controller, "config", None)
+        if config is not None and hasattr(config, "guard"):
+            return config.guard.price_init
+    return given
+
+
 def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **extra) -> dict:
     """The run's summary in the schema of `nectar run --json` (plus the run's settings)."""
     limits, guard = cfg.controller.limits, cfg.controller.guard
     budget = None if limits.power_budget is None else limits.power_budget.describe()
     return {"backend": backend, "seed": cfg.seed, **runs[0].backend.info(),
-            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "price_init": guard.price_init, "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
+            "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "price_init": start_price(runs, guard.price_init),
+            "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
             "max_ppl_increase": guard.max_ppl_increase, **extra, "policies": summarise(runs)}

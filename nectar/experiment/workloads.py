@@ -29,7 +29,7 @@ class Workload:
     name: str
     chunks: list[torch.Tensor]                       # [rows, seq_len] each, in stream order
     domains: list[str] = field(default_factory=list)  # one label per chunk
-    heat: Schedule | None = None                     # extra ambient °C over time (heat source)
+    heat: Schedule | None = None                     # heat source: extra ambient °C (simulator) or a co-tenant duty (hw-run)
     temp_cap_C: float | None = None
     power_budget: Schedule | None = None
 

@@ -41,6 +41,11 @@ class KAdaptation:
 class AdaptiveKRouter(ThresholdRouter):
     """ThresholdRouter whose threshold, α and fallback the controller adapts."""
 
+    # The controller's start price for this family: a KL step of a pretrained top-K router costs far
+    # more perplexity per unit than NECTAR's fine-tuned second slot (at 0.3 the small OLMoE's first
+    # adapted chunk ran at +26 % perplexity on the H200), so it starts careful.
+    START_PRICE = 10.0
+
     def __init__(self, family: FamilyRouting, threshold: float = 0.0, renormalize: str = "family"):
         super().__init__(family, threshold, renormalize)
         self.alpha = 1.0

@@ -73,7 +73,7 @@ def test_spelled_out_defaults_agree_with_the_code():
     assert run.DEFAULT_POLICIES == policies.DEFAULT_POLICIES
     assert experiment_args.MAX_PPL_INCREASE == GuardConfig.max_ppl_increase
     assert experiment_args.BUDGET_USE == GuardConfig.budget_use
-    assert experiment_args.PRICE_INIT == GuardConfig.price_init
+    assert GuardConfig.price_init is None        # --price's default: the router family's start price
     assert experiment_args.SHADOW_SHARE == ControllerConfig.shadow_share
     assert frontier.WORKLOADS == workloads.WORKLOADS
     assert set(hw_run.GPU_WORKLOADS) <= set(workloads.WORKLOADS)

@@ -77,18 +77,66 @@ def test_price_spends_the_budget_in_an_environment_with_a_known_answer():
 
 def test_sensitivity_scales_lambda_between_domains():
     """Two alternating 'domains' whose NLL costs differ 3× per unit of deviation: the sensitive
-    domain's next chunk gets a larger λ (less deviation) than the cheap domain's."""
+    domain's next chunk gets a larger λ (less deviation) than the cheap domain's (λ read inside a
+    block, where the next chunk is of the same domain)."""
     # gross=50: no fallbacks, so that the test isolates the sensitivity scaling
-    ctl, router = _controller(guard=GuardConfig(fast_memory=0.8, slow_memory=0.05, price_lr=0.05, gross=50.0))
+    # and a check every chunk (no thinning), so that λ can follow the domain within a block
+    ctl, router = _controller(guard=GuardConfig(fast_memory=0.8, slow_memory=0.05, price_lr=0.05, gross=50.0),
+                              shadow_backoff=1)
     logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(2))
     lam_after = {"easy": [], "hard": []}
     for i in range(60):
         domain = "hard" if (i // 5) % 2 else "easy"
         slope = 0.6 if domain == "hard" else 0.2
         ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(slope * deviation_kl(router, logits)))
-        if i % 5 == 4 and i > 20:
+        if i % 5 == 3 and i > 20:
             lam_after[domain].append(ctl.lam)
     assert sum(lam_after["hard"]) / len(lam_after["hard"]) > 1.5 * sum(lam_after["easy"]) / len(lam_after["easy"])
+
+
+@pytest.mark.parametrize("slope", [0.05, 0.2, 1.0])
+def test_feedforward_price_reaches_the_budget_after_one_check(slope):
+    """ΔNLL = slope · deviation: after one informative check the feed-forward λ puts the next
+    chunk's deviation at D* = target / slope (the closed form), where dual ascent alone is still
+    far from it."""
+    results = {}
+    for feedforward in (True, False):
+        guard = GuardConfig(price_init=10.0, feedforward=feedforward, trust=1e6)
+        ctl, router = _controller(guard=guard)
+        logits = torch.randn(512, 4, generator=torch.Generator().manual_seed(3))
+        ctl._start([torch.tensor(FLOPS)])
+        for _ in range(2):
+            ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), _check(slope * deviation_kl(router, logits)))
+        results[feedforward] = slope * deviation_kl(router, logits)
+    target = GuardConfig().target_delta_nll
+    assert results[True] == pytest.approx(target, rel=0.02)
+    assert abs(results[False] - target) > 0.1 * target
+
+
+def test_start_costs_route_the_first_chunk_at_the_start_price():
+    router = EnergyAwareRouter(4, cheap_experts=[2, 3], drop=True)
+    config = ControllerConfig(guard=GuardConfig(price_init=0.7))
+    NectarController([router], config, cost_model=OnlineCostModel([FLOPS]), start_costs=[torch.tensor(FLOPS)])
+    c = torch.tensor(FLOPS, dtype=torch.float64) / max(FLOPS)
+    assert torch.allclose(router.bias.double(), closed_form_bias(c, 0.7), atol=1e-6)
+    assert torch.allclose(router.drop_scale.double(), c / 0.7, atol=1e-6)
+
+
+def test_a_fallback_lasts_one_chunk_and_the_next_adapted_chunk_is_checked():
+    ctl, router = _controller(guard=GuardConfig(price_init=0.3))
+    ctl.config.shadow_share = 1 / 64           # without the fallback rule: a check every 4th chunk
+    logits = torch.randn(64, 4, generator=torch.Generator().manual_seed(4))
+    checked = []
+
+    def check(rows):
+        checked.append(ctl.chunks)
+        return QualityCheck(2.0 + (math.log(1.2) if ctl.chunks == 0 else 0.001), 2.0, 16 * rows.numel())
+
+    for _ in range(4):
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), check)
+        if ctl.chunks == 1:
+            assert router.fallback              # chunk 1 runs static
+    assert not router.fallback and checked[:2] == [0, 2]
 
 
 def test_gross_violation_falls_back_and_raises_the_price():
@@ -158,7 +206,9 @@ def test_shadow_schedule_covers_the_requested_share_of_sequences():
     ctl.config.shadow_share = 1 / 64
     for _ in range(32):
         ctl.after_chunk(_observe([2, 2, 2, 2], torch.zeros(8, 4), rows=16), _window(), shadow)
-    assert sum(seen) == 32 * 16 // 64      # one row every fourth chunk of 16 rows
+    # one row every fourth chunk of 16 rows, plus one: the first chunk runs static (no start costs),
+    # so its check measures no sensitivity and the next chunk is checked too
+    assert sum(seen) == 32 * 16 // 64 + 1
 
 
 def test_checks_thin_out_while_they_confirm_the_model_and_return_on_a_surprise():

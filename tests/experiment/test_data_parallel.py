@@ -26,7 +26,7 @@ from nectar.control.quality_guard import GuardConfig, QualityCheck
 from nectar.control.replicas import ReplicaGroup, combine_windows
 from nectar.control.schedule import Schedule
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.policies import policy_router
+from nectar.experiment.policies import policy_router, prior_costs
 from nectar.experiment.runner import RunConfig, run_experiment
 from nectar.lact.launch import ChildFailed, run_group
 from nectar.telemetry.window import TelemetryWindow
@@ -135,7 +135,8 @@ def _reference(path: str, world: int, cfg: RunConfig):
     layers = [layer for _, layer in model.moe_layers()]
     routers = [policy_router("nectar", layer, seed=cfg.seed) for layer in layers]
     static = [policy_router("static-top2", layer) for layer in layers]
-    controller = NectarController(routers, cfg.controller, cost_layers=[i for i, _ in model.moe_layers()])
+    controller = NectarController(routers, cfg.controller, cost_layers=[i for i, _ in model.moe_layers()],
+                                  start_costs=[prior_costs(layer) for layer in layers])
     gpus, m = [_backend(r) for r in range(world)], ROWS // world
     records = []
 

@@ -10,7 +10,7 @@ from nectar.cli.frontier import main as frontier_main
 from nectar.experiment.hull import HullPoint
 from tests.experiment.test_hull import lp_saved_at
 
-POLICIES = "static-top2,static-top1,static-cheap,top-p:0.5,nectar"
+POLICIES = "static-top2,static-top1,static-cheap,top-p:0.5,fixed-price:2,nectar"
 SMALL = ["--tokens", "4096", "--chunk-tokens", "1024", "--seq-len", "128", "--no-progress", "--json"]
 
 

@@ -1,0 +1,52 @@
+"""Policy names → routers: `fixed-price:L` is NECTAR's router where the chunk problem puts it at
+price L with the FLOP prior (checked against the closed form and a per-token loop of the drop rule),
+and names are parsed strictly."""
+
+import pytest
+import torch
+
+from nectar.control.bias_optimizer import closed_form_bias
+from nectar.control.energy_router import EnergyAwareRouter
+from nectar.experiment.policies import parse_policy, policy_router, prior_costs
+from nectar.model import MoEGPT2LMHeadModel, preset_config
+from tests.conftest import SPECS
+
+
+@pytest.fixture(scope="module")
+def layer():
+    config = preset_config("tiny-moe", vocab_size=64, n_layer=1, n_embd=32, n_head=2, n_inner=64, n_positions=32,
+                           expert_specs=SPECS, n_experts=0)
+    model = MoEGPT2LMHeadModel(config)
+    return next(layer for _, layer in model.moe_layers())
+
+
+def test_prior_costs_are_the_flops_normalised(layer):
+    flops = [float(e.cost_per_token().flops) for e in layer.experts]
+    assert prior_costs(layer).tolist() == pytest.approx([f / max(flops) for f in flops])
+
+
+@pytest.mark.parametrize("price", [0.5, 2.0])
+def test_fixed_price_router_is_the_closed_form_frozen(layer, price):
+    router = policy_router(f"fixed-price:{price}", layer)
+    c = prior_costs(layer)
+    assert isinstance(router, EnergyAwareRouter) and router.drop
+    assert torch.allclose(router.bias.double(), closed_form_bias(c, price), atol=1e-6)
+    assert torch.allclose(router.drop_scale.double(), c / price, atol=1e-6)
+    assert not parse_policy(f"fixed-price:{price}").adaptive
+    logits = torch.randn(300, layer.num_experts, generator=torch.Generator().manual_seed(0))
+    decision = router(logits)
+    probs = torch.softmax(logits, -1)
+    for t in range(logits.shape[0]):                       # the drop rule, token by token
+        e1, e2 = decision.experts[t].tolist()
+        w = probs[t, e2] / (probs[t, e1] + probs[t, e2])
+        assert bool(decision.mask[t, 1]) == bool(-torch.log1p(-w) >= c[e2] / price)
+
+
+@pytest.mark.parametrize("name", ["fixed-price:0", "fixed-price:-1", "fixed-price:x"])
+def test_fixed_price_needs_a_positive_number(name):
+    with pytest.raises(ValueError, match="fixed-price"):
+        parse_policy(name)
+
+
+def test_nectar_drops_and_nodrop_does_not(layer):
+    assert policy_router("nectar", layer).drop and not policy_router("nectar:nodrop", layer).drop
