@@ -196,24 +196,34 @@ class NectarController:
     def _feedforward_lam(self, observation: ChunkObservation, costs: list[torch.Tensor], target: float) -> float:
         """The quality λ whose routing would have had mean deviation `target` on this chunk's gate
         logits (deviation falls as λ rises; bisection in log λ over the price range)."""
+        curves = [self._deviation_curve(router, opt, seen, c)
+                  for router, opt, seen, c in zip(self.routers, self.optimizers, observation.layers, costs)]
         low, high = (math.log(v) for v in self.config.guard.price_range)
         for _ in range(24):
             mid = 0.5 * (low + high)
-            if self._trial_deviation(observation, costs, math.exp(mid)) > target:
+            if sum(curve(math.exp(mid)) for curve in curves) / max(len(curves), 1) > target:
                 low = mid
             else:
                 high = mid
         return math.exp(high)
 
-    def _trial_deviation(self, observation: ChunkObservation, costs: list[torch.Tensor], lam: float) -> float:
-        """Mean deviation on the chunk's logits had each router taken its step at λ (state restored)."""
-        values = []
-        for router, opt, seen, c in zip(self.routers, self.optimizers, observation.layers, costs):
+    @staticmethod
+    def _deviation_curve(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor) -> Callable[[float], float]:
+        """λ ↦ the deviation this layer's routing would have on the chunk's logits had it taken its
+        step at λ. Adaptive k: read off one table of (cost, KL) per grid threshold; NECTAR's router:
+        put it at λ, measure, restore."""
+        if isinstance(router, AdaptiveKRouter):
+            table = router.price_table(seen.logits, c)
+            return lambda lam: float(table.mean_kl[int(torch.argmin(table.expected_cost + lam * table.mean_kl))])
+
+        def at(lam: float) -> float:
             saved = router.adaptation()
             _apply_lam(router, opt, seen, c, lam, fallback=False)
-            values.append(_router_deviation(router, seen.logits))
+            value = _router_deviation(router, seen.logits)
             router.adapt(**_restorable(router, saved))
-        return sum(values) / max(len(values), 1)
+            return value
+
+        return at
 
     def _learn_costs(self, observation: ChunkObservation, window: TelemetryWindow) -> tuple[str, float | None]:
         accounted = window.workload if window.workload is not None else observation.workload

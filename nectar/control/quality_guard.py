@@ -19,8 +19,9 @@ where it is cheap.
 
 Feed-forward price (default). Once the fast ratio s is known, the deviation that spends the budget
 is D* = target / s (at most `trust` × the deviation it was measured at: the linear model is not
-extrapolated far); the controller then sets λ so that the chunk problem's solution on the chunk's
-own gate logits has deviation D* (`target_deviation`, `set_price`). Dual ascent alone (the
+extrapolated far); before anything is measured, a probe at a unit sensitivity (D* = target); the
+controller then sets λ so that the chunk problem's solution on the chunk's own gate logits has
+deviation D* (`target_deviation`, `set_price`). Dual ascent alone (the
 `feedforward=False` ablation) needs many checks to reach the budget; the feed-forward price
 reaches it after one check and follows a new domain after one.
 
@@ -71,6 +72,7 @@ class GuardConfig:
                                      # multiplies μ by (measured / target)
     feedforward: bool = True         # set λ from the measured sensitivity (False: dual ascent only)
     trust: float = 3.0               # D* at most this multiple of the deviation s was measured at
+    prior_sensitivity: float = 1.0   # before any measurement: the probe assumes this ΔNLL per unit deviation
 
     def __post_init__(self):
         if not 0 < self.max_ppl_increase < 1:
@@ -85,6 +87,8 @@ class GuardConfig:
             raise ValueError(f"gross must be > 1, got {self.gross}")
         if not self.trust > 1:
             raise ValueError(f"trust must be > 1, got {self.trust}")
+        if not (self.prior_sensitivity > 0 and math.isfinite(self.prior_sensitivity)):
+            raise ValueError(f"prior_sensitivity must be a finite number > 0, got {self.prior_sensitivity}")
 
     @property
     def target_delta_nll(self) -> float:
@@ -109,6 +113,7 @@ class QualityGuard:
         self.price = DEFAULT_START_PRICE if self.config.price_init is None else self.config.price_init
         self.fallback = False
         self.violations = 0
+        self.checks = 0                  # checks judged so far
         self._fast: tuple[float, float] | None = None   # (ΔNLL, deviation) averages
         self._slow: tuple[float, float] | None = None
 
@@ -131,25 +136,24 @@ class QualityGuard:
         return _ratio(self._fast) * deviation
 
     @property
-    def calibrated(self) -> bool:
-        """Whether a positive sensitivity (ΔNLL per unit deviation) has been measured."""
-        if self._fast is None:
-            return False
-        ratio = _ratio(self._fast)
-        return math.isfinite(ratio) and ratio > 0
-
-    @property
     def measured(self) -> bool:
         """Whether any check has measured the sensitivity (a check at a non-zero deviation)."""
         return self._fast is not None
 
     def target_deviation(self) -> float | None:
-        """The routing deviation the fast sensitivity says spends the budget (feed-forward price),
-        capped at `trust` × the deviation it was measured at; None while unknown or switched off."""
+        """The routing deviation that spends the budget (feed-forward price); None when switched
+        off or in fallback, and before the first check. Checked but nothing measured yet (every check
+        at zero deviation): a probe at `prior_sensitivity` (nats of NLL per nat of deviation). Measured: target / s, at most `trust` × the deviation s was measured at
+        (so a check that finds no cost grows the deviation by that factor)."""
         cfg = self.config
-        if not cfg.feedforward or self.fallback or not self.calibrated:
+        if not cfg.feedforward or self.fallback:
             return None
-        return min(cfg.target_delta_nll / _ratio(self._fast), cfg.trust * self._fast[1])
+        if self._fast is None:           # checked, but never at a deviation: probe (unchecked: no basis)
+            return cfg.target_delta_nll / cfg.prior_sensitivity if self.checks else None
+        ratio, cap = _ratio(self._fast), cfg.trust * self._fast[1]
+        if not math.isfinite(ratio):
+            return None
+        return cap if ratio <= 0 else min(cfg.target_delta_nll / ratio, cap)
 
     def set_price(self, price: float) -> None:
         """Set μ (clipped to the price range): the feed-forward price chosen by the controller."""
@@ -164,6 +168,7 @@ class QualityGuard:
         if check is None:
             self.fallback = False        # a fallback lasts one chunk; the raised price takes over
             return GuardVerdict(math.nan, math.nan, self.price, self.kappa, False)
+        self.checks += 1
         delta = check.delta_nll
         target = cfg.target_delta_nll
         if not math.isfinite(delta):

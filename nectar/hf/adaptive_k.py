@@ -21,7 +21,7 @@ import torch
 
 from nectar.hf.families import FamilyRouting
 from nectar.hf.routers import ThresholdRouter
-from nectar.hf.threshold import DEFAULT_GRID, check_threshold, choose_threshold, threshold_objective
+from nectar.hf.threshold import DEFAULT_GRID, ThresholdObjective, check_threshold, choose_threshold, threshold_objective
 
 
 @dataclass
@@ -81,6 +81,12 @@ class AdaptiveKRouter(ThresholdRouter):
             return 0.0
         experts, weights = self.slot_weights(logits)
         return float(threshold_objective(weights, experts, 0.0, 0.0, [self.effective_threshold]).mean_kl[0])
+
+    def price_table(self, logits: torch.Tensor, cost, grid=DEFAULT_GRID) -> ThresholdObjective:
+        """Mean cost and mean KL of every grid threshold on a sample of gate logits [n, E]: what
+        `choose_threshold` minimises for any λ (cost + λ·KL), computed once."""
+        experts, weights = self.slot_weights(logits)
+        return threshold_objective(weights, experts, cost, 0.0, grid)
 
     def choose_threshold(self, logits: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
         """The threshold minimising mean cost + λ·KL on a sample of this layer's gate logits [n, E]

@@ -70,3 +70,23 @@ def test_router_chooses_from_its_own_gate_logits():
     assert router.deviation(logits) == pytest.approx(float(top1_kl), rel=1e-9)
     router.adapt(alpha=0.0)                                                              # the guard's α scales τ
     assert router.deviation(logits) == 0.0
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "olmoe"])
+def test_price_table_gives_the_deviation_of_every_price(family):
+    """The controller's feed-forward price reads deviations off one table per chunk; each must be
+    what choosing the threshold at that λ and measuring the routing's deviation gives."""
+    from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
+    from nectar.control.controller import NectarController
+    from nectar.control.observation import LayerObservation
+
+    model = tiny(family, torch.float64)
+    routing = family_of(find_moe_blocks(model)[0].block.gate)
+    logits = torch.randn(120, routing.num_experts, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    router = AdaptiveKRouter(routing)
+    cost = torch.linspace(0.5, 1.0, routing.num_experts, dtype=torch.float64)
+    curve = NectarController._deviation_curve(router, BiasOptimizer(routing.num_experts, BiasOptimizerConfig(lam=1.0)),
+                                              LayerObservation(logits, torch.empty(0, 0)), cost)
+    for lam in (0.01, 0.1, 0.5, 2.0, 20.0):
+        router.adapt(threshold=router.choose_threshold(logits, cost, lam))
+        assert curve(lam) == pytest.approx(router.deviation(logits), rel=1e-12, abs=1e-15)
