@@ -129,10 +129,9 @@ class NectarController:
         chunk's logits to choose, as adaptive k does, start static)."""
         if len(costs) != len(self.routers):
             raise ValueError(f"start_costs has {len(costs)} entries for {len(self.routers)} routers")
-        for router, opt, c in zip(self.routers, self.optimizers, costs):
+        for router, c in zip(self.routers, costs):
             if not isinstance(router, AdaptiveKRouter):
-                c = c.double() / c.max().clamp_min(1e-12)
-                router.adapt(bias=kkt_bias(c, self.lam).float(), drop_scale=(c / self.lam).float() if router.drop else None)
+                router.adapt(**priced_adaptation(router, c.double() / c.max().clamp_min(1e-12), self.lam))
 
     # ------------------------------------------------------------------------------ one chunk
 
@@ -314,21 +313,22 @@ def _router_deviation(router, logits: torch.Tensor) -> float:
     return router.deviation(logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, logits)
 
 
+def priced_adaptation(router: EnergyAwareRouter, c: torch.Tensor, lam: float, mu=None, nu: float = 0.0) -> dict:
+    """adapt(...) keywords that put NECTAR's router where the chunk problem at price λ puts it:
+    the KKT bias −(c + μ + νc)/λ and, for a router that may drop, the drop scale c/λ."""
+    return {"bias": kkt_bias(c, lam, mu, nu).float(), "drop_scale": (c / lam).float() if router.drop else None}
+
+
 def _apply_lam(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor, lam: float, fallback: bool) -> None:
     """Put the router where the chunk problem at λ puts it: the adaptive-k threshold, or the KKT
     bias (with the optimizer's current constraint multipliers) and drop scale c/λ."""
     if isinstance(router, AdaptiveKRouter):
         router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=fallback)
         return
-    router.adapt(bias=kkt_bias(c, lam, opt.mu, opt.nu).float(), fallback=fallback,
-                 drop_scale=(c / lam).float() if router.drop else None)
+    router.adapt(**priced_adaptation(router, c, lam, opt.mu, opt.nu), fallback=fallback)
 
 
-def _restorable(router, saved) -> dict:
-    """adapt(...) keywords that put a router back to a saved adaptation record."""
-    if isinstance(router, AdaptiveKRouter):
-        return {"threshold": saved.threshold, "alpha": saved.alpha, "fallback": saved.fallback}
-    state = {"bias": saved.bias, "alpha": saved.alpha, "fallback": saved.fallback}
-    if router.drop:
-        state["drop_scale"] = saved.drop_scale
-    return state
+def _restorable(router: EnergyAwareRouter, saved) -> dict:
+    """adapt(...) keywords that put NECTAR's router back to a saved adaptation record."""
+    return {"bias": saved.bias, "alpha": saved.alpha, "fallback": saved.fallback,
+            "drop_scale": saved.drop_scale if router.drop else None}
