@@ -47,8 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-model", type=Path, default=None, help="also save the trained model to this folder")
     p.add_argument("--workloads", type=comma_list, default=list(DEFAULT_WORKLOADS),
                    help=f"comma list of frontier workloads out of {', '.join(GPU_WORKLOADS)} (default: "
-                        f"{','.join(DEFAULT_WORKLOADS)}); thermal needs --temp-cap; power-schedule takes "
-                        "--power-budget (default: 0.85/0.75/0.85 of static-top2's calibrated power)")
+                        f"{','.join(DEFAULT_WORKLOADS)}); thermal takes --temp-cap (default: see --thermal-headroom-c), "
+                        "power-schedule --power-budget (default: 0.85/0.75/0.85 of static-top2's calibrated power)")
     p.add_argument("--policies", type=comma_list, default=list(GPU_POLICIES),
                    help=f"comma list of policies (default: {','.join(GPU_POLICIES)}; for a transformers MoE "
                         "model its own static frontier and nectar)")

@@ -289,7 +289,7 @@ class NectarController:
             lam=self.lam, price=self.guard.price, kappa=self.guard.kappa, nu_temp=self.limits.nu_temp,
             nu_power=self.limits.nu_power, nu_mem=self.limits.nu_mem, alpha=self.routers[0].alpha if self.routers else 1.0,
             fallback=verdict.fallback, delta_nll=None if math.isnan(verdict.delta_nll) else verdict.delta_nll,
-            deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(window),
+            deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(),
             pause_s=self.limits.pause_s(window, window.duration_s), skipped=skipped,
             biases=[r.bias.tolist() if hasattr(r, "bias") else [r.threshold] for r in self.routers],
             guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),

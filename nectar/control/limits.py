@@ -65,7 +65,7 @@ class LimitGovernor:
             return 0.0
         return self.nu_temp + self.nu_power + self.nu_mem
 
-    def budget_W(self, window: TelemetryWindow | None = None) -> float | None:
+    def budget_W(self) -> float | None:
         """The power budget in force now, at the end of the policy's last window (None: no budget).
         The schedule runs on the policy's own time, so that policies interleaved on one GPU each
         see the whole schedule."""
@@ -75,16 +75,21 @@ class LimitGovernor:
 
     def observe_busy(self, window: TelemetryWindow) -> None:
         """Count a window of the policy's that is not a chunk (a quality check) in its own time."""
-        self.elapsed_s += max(0.0, window.duration_s)
+        self._advance(window)
+
+    def _advance(self, window: TelemetryWindow) -> None:
+        """The policy's own clock moves by the window's duration (a non-finite one counts 0)."""
+        if math.isfinite(window.duration_s):
+            self.elapsed_s += max(0.0, window.duration_s)
 
     def update(self, window: TelemetryWindow, work_window: TelemetryWindow | None = None) -> None:
         """One dual step from the chunk's window (and the time the GPU was busy with it)."""
         cfg = self.config
-        self.elapsed_s += max(0.0, window.duration_s) if math.isfinite(window.duration_s) else 0.0
+        self._advance(window)
         if not window.is_valid():
             return
         self.nu_temp = self._step(self.nu_temp, self._temp_signal(window))
-        budget = self.budget_W(window)
+        budget = self.budget_W()
         if budget is not None:
             self.nu_power = self._step(self.nu_power, (window.mean_power_W - budget * (1 - cfg.power_margin))
                                        / (0.05 * budget))
@@ -110,7 +115,7 @@ class LimitGovernor:
 
     def observe_idle(self, window: TelemetryWindow) -> None:
         """Learn the idle power from a pause's window (it prices the next pauses)."""
-        self.elapsed_s += max(0.0, window.duration_s) if math.isfinite(window.duration_s) else 0.0
+        self._advance(window)
         if window.is_valid() and window.duration_s > 0:
             self.idle_W = window.mean_power_W if self.idle_W is None else 0.5 * (self.idle_W + window.mean_power_W)
 
@@ -124,7 +129,7 @@ class LimitGovernor:
         if not cfg.allow_pause or not window.is_valid():
             return 0.0
         power_share = 0.0
-        budget = self.budget_W(window)
+        budget = self.budget_W()
         if budget is not None:
             target = budget * (1 - cfg.power_margin)
             idle_W = self.idle_W if self.idle_W is not None else 0.2 * window.mean_power_W

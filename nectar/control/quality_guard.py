@@ -142,9 +142,10 @@ class QualityGuard:
 
     def target_deviation(self) -> float | None:
         """The routing deviation that spends the budget (feed-forward price); None when switched
-        off or in fallback, and before the first check. Checked but nothing measured yet (every check
-        at zero deviation): a probe at `prior_sensitivity` (nats of NLL per nat of deviation). Measured: target / s, at most `trust` × the deviation s was measured at
-        (so a check that finds no cost grows the deviation by that factor)."""
+        off or in fallback, and before the first check. Checked but nothing measured yet (every
+        check at zero deviation): a probe at `prior_sensitivity` (nats of NLL per nat of
+        deviation). Measured: target / s, at most `trust` × the deviation s was measured at (so a
+        check that finds no cost grows the deviation by that factor)."""
         cfg = self.config
         if not cfg.feedforward or self.fallback:
             return None
