@@ -103,9 +103,8 @@ def record_rows(runs: list["PolicyRun"]) -> list[dict]:
 def start_price(runs: list["PolicyRun"], given: float | None) -> float | None:
     """The start price NECTAR's controller used (the given one, or its router family's)."""
     for run in runs:
-        config = getattr(run.controller, "config", None)
-        if config is not None and hasattr(config, "guard"):
-            return config.guard.price_init
+        if run.spec.is_nectar:
+            return run.controller.config.guard.price_init
     return given
 
 
