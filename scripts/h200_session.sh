@@ -17,6 +17,11 @@
 #                                         # windows (as run, it passed its 180 s limit: see
 #                                         # docs/results.md)                               → olmoe.tar.gz
 #
+# Third session (a 52x faster adaptive-k price table, deviation growth from the latest check):
+#   bash scripts/h200_session.sh moe      # a small OLMoE (64 experts of width 256, top-8) trained here
+#                                         # (<= 95 s), then hw-run's stationary and domain-shift
+#                                         # frontiers, 9 policies, ~0.7 s chunks    -> moe.tar.gz
+#
 # First session:
 #   bash scripts/h200_session.sh model    # train the distilgpt2 recipe (≤ 330 s), calibrate, frontier:
 #                                         # stationary, 2 repeats of 45 s               → model.tar.gz
@@ -28,7 +33,7 @@
 #
 # Needs torch (CUDA), transformers, nvidia-ml-py and the built corpus (data/corpus/built, carried).
 set -u
-PHASE=${1:?usage: bash scripts/h200_session.sh main|limits|thermal|olmoe|model|extras|long}
+PHASE=${1:?usage: bash scripts/h200_session.sh main|limits|thermal|olmoe|moe|model|extras|long}
 OUT=${OUT:?set OUT to the folder that comes back}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -48,6 +53,7 @@ step() {  # step LIMIT_S ARGS...
   echo "=== exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
 }
 
+MOE_POLICIES=static-top8,static-top6,static-top4,static-top2,top-p:0.9,top-p:0.7,threshold:0.05,threshold:0.1,nectar
 MAIN_POLICIES=static-top2,static-top1,static-cheap,top-p:0.5,top-p:0.8,fixed-price:1,fixed-price:2,fixed-price:4,nectar
 LIMIT_POLICIES=static-top2,static-top1,static-cheap,fixed-price:2,nectar
 
@@ -78,6 +84,14 @@ olmoe)
     --micro-batch 256 --chunk-tokens 1048576 --deadline-s 175 \
     --policies static-top8,static-top6,static-top4,static-top2,top-p:0.9,top-p:0.7,threshold:0.05,threshold:0.1,nectar
   tar czf "$OUT/olmoe.tar.gz" -C "$R" olmoe_runs ;;
+moe)
+  step 115 python -m nectar.hf.train_small --out "$R/olmoe" --device cuda --budget-s 95 --expert-hidden 256 \
+    --no-progress
+  step 470 python -m nectar hw-run --model "$R/olmoe" --out "$R/moe" --overwrite --no-progress \
+    --workloads stationary,domain-shift --repeats 1 --workload-seconds 150 --warmup-s 5 --calibration-s 3 \
+    --seq-len 256 --micro-batch 256 --chunk-tokens 1048576 --deadline-s 460 --policies "$MOE_POLICIES"
+  cp "$R/olmoe/nectar_model.json" "$R/moe/olmoe_model.json" 2>/dev/null
+  tar czf "$OUT/moe.tar.gz" -C "$R" moe ;;
 model)
   step 575 python -m nectar hw-run --out "$R/model" --overwrite --save-model "$R/gpu_model" --no-progress \
     --workloads stationary --deadline-s 545

@@ -18,7 +18,7 @@ stream); their quotient κ multiplies the price for the next chunk, so that the 
 where it is cheap.
 
 Feed-forward price (default). Once the fast ratio s is known, the deviation that spends the budget
-is D* = target / s (at most `trust` × the deviation it was measured at: the linear model is not
+is D* = target / s (at most `trust` × the latest checked deviation: the linear model is not
 extrapolated far); before anything is measured, a probe at a unit sensitivity (D* = target); the
 controller then sets λ so that the chunk problem's solution on the chunk's own gate logits has
 deviation D* (`target_deviation`, `set_price`). Dual ascent alone (the
@@ -71,7 +71,7 @@ class GuardConfig:
     gross: float = 4.0               # one check above gross × target falls back to static at once and
                                      # multiplies μ by (measured / target)
     feedforward: bool = True         # set λ from the measured sensitivity (False: dual ascent only)
-    trust: float = 3.0               # D* at most this multiple of the deviation s was measured at
+    trust: float = 3.0               # D* at most this multiple of the latest checked deviation
     prior_sensitivity: float = 1.0   # before any measurement: the probe assumes this ΔNLL per unit deviation
 
     def __post_init__(self):
@@ -116,6 +116,7 @@ class QualityGuard:
         self.checks = 0                  # checks judged so far
         self._fast: tuple[float, float] | None = None   # (ΔNLL, deviation) averages
         self._slow: tuple[float, float] | None = None
+        self._checked_deviation = 0.0    # the deviation of the latest check that measured anything
 
     @property
     def kappa(self) -> float:
@@ -144,14 +145,14 @@ class QualityGuard:
         """The routing deviation that spends the budget (feed-forward price); None when switched
         off or in fallback, and before the first check. Checked but nothing measured yet (every
         check at zero deviation): a probe at `prior_sensitivity` (nats of NLL per nat of
-        deviation). Measured: target / s, at most `trust` × the deviation s was measured at (so a
+        deviation). Measured: target / s, at most `trust` × the latest checked deviation (so a
         check that finds no cost grows the deviation by that factor)."""
         cfg = self.config
         if not cfg.feedforward or self.fallback:
             return None
         if self._fast is None:           # checked, but never at a deviation: probe (unchecked: no basis)
             return cfg.target_delta_nll / cfg.prior_sensitivity if self.checks else None
-        ratio, cap = _ratio(self._fast), cfg.trust * self._fast[1]
+        ratio, cap = _ratio(self._fast), cfg.trust * self._checked_deviation
         if not math.isfinite(ratio):
             return None
         return cap if ratio <= 0 else min(cfg.target_delta_nll / ratio, cap)
@@ -196,6 +197,7 @@ class QualityGuard:
         if not (math.isfinite(deviation) and deviation > 0):
             return
         point = (max(delta, 0.0), deviation)
+        self._checked_deviation = deviation
         self._fast = _ema(self._fast, point, self.config.fast_memory)
         self._slow = _ema(self._slow, point, self.config.slow_memory)
 

@@ -12,7 +12,7 @@ Objective of a threshold on an observed sample (`threshold_objective`), per toke
                                                        renormalised, the adapted distribution)
   J(τ) = mean_t cost_t(τ) + λ · mean_t KL_t(τ)
 `choose_threshold` returns the grid's minimiser (the smallest τ among ties: the most conservative).
-Everything is vectorised over the grid: [G, N, K] tensors, one pass.
+The objective is computed for every grid point in one pass over the sample's slots.
 """
 
 from __future__ import annotations
@@ -78,22 +78,43 @@ def _slot_costs(cost, experts: torch.Tensor) -> torch.Tensor:
 def threshold_objective(weights: torch.Tensor, experts: torch.Tensor, cost, lam: float,
                         grid=DEFAULT_GRID) -> ThresholdObjective:
     """The objective on every grid point for a sample: weights [N, K] (renormalised over the
-    top-K), experts [N, K], cost a scalar or [E] per expert, λ ≥ 0 (cost units per nat)."""
+    top-K), experts [N, K], cost a scalar or [E] per expert, λ ≥ 0 (cost units per nat).
+
+    One pass over the N·K slots, not the grid: with a token's slots sorted by weight, the kept set
+    at grid point g is a prefix of m_t(g) slots, and a slot of weight w stays kept for the u grid
+    points ≤ w (`searchsorted`); each slot's cost and each step of the token's KL are added into
+    the bin where they start to count, and cumulative sums over the bins (all terms ≥ 0, so no
+    cancellation) give every grid point at once."""
     _check_sample(weights, experts)
     if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam >= 0):
         raise ValueError(f"lam must be a finite number >= 0, got {lam!r}")
     grid_G = torch.as_tensor(sorted(check_threshold(float(t), "grid value") for t in grid), dtype=torch.float64)
     if grid_G.numel() == 0:
         raise ValueError("the threshold grid is empty")
+    n_tokens, n_grid = weights.shape[0], grid_G.numel()
     w_NK = weights.detach().cpu().double()
-    ranks_NK = slot_ranks(w_NK)
-    keep_GNK = keep_mask(w_NK, ranks_NK, grid_G.view(-1, 1, 1))             # [G, N, K]
-    slot_cost_NK = _slot_costs(cost, experts.detach())                     # [N, K]
-    cost_GN = (slot_cost_NK * keep_GNK).sum(-1)                             # [G, N]
-    kept_GN = (w_NK * keep_GNK).sum(-1).clamp_min(1e-300)                   # [G, N]
-    kl_GN = (-torch.log(kept_GN / w_NK.sum(-1))).clamp_min(0.0)             # [G, N] (w re-normalised exactly)
-    expected, kl = cost_GN.mean(-1), kl_GN.mean(-1)
-    return ThresholdObjective(grid_G, expected, kl, keep_GNK.sum(-1).double().mean(-1), expected + lam * kl)
+    order_NK = torch.sort(w_NK, dim=-1, descending=True, stable=True).indices    # slot of rank r at column r
+    w_NK = w_NK.gather(-1, order_NK)
+    cost_NK = _slot_costs(cost, experts.detach()).gather(-1, order_NK)
+    kept_until_NK = torch.searchsorted(grid_G, w_NK, right=True)                  # kept at grid g iff g < u
+    kept_until_NK[:, 0] = n_grid                                                  # the static top-1: always
+    expected = _count_kept(kept_until_NK, cost_NK, n_grid) / n_tokens             # [G]
+    mean_k = _count_kept(kept_until_NK, torch.ones_like(cost_NK), n_grid) / n_tokens
+    share_NK = (w_NK.cumsum(-1) / w_NK.sum(-1, keepdim=True)).clamp_min(1e-300)  # kept share of the first m slots
+    kl_NK = (-torch.log(share_NK)).clamp_min(0.0)                                 # KL when m = column + 1 slots are kept
+    step_NK = kl_NK[:, :-1] - kl_NK[:, 1:]                                        # ≥ 0: dropping slot m + 1
+    bins = torch.zeros(n_grid + 1, dtype=torch.float64)
+    bins.scatter_add_(0, kept_until_NK[:, 1:].reshape(-1), step_NK.reshape(-1))
+    kl = bins.cumsum(0)[:n_grid] / n_tokens + kl_NK[:, -1].mean()                  # [G]
+    return ThresholdObjective(grid_G, expected, kl, mean_k, expected + lam * kl)
+
+
+def _count_kept(kept_until_NK: torch.Tensor, value_NK: torch.Tensor, n_grid: int) -> torch.Tensor:
+    """[G] Σ over slots of value · [g < kept_until] for every grid index g (a reverse cumulative
+    sum over the bin where each slot stops being kept)."""
+    bins = torch.zeros(n_grid + 1, dtype=torch.float64)
+    bins.scatter_add_(0, kept_until_NK.reshape(-1), value_NK.reshape(-1))
+    return bins.flip(0).cumsum(0).flip(0)[1:]
 
 
 def choose_threshold(weights: torch.Tensor, experts: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:

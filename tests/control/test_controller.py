@@ -277,3 +277,27 @@ def test_a_gross_violation_raises_the_price_in_proportion_to_its_size(overshoot)
     verdict = guard.judge(QualityCheck(adapted_nll=3.0 + delta, static_nll=3.0, tokens=256), deviation=1.0)
     stepped = 0.3 * math.exp(cfg.price_lr * 2.0)                   # the relative error clips at 2
     assert verdict.fallback and guard.price == pytest.approx(stepped * overshoot, rel=1e-6)
+
+
+def test_checks_that_find_no_cost_grow_the_deviation_by_trust_each():
+    """A probe, then checks that measure nothing: each next target is `trust` × the deviation the
+    latest check ran at (not × a running average of them), until the measured sensitivity says stop."""
+    from nectar.control.quality_guard import QualityGuard
+
+    cfg = GuardConfig(price_init=1.0, trust=3.0)
+    guard = QualityGuard(cfg)
+    assert guard.target_deviation() is None                                   # nothing checked: no basis
+    guard.judge(QualityCheck(adapted_nll=3.0, static_nll=3.0, tokens=256), deviation=0.0)
+    assert guard.target_deviation() == pytest.approx(cfg.target_delta_nll)    # the probe, unit sensitivity
+    deviation = 0.01
+    for _ in range(3):
+        guard.judge(QualityCheck(adapted_nll=3.0, static_nll=3.0, tokens=256), deviation=deviation)
+        assert guard.target_deviation() == pytest.approx(3.0 * deviation)
+        deviation *= 3.0
+    slope = 0.05                                                              # now a cost: target / s, below the cap
+    guard.judge(QualityCheck(adapted_nll=3.0 + slope * deviation, static_nll=3.0, tokens=256), deviation=deviation)
+    m, ema_delta, ema_dev = cfg.fast_memory, 0.0, 0.01                        # the fast estimate, by hand
+    for d, nll in [(0.03, 0.0), (0.09, 0.0), (deviation, slope * deviation)]:
+        ema_delta, ema_dev = m * nll + (1 - m) * ema_delta, m * d + (1 - m) * ema_dev
+    expected = cfg.target_delta_nll / (ema_delta / ema_dev)
+    assert expected < 3.0 * deviation and guard.target_deviation() == pytest.approx(expected)

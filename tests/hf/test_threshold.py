@@ -30,6 +30,21 @@ def test_objective_and_choice_equal_brute_force(lam):
     assert choose_threshold(weights, experts, cost, lam, grid) == grid[best]
 
 
+def test_ties_and_weights_on_grid_points_equal_brute_force():
+    """Slots whose weight sits exactly on a grid point are kept there (w ≥ τ); tied slots go together."""
+    weights = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.25, 0.25, 0.25, 0.25], [0.1, 0.6, 0.2, 0.1],
+                            [1.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    experts = torch.tensor([[0, 1, 2, 3], [3, 2, 1, 0], [4, 5, 6, 7], [7, 0, 1, 2]])
+    cost = torch.arange(1.0, 9.0)
+    grid = [0.0, 0.1, 0.2, 0.25, 0.3, 0.5, 0.6, 1.0]
+    for lam in (0.0, 0.7):
+        result = threshold_objective(weights, experts, cost, lam, grid)
+        brute = [brute_force_objective(weights, experts, cost, lam, tau) for tau in grid]
+        torch.testing.assert_close(result.objective, torch.tensor(brute, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    one_slot = threshold_objective(weights[:, :1] * 0 + 1, experts[:, :1], cost, 0.5, grid)   # K = 1: nothing to drop
+    assert (one_slot.mean_k == 1).all() and (one_slot.mean_kl == 0).all()
+
+
 def test_extremes_of_lambda_and_grid_order():
     weights, experts, cost = _sample(seed=3)
     assert choose_threshold(weights, experts, cost, 1e6) == 0.0           # quality only: keep the top-K
