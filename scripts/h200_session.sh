@@ -21,6 +21,12 @@
 #   bash scripts/h200_session.sh moe      # a small OLMoE (64 experts of width 256, top-8) trained here
 #                                         # (<= 95 s), then hw-run's stationary and domain-shift
 #                                         # frontiers, 9 policies, ~0.7 s chunks    -> moe.tar.gz
+#   bash scripts/h200_session.sh moe-wide # how much of the forward the routed experts take (random
+#                                         # weights, two shapes), then the same as `moe` on a wider
+#                                         # OLMoE (768 wide, 64 experts of width 1024) -> moe-wide.tar.gz
+#   bash scripts/h200_session.sh moe-wide-repeats  # the wider OLMoE trained again, then the
+#                                         # stationary frontier twice (the margin's interval)
+#                                                                                  -> moe-wide-repeats.tar.gz
 #
 # First session:
 #   bash scripts/h200_session.sh model    # train the distilgpt2 recipe (≤ 330 s), calibrate, frontier:
@@ -33,7 +39,7 @@
 #
 # Needs torch (CUDA), transformers, nvidia-ml-py and the built corpus (data/corpus/built, carried).
 set -u
-PHASE=${1:?usage: bash scripts/h200_session.sh main|limits|thermal|olmoe|moe|model|extras|long}
+PHASE=${1:?usage: bash scripts/h200_session.sh main|limits|thermal|olmoe|moe|moe-wide|moe-wide-repeats|model|extras|long}
 OUT=${OUT:?set OUT to the folder that comes back}
 cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -92,6 +98,25 @@ moe)
     --seq-len 256 --micro-batch 256 --chunk-tokens 1048576 --deadline-s 460 --policies "$MOE_POLICIES"
   cp "$R/olmoe/nectar_model.json" "$R/moe/olmoe_model.json" 2>/dev/null
   tar czf "$OUT/moe.tar.gz" -C "$R" moe ;;
+moe-wide)
+  mkdir -p "$R/moe-wide"
+  step 90 python benchmarks/hf_expert_share.py --shapes 512x256 768x1024 --profile \
+    --json-out "$R/moe-wide/expert_share.json"
+  step 115 python -m nectar.hf.train_small --out "$R/olmoe-wide" --device cuda --budget-s 95 --hidden 768 \
+    --expert-hidden 1024 --no-progress
+  step 380 python -m nectar hw-run --model "$R/olmoe-wide" --out "$R/moe-wide/frontier" --overwrite --no-progress \
+    --workloads stationary,domain-shift --repeats 1 --workload-seconds 125 --warmup-s 5 --calibration-s 3 \
+    --seq-len 256 --micro-batch 256 --chunk-tokens 524288 --deadline-s 372 --policies "$MOE_POLICIES"
+  cp "$R/olmoe-wide/nectar_model.json" "$R/moe-wide/olmoe_model.json" 2>/dev/null
+  tar czf "$OUT/moe-wide.tar.gz" -C "$R" moe-wide ;;
+moe-wide-repeats)
+  step 115 python -m nectar.hf.train_small --out "$R/olmoe-wide" --device cuda --budget-s 95 --hidden 768 \
+    --expert-hidden 1024 --no-progress
+  step 310 python -m nectar hw-run --model "$R/olmoe-wide" --out "$R/moe-wide-repeats" --overwrite --no-progress \
+    --workloads stationary --repeats 2 --workload-seconds 100 --warmup-s 5 --calibration-s 3 \
+    --seq-len 256 --micro-batch 256 --chunk-tokens 524288 --deadline-s 300 --policies "$MOE_POLICIES"
+  cp "$R/olmoe-wide/nectar_model.json" "$R/moe-wide-repeats/olmoe_model.json" 2>/dev/null
+  tar czf "$OUT/moe-wide-repeats.tar.gz" -C "$R" moe-wide-repeats ;;
 model)
   step 575 python -m nectar hw-run --out "$R/model" --overwrite --save-model "$R/gpu_model" --no-progress \
     --workloads stationary --deadline-s 545

@@ -91,3 +91,14 @@ def test_gpu_suite_script_is_valid_bash_and_names_the_four_outputs():
     text = script.read_text()
     for name in ("moe_layer.json", "forward_chunk.json", "fastweight.json", "telemetry_overhead.json"):
         assert name in text
+
+
+def test_hf_expert_share_quick(tmp_path):
+    from benchmarks import hf_expert_share
+
+    out = tmp_path / "expert_share.json"
+    assert hf_expert_share.main(["--device", "cpu", "--shapes", "32x16", "--ks", "8", "1", "--vocab", "64",
+                                 "--rows", "2", "--seq-len", "8", "--json-out", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["shapes"]
+    assert row["tokens"] == 16 and row["plain_s"] > 0 and row["top8_s"] > 0 and row["top1_s"] > 0
+    assert row["expert_share"] == pytest.approx((row["top8_s"] - row["top1_s"]) / 7 * 8 / row["top8_s"])
