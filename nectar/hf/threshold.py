@@ -103,18 +103,20 @@ def threshold_objective(weights: torch.Tensor, experts: torch.Tensor, cost, lam:
     share_NK = (w_NK.cumsum(-1) / w_NK.sum(-1, keepdim=True)).clamp_min(1e-300)  # kept share of the first m slots
     kl_NK = (-torch.log(share_NK)).clamp_min(0.0)                                 # KL when m = column + 1 slots are kept
     step_NK = kl_NK[:, :-1] - kl_NK[:, 1:]                                        # ≥ 0: dropping slot m + 1
-    bins = torch.zeros(n_grid + 1, dtype=torch.float64)
-    bins.scatter_add_(0, kept_until_NK[:, 1:].reshape(-1), step_NK.reshape(-1))
-    kl = bins.cumsum(0)[:n_grid] / n_tokens + kl_NK[:, -1].mean()                  # [G]
+    dropped = _binned(kept_until_NK[:, 1:], step_NK, n_grid).cumsum(0)[:n_grid]   # [G] KL added by the drops
+    kl = dropped / n_tokens + kl_NK[:, -1].mean()                                  # [G]
     return ThresholdObjective(grid_G, expected, kl, mean_k, expected + lam * kl)
+
+
+def _binned(index: torch.Tensor, values: torch.Tensor, n_grid: int) -> torch.Tensor:
+    """[G + 1] the sum of `values` falling into each bin 0..G of `index` (same shapes)."""
+    return torch.zeros(n_grid + 1, dtype=torch.float64).scatter_add_(0, index.reshape(-1), values.reshape(-1))
 
 
 def _count_kept(kept_until_NK: torch.Tensor, value_NK: torch.Tensor, n_grid: int) -> torch.Tensor:
     """[G] Σ over slots of value · [g < kept_until] for every grid index g (a reverse cumulative
     sum over the bin where each slot stops being kept)."""
-    bins = torch.zeros(n_grid + 1, dtype=torch.float64)
-    bins.scatter_add_(0, kept_until_NK.reshape(-1), value_NK.reshape(-1))
-    return bins.flip(0).cumsum(0).flip(0)[1:]
+    return _binned(kept_until_NK, value_NK, n_grid).flip(0).cumsum(0).flip(0)[1:]
 
 
 def choose_threshold(weights: torch.Tensor, experts: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
