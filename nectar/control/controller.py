@@ -38,6 +38,7 @@ from nectar.control.observation import ChunkObservation, LayerObservation
 from nectar.control.quality_guard import DEFAULT_START_PRICE, GuardConfig, GuardVerdict, QualityCheck, QualityGuard
 from nectar.control.routing_proxy import allowed_distribution, deviation_kl
 from nectar.hf.adaptive_k import AdaptiveKRouter
+from nectar.hf.threshold import ThresholdObjective
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
@@ -149,12 +150,15 @@ class NectarController:
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
         costs = self._normalised_costs()
+        tables = [router.price_table(seen.logits, c) if isinstance(router, AdaptiveKRouter) else None
+                  for router, seen, c in zip(self.routers, observation.layers, costs)]   # adaptive k: once a chunk
         target = self.guard.target_deviation()
         if target is not None:
-            self.guard.set_price(self._feedforward_lam(observation, costs, target) / self.guard.kappa)
+            self.guard.set_price(self._feedforward_lam(observation, costs, tables, target) / self.guard.kappa)
         lam = self.lam
-        for layer, (opt, router, seen, c) in enumerate(zip(self.optimizers, self.routers, observation.layers, costs)):
-            self._step_layer(layer, opt, router, seen, c, lam, verdict)
+        for layer, (opt, router, seen, c, table) in enumerate(
+                zip(self.optimizers, self.routers, observation.layers, costs, tables)):
+            self._step_layer(layer, opt, router, seen, c, lam, verdict, table)
         self.chunks += 1
         return self._record(verdict, deviation, residual, skipped, window, check)
 
@@ -192,11 +196,12 @@ class NectarController:
         values = [_router_deviation(router, seen.logits) for router, seen in zip(self.routers, observation.layers)]
         return sum(values) / max(len(values), 1)
 
-    def _feedforward_lam(self, observation: ChunkObservation, costs: list[torch.Tensor], target: float) -> float:
+    def _feedforward_lam(self, observation: ChunkObservation, costs: list[torch.Tensor], tables: list,
+                         target: float) -> float:
         """The quality λ whose routing would have had mean deviation `target` on this chunk's gate
         logits (deviation falls as λ rises; bisection in log λ over the price range)."""
-        curves = [self._deviation_curve(router, opt, seen, c)
-                  for router, opt, seen, c in zip(self.routers, self.optimizers, observation.layers, costs)]
+        curves = [self._deviation_curve(router, opt, seen, c, table) for router, opt, seen, c, table
+                  in zip(self.routers, self.optimizers, observation.layers, costs, tables)]
         low, high = (math.log(v) for v in self.config.guard.price_range)
         for _ in range(24):
             mid = 0.5 * (low + high)
@@ -207,17 +212,18 @@ class NectarController:
         return math.exp(high)
 
     @staticmethod
-    def _deviation_curve(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor) -> Callable[[float], float]:
+    def _deviation_curve(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor,
+                         table: ThresholdObjective | None = None) -> Callable[[float], float]:
         """λ ↦ the deviation this layer's routing would have on the chunk's logits had it taken its
-        step at λ. Adaptive k: read off one table of (cost, KL) per grid threshold; NECTAR's router:
-        put it at λ, measure, restore."""
+        step at λ. Adaptive k: read off its table of (cost, KL) per grid threshold (`table`, else
+        computed here); NECTAR's router: put it at λ, measure, restore."""
         if isinstance(router, AdaptiveKRouter):
-            table = router.price_table(seen.logits, c)
-            return lambda lam: float(table.mean_kl[int(torch.argmin(table.expected_cost + lam * table.mean_kl))])
+            table = table or router.price_table(seen.logits, c)
+            return lambda lam: float(table.mean_kl[table.index_at(lam)])
 
         def at(lam: float) -> float:
             saved = router.adaptation()
-            _apply_lam(router, opt, seen, c, lam, fallback=False)
+            _apply_lam(router, opt, c, lam, fallback=False)
             value = _router_deviation(router, seen.logits)
             router.adapt(**_restorable(router, saved))
             return value
@@ -245,11 +251,12 @@ class NectarController:
         return out
 
     def _step_layer(self, layer: int, opt: BiasOptimizer, router: EnergyAwareRouter, seen: LayerObservation,
-                    c: torch.Tensor, lam: float, verdict: GuardVerdict) -> None:
+                    c: torch.Tensor, lam: float, verdict: GuardVerdict, table: ThresholdObjective | None) -> None:
         """The layer's bias step on the chunk problem, then the fast net and α (if any); a pretrained
-        model's adaptive-k router instead takes the threshold that minimises cost + λ·KL on the chunk."""
+        model's adaptive-k router instead takes the threshold of its chunk table that minimises
+        cost + λ·KL."""
         if isinstance(router, AdaptiveKRouter):
-            _apply_lam(router, opt, seen, c, lam, verdict.fallback)
+            router.adapt(threshold=table.threshold_at(lam), fallback=verdict.fallback)
             return
         opt.config.lam = lam
         q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
@@ -319,12 +326,9 @@ def priced_adaptation(router: EnergyAwareRouter, c: torch.Tensor, lam: float, mu
     return {"bias": kkt_bias(c, lam, mu, nu).float(), "drop_scale": (c / lam).float() if router.drop else None}
 
 
-def _apply_lam(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor, lam: float, fallback: bool) -> None:
-    """Put the router where the chunk problem at λ puts it: the adaptive-k threshold, or the KKT
-    bias (with the optimizer's current constraint multipliers) and drop scale c/λ."""
-    if isinstance(router, AdaptiveKRouter):
-        router.adapt(threshold=router.choose_threshold(seen.logits, c, lam), fallback=fallback)
-        return
+def _apply_lam(router: EnergyAwareRouter, opt: BiasOptimizer, c: torch.Tensor, lam: float, fallback: bool) -> None:
+    """Put NECTAR's router where the chunk problem at λ puts it: the KKT bias (with the optimizer's
+    current constraint multipliers) and drop scale c/λ."""
     router.adapt(**priced_adaptation(router, c, lam, opt.mu, opt.nu), fallback=fallback)
 
 

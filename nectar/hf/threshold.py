@@ -53,6 +53,13 @@ class ThresholdObjective:
     mean_k: torch.Tensor         # [G] mean kept slots per token
     objective: torch.Tensor      # [G] expected_cost + λ · mean_kl
 
+    def index_at(self, lam: float) -> int:
+        """The grid index minimising expected_cost + λ · mean_kl at any λ (the smallest τ on ties)."""
+        return int(torch.argmin(self.expected_cost + lam * self.mean_kl))
+
+    def threshold_at(self, lam: float) -> float:
+        return float(self.grid[self.index_at(lam)])
+
 
 def _check_sample(weights: torch.Tensor, experts: torch.Tensor) -> None:
     if weights.dim() != 2 or weights.shape != experts.shape or weights.shape[0] == 0:
@@ -121,6 +128,4 @@ def _count_kept(kept_until_NK: torch.Tensor, value_NK: torch.Tensor, n_grid: int
 
 def choose_threshold(weights: torch.Tensor, experts: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
     """The grid threshold minimising mean cost + λ · mean KL on the sample (smallest on ties)."""
-    result = threshold_objective(weights, experts, cost, lam, grid)
-    best = result.objective.min()
-    return float(result.grid[(result.objective <= best).nonzero()[0, 0]])
+    return threshold_objective(weights, experts, cost, lam, grid).threshold_at(lam)
