@@ -1,24 +1,26 @@
 """The NECTAR controller: after every chunk, from what the chunk did and what it cost, set each
-energy-aware router's bias for the next chunk.
+adaptive router's routing for the next chunk.
+
+The controller talks to a router only through the priced interface (`nectar.control.priced`):
+a price table per layer and chunk, the deviation of the routing in force, a step at a price and a
+start at a price. It never asks which router family it drives.
 
 Per chunk (apply-then-update, LaCT order):
 1. quality: a paired shadow check on a random share of the chunk's sequences (static routing vs
    the routing that ran) moves the price of quality μ (dual ascent on the budget) and the relative
    sensitivity κ of the current domain (`quality_guard`); once the sensitivity is known, the price
-   is set feed-forward instead: the λ whose chunk-problem solution on this chunk's gate logits has
-   the deviation that spends the budget (bisection in log λ; `_feedforward_lam`);
+   is set feed-forward instead: the λ at which the layers' price tables, built once on this
+   chunk's gate logits, show the deviation that spends the budget (`price_for_deviation`);
 2. energy: the online cost model (RLS on the chunk's workload and telemetry window) updates the
    per-expert costs c (`cost_model`; `cost_learning` = "telemetry", "prior" to keep the FLOP prior,
    or "frozen" to stop learning after `frozen_after` chunks);
 3. limits: temperature, power and memory pressure ν rise while a limit binds (`limits`);
-4. each layer's bias solves the convex chunk problem min Σ c·p + λ Σ KL(p ‖ q) at
-   λ = μ·κ / (1 + Σν) — one step of `BiasOptimizer` on the chunk's observed gate logits, restricted
-   to the second-slot candidates the router can actually choose (the static top-1 is forced); a
-   router that may drop its remaining slot gets the drop scale c/λ, the same trade-off per token;
-5. optionally the fast-weight router network and the mixing coefficient α take one gradient step
-   on the same chunk objective for the same observed tokens (a step that scales with the gradient,
-   so a near-zero gradient moves nothing);
-6. a pause is asked for only when a limit is still exceeded with the routing pressure spent.
+4. each layer's router takes its step at λ = μ·κ / (1 + Σν) on the chunk's observed gate logits:
+   NECTAR's router solves the convex chunk problem min Σ c·p + λ Σ KL(p ‖ q) over its second-slot
+   candidates (one `BiasOptimizer` step, drop scale c/λ, optionally a step of its fast-weight
+   network and α: `energy_pricing`); the adaptive-k router takes the threshold minimising
+   cost + λ·KL on its table;
+5. a pause is asked for only when a limit is still exceeded with the routing pressure spent.
 One `ControlRecord` per chunk is returned for the log.
 """
 
@@ -30,15 +32,11 @@ from typing import Callable
 
 import torch
 
-from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig, kkt_bias
 from nectar.control.cost_model import OnlineCostModel
-from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.limits import LimitConfig, LimitGovernor
-from nectar.control.observation import ChunkObservation, LayerObservation
+from nectar.control.observation import ChunkObservation
+from nectar.control.priced import PricedRouter, PriceStep, StepConfig, price_for_deviation, price_grid
 from nectar.control.quality_guard import DEFAULT_START_PRICE, GuardConfig, GuardVerdict, QualityCheck, QualityGuard
-from nectar.control.routing_proxy import allowed_distribution, deviation_kl
-from nectar.hf.adaptive_k import AdaptiveKRouter
-from nectar.hf.threshold import ThresholdObjective
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
@@ -72,6 +70,12 @@ class ControllerConfig:
         if self.shadow_backoff < 1:
             raise ValueError(f"shadow_backoff must be >= 1, got {self.shadow_backoff}")
 
+    def step_config(self) -> StepConfig:
+        """The settings a router's step at a price uses."""
+        return StepConfig(lr=self.lr, momentum=self.momentum, mode=self.optimizer_mode, fast_lr=self.fast_lr,
+                          fast_momentum=self.fast_momentum, fast_muon=self.fast_muon, alpha_lr=self.alpha_lr,
+                          alpha_min=self.alpha_min)
+
 
 @dataclass
 class ControlRecord:
@@ -97,9 +101,10 @@ class ControlRecord:
 
 
 class NectarController:
-    """Drives one EnergyAwareRouter per MoE layer from telemetry, costs, limits and the quality guard."""
+    """Drives one adaptive router per MoE layer from telemetry, costs, limits and the quality guard,
+    through the priced interface only (`nectar.control.priced`)."""
 
-    def __init__(self, routers: list[EnergyAwareRouter], config: ControllerConfig | None = None,
+    def __init__(self, routers: list[PricedRouter], config: ControllerConfig | None = None,
                  cost_layers: list[int] | None = None, cost_model: OnlineCostModel | None = None,
                  start_costs: list[torch.Tensor] | None = None):
         """`start_costs` ([E] per router, e.g. the FLOP prior): the first chunk already runs where
@@ -111,12 +116,10 @@ class NectarController:
         self.limits = LimitGovernor(self.config.limits)
         # which cost-model layer each router belongs to (dense blocks are in the cost model too)
         self.cost_layers = cost_layers if cost_layers is not None else list(range(len(routers)))
-        self.optimizers = [
-            BiasOptimizer(r.num_experts, BiasOptimizerConfig(
-                lam=self.config.guard.price_init, lr=self.config.lr, momentum=self.config.momentum,
-                mode=self.config.optimizer_mode))
-            for r in routers
-        ]
+        step_config = self.config.step_config()
+        for router in routers:
+            router.configure_pricing(step_config)
+        self.lams = price_grid(*self.config.guard.price_range)     # [G] the price tables' grid
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.chunks = 0
         self.backoff = 1                 # current thinning of the shadow checks
@@ -127,12 +130,11 @@ class NectarController:
 
     def _start(self, costs: list[torch.Tensor]) -> None:
         """Route the first chunk at the start price with the given costs (routers that need the
-        chunk's logits to choose, as adaptive k does, start static)."""
+        chunk's logits to choose, as adaptive k does, stay static)."""
         if len(costs) != len(self.routers):
             raise ValueError(f"start_costs has {len(costs)} entries for {len(self.routers)} routers")
         for router, c in zip(self.routers, costs):
-            if not isinstance(router, AdaptiveKRouter):
-                router.adapt(**priced_adaptation(router, c.double() / c.max().clamp_min(1e-12), self.lam))
+            router.start_at_price(c.double() / c.max().clamp_min(1e-12), self.lam)
 
     # ------------------------------------------------------------------------------ one chunk
 
@@ -150,15 +152,16 @@ class NectarController:
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
         costs = self._normalised_costs()
-        tables = [router.price_table(seen.logits, c) if isinstance(router, AdaptiveKRouter) else None
-                  for router, seen, c in zip(self.routers, observation.layers, costs)]   # adaptive k: once a chunk
+        tables = [router.price_table(seen.logits, c, self.lams)                # one table per layer and chunk
+                  for router, seen, c in zip(self.routers, observation.layers, costs)]
         target = self.guard.target_deviation()
-        if target is not None:
-            self.guard.set_price(self._feedforward_lam(observation, costs, tables, target) / self.guard.kappa)
+        if target is not None and tables:
+            self.guard.set_price(price_for_deviation(tables, target) / self.guard.kappa)
         lam = self.lam
-        for layer, (opt, router, seen, c, table) in enumerate(
-                zip(self.optimizers, self.routers, observation.layers, costs, tables)):
-            self._step_layer(layer, opt, router, seen, c, lam, verdict, table)
+        for layer, (router, seen, c, table) in enumerate(zip(self.routers, observation.layers, costs, tables)):
+            instance = router.adapt_at_price(PriceStep(lam, c, verdict.fallback, seen.logits, seen.inputs, table))
+            if layer == 0:
+                self.last_instance = instance
         self.chunks += 1
         return self._record(verdict, deviation, residual, skipped, window, check)
 
@@ -192,43 +195,9 @@ class NectarController:
         self._next_check = self.chunks + (2 if self.guard.fallback else every * self.backoff)
 
     def _deviation(self, observation: ChunkObservation) -> float:
-        """Mean over layers of the KL (second-slot candidates) of the routing that ran to static."""
-        values = [_router_deviation(router, seen.logits) for router, seen in zip(self.routers, observation.layers)]
+        """Mean over layers of the deviation from static of the routing that ran."""
+        values = [router.deviation(seen.logits) for router, seen in zip(self.routers, observation.layers)]
         return sum(values) / max(len(values), 1)
-
-    def _feedforward_lam(self, observation: ChunkObservation, costs: list[torch.Tensor], tables: list,
-                         target: float) -> float:
-        """The quality λ whose routing would have had mean deviation `target` on this chunk's gate
-        logits (deviation falls as λ rises; bisection in log λ over the price range)."""
-        curves = [self._deviation_curve(router, opt, seen, c, table) for router, opt, seen, c, table
-                  in zip(self.routers, self.optimizers, observation.layers, costs, tables)]
-        low, high = (math.log(v) for v in self.config.guard.price_range)
-        for _ in range(24):
-            mid = 0.5 * (low + high)
-            if sum(curve(math.exp(mid)) for curve in curves) / max(len(curves), 1) > target:
-                low = mid
-            else:
-                high = mid
-        return math.exp(high)
-
-    @staticmethod
-    def _deviation_curve(router, opt: BiasOptimizer, seen: LayerObservation, c: torch.Tensor,
-                         table: ThresholdObjective | None = None) -> Callable[[float], float]:
-        """λ ↦ the deviation this layer's routing would have on the chunk's logits had it taken its
-        step at λ. Adaptive k: read off its table of (cost, KL) per grid threshold (`table`, else
-        computed here); NECTAR's router: put it at λ, measure, restore."""
-        if isinstance(router, AdaptiveKRouter):
-            table = table or router.price_table(seen.logits, c)
-            return lambda lam: float(table.mean_kl[table.index_at(lam)])
-
-        def at(lam: float) -> float:
-            saved = router.adaptation()
-            _apply_lam(router, opt, c, lam, fallback=False)
-            value = _router_deviation(router, seen.logits)
-            router.adapt(**_restorable(router, saved))
-            return value
-
-        return at
 
     def _learn_costs(self, observation: ChunkObservation, window: TelemetryWindow) -> tuple[str, float | None]:
         accounted = window.workload if window.workload is not None else observation.workload
@@ -250,45 +219,6 @@ class NectarController:
             out.append(c / c.max().clamp_min(1e-12))
         return out
 
-    def _step_layer(self, layer: int, opt: BiasOptimizer, router: EnergyAwareRouter, seen: LayerObservation,
-                    c: torch.Tensor, lam: float, verdict: GuardVerdict, table: ThresholdObjective | None) -> None:
-        """The layer's bias step on the chunk problem, then the fast net and α (if any); a pretrained
-        model's adaptive-k router instead takes the threshold of its chunk table that minimises
-        cost + λ·KL."""
-        if isinstance(router, AdaptiveKRouter):
-            router.adapt(threshold=table.threshold_at(lam), fallback=verdict.fallback)
-            return
-        opt.config.lam = lam
-        q = allowed_distribution(router, seen.logits).double().cpu()         # [N, E] second-slot candidates
-        opt.step(q, c)
-        router.adapt(bias=opt.bias, fallback=verdict.fallback,
-                     drop_scale=(c / lam).float() if router.drop else None)
-        if router.fast_net is not None and seen.inputs.numel():
-            self._step_fast(router, seen, c, lam)
-        if layer == 0:
-            self.last_instance = {"q": q.numpy(), "c": c.numpy(), "lam": lam, "bias_online": opt.bias.numpy(),
-                                  "p_online": opt.routing_distribution(q).numpy()}
-
-    def _step_fast(self, router: EnergyAwareRouter, seen: LayerObservation, c: torch.Tensor, lam: float) -> None:
-        """One step of the fast-weight network and of α on the chunk objective of the observed tokens."""
-        log_q = torch.log(allowed_distribution(router, seen.logits).float().clamp_min(1e-30))   # [N, E]
-        cost = c.to(device=log_q.device, dtype=torch.float32)                                    # [E]
-        bias = router.bias.to(log_q.device)
-        alpha = torch.tensor(router.alpha, requires_grad=True)
-
-        def chunk_loss(scores: torch.Tensor) -> torch.Tensor:
-            log_p = torch.log_softmax(log_q + bias + alpha * scores, dim=-1)                   # [N, E]
-            p = log_p.exp()
-            return (p @ cost + lam * (p * (log_p - log_q)).sum(-1)).mean()
-
-        router.fast_net.step(chunk_loss, lr=self.config.fast_lr, momentum=self.config.fast_momentum,
-                             use_muon=self.config.fast_muon, inputs=seen.inputs.float())
-        with torch.enable_grad():
-            scores = router.fast_net(seen.inputs.float()).detach()
-            (grad,) = torch.autograd.grad(chunk_loss(scores), alpha)
-        step = -self.config.alpha_lr * float(grad)
-        router.adapt(alpha=min(1.0, max(self.config.alpha_min, router.alpha + step)))
-
     def _record(self, verdict: GuardVerdict, deviation: float, residual: float | None, skipped: str,
                 window: TelemetryWindow, check: QualityCheck | None) -> ControlRecord:
         guard_window = None if check is None else check.window
@@ -298,7 +228,7 @@ class NectarController:
             fallback=verdict.fallback, delta_nll=None if math.isnan(verdict.delta_nll) else verdict.delta_nll,
             deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(),
             pause_s=self.limits.pause_s(window, window.duration_s), skipped=skipped,
-            biases=[r.bias.tolist() if hasattr(r, "bias") else [r.threshold] for r in self.routers],
+            biases=[r.state_vector() for r in self.routers],
             guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
             guard_s=0.0 if guard_window is None else guard_window.duration_s,
         )
@@ -309,30 +239,6 @@ def start_priced(config: ControllerConfig, routers: list) -> ControllerConfig:
     START_PRICE (the highest of them: the most careful), else the guard's default."""
     if config.guard.price_init is not None:
         return config
-    price = max((getattr(r, "START_PRICE", DEFAULT_START_PRICE) for r in routers), default=DEFAULT_START_PRICE)
+    price = max((r.START_PRICE for r in routers), default=DEFAULT_START_PRICE)
     return replace(config, guard=replace(config.guard, price_init=price))
 
-
-def _router_deviation(router, logits: torch.Tensor) -> float:
-    """KL deviation of the routing in force from static (0 while the router is in fallback)."""
-    if router.fallback:
-        return 0.0
-    return router.deviation(logits) if isinstance(router, AdaptiveKRouter) else deviation_kl(router, logits)
-
-
-def priced_adaptation(router: EnergyAwareRouter, c: torch.Tensor, lam: float, mu=None, nu: float = 0.0) -> dict:
-    """adapt(...) keywords that put NECTAR's router where the chunk problem at price λ puts it:
-    the KKT bias −(c + μ + νc)/λ and, for a router that may drop, the drop scale c/λ."""
-    return {"bias": kkt_bias(c, lam, mu, nu).float(), "drop_scale": (c / lam).float() if router.drop else None}
-
-
-def _apply_lam(router: EnergyAwareRouter, opt: BiasOptimizer, c: torch.Tensor, lam: float, fallback: bool) -> None:
-    """Put NECTAR's router where the chunk problem at λ puts it: the KKT bias (with the optimizer's
-    current constraint multipliers) and drop scale c/λ."""
-    router.adapt(**priced_adaptation(router, c, lam, opt.mu, opt.nu), fallback=fallback)
-
-
-def _restorable(router: EnergyAwareRouter, saved) -> dict:
-    """adapt(...) keywords that put NECTAR's router back to a saved adaptation record."""
-    return {"bias": saved.bias, "alpha": saved.alpha, "fallback": saved.fallback,
-            "drop_scale": saved.drop_scale if router.drop else None}

@@ -20,7 +20,9 @@ learned coefficient α. Safeguards:
 - in fallback the router is the static top-k router (the quality guard decides).
 
 What adapts — bias, α and fallback — is one `Adaptation` record, read with `adaptation()` and
-written with `adapt(...)`; nothing else of the router changes from outside. The soft routing
+written with `adapt(...)`; nothing else of the router changes from outside. The controller reaches
+it through the priced interface (`nectar.control.priced`): a price table per chunk, its deviation,
+a step at a price (`nectar.control.energy_pricing`). The soft routing
 distribution p_t = softmax(logits_t/τ + α·b) is the one the convex chunk problem is about
 (docs/design.md); `soft_distribution` exposes it for the chunk loss and the cvxpy check.
 """
@@ -31,7 +33,10 @@ from dataclasses import dataclass
 
 import torch
 
+from nectar.control.energy_pricing import bias_step, energy_price_table, new_optimizer, priced_adaptation
 from nectar.control.fast_router import FastWeightRouterNet
+from nectar.control.priced import PriceStep, PriceTable, StepConfig
+from nectar.control.routing_proxy import deviation_kl, dropped_mass_kl
 from nectar.moe.router import Router, RoutingDecision, gate_decision, gate_probs
 from nectar.moe.static_routers import check_cheap, static_top1_plus
 
@@ -89,6 +94,8 @@ class EnergyAwareRouter(Router):
         self.drop = drop
         self.alpha = 1.0
         self.fallback = False
+        self._step_config = StepConfig()
+        self._optimizer = None                 # the bias optimiser of the current controller
 
     @property
     def max_slots(self) -> int:
@@ -125,6 +132,36 @@ class EnergyAwareRouter(Router):
         if value.shape != self.bias.shape:
             raise ValueError(f"{name} must have shape {list(self.bias.shape)}, got {list(value.shape)}")
         return value.to(device=self.bias.device, dtype=torch.float32)
+
+    # ---- the priced interface (nectar.control.priced) ------------------------------------------
+
+    def configure_pricing(self, config: StepConfig) -> None:
+        """A new controller's step settings; the bias optimiser's state starts anew."""
+        self._step_config = config
+        self._optimizer = None
+
+    def price_table(self, logits: torch.Tensor, cost: torch.Tensor, lams: torch.Tensor) -> PriceTable:
+        """Mean cost and deviation at every price of `lams` [G] on gate logits [n, E]."""
+        opt = self._optimizer
+        return energy_price_table(self, logits, cost, lams, None if opt is None else opt.mu,
+                                  0.0 if opt is None else opt.nu)
+
+    def deviation(self, logits: torch.Tensor) -> float:
+        """Mean KL to static routing of the routing in force on gate logits [n, E] (0 in fallback)."""
+        return 0.0 if self.fallback else deviation_kl(self, logits)
+
+    def adapt_at_price(self, step: PriceStep) -> dict:
+        """The chunk's bias step at step.lam (and the fast network's); the instance it solved."""
+        if self._optimizer is None:
+            self._optimizer = new_optimizer(self, self._step_config, step.lam)
+        return bias_step(self, self._optimizer, self._step_config, step)
+
+    def start_at_price(self, cost: torch.Tensor, lam: float) -> None:
+        """Route where the chunk problem puts costs [E] at price λ (bias −c/λ, drop scale c/λ)."""
+        self.adapt(**priced_adaptation(self, cost, lam))
+
+    def state_vector(self) -> list[float]:
+        return self.bias.tolist()
 
     # ---- routing --------------------------------------------------------------------------------
 
@@ -179,10 +216,3 @@ class EnergyAwareRouter(Router):
         allowed.scatter_(-1, torch.cat([static, best_cheap], dim=-1), 0.0)
         return allowed
 
-
-def dropped_mass_kl(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """[N] −log(1 − w): the KL cost of dropping slot 2, w its share of the two static gates
-    (probs [N, E] static softmax, experts [N, K] chosen experts)."""
-    q_NK = probs.gather(-1, experts)
-    share_N = q_NK[:, 1] / (q_NK[:, 0] + q_NK[:, 1]).clamp_min(1e-30)
-    return -torch.log1p(-share_N.clamp(max=1 - 1e-7))

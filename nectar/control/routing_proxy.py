@@ -13,17 +13,20 @@ from __future__ import annotations
 
 import torch
 
-from nectar.control.energy_router import EnergyAwareRouter, dropped_mass_kl
+from nectar.moe.router import Router
+
+# `router` below is NECTAR's `EnergyAwareRouter` (`nectar.control.energy_router`), which imports
+# this module for its drop rule and its deviation: annotated by its base class, not imported.
 
 
-def allowed_distribution(router: EnergyAwareRouter, logits: torch.Tensor) -> torch.Tensor:
+def allowed_distribution(router: Router, logits: torch.Tensor) -> torch.Tensor:
     """[N, E] static second-slot distribution: softmax(logits/τ) restricted to the candidates."""
     logits = logits.float()
     allowed_NE = router.second_slot_mask(logits)                               # [N, E] 0 or -inf
     return torch.softmax(logits / router.temperature + allowed_NE, dim=-1)
 
 
-def deviation_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
+def deviation_kl(router: Router, logits: torch.Tensor) -> float:
     """Mean over tokens of KL(p ‖ q) with q the candidates' static distribution, p = q·exp(b)."""
     if logits.numel() == 0:
         return 0.0
@@ -35,7 +38,7 @@ def deviation_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
     return float(kl_N.mean()) + drop_kl(router, logits)
 
 
-def drop_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
+def drop_kl(router: Router, logits: torch.Tensor) -> float:
     """Mean over tokens of −log(1 − w) for the tokens whose remaining slot the router drops."""
     logits = logits.float()
     decision = router(logits)
@@ -43,3 +46,11 @@ def drop_kl(router: EnergyAwareRouter, logits: torch.Tensor) -> float:
         return 0.0
     dropped_N = ~decision.mask[:, 1]
     return float((dropped_mass_kl(decision.probs, decision.experts) * dropped_N).mean())
+
+
+def dropped_mass_kl(probs: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """[...] −log(1 − w): the KL cost of dropping slot 2, w its share of the two static gates
+    (probs [..., E] static softmax, experts [..., K ≥ 2] chosen experts; leading dims broadcast)."""
+    q_xK = probs.gather(-1, experts)
+    share = q_xK[..., 1] / (q_xK[..., 0] + q_xK[..., 1]).clamp_min(1e-30)
+    return -torch.log1p(-share.clamp(max=1 - 1e-7))

@@ -30,7 +30,6 @@ from dataclasses import dataclass
 
 import torch
 
-from nectar.control.controller import priced_adaptation
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.moe.router import Router
@@ -135,7 +134,7 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))
     if spec.kind == "fixed-price":
-        router.adapt(**priced_adaptation(router, prior_costs(layer), spec.value))
+        router.start_at_price(prior_costs(layer), spec.value)
     return router
 
 

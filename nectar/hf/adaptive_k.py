@@ -8,9 +8,11 @@ threshold α·τ (`nectar.hf.threshold.keep_mask`); kept slots are weighed the f
 What adapts — τ, α and fallback — is one `KAdaptation` record, read with `adaptation()` and written
 with `adapt(...)`, like `nectar.control.energy_router.EnergyAwareRouter`: the quality guard's α
 scales the threshold down (α = 1 full adaptation, α → 0 static) and fallback restores the static
-top-K. The controller's step picks τ with `choose_threshold` on the chunk's sample of gate logits
-(cost + λ·KL, vectorised over a grid); `deviation` is the KL of the routing in force, the quantity
-the quality guard relates to the measured NLL increase.
+top-K. The controller reaches it through the priced interface (`nectar.control.priced`): its price
+table tabulates cost and KL of every grid threshold once per chunk (`threshold_objective`) and maps
+each price λ to the threshold minimising cost + λ·KL; its step at λ takes that threshold;
+`deviation` is the KL of the routing in force, the quantity the quality guard relates to the
+measured NLL increase. It needs a chunk's gate logits to choose, so it starts static.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from nectar.control.priced import PriceStep, PriceTable, StepConfig
 from nectar.hf.families import FamilyRouting
 from nectar.hf.routers import ThresholdRouter
 from nectar.hf.threshold import DEFAULT_GRID, ThresholdObjective, check_threshold, choose_threshold, threshold_objective
@@ -76,17 +79,42 @@ class AdaptiveKRouter(ThresholdRouter):
 
     def deviation(self, logits: torch.Tensor) -> float:
         """Mean KL(adapted ‖ static) over a sample of gate logits [n, E] of the routing in force
-        (−log of the kept share of the renormalised top-K weight; 0 for an empty sample)."""
-        if logits.numel() == 0:
+        (−log of the kept share of the renormalised top-K weight; 0 for an empty sample or in
+        fallback)."""
+        if logits.numel() == 0 or self.fallback:
             return 0.0
         experts, weights = self.slot_weights(logits)
         return float(threshold_objective(weights, experts, 0.0, 0.0, [self.effective_threshold]).mean_kl[0])
 
-    def price_table(self, logits: torch.Tensor, cost, grid=DEFAULT_GRID) -> ThresholdObjective:
+    def threshold_table(self, logits: torch.Tensor, cost, grid=DEFAULT_GRID) -> ThresholdObjective:
         """Mean cost and mean KL of every grid threshold on a sample of gate logits [n, E]: what
         `choose_threshold` minimises for any λ (cost + λ·KL), computed once."""
         experts, weights = self.slot_weights(logits)
         return threshold_objective(weights, experts, cost, 0.0, grid)
+
+    # ---- the priced interface (nectar.control.priced) ------------------------------------------
+
+    def configure_pricing(self, config: StepConfig) -> None:
+        """Nothing to configure: the step takes the table's threshold at the price."""
+
+    def price_table(self, logits: torch.Tensor, cost: torch.Tensor, lams: torch.Tensor) -> PriceTable:
+        """At each price of `lams` [G]: the cost and KL of the grid threshold minimising cost + λ·KL
+        (the smallest on ties), from one threshold table of the sample [n, E]."""
+        objective = self.threshold_table(logits, cost)
+        lams = lams.to(torch.float64)
+        best_G = torch.argmin(objective.expected_cost[None] + lams[:, None] * objective.mean_kl[None], dim=-1)
+        return PriceTable(lams, objective.expected_cost[best_G], objective.mean_kl[best_G], detail=objective)
+
+    def adapt_at_price(self, step: PriceStep) -> None:
+        """Take the threshold minimising cost + λ·KL on the chunk's table (built here if absent)."""
+        objective = step.table.detail if step.table is not None else self.threshold_table(step.logits, step.cost)
+        self.adapt(threshold=objective.threshold_at(step.lam), fallback=step.fallback)
+
+    def start_at_price(self, cost: torch.Tensor, lam: float) -> None:
+        """Stay static: a threshold is chosen on a chunk's gate logits, which the start has not seen."""
+
+    def state_vector(self) -> list[float]:
+        return [self.threshold]
 
     def choose_threshold(self, logits: torch.Tensor, cost, lam: float, grid=DEFAULT_GRID) -> float:
         """The threshold minimising mean cost + λ·KL on a sample of this layer's gate logits [n, E]

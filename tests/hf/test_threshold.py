@@ -8,6 +8,7 @@ from nectar.hf.families import family_of, find_moe_blocks
 from nectar.hf.threshold import DEFAULT_GRID, choose_threshold, threshold_objective
 from tests.hf.models import tiny
 from tests.hf.reference import brute_force_objective
+from tests.tolerance import approx
 
 
 def _sample(n=60, k=4, e=12, seed=0):
@@ -88,20 +89,24 @@ def test_router_chooses_from_its_own_gate_logits():
 
 
 @pytest.mark.parametrize("family", ["deepseek_v3", "olmoe"])
-def test_price_table_gives_the_deviation_of_every_price(family):
-    """The controller's feed-forward price reads deviations off one table per chunk; each must be
-    what choosing the threshold at that λ and measuring the routing's deviation gives."""
-    from nectar.control.bias_optimizer import BiasOptimizer, BiasOptimizerConfig
-    from nectar.control.controller import NectarController
-    from nectar.control.observation import LayerObservation
+def test_price_table_gives_the_deviation_and_cost_of_every_price(family):
+    """The controller reads deviations off one price table per chunk; at each grid price the table
+    must hold what choosing the threshold at that λ and measuring the routing gives (exact: the
+    table reads the same threshold objective the choice minimises)."""
+    from nectar.control.priced import price_grid
 
     model = tiny(family, torch.float64)
     routing = family_of(find_moe_blocks(model)[0].block.gate)
     logits = torch.randn(120, routing.num_experts, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     router = AdaptiveKRouter(routing)
     cost = torch.linspace(0.5, 1.0, routing.num_experts, dtype=torch.float64)
-    curve = NectarController._deviation_curve(router, BiasOptimizer(routing.num_experts, BiasOptimizerConfig(lam=1.0)),
-                                              LayerObservation(logits, torch.empty(0, 0)), cost)
-    for lam in (0.01, 0.1, 0.5, 2.0, 20.0):
-        router.adapt(threshold=router.choose_threshold(logits, cost, lam))
-        assert curve(lam) == pytest.approx(router.deviation(logits), rel=1e-12, abs=1e-15)
+    lams = price_grid(0.01, 20.0, per_decade=4)
+    table = router.price_table(logits, cost, lams)
+    for g, lam in enumerate(lams.tolist()):
+        tau = router.choose_threshold(logits, cost, lam)
+        router.adapt(threshold=tau)
+        # both are means over the 120 tokens, binned over a grid of different length
+        assert float(table.deviation[g]) == approx(router.deviation(logits), n=120)
+        experts, weights = router.slot_weights(logits)
+        expected_cost = float(threshold_objective(weights, experts, cost, lam, [tau]).expected_cost[0])
+        assert float(table.mean_cost[g]) == approx(expected_cost, n=120)
