@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nectar.lact.collectives import CommStats
-from nectar.lact.fastweight import NS5_COEFFICIENTS, NS5_STEPS, swiglu_fast_weight
+from nectar.lact.fastweight import swiglu_fast_weight
 from nectar.lact.launch import ChildFailed, run_group
 from nectar.lact.parallel import (
     context_parallel_fast_weight,
@@ -33,7 +33,8 @@ from nectar.lact.parallel import (
     head_parallel_fast_weight,
     head_shard,
 )
-from tests.tolerance import tol, within
+from tests.lact import NS5_GAIN
+from tests.tolerance import within
 
 HEADS, DK, DV, DH = 4, 6, 5, 10  # non-square weights exercise Muon's transpose branch
 WORLD_SIZES = (2, 4)
@@ -362,8 +363,6 @@ def group_results(world: int) -> list[dict]:
 # from the last rank's partial sums fails every Alg. 3 case with more than one token per rank and
 # chunk, a momentum-gate divisor off by 0.01 every Alg. 3 case with momentum and several chunks
 # (fp32 included); two tokens swapped by Alg. 4's all-to-all fail every Alg. 4 case.
-NS5_GAIN = NS5_COEFFICIENTS[0] ** NS5_STEPS  # ≈ 485
-
 
 def tolerance(case: Case) -> dict:
     """The `within`/`assert_close` arguments for a case: dtype, n and safety (see above)."""

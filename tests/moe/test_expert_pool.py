@@ -13,10 +13,12 @@ from nectar.lact.expert import LaCTMoEExpert
 from nectar.moe.expert_pool import (ConstantGroup, CopyGroup, ExpertPool, GELUGroup, ModuleGroup, SwiGLUGroup,
                                     ZeroGroup)
 from nectar.moe.experts import ConstantExpert, CopyExpert, ExpertSpec, GELUExpert, SwiGLUExpert, ZeroExpert, build_experts
+from tests.tolerance import assert_close
 
 D = 16
 SPECS = [ExpertSpec("gelu", 32, 3), ExpertSpec("gelu", 8, 2), ExpertSpec("swiglu", 24, 2), ExpertSpec("zero"),
          ExpertSpec("copy"), ExpertSpec("constant", count=2)]
+POOL_N = 2 * D + 32 + 4  # an expert's reductions (D, widest hidden 32) and its activation (tests/tolerance.py)
 
 
 def standalone(seed: int = 0, dtype=torch.float64) -> nn.ModuleList:
@@ -59,9 +61,9 @@ def test_views_compute_what_the_standalone_experts_compute():
     pool = ExpertPool.from_experts(experts)
     x = torch.randn(7, D, dtype=torch.float64)
     for i, (view, expert) in enumerate(zip(pool, experts)):
-        torch.testing.assert_close(view(x), expert(x), rtol=0, atol=1e-13, msg=f"expert {i}")
+        assert_close(view(x), expert(x), n=POOL_N, what=f"expert {i}")
     for group, first, _ in pool.spans():  # the group's own per-expert kernel (the loop path) agrees
-        torch.testing.assert_close(group.forward_expert(0, x), experts[first](x), rtol=0, atol=1e-13)
+        assert_close(group.forward_expert(0, x), experts[first](x), n=POOL_N)
 
 
 def test_from_experts_copies_weights_and_dtype_exactly():
@@ -94,7 +96,7 @@ def test_old_per_expert_state_dict_loads_into_the_stacks():
     pool.load_state_dict(old_state)  # strict
     x = torch.randn(5, D, dtype=torch.float64)
     for view, expert in zip(pool, experts):
-        torch.testing.assert_close(view(x), expert(x), rtol=0, atol=1e-13)
+        assert_close(view(x), expert(x), n=POOL_N)
     assert set(pool.state_dict()) == set(ExpertPool.from_specs(SPECS, D).state_dict())
 
 
