@@ -191,9 +191,10 @@ class EnergyAwareRouter(Router):
         return gate_decision(logits, experts, self.temperature, self.kept_slots(logits, experts))
 
     def kept_slots(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
-        """[N, K] bool: the slots a token uses (None: all); with `drop`, slot 2 goes where
-        −log(1 − w) < d[expert], w its share of the two static gates."""
-        if not self.drop or not bool((self.drop_scale > 0).any()):
+        """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with
+        `drop`, slot 2 goes where −log(1 − w) < d[expert], w its share of the two static gates
+        (computed whatever d is — d = 0 keeps every slot — so that no decision waits for the host)."""
+        if not self.drop:
             return None
         cost_N = dropped_mass_kl(gate_probs(logits.float(), self.temperature), experts)
         keep = cost_N >= self.drop_scale.to(cost_N.device)[experts[:, 1]]
