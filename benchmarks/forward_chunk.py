@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.timing import environment, synchronize, write_json  # noqa: E402
 from nectar.experiment.forward import forward_chunk  # noqa: E402
 from nectar.moe.dispatch import dispatch_path  # noqa: E402
-from nectar.model import MoEGPT2LMHeadModel, preset_config  # noqa: E402
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # The `distilgpt2` recipe's pool (nectar.train.recipes.RECIPES["distilgpt2"].expert_specs(3072)).

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from nectar.experiment.forward import forward_chunk, install
-from nectar.hf.load import load_hf_demo
 from nectar.hf.policies import frontier_policies, hf_policy_router
+from nectar.train.saved_model import load_hf_demo
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -56,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--model-dir", type=Path, help="saved MoE model (nectar.model) instead of random weights")
+    p.add_argument("--model-dir", type=Path, help="saved MoE model (nectar.models.gpt2_moe) instead of random weights")
     p.add_argument("--query-calls", type=int, default=200, help="calls per NVML query in the cost table")
     p.add_argument("--quick", action="store_true", help="tiny model, short trials (smoke test)")
     p.add_argument("--json-out", type=Path)
@@ -138,7 +138,7 @@ def make_workload(torch, args) -> tuple[Callable[[], Any], int]:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model_dir:
-        from nectar.model import MoEGPT2LMHeadModel
+        from nectar.models.gpt2_moe import MoEGPT2LMHeadModel
 
         model = MoEGPT2LMHeadModel.from_pretrained(args.model_dir, local_files_only=True).to(device, dtype).eval()
     else:

@@ -7,9 +7,9 @@ backends (`sim`, `hw`) or `analysis`; those are reached through `nectar.plugins`
 torch or transformers itself (`nectar --help` imports neither): when transformers' config
 registry (`transformers.models.auto.configuration_auto`) is imported, or at once if it already
 is, a stand-in class for "nectar_moe_gpt2" is added to it. The first use of the stand-in (say
-`AutoModelForCausalLM.from_pretrained(dir)` reading a NECTAR config.json) imports `nectar.model`,
-whose import registers the real config and model classes. The hook itself imports nothing, so
-it cannot run into a half-imported module.
+`AutoModelForCausalLM.from_pretrained(dir)` reading a NECTAR config.json) imports
+`nectar.models.gpt2_moe`, whose import registers the real config and model classes. The hook
+itself imports nothing, so it cannot run into a half-imported module.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ _REGISTRY_MODULE = "transformers.models.auto.configuration_auto"
 
 
 def _real_config_class():
-    return importlib.import_module("nectar.model").MoEGPT2Config
+    return importlib.import_module("nectar.models.gpt2_moe").MoEGPT2Config
 
 
 class _LazyConfigMeta(type):
@@ -39,7 +39,8 @@ class _LazyConfigMeta(type):
 
 
 class LazyMoEGPT2Config(metaclass=_LazyConfigMeta):
-    """Stands in transformers' CONFIG_MAPPING for "nectar_moe_gpt2" until nectar.model is imported."""
+    """Stands in transformers' CONFIG_MAPPING for "nectar_moe_gpt2" until nectar.models.gpt2_moe is
+    imported."""
 
     model_type = MODEL_TYPE
 

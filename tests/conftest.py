@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nectar.train.recipes import DemoModel, save_demo_model
-from nectar.model import MoEGPT2LMHeadModel, preset_config
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config
 from nectar.train.tokenizer import train_tokenizer
 
 SPECS = [{"kind": "gelu", "hidden": 64, "count": 3}, {"kind": "gelu", "hidden": 16}, {"kind": "zero"}, {"kind": "copy"}]

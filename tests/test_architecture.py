@@ -1,10 +1,11 @@
 """The house rules the folder tree promises: the core stands apart from the backends and analysis,
-never asks which backend it talks to, keeps matplotlib off the run path, and cites only documents
-the repository holds."""
+never asks which backend it talks to, keeps matplotlib off the run path, cites only documents
+the repository holds, and its modules import one another without a cycle."""
 
 from __future__ import annotations
 
 import ast
+import graphlib
 import subprocess
 import sys
 from pathlib import Path
@@ -60,9 +61,61 @@ def test_no_file_cites_a_document_the_repository_lacks():
 
 
 def test_lact_expert_kind_is_there_for_any_model_config():
-    code = ("import nectar.model as m; from nectar.moe.experts import EXPERT_KINDS; "
+    code = ("import nectar.models.gpt2_moe as m; from nectar.moe.experts import EXPERT_KINDS; "
             "c = m.preset_config('tiny-moe', vocab_size=64, n_layer=1, n_embd=16, n_head=2, n_inner=32, n_positions=16, "
             "expert_specs=[{'kind': 'lact', 'hidden': 16}, {'kind': 'gelu', 'hidden': 32}], n_experts=0); "
             "print(type(m.MoEGPT2LMHeadModel(c).moe_layers()[0][1].experts[0]).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip().endswith("LaCTMoEExpert")
+
+
+def _module_name(path: Path, root: Path) -> str:
+    """nectar/x/y.py → "nectar.x.y"; a package's __init__.py is the package itself."""
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def nectar_import_graph(root: Path = REPO) -> dict[str, set[str]]:
+    """{module: the nectar modules it imports} over every .py file under root/nectar, counting every
+    import statement anywhere in the file (function-local and TYPE_CHECKING ones too). `from nectar.x
+    import y` is an edge to the module nectar.x.y when there is one, else to nectar.x; `import
+    nectar.x.y` to nectar.x.y; relative imports resolve against the importing module's package."""
+    files = {_module_name(p, root): p for p in sorted((root / "nectar").rglob("*.py"))}
+
+    def owner(name: str) -> str | None:          # the longest prefix of `name` that is a module here
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in files.items():
+        package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Import):
+                targets |= {owner(alias.name) for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in files else owner(base)
+                            for alias in node.names}
+        graph[module] = {t for t in targets if t is not None and t != module}
+    return graph
+
+
+def import_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One cycle of the graph as [a, b, …, a], or None when it has none."""
+    try:
+        tuple(graphlib.TopologicalSorter(graph).static_order())
+    except graphlib.CycleError as exc:
+        return list(reversed(exc.args[1]))        # graphlib lists it against the import direction
+    return None
+
+
+def test_nectar_modules_import_one_another_without_a_cycle():
+    graph = nectar_import_graph()
+    assert "nectar.models.gpt2_moe" in graph["nectar.train.recipes"]      # the graph sees real imports
+    cycle = import_cycle(graph)
+    assert cycle is None, "import cycle in nectar/: " + " -> ".join(cycle)

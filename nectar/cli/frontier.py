@@ -18,14 +18,10 @@ from pathlib import Path
 from nectar.cli.common import cli_errors, comma_list, parser, positive_int, strict_json
 from nectar.cli.experiment_args import (add_controller_args, add_sim_args, add_stream_args, check_stream_args,
                                         schedule)
+from nectar.experiment.policy_lists import ADAPTIVE, STATIC_FRONTIER
 
 # Spelled out so that `--help` does not import torch (tests/cli/test_help.py checks them).
 WORKLOADS = ("stationary", "domain-shift", "thermal", "power-schedule")
-STATIC_FRONTIER = ["static-top1", "static-top2", "static-top3", "static-cheap",
-                   "fixed-bias:0.5", "fixed-bias:1", "fixed-bias:2", "fixed-bias:3", "fixed-bias:5",
-                   "fixed-price:0.5", "fixed-price:1", "fixed-price:2", "fixed-price:4",
-                   "top-p:0.5", "top-p:0.7", "top-p:0.9", "mix:0.25", "mix:0.5", "mix:0.75"]
-ADAPTIVE = ["pi-share:0.5", "nectar"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,7 +88,7 @@ def model_positions(args: argparse.Namespace) -> int:
             return int(json.loads((args.model / "config.json").read_text())["max_position_embeddings"])
         check_model_dir(args.model)
         return int(json.loads((args.model / "config.json").read_text())["n_positions"])
-    from nectar.model import PRESETS
+    from nectar.models.gpt2_moe import PRESETS
     from nectar.train.recipes import RECIPES as RECIPE_TABLE
 
     return int(PRESETS[RECIPE_TABLE[args.preset].base]["n_positions"])

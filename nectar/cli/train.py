@@ -29,7 +29,7 @@ from pathlib import Path
 from nectar.cli.common import cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int
 
 # Names and defaults of the training code, spelled out so that `nectar train --help` does not import
-# torch; tests/cli/test_help.py checks that they agree with nectar.model, nectar.train.*.
+# torch; tests/cli/test_help.py checks that they agree with nectar.models.gpt2_moe, nectar.train.*.
 PRESETS = ("distilgpt2", "tiny")
 RECIPES = ("cpu-demo", "distilgpt2")
 DTYPES = ("bfloat16", "float32")
@@ -167,7 +167,7 @@ def make_recipe(args: argparse.Namespace, expert_specs: list[dict] | None):
 
 def model_positions(args: argparse.Namespace, recipe) -> tuple[int, str]:
     """(n_positions, what it is) of the dense parent: --dense-from's config or the recipe's shape."""
-    from nectar.model import PRESETS as MODEL_PRESETS
+    from nectar.models.gpt2_moe import PRESETS as MODEL_PRESETS
 
     if args.dense_from is not None:
         config_path = args.dense_from / "config.json"
@@ -186,7 +186,7 @@ def check_args(args: argparse.Namespace, expert_specs: list[dict] | None):
     """The recipe, checked with everything the stages will need before the first step (ValueError)."""
     import torch
 
-    from nectar.model import PRESETS as MODEL_PRESETS, MoEGPT2Config
+    from nectar.models.gpt2_moe import PRESETS as MODEL_PRESETS, MoEGPT2Config
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: torch sees no CUDA GPU")

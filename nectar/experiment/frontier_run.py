@@ -19,6 +19,7 @@ import torch
 from nectar.experiment import workloads as W
 from nectar.experiment.frontier import frontier_report
 from nectar.experiment.outputs import write_outputs
+from nectar.experiment.policy_lists import ADAPTIVE, STATIC_FRONTIER
 from nectar.experiment.runner import PolicyRun, RunConfig, run_experiment
 from nectar.experiment.summary import build_summary, record_rows
 
@@ -162,8 +163,6 @@ def default_policies(model) -> list[str]:
         from nectar.hf.policies import frontier_policies
 
         return frontier_policies(model.top_k) + ["nectar"]
-    from nectar.cli.frontier import ADAPTIVE, STATIC_FRONTIER
-
     return STATIC_FRONTIER + ADAPTIVE
 
 

@@ -39,7 +39,7 @@ from nectar.control.share_controller import ShareController
 from nectar.experiment.forward import forward_chunk, install
 from nectar.experiment.policies import (DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router,
                                         prior_costs)
-from nectar.experiment.summary import ChunkRecord
+from nectar.experiment.records import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.trace import TraceRow
 

@@ -2,7 +2,7 @@
 
 `AttachedMoE` wraps the transformers model (`.hf`, a submodule: `.to`, `.eval`, `.parameters`
 reach its weights) and offers what `nectar.experiment.forward.forward_chunk`, the runner and the
-controller ask of `nectar.model.MoEGPT2LMHeadModel`:
+controller ask of `nectar.models.gpt2_moe.MoEGPT2LMHeadModel`:
 
   model(input_ids=..., use_cache=False).logits   the transformers forward (routing via the gate hooks)
   model.moe_layers()                             [(block index, HFMoELayer)] in order
@@ -14,7 +14,7 @@ Workload: one LayerWorkload per decoder block. Attention is priced from the shap
 (d_model = hidden_size, n_heads = num_attention_heads; GQA and MLA are priced as plain multi-head
 attention of that width). An MoE block lists its E routed experts' counts and costs, then its
 always-on shared experts as one extra entry with every token; a dense block lists its MLP as one
-expert with every token (as `nectar.model` does for GPT-2 blocks).
+expert with every token (as `nectar.models.gpt2_moe` does for GPT-2 blocks).
 `detach()` removes the hooks and returns the untouched transformers model.
 """
 

@@ -1,9 +1,10 @@
 """Load a saved transformers MoE model from a local directory and attach NECTAR to it.
 
-The directory is what `save_pretrained` writes (config.json + weights), optionally with the
-project's tokenizer, `heldout_ids.pt` and `nectar_model.json` (as `nectar.hf.train_small` and
-`nectar.train.recipes.save_demo_model` write them). The family is read from config.json's
-`model_type`; nothing is ever downloaded (`local_files_only=True`).
+The directory is what `save_pretrained` writes (config.json + weights); the family is read from
+config.json's `model_type`; nothing is ever downloaded (`local_files_only=True`). The rest of a
+saved experiment model (tokenizer, held-out streams, `nectar_model.json`, as `nectar.hf.train_small`
+and `nectar.train.saved_model.save_demo_model` write them) is read by `nectar.train.saved_model`,
+the one loader of saved models, which calls `load_moe` here for a transformers MoE directory.
 """
 
 from __future__ import annotations
@@ -17,8 +18,6 @@ import torch
 from nectar.hf.adapter import AttachedMoE
 from nectar.hf.attach import attach
 from nectar.hf.families import SUPPORTED_MODEL_TYPES
-
-DOMAINS_FILE = "heldout_domains.pt"
 
 
 def model_type_of(directory: str | os.PathLike) -> str | None:
@@ -66,36 +65,3 @@ def load_moe(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device
         raise FileNotFoundError(f"cannot load the model in {directory}: {exc}") from exc
     model = model.to(device).eval()
     return attach(model, routers=routers, drop=drop)
-
-
-def corpus_heldout(tokenizer) -> torch.Tensor:
-    """[N] the corpus's held-out split as one stream in `tokenizer`'s ids (for a model saved
-    without its own held-out stream)."""
-    from nectar.train.corpus import Corpus
-    from nectar.train.data import built_documents, mixed_stream, retokenize
-    from nectar.train.recipes import corpus_tokenizer
-
-    corpus = Corpus()
-    held = retokenize(built_documents(corpus, "test"), corpus_tokenizer(corpus), tokenizer)
-    return mixed_stream(held, tokenizer.eos_token_id or 0, 0)
-
-
-def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """A `nectar.train.recipes.DemoModel` (attached model, tokenizer, held-out stream, info) from a
-    directory written by `nectar.hf.train_small`: what `nectar run --model DIR` needs. Per-domain
-    held-out streams (`heldout_domains.pt`, {domain: [n] ids}), when saved, become its
-    `heldout_domains` (the domain-shift workload's streams)."""
-    from nectar.train.saved_model import DemoModel, load_tokens
-    from nectar.train.tokenizer import load_tokenizer
-
-    directory = Path(directory)
-    model = load_moe(directory, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(directory)
-    vocab = int(model.config.vocab_size)
-    heldout = load_tokens(directory / "heldout_ids.pt", vocab, required=False)
-    heldout = heldout if heldout is not None else corpus_heldout(tokenizer)
-    info_path = directory / "nectar_model.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    demo = DemoModel(model, tokenizer, heldout, info)
-    demo.heldout_domains = load_tokens(directory / DOMAINS_FILE, vocab, required=False)
-    return demo

@@ -5,7 +5,7 @@ hidden 512, top-8, no shared expert, softmax router without top-k renormalisatio
 family's own load-balancing loss (`router_aux_loss_coef`, included in the transformers loss) plus
 a router z-loss (the OLMoE paper's; transformers lacks it, so gate hooks collect the logits).
 Training is `nectar.train.loop.train_lm` (AdamW, warmup + cosine, clipping, bf16 autocast on a GPU)
-on the project's corpus (`nectar.train.recipes.load_training_data`: the built token shards, or the
+on the project's corpus (`nectar.train.data.load_training_data`: the built token shards, or the
 committed slice with `--corpus slice`). The step count is set from the time
 budget (measured fwd+bwd time of the first steps) and capped at `max_epochs` of the training text.
 
@@ -13,7 +13,7 @@ On a GPU host (torch, transformers only):
     PYTHONPATH=. python -m nectar.hf.train_small --out runs/olmoe-small --device cuda --budget-s 240
 writes DIR/{config.json, model.safetensors, tokenizer.json, heldout_ids.pt, nectar_model.json} (plus
 heldout_domains.pt when per-domain held-out streams are given),
-which `nectar.hf.load.load_hf_demo(DIR)` (and so `nectar run --model DIR`, once wired) loads.
+which `nectar.train.saved_model.load_hf_demo(DIR)` (and so `nectar run --model DIR`, once wired) loads.
 """
 
 from __future__ import annotations
@@ -203,8 +203,8 @@ def train_small_moe(recipe: SmallMoERecipe, device: str = "cpu", dtype: str = "f
 def save_small_moe(demo, directory: Path, save_dtype: torch.dtype = torch.float32) -> None:
     """save_pretrained (weights cast to `save_dtype`, in place) + tokenizer + held-out stream(s) + info:
     what `load_hf_demo` reads."""
-    from nectar.hf.load import DOMAINS_FILE
     from nectar.train.recipes import save_demo_model
+    from nectar.train.saved_model import DOMAINS_FILE
 
     demo.model.to(save_dtype)
     save_demo_model(demo, Path(directory))

@@ -60,7 +60,7 @@ The classes come from the installed `nectar` package (the repository on PYTHONPA
 `pip install -e .` in it); nothing else is loaded from this directory.
 """
 
-from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel  # noqa: F401
+from nectar.models.gpt2_moe import MoEGPT2Config, MoEGPT2LMHeadModel  # noqa: F401
 '''
 
 
@@ -158,7 +158,7 @@ class MoEGPT2Config(GPT2Config):
     @classmethod
     def register_for_auto_class(cls, auto_class="AutoConfig"):
         """No-op: `save_pretrained` writes its own `auto_map` pointing at the installed package (see
-        REMOTE_CODE); transformers' default would copy nectar/model.py into every checkpoint."""
+        REMOTE_CODE); transformers' default would copy nectar/models/gpt2_moe.py into every checkpoint."""
 
     def validate_shape(self) -> None:
         """The GPT-2 fields a config.json could get wrong: positive sizes, heads dividing the width."""

@@ -7,19 +7,23 @@
   training stream and the mixed held-out stream;
 - `domain_streams`: one stream per domain (the domain-shift workload of the frontier);
 - `retokenize`: documents decoded to text with the corpus tokenizer (byte-level BPE decodes
-  losslessly) and encoded with another tokenizer (a smaller BPE, or a real GPT-2's).
+  losslessly) and encoded with another tokenizer (a smaller BPE, or a real GPT-2's);
+- `load_training_data`: a recipe's `TrainingData` (the corpus → tokenizer, training stream, mixed
+  and per-domain held-out streams; step 1 of `nectar.train.recipes`).
 Streams are 1-D LongTensors; `nectar.train.tokenizer.iter_batches` cuts them into [B, T] batches.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from nectar.train.corpus import Corpus, load_slice
+from nectar.train.tokenizer import train_tokenizer, wrap_tokenizer
 
 SLICE_HOLDOUT_EVERY = 5   # slice mode: every document whose hash rank is 0 mod 5 is held out
 
@@ -131,3 +135,50 @@ def decode_texts(documents: DocumentSet, tokenizer) -> list[str]:
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     return [t for docs in documents.docs.values()
             for t in backend.decode_batch([np.asarray(d).tolist() for d in docs], skip_special_tokens=False)]
+
+
+@dataclass
+class TrainingData:
+    tokenizer: object
+    train_ids: torch.Tensor                     # [N_train] mixed training stream
+    heldout_ids: torch.Tensor                   # [N_heldout] mixed held-out stream
+    heldout_domains: dict[str, torch.Tensor]    # {domain: [N_d]}
+    info: dict                                  # corpus identity and sizes
+
+
+def corpus_tokenizer(corpus: Corpus):
+    from tokenizers import Tokenizer
+
+    return wrap_tokenizer(Tokenizer.from_str(corpus.tokenizer_json()))
+
+
+def load_training_data(recipe, seed: int = 0, tokenizer=None, corpus_dir=None, built_dir=None) -> TrainingData:
+    """The streams of `recipe` (a `nectar.train.recipes.ModelRecipe`: its corpus, per-domain token
+    counts and vocab_size; see that module's docstring); `tokenizer` re-tokenizes into its ids."""
+    start = time.monotonic()
+    corpus = Corpus(corpus_dir, built_dir)
+    if recipe.corpus == "built":
+        train, held = built_documents(corpus, "train"), built_documents(corpus, "test")
+    else:
+        train, held = slice_documents(corpus)
+    train = subset(train, recipe.train_tokens_per_domain, seed)
+    held = subset(held, recipe.heldout_tokens_per_domain, 0)        # the same held-out text for every seed
+    source = corpus_tokenizer(corpus)
+    kind = "corpus"
+    if tokenizer is None and recipe.vocab_size is not None:
+        tokenizer, kind = train_tokenizer(decode_texts(train, source), vocab_size=recipe.vocab_size), "trained"
+    elif tokenizer is not None:
+        kind = "given"
+    if tokenizer is not None:
+        train, held = retokenize(train, source, tokenizer), retokenize(held, source, tokenizer)
+    else:
+        tokenizer = source
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    data = TrainingData(tokenizer, mixed_stream(train, eos, seed), mixed_stream(held, eos, 0),
+                        domain_streams(held, eos), {})
+    data.info = {"sha256": corpus.sha256, "corpus_tokens": corpus.tokens, "source": recipe.corpus,
+                 "tokenizer": kind, "vocab_size": len(tokenizer), "train_tokens": int(data.train_ids.numel()),
+                 "heldout_tokens": {d: int(s.numel()) for d, s in data.heldout_domains.items()},
+                 "train_tokens_per_domain": {d: train.tokens(d) for d in train.domains},
+                 "seconds": time.monotonic() - start}
+    return data

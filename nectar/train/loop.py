@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GPT2LMHeadModel
 
-from nectar.model import MoEGPT2LMHeadModel
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel
 from nectar.moe.balancing import (aux_free_bias_update, entropy_regularizer, importance_loss, kl_to_uniform,
                                   router_z_loss, switch_load_balancing_loss)
 from nectar.train.aux_losses import (COMPUTE_COSTS, compute_costs, expected_compute_loss, full_mask,
@@ -114,9 +114,9 @@ class TrainResult:
 
 
 def prepare_data(*args, **kwargs):
-    """The training data of a recipe: `nectar.train.recipes.load_training_data` (the one place the
+    """The training data of a recipe: `nectar.train.data.load_training_data` (the one place the
     recipes load data through, so that callers and tests can intercept it here)."""
-    from nectar.train.recipes import load_training_data
+    from nectar.train.data import load_training_data
 
     return load_training_data(*args, **kwargs)
 

@@ -34,18 +34,15 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from nectar.experiment.policies import cheap_experts
-from nectar.model import MoEGPT2LMHeadModel, load_dense_gpt2, preset_config
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, load_dense_gpt2, preset_config
 from nectar.moe.expert_pool import GELUGroup
 from nectar.moe.static_routers import TopKRouter
 from nectar.train import loop
-from nectar.train.corpus import Corpus
-from nectar.train.data import (DocumentSet, built_documents, decode_texts, domain_streams, mixed_stream, retokenize,
-                               slice_documents, subset)
+from nectar.train.data import TrainingData, corpus_tokenizer, load_training_data  # noqa: F401
 from nectar.train.evaluate import perplexities, routing_report
 from nectar.train.routing import AdaptiveTrainingRouter
 from nectar.train.saved_model import (WEIGHT_FILES, DemoModel, check_model_dir, first_line, json_safe,  # noqa: F401
                                       load_demo_model, quiet_transformers, save_demo_model)
-from nectar.train.tokenizer import train_tokenizer, wrap_tokenizer
 
 RECIPE_VERSION = 2
 CURVE_POINTS = 250     # per-stage loss curves are stored as at most this many bin means
@@ -56,7 +53,7 @@ class ModelRecipe:
     """Everything that decides a trained model (with the seed)."""
 
     preset: str = "cpu-demo"
-    base: str = "tiny"                              # model shape preset (nectar.model.PRESETS)
+    base: str = "tiny"                              # model shape preset (nectar.models.gpt2_moe.PRESETS)
     dense: dict = field(default_factory=lambda: dict(n_layer=6))   # overrides of the base preset
     # data
     corpus: str = "built"                           # "built" (the token shards) or "slice" (tests, demos)
@@ -140,54 +137,6 @@ def generic_recipe(preset: str = "tiny", num_experts: int = 4, **overrides) -> M
     return replace(ModelRecipe(preset=preset, base=preset, dense={}, full_experts=num_experts, narrow_experts=0,
                                zero_compute=(), cheap_prob=0.0, dense_steps=200, moe_steps=50, batch=8, seq_len=128,
                                moe_lr_scale=0.3, moe_warmup_steps=5), **overrides)
-
-
-@dataclass
-class TrainingData:
-    tokenizer: object
-    train_ids: torch.Tensor                     # [N_train] mixed training stream
-    heldout_ids: torch.Tensor                   # [N_heldout] mixed held-out stream
-    heldout_domains: dict[str, torch.Tensor]    # {domain: [N_d]}
-    info: dict                                  # corpus identity and sizes
-
-
-# ----- data -------------------------------------------------------------------------------------
-def corpus_tokenizer(corpus: Corpus):
-    from tokenizers import Tokenizer
-
-    return wrap_tokenizer(Tokenizer.from_str(corpus.tokenizer_json()))
-
-
-def load_training_data(recipe: ModelRecipe, seed: int = 0, tokenizer=None, corpus_dir=None,
-                       built_dir=None) -> TrainingData:
-    """The recipe's streams (see the module docstring); `tokenizer` re-tokenizes into its ids."""
-    start = time.monotonic()
-    corpus = Corpus(corpus_dir, built_dir)
-    if recipe.corpus == "built":
-        train, held = built_documents(corpus, "train"), built_documents(corpus, "test")
-    else:
-        train, held = slice_documents(corpus)
-    train = subset(train, recipe.train_tokens_per_domain, seed)
-    held = subset(held, recipe.heldout_tokens_per_domain, 0)        # the same held-out text for every seed
-    source = corpus_tokenizer(corpus)
-    kind = "corpus"
-    if tokenizer is None and recipe.vocab_size is not None:
-        tokenizer, kind = train_tokenizer(decode_texts(train, source), vocab_size=recipe.vocab_size), "trained"
-    elif tokenizer is not None:
-        kind = "given"
-    if tokenizer is not None:
-        train, held = retokenize(train, source, tokenizer), retokenize(held, source, tokenizer)
-    else:
-        tokenizer = source
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-    data = TrainingData(tokenizer, mixed_stream(train, eos, seed), mixed_stream(held, eos, 0),
-                        domain_streams(held, eos), {})
-    data.info = {"sha256": corpus.sha256, "corpus_tokens": corpus.tokens, "source": recipe.corpus,
-                 "tokenizer": kind, "vocab_size": len(tokenizer), "train_tokens": int(data.train_ids.numel()),
-                 "heldout_tokens": {d: int(s.numel()) for d, s in data.heldout_domains.items()},
-                 "train_tokens_per_domain": {d: train.tokens(d) for d in train.domains},
-                 "seconds": time.monotonic() - start}
-    return data
 
 
 # ----- the MoE ------------------------------------------------------------------------------------

@@ -6,12 +6,17 @@ held-out stream `heldout_ids.pt` (int32 on disk), the per-domain held-out stream
 `nectar_model.json` (strict JSON: recipe, corpus sha256, tokens, seconds, curves, perplexities).
 Loading is strict: any missing, truncated or inconsistent part is a one-line ValueError naming the
 file (the held-out domains are optional, for models saved before they existed).
+
+This is the one loader of saved models: a folder of a transformers MoE family (Mixtral, Qwen-MoE,
+OLMoE, DeepSeek-V3; `nectar.hf.train_small` writes one) loads here too (`load_hf_demo`), its model
+through `nectar.hf.load.load_moe` (which imports nothing of training).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +24,10 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from nectar.model import MODEL_TYPE, MoEGPT2LMHeadModel
+from nectar.models.gpt2_moe import MODEL_TYPE, MoEGPT2LMHeadModel
 from nectar.train.tokenizer import load_tokenizer, save_tokenizer
+
+DOMAINS_FILE = "heldout_domains.pt"
 
 
 @dataclass
@@ -111,7 +118,7 @@ def load_demo_model(directory: Path) -> DemoModel:
     """A saved experiment model (config, weights, tokenizer, held-out streams, info); ValueError with
     one line naming the file when any part is missing, truncated or inconsistent."""
     directory = Path(directory)
-    from nectar.hf.load import is_hf_moe_dir, load_hf_demo
+    from nectar.hf.load import is_hf_moe_dir
 
     if is_hf_moe_dir(directory):        # a saved Mixtral / Qwen-MoE / OLMoE / DeepSeek-V3 (nectar.hf)
         return load_hf_demo(directory)
@@ -134,6 +141,37 @@ def load_demo_model(directory: Path) -> DemoModel:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{info_path} is not valid JSON: {exc}") from exc
     return DemoModel(model, tokenizer, heldout, info, domains)
+
+
+def corpus_heldout(tokenizer) -> torch.Tensor:
+    """[N] the corpus's held-out split as one stream in `tokenizer`'s ids (for a model saved
+    without its own held-out stream)."""
+    from nectar.train.corpus import Corpus
+    from nectar.train.data import built_documents, corpus_tokenizer, mixed_stream, retokenize
+
+    corpus = Corpus()
+    held = retokenize(built_documents(corpus, "test"), corpus_tokenizer(corpus), tokenizer)
+    return mixed_stream(held, tokenizer.eos_token_id or 0, 0)
+
+
+def load_hf_demo(directory: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """A `DemoModel` (attached model, tokenizer, held-out stream, info) from a directory written by
+    `nectar.hf.train_small`: what `nectar run --model DIR` needs. Per-domain held-out streams
+    (`heldout_domains.pt`, {domain: [n] ids}), when saved, become its `heldout_domains` (the
+    domain-shift workload's streams)."""
+    from nectar.hf.load import load_moe
+
+    directory = Path(directory)
+    model = load_moe(directory, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(directory)
+    vocab = int(model.config.vocab_size)
+    heldout = load_tokens(directory / "heldout_ids.pt", vocab, required=False)
+    heldout = heldout if heldout is not None else corpus_heldout(tokenizer)
+    info_path = directory / "nectar_model.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    demo = DemoModel(model, tokenizer, heldout, info)
+    demo.heldout_domains = load_tokens(directory / DOMAINS_FILE, vocab, required=False)
+    return demo
 
 
 def load_tokens(path: Path, vocab_size: int, required: bool):

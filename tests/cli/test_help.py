@@ -66,8 +66,8 @@ def test_spelled_out_defaults_agree_with_the_code():
     from nectar.cli import experiment_args, frontier, hw_run, run, train
     from nectar.control.controller import ControllerConfig
     from nectar.control.quality_guard import GuardConfig
-    from nectar.experiment import policies, workloads
-    from nectar.model import PRESETS
+    from nectar.experiment import policies, policy_lists, workloads
+    from nectar.models.gpt2_moe import PRESETS
     from nectar.train import loop, recipes
 
     assert run.DEFAULT_POLICIES == policies.DEFAULT_POLICIES
@@ -77,9 +77,9 @@ def test_spelled_out_defaults_agree_with_the_code():
     assert experiment_args.SHADOW_SHARE == ControllerConfig.shadow_share
     assert frontier.WORKLOADS == workloads.WORKLOADS
     assert set(hw_run.GPU_WORKLOADS) <= set(workloads.WORKLOADS)
-    for name in frontier.STATIC_FRONTIER:
+    for name in policy_lists.STATIC_FRONTIER:
         assert not policies.parse_policy(name).adaptive, name
-    for name in frontier.ADAPTIVE + hw_run.GPU_POLICIES:
+    for name in policy_lists.ADAPTIVE + hw_run.GPU_POLICIES:
         policies.parse_policy(name)
     assert set(train.PRESETS) == set(PRESETS)
     assert set(train.RECIPES) == set(recipes.RECIPES) == set(hw_run.RECIPES)

@@ -8,7 +8,7 @@ import torch
 from nectar.control.bias_optimizer import closed_form_bias
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.experiment.policies import parse_policy, policy_router, prior_costs
-from nectar.model import MoEGPT2LMHeadModel, preset_config
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config
 from tests.conftest import SPECS
 
 

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from nectar.experiment.forward import forward_chunk, install
-from nectar.hf.load import is_hf_moe_dir, load_hf_demo, load_moe
+from nectar.hf.load import is_hf_moe_dir, load_moe
 from nectar.hf.train_small import SmallMoERecipe, main, plan_steps, save_small_moe, train_small_moe
 from nectar.train.recipes import TrainingData
+from nectar.train.saved_model import load_hf_demo
 from nectar.train.tokenizer import encode_documents, train_tokenizer
 
 TINY = dict(hidden=32, layers=2, heads=4, experts=8, top_k=2, expert_hidden=16, seq_len=32, batch=8, lr=3e-3,

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from nectar.moe.experts import CopyExpert, GELUExpert, ZeroExpert
-from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel, MoEMLP, load_dense_gpt2, preset_config
+from nectar.models.gpt2_moe import MoEGPT2Config, MoEGPT2LMHeadModel, MoEMLP, load_dense_gpt2, preset_config
 from nectar.moe.static_routers import TopKRouter, TopPRouter
 from nectar.telemetry.workload import ChunkWorkload
 
@@ -278,7 +278,7 @@ def test_a_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout(tmp_pat
     from nectar.moe.dispatch import reference_dispatch
     from nectar.moe.expert_pool import GELUGroup
 
-    demo = Path(__file__).resolve().parents[1] / "data" / "models" / "cpu-demo"
+    demo = Path(__file__).resolve().parents[2] / "data" / "models" / "cpu-demo"
     current = MoEGPT2LMHeadModel.from_pretrained(demo, dtype=torch.float32).eval()
     with safe_open(str(demo / "model.safetensors"), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}

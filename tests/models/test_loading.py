@@ -20,9 +20,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from nectar.model import AUTO_MAP, REMOTE_CODE_FILE, MoEGPT2Config, MoEGPT2LMHeadModel
+from nectar.models.gpt2_moe import AUTO_MAP, REMOTE_CODE_FILE, MoEGPT2Config, MoEGPT2LMHeadModel
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "data" / "models" / "cpu-demo"
 IDS = torch.arange(3, 3 + 2 * 64).remainder(4000).view(2, 64)   # [B, T] tokens of the demo vocabulary
 
@@ -125,7 +125,8 @@ def test_import_nectar_registers_the_auto_classes_without_importing_torch():
                   "import nectar.moe.experts\nfrom transformers import AutoModelForCausalLM"):
         code = f"{order}\nm = AutoModelForCausalLM.from_pretrained({str(DEMO)!r})\nprint(type(m).__module__)"
         out = _python(code)
-        assert out.returncode == 0 and out.stdout.strip().endswith("nectar.model"), (order, out.stderr[-2000:])
+        assert out.returncode == 0 and out.stdout.strip().endswith("nectar.models.gpt2_moe"), \
+            (order, out.stderr[-2000:])
 
 
 def test_trust_remote_code_loads_without_import_nectar(tmp_path):
@@ -134,4 +135,4 @@ def test_trust_remote_code_loads_without_import_nectar(tmp_path):
             "print(type(m).__module__, 'nectar' in sys.modules)")
     out = _python(code, HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
     assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["nectar.model", "True"]
+    assert out.stdout.split() == ["nectar.models.gpt2_moe", "True"]

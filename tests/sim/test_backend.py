@@ -120,9 +120,9 @@ def test_closed_backend_refuses_work():
 
 
 def test_prices_the_workload_the_core_model_produced():
-    """A tiny MoE-GPT-2 from nectar.model routes a real batch; the simulator prices exactly its counts."""
+    """A tiny MoE-GPT-2 from nectar.models.gpt2_moe routes a real batch; the simulator prices exactly its counts."""
     torch = pytest.importorskip("torch")
-    from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel
+    from nectar.models.gpt2_moe import MoEGPT2Config, MoEGPT2LMHeadModel
     from sim.kernels import chunk_kernels
 
     torch.manual_seed(0)

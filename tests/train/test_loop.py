@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from nectar.model import MoEGPT2LMHeadModel
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel
 from nectar.train.tokenizer import load_tokenizer
 from nectar.train.loop import TrainConfig, evaluate_perplexity, moe_aux_loss, train_dense, upcycle_and_finetune
 from nectar.cli.train import main as train_main, parse_args

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from nectar.model import MoEGPT2LMHeadModel
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel
 from nectar.train.recipes import init_narrow_from_dense
 
 

@@ -4,4 +4,4 @@ The classes come from the installed `nectar` package (the repository on PYTHONPA
 `pip install -e .` in it); nothing else is loaded from this directory.
 """
 
-from nectar.model import MoEGPT2Config, MoEGPT2LMHeadModel  # noqa: F401
+from nectar.models.gpt2_moe import MoEGPT2Config, MoEGPT2LMHeadModel  # noqa: F401
