@@ -71,6 +71,8 @@ class FakeNvml:
         self.clock.advance(self.counter_cost_s)
         if "energy_counter" in self.unsupported:
             return None
+        # not an assertion: 1e-9 of a period keeps a time that is a whole number of periods up to
+        # rounding (t ÷ period) on its own tick rather than the one before
         tick = math.floor(t / self.counter_period_s + 1e-9) * self.counter_period_s
         value = self.counter_offset_mJ + math.floor(1000.0 * self.true_energy_J(self.segments[0][0], tick))
         return self.counter_fault(t, value) if self.counter_fault else value

@@ -12,6 +12,7 @@ from hw.backend import NvmlBackend
 from nectar.plugins import make_backend
 from nectar.telemetry.window import TelemetryBackend
 from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
+from tests.tolerance import approx
 
 
 def workload(counts=((5, 3), (2, 6))) -> ChunkWorkload:
@@ -38,6 +39,11 @@ def test_is_a_telemetry_backend_and_reachable_by_name():
     assert isinstance(via_plugin, NvmlBackend)
     via_plugin.close()
 
+# Tolerances (tests/tolerance.py): a window's numbers are differences and ratios of a few float
+# clock readings and counter values (mJ ÷ 1e3), and trapezoids over its samples (up to ~40 from
+# the real sampler thread): n = 64 roundings in float64.
+WINDOW_N = 64
+
 
 def test_run_chunk_measures_compute_between_two_syncs():
     clock, fake, backend, syncs = fake_backend(power_W=300.0)
@@ -54,12 +60,12 @@ def test_run_chunk_measures_compute_between_two_syncs():
     assert ran == [1.0] and syncs == [1.0, 3.0]  # sync before the first and after the last kernel
     assert window.workload == workload()  # the window carries the workload compute() returned
     truth = fake.true_energy_J(1.0, 3.0)
-    assert window.energy_J == pytest.approx(truth) == pytest.approx(1040.0)
-    assert window.duration_s == pytest.approx(2.0)
-    assert window.energy_mJ_end - window.energy_mJ_start == pytest.approx(1_040_000)
+    assert window.energy_J == approx(truth, n=WINDOW_N) == approx(1040.0, n=WINDOW_N)
+    assert window.duration_s == approx(2.0, n=WINDOW_N)
+    assert window.energy_mJ_end - window.energy_mJ_start == approx(1_040_000, n=WINDOW_N)
     assert window.samples == 2 and window.peak_power_W == 520.0
     assert window.gpu_temp_C == 40.0 and window.mem_temp_C == 45.0
-    assert window.mem_total_B == 80 * 2**30 and window.memory_pressure == pytest.approx(10 / 80)
+    assert window.mem_total_B == 80 * 2**30 and window.memory_pressure == approx(10 / 80, n=WINDOW_N)
     assert window.sm_clock_MHz == 1980.0 and window.is_valid()
     assert window.energy_power_J is not None and window.flags == []
     assert backend.last_measurement.energy_J == window.energy_J
@@ -68,11 +74,11 @@ def test_run_chunk_measures_compute_between_two_syncs():
 def test_idle_window_and_short_window_flag():
     clock, fake, backend, _ = fake_backend(power_W=80.0)
     idle = backend.idle(1.0)
-    assert idle.energy_J == pytest.approx(80.0) and idle.mean_power_W == pytest.approx(80.0)
+    assert idle.energy_J == approx(80.0, n=WINDOW_N) and idle.mean_power_W == approx(80.0, n=WINDOW_N)
     clock.t = 1.23
     short = backend.run_chunk(lambda: clock.advance(0.03))
     assert "short_window" in short.flags
-    assert short.energy_power_J == pytest.approx(80.0 * 0.03)
+    assert short.energy_power_J == approx(80.0 * 0.03, n=WINDOW_N)
     with pytest.raises(ValueError, match="idle seconds"):
         backend.idle(-1)
     with pytest.raises(ValueError, match="idle seconds"):
@@ -88,7 +94,7 @@ def test_bad_input_and_failing_compute():
     with pytest.raises(ZeroDivisionError):
         backend.run_chunk(lambda: 1 / 0)
     assert backend.meter.open_windows == []
-    assert backend.run_chunk(lambda: clock.advance(1.0)).energy_J == pytest.approx(300.0)
+    assert backend.run_chunk(lambda: clock.advance(1.0)).energy_J == approx(300.0, n=WINDOW_N)
     with pytest.raises(ValueError, match="sample_period_s"):
         NvmlBackend(sample_period_s=0, nvml=fake)
 
@@ -98,7 +104,7 @@ def test_counter_fault_reaches_the_window_flags():
     fake.counter_fault = lambda t, v: 7.0  # frozen
     window = backend.run_chunk(lambda: clock.advance(1.0))
     assert {"stale", "energy_from_power"} <= set(window.flags)
-    assert window.energy_J == pytest.approx(250.0)
+    assert window.energy_J == approx(250.0, n=WINDOW_N)
 
 
 def test_close_stops_sampler_and_shuts_nvml_down():
@@ -107,7 +113,7 @@ def test_close_stops_sampler_and_shuts_nvml_down():
     assert backend.sampler.running
     window = backend.run_chunk(lambda: time.sleep(0.2))
     assert window.samples >= 10  # the thread's samples land in the window
-    assert window.mean_power_W == pytest.approx(200.0)
+    assert window.mean_power_W == approx(200.0, n=WINDOW_N)
     backend.close()
     backend.close()
     assert fake.closed and not backend.sampler.running

@@ -13,6 +13,7 @@ import pytest
 from tests.hw.fake_nvml import FakeClock, FakeNvml
 from hw.energy_meter import EnergyMeter
 from hw.sampler import SensorSampler
+from tests.tolerance import approx, tol
 
 
 def make_meter(power_W=250.0, start_s=0.0, sampler_period_s=None, **fake_kw):
@@ -23,10 +24,16 @@ def make_meter(power_W=250.0, start_s=0.0, sampler_period_s=None, **fake_kw):
     return clock, fake, meter, sampler
 
 
+# Tolerances (tests/tolerance.py): a window's energy is a difference of float clock readings and
+# counter values (the fake clock advances in up to 200 steps of 0.01 s; each reading rounds) and the
+# sampler's trapezoid sums up to 200 samples: n = 2 · 200 roundings, in float64.
+NVML_N = 400
+
+
 def run_for(clock, seconds, sampler=None, step_s=0.01):
     """Advance the fake clock, letting the (manual) sampler read every `step_s`."""
     end = clock() + seconds
-    while clock() + step_s <= end + 1e-12:
+    while clock() + step_s <= end + 1e-12:  # not an assertion: slack for the clock's float steps
         clock.advance(step_s)
         if sampler is not None:
             sampler.sample_once()
@@ -39,12 +46,12 @@ def test_constant_power_aligned_window_is_exact():
     meter.begin_window("w")
     clock.advance(2.0)
     m = meter.end_window("w")
-    assert m.duration_s == pytest.approx(2.0)
-    assert m.energy_J == pytest.approx(250.0 * 2.0)  # counter ticks align with the window
-    assert m.power_energy_J == pytest.approx(250.0 * 2.0, rel=1e-12)
-    assert m.energy_mJ_end - m.energy_mJ_start == pytest.approx(500_000)
+    assert m.duration_s == approx(2.0, n=NVML_N)
+    assert m.energy_J == approx(250.0 * 2.0, n=NVML_N)  # counter ticks align with the window
+    assert m.power_energy_J == approx(250.0 * 2.0, n=NVML_N)
+    assert m.energy_mJ_end - m.energy_mJ_start == approx(500_000, n=NVML_N)
     assert m.flags == []
-    assert m.disagreement() == pytest.approx(0.0, abs=1e-9)
+    assert m.disagreement() == approx(0.0, n=NVML_N, scale=1.0)  # a relative difference of two energies
 
 
 @pytest.mark.parametrize("start_s, seconds", [(0.037, 1.0), (0.151, 2.33), (1.9, 5.0)])
@@ -56,10 +63,11 @@ def test_counter_error_is_bounded_by_one_update_period(start_s, seconds):
     clock.advance(seconds)
     m = meter.end_window("w")
     truth = fake.true_energy_J(start_s, start_s + seconds)
-    assert truth == pytest.approx(power * seconds)
-    assert abs(m.counter_energy_J - truth) <= power * fake.counter_period_s + 1e-3
-    assert m.power_energy_J == pytest.approx(truth, rel=1e-12)
-    assert abs(m.disagreement()) <= power * fake.counter_period_s / truth + 1e-6
+    assert truth == approx(power * seconds, n=NVML_N)
+    assert abs(m.counter_energy_J - truth) <= power * fake.counter_period_s + 1e-3  # + the counter's 1 mJ step
+    assert m.power_energy_J == approx(truth, n=NVML_N)
+    # one update period late or early, plus the counter's 1 mJ step, relative to the truth
+    assert abs(m.disagreement()) <= (power * fake.counter_period_s + 1e-3) / truth + tol(float, NVML_N)
 
 
 def test_stepped_power_integrates_within_sampling_error():
@@ -72,9 +80,9 @@ def test_stepped_power_integrates_within_sampling_error():
     run_for(clock, 0.8, sampler)
     m = meter.end_window("w")
     truth = fake.true_energy_J(0.0, 2.0)
-    assert truth == pytest.approx(100 * 0.5 + 500 * 0.7 + 200 * 0.8)
+    assert truth == approx(100 * 0.5 + 500 * 0.7 + 200 * 0.8, n=NVML_N)
     # Each step is seen one sample late or early by the trapezoid: error <= ΔP·dt/2 per step.
-    assert abs(m.power_energy_J - truth) <= (400 + 300) * 0.01 / 2 + 1e-9
+    assert abs(m.power_energy_J - truth) <= (400 + 300) * 0.01 / 2 + tol(float, NVML_N, scale=truth)
     assert m.sensors.peak_power_W == 500.0
     assert m.sensors.count == len(sampler.samples_between(0.0, 2.0)) + 2
     assert abs(m.energy_J - truth) <= 500 * 0.1
@@ -108,10 +116,10 @@ def test_nested_windows_add_up():
     clock.advance(0.5)
     assert meter.open_windows == ["outer"]
     outer = meter.end_window("outer")
-    assert a.energy_J == pytest.approx(200.0)
-    assert b.energy_J == pytest.approx(400.0)
-    assert outer.energy_J == pytest.approx(fake.true_energy_J(0.0, 3.0))
-    assert outer.energy_J == pytest.approx(a.energy_J + b.energy_J + 200 * 0.5 + 400 * 0.5)
+    assert a.energy_J == approx(200.0, n=NVML_N)
+    assert b.energy_J == approx(400.0, n=NVML_N)
+    assert outer.energy_J == approx(fake.true_energy_J(0.0, 3.0), n=NVML_N)
+    assert outer.energy_J == approx(a.energy_J + b.energy_J + 200 * 0.5 + 400 * 0.5, n=NVML_N)
 
 
 def test_window_misuse_gives_clear_errors():
@@ -129,7 +137,7 @@ def test_context_manager_measures_and_cancels_on_error():
     clock, fake, meter, _ = make_meter(power_W=150.0)
     with meter.window("ok") as handle:
         clock.advance(1.0)
-    assert handle.measurement.energy_J == pytest.approx(150.0)
+    assert handle.measurement.energy_J == approx(150.0, n=NVML_N)
     with pytest.raises(RuntimeError, match="boom"):
         with meter.window("bad"):
             raise RuntimeError("boom")
@@ -147,7 +155,7 @@ def test_counter_wrap_is_unwrapped():
     m = meter.end_window("w")
     assert m.energy_mJ_end < m.energy_mJ_start
     assert "counter_wrap" in m.flags
-    assert m.energy_J == pytest.approx(500.0)
+    assert m.energy_J == approx(500.0, n=NVML_N)
 
 
 def test_counter_reset_falls_back_to_integrated_power():
@@ -158,7 +166,7 @@ def test_counter_reset_falls_back_to_integrated_power():
     m = meter.end_window("w")
     assert {"counter_reset", "energy_from_power"} <= set(m.flags)
     assert m.counter_energy_J is None
-    assert m.energy_J == pytest.approx(500.0)
+    assert m.energy_J == approx(500.0, n=NVML_N)
 
 
 def test_stale_counter_is_flagged_only_when_it_should_have_moved():
@@ -168,7 +176,7 @@ def test_stale_counter_is_flagged_only_when_it_should_have_moved():
     clock.advance(1.0)
     long = meter.end_window("long")
     assert {"stale", "energy_from_power"} <= set(long.flags)
-    assert long.energy_J == pytest.approx(300.0)
+    assert long.energy_J == approx(300.0, n=NVML_N)
     meter.begin_window("short")
     clock.advance(0.25)  # under 3 update periods: a frozen counter is not yet suspicious
     assert "stale" not in meter.end_window("short").flags
@@ -187,7 +195,7 @@ def test_nan_or_negative_counter_is_flagged(bad, flag):
     clock.advance(1.0)
     m = meter.end_window("w")
     assert {flag, "energy_from_power"} <= set(m.flags)
-    assert m.energy_J == pytest.approx(120.0)
+    assert m.energy_J == approx(120.0, n=NVML_N)
 
 
 def test_unsupported_counter_and_no_power_gives_nan_not_a_crash():
@@ -207,8 +215,8 @@ def test_nan_power_samples_are_dropped_and_flagged():
     run_for(clock, 1.0, sampler)
     m = meter.end_window("w")
     assert "nan_power" in m.flags
-    assert m.sensors.mean_power_W == pytest.approx(200.0)
-    assert m.power_energy_J == pytest.approx(200.0)
+    assert m.sensors.mean_power_W == approx(200.0, n=NVML_N)
+    assert m.power_energy_J == approx(200.0, n=NVML_N)
 
 
 def test_short_window_keeps_counter_and_gives_power_estimate():
@@ -219,7 +227,7 @@ def test_short_window_keeps_counter_and_gives_power_estimate():
     m = meter.end_window("w")
     assert "short_window" in m.flags
     assert m.counter_energy_J == 0.0  # the counter did not tick: the Zeus "reads 0" case
-    assert m.power_energy_J == pytest.approx(400.0 * 0.05)
+    assert m.power_energy_J == approx(400.0 * 0.05, n=NVML_N)
 
 
 def test_unsupported_fields_become_none_and_flags():
