@@ -44,6 +44,22 @@ def test_forward_chunk_quick(tmp_path):
     assert rows[0]["dispatch_taken"] == "loop"  # no grouped kernel on CPU: the layers say what they ran
 
 
+def test_policy_speed_quick(tmp_path):
+    """Every row has the issue's keys; the identical-routing pairs are recognised as identical and
+    the drop policies as different; host reads per forward are one number for every policy."""
+    from benchmarks import policy_speed
+
+    out = tmp_path / "policy_speed.json"
+    assert policy_speed.main(["--device", "cpu", "--quick", "--json-out", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    keys = {"policy", "tokens_per_s", "speed_vs_top2", "energy_vs_top2", "syncs_per_chunk", "kernels_per_forward",
+            "predicted_speed_vs_top2"}
+    assert set(rows) == set(policy_speed.POLICIES) and all(keys <= set(r) for r in rows.values())
+    assert all(rows[p]["same_routing_as_top2"] for p in ("static-top2", "fixed-bias:0", "fixed-price:1e9"))
+    assert not rows["static-top1"]["same_routing_as_top2"] and not rows["fixed-price:0.5"]["same_routing_as_top2"]
+    assert len({r["host_reads_per_forward"] for r in rows.values()}) == 1
+
+
 def test_fastweight_quick(tmp_path):
     from benchmarks import fastweight
 

@@ -1,0 +1,214 @@
+"""Benchmark: every routing policy's forward on the same chunk — tokens/s, J/token, host syncs, kernels.
+
+The model is the GPU experiment's MoE-DistilGPT2 shape with random weights (6 layers × 768, the
+`distilgpt2` recipe's pool: 6 full GELU experts 768→3072, one narrow, one zero, one copy; bf16 on
+CUDA). Each policy's routers are installed in turn on the same model and the same chunk (rows ×
+seq-len tokens, run in micro-batches), policies interleaved round by round (the order rotates,
+so drift and heat hit every policy alike); per policy and round one timed chunk, and on CUDA its
+energy from NVML's total-energy counter (read-only; the counter moves every ~100 ms, so a chunk
+should last ≥ 0.5 s). Reported per policy (medians over rounds; speed and energy also as the
+median of the per-round ratios to static-top2 of the same round):
+
+  tokens_per_s, speed_vs_top2, J_per_token, energy_vs_top2,
+  syncs_per_chunk      CUDA syncs of one micro-batch's forward (set_sync_debug_mode) × micro-batches
+  host_reads_per_forward  tensor values read to the host in one forward (any device: the CPU test's count)
+  kernels_per_forward  CUDA kernels one micro-batch forward launches (torch.profiler), None off CUDA
+  same_routing_as_top2 whether the policy's decisions select exactly static top-2's (token, expert)
+                       pairs on the chunk's first micro-batch (the identical-routing pairs:
+                       static-top2, fixed-bias:0, fixed-price:1e9)
+  predicted_speed_vs_top2  from a measured cost table — None until the calibration exists
+
+    PYTHONPATH=. python benchmarks/policy_speed.py --device cuda --json-out policy_speed.json
+    PYTHONPATH=. python benchmarks/policy_speed.py --device cpu --quick    # tiny smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.forward_chunk import DTYPES, build_model, count_host_syncs  # noqa: E402
+from benchmarks.timing import environment, synchronize, write_json  # noqa: E402
+from nectar.experiment.forward import install  # noqa: E402
+from nectar.experiment.host_reads import count_host_reads  # noqa: E402
+from nectar.experiment.policies import policy_router  # noqa: E402
+
+POLICIES = ("static-top2", "fixed-bias:0", "fixed-price:1e9", "static-top1", "static-cheap", "top-p:0.5",
+            "fixed-price:0.5", "fixed-price:1", "fixed-price:2", "nectar")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bfloat16 on CUDA, float32 on CPU")
+    parser.add_argument("--policies", default=",".join(POLICIES))
+    parser.add_argument("--rows", type=int, default=1024, help="sequences per chunk")
+    parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dispatch", choices=["grouped", "loop"], default="loop",
+                        help="the MoE layers' dispatch (loop: what the experiments use today)")
+    parser.add_argument("--quick", action="store_true", help="tiny model and chunk for a smoke test")
+    parser.add_argument("--json-out", default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rows, args.micro_batch, args.seq_len, args.vocab, args.rounds = 4, 2, 32, 256, 2
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    for name in ("rows", "micro_batch", "seq_len", "vocab", "rounds"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if args.rows % args.micro_batch:
+        parser.error("--rows must be a multiple of --micro-batch")
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    if "static-top2" not in args.policies:
+        parser.error("--policies must include static-top2 (the reference)")
+    args.dtype = DTYPES[args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")]
+    return args
+
+
+class EnergyCounter:
+    """NVML's total-energy counter of one GPU in joules (read-only); None where NVML is absent."""
+
+    def __init__(self, device: torch.device):
+        self.handle = None
+        if device.type != "cuda":
+            return
+        try:
+            import pynvml
+            pynvml.nvmlInit()
+            self._nvml = pynvml
+            self.handle = pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        except Exception as exc:  # no NVML: times only
+            print(f"# NVML unavailable ({exc}); energy not measured", flush=True)
+
+    def joules(self) -> float | None:
+        return None if self.handle is None else self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
+
+
+def kernels_per_forward(fn, device: torch.device) -> int | None:
+    """CUDA kernels launched by one fn() (torch.profiler)."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        synchronize(device)
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+
+
+def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per MoE layer, the [N, E] bool (token, expert) pairs the routing computes for ids."""
+    pairs = []
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for _, layer in model.moe_layers():
+        d = layer.last_decision
+        chosen = torch.zeros(d.experts.shape[0], d.num_experts, dtype=torch.bool, device=d.experts.device)
+        chosen.scatter_(-1, d.experts.long(), d.active)
+        pairs.append(chosen.cpu())
+    return pairs
+
+
+def measure_policies(model, chunk: torch.Tensor, args, device: torch.device) -> list[dict]:
+    micro = list(chunk.split(args.micro_batch))
+    routers = {name: [policy_router(name, layer) for _, layer in model.moe_layers()] for name in args.policies}
+    meter = EnergyCounter(device)
+
+    def forward(ids):
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    def run_chunk():
+        for ids in micro:
+            forward(ids)
+
+    static = {}
+    info = {}
+    for name in args.policies:
+        install(model, routers[name])
+        run_chunk()                                                   # warm-up
+        pairs = selected_pairs(model, micro[0])
+        if name == "static-top2":
+            static = pairs
+        with count_host_reads() as reads:
+            forward(micro[0])
+        syncs = count_host_syncs(lambda: forward(micro[0]), device)
+        info[name] = {"host_reads_per_forward": sum(reads.values()),
+                      "syncs_per_chunk": None if syncs is None else syncs["count"] * len(micro),
+                      "sync_sites": None if syncs is None else syncs["sites"],
+                      "kernels_per_forward": kernels_per_forward(lambda: forward(micro[0]), device),
+                      "pairs": pairs}
+    times = {name: [] for name in args.policies}
+    energy = {name: [] for name in args.policies}
+    for r in range(args.rounds):
+        order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
+        for name in order:
+            install(model, routers[name])
+            synchronize(device)
+            j0, t0 = meter.joules(), time.perf_counter()
+            run_chunk()
+            synchronize(device)
+            t1, j1 = time.perf_counter(), meter.joules()
+            times[name].append(t1 - t0)
+            energy[name].append(None if j0 is None else j1 - j0)
+        print(f"# round {r + 1}/{args.rounds} done", flush=True)
+    return _rows(args, chunk.numel(), times, energy, info, static)
+
+
+def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list) -> list[dict]:
+    rows = []
+    for name in args.policies:
+        speed = [t2 / t for t, t2 in zip(times[name], times["static-top2"])]
+        has_energy = all(e is not None for e in energy[name])
+        e_ratio = [e / e2 for e, e2 in zip(energy[name], energy["static-top2"])] if has_energy else None
+        seconds = statistics.median(times[name])
+        same = all(torch.equal(a, b) for a, b in zip(info[name]["pairs"], static))
+        rows.append({
+            "policy": name, "tokens": tokens, "tokens_per_s": tokens / seconds, "speed_vs_top2": statistics.median(speed),
+            "J_per_token": statistics.median(energy[name]) / tokens if has_energy else None,
+            "energy_vs_top2": statistics.median(e_ratio) if e_ratio else None,
+            "syncs_per_chunk": info[name]["syncs_per_chunk"], "sync_sites": info[name]["sync_sites"],
+            "host_reads_per_forward": info[name]["host_reads_per_forward"],
+            "kernels_per_forward": info[name]["kernels_per_forward"], "same_routing_as_top2": same,
+            "predicted_speed_vs_top2": None, "round_s": times[name], "round_speed_vs_top2": speed,
+            "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    model = build_model(args.vocab, args.dtype, device, tiny=args.quick)
+    for _, layer in model.moe_layers():
+        layer.grouped = args.dispatch == "grouped"
+    gen = torch.Generator().manual_seed(0)
+    chunk = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=gen).to(device)
+    env = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "rows": args.rows,
+           "micro_batch": args.micro_batch, "seq_len": args.seq_len, "rounds": args.rounds}
+    print(f"# {env}", flush=True)
+    rows = [{**row, **env} for row in measure_policies(model, chunk, args, device)]
+    print(f"{'policy':<18}{'M tok/s':>9}{'vs top2':>9}{'energy':>9}{'syncs':>7}{'reads':>7}{'kernels':>9}  same")
+    for row in rows:
+        energy = "" if row["energy_vs_top2"] is None else f"{row['energy_vs_top2']:.3f}"
+        print(f"{row['policy']:<18}{row['tokens_per_s'] / 1e6:9.3f}{row['speed_vs_top2']:9.3f}{energy:>9}"
+              f"{str(row['syncs_per_chunk']):>7}{row['host_reads_per_forward']:>7}{str(row['kernels_per_forward']):>9}"
+              f"  {row['same_routing_as_top2']}", flush=True)
+    write_json(args.json_out, rows)
+    if args.json_out:
+        print(f"wrote {args.json_out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
