@@ -10,6 +10,7 @@ from nectar.cli.run import main as run_main
 from nectar.hf.train_small import SmallMoERecipe, save_small_moe, train_small_moe
 from nectar.train.recipes import TrainingData
 from nectar.train.tokenizer import encode_documents, train_tokenizer
+from tests.tolerance import approx
 
 
 @pytest.fixture(scope="module")
@@ -32,8 +33,9 @@ def test_run_defaults_to_the_models_own_policies(olmoe_dir, tmp_path, capsys):
     assert run_main(["--model", str(olmoe_dir), "--out", str(tmp_path / "r"), *COMMON]) == 0
     policies = json.loads(capsys.readouterr().out)["policies"]
     assert set(policies) == {"static-top4", "static-top1", "nectar"}
-    assert policies["static-top4"]["routing_agreement"] == pytest.approx(1.0)
-    assert policies["static-top1"]["routing_agreement"] == pytest.approx(0.25)
+    # ratios of whole counts, averaged over layers and chunks
+    assert policies["static-top4"]["routing_agreement"] == approx(1.0, n=16)
+    assert policies["static-top1"]["routing_agreement"] == approx(0.25, n=16)
     assert all(math.isfinite(p["perplexity"]) for p in policies.values())
 
 

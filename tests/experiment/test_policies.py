@@ -10,6 +10,7 @@ from nectar.control.energy_router import EnergyAwareRouter
 from nectar.experiment.policies import parse_policy, policy_router, prior_costs
 from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config
 from tests.conftest import SPECS
+from tests.tolerance import approx, assert_close
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +23,8 @@ def layer():
 
 def test_prior_costs_are_the_flops_normalised(layer):
     flops = [float(e.cost_per_token().flops) for e in layer.experts]
-    assert prior_costs(layer).tolist() == pytest.approx([f / max(flops) for f in flops])
+    costs = prior_costs(layer)
+    assert costs.tolist() == approx([f / max(flops) for f in flops], dtype=costs.dtype, n=2)  # one ÷ (and a cast)
 
 
 @pytest.mark.parametrize("price", [0.5, 2.0])
@@ -30,8 +32,9 @@ def test_fixed_price_router_is_the_closed_form_frozen(layer, price):
     router = policy_router(f"fixed-price:{price}", layer)
     c = prior_costs(layer)
     assert isinstance(router, EnergyAwareRouter) and router.drop
-    assert torch.allclose(router.bias.double(), closed_form_bias(c, price), atol=1e-6)
-    assert torch.allclose(router.drop_scale.double(), c / price, atol=1e-6)
+    # kept in the router's dtype: −c/λ centred over the experts, c/λ
+    assert_close(router.bias, closed_form_bias(c, price), n=2 * layer.num_experts + 4)
+    assert_close(router.drop_scale, c / price, n=2)
     assert not parse_policy(f"fixed-price:{price}").adaptive
     logits = torch.randn(300, layer.num_experts, generator=torch.Generator().manual_seed(0))
     decision = router(logits)

@@ -6,6 +6,7 @@ import math
 import pytest
 
 from nectar.cli.run import main as run_main
+from tests.tolerance import approx, assert_close
 
 def _run(tiny_model_dir, out, *extra):
     args = ["--model", str(tiny_model_dir), "--out", str(out), "--tokens", "2048", "--chunk-tokens", "512",
@@ -29,8 +30,8 @@ def test_run_writes_summary_outputs_and_is_deterministic(tiny_model_dir, tmp_pat
         assert math.isfinite(p["perplexity"]) and p["energy_J"] > 0
     pol = a["policies"]
     assert pol["static-top1"]["J_per_token"] < pol["static-top2"]["J_per_token"]
-    assert pol["static-top2"]["routing_agreement"] == pytest.approx(1.0)
-    assert pol["static-top1"]["routing_agreement"] == pytest.approx(0.5)
+    assert pol["static-top2"]["routing_agreement"] == approx(1.0, n=16)  # ratios of counts, averaged
+    assert pol["static-top1"]["routing_agreement"] == approx(0.5, n=16)
     assert pol["nectar"]["routing_agreement"] >= 0.5
     for name in ("chunks.csv", "trace.csv.gz", "meta.json", "energy_per_token.png", "energy_vs_perplexity.png",
                  "temperature.png", "expert_loads_nectar.png", "convexity_instance.npz"):
@@ -74,13 +75,17 @@ def test_micro_batched_chunk_equals_one_forward(tiny_model_dir):
     batch = demo.heldout_ids[: 8 * 32].view(8, 32)
     whole = forward_chunk(model, batch)
     parts = forward_chunk(model, batch, micro_rows=3)
-    assert parts.nll_sum == pytest.approx(whole.nll_sum, rel=1e-5)
-    assert parts.agreement == pytest.approx(whole.agreement)
+    # float32, micro-batches of 3 rows vs 8: the model's path (tests/experiment/test_data_parallel.py's
+    # MODEL_N: layers of width 32, hidden 64, 32 keys, a 300-token vocabulary) and the sum over 256 tokens
+    model_n = 2 * (9 * 32 + 2 * 64 + 2 * 32) + 2 * 32 + 2 * 300
+    assert parts.nll_sum == approx(whole.nll_sum, dtype=torch.float32, n=model_n + 256)
+    assert parts.agreement == approx(whole.agreement, n=256)  # a mean of counts
     assert parts.workload.expert_counts() == whole.workload.expert_counts()
     assert parts.workload.tokens == whole.workload.tokens == 256
     for a, b in zip(parts.layers, whole.layers):
-        assert torch.allclose(a.logits, b.logits, atol=1e-5) and torch.allclose(a.inputs, b.inputs, atol=1e-5)
+        assert_close(a.logits, b.logits, n=model_n, what="router logits")
+        assert_close(a.inputs, b.inputs, n=model_n, what="router inputs")
     # a strided sample: every 4th token of the chunk, across micro-batch boundaries
     sampled = forward_chunk(model, batch, micro_rows=3, max_sample_tokens=64)
     assert all(layer.logits.shape[0] == 64 for layer in sampled.layers)
-    assert torch.allclose(sampled.layers[0].logits, whole.layers[0].logits[::4], atol=1e-5)
+    assert_close(sampled.layers[0].logits, whole.layers[0].logits[::4], n=model_n)
