@@ -22,7 +22,7 @@ import math
 import sys
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, fraction, parser, positive_int, strict_json
+from nectar.cli.common import cli_errors, fraction, parser, positive_int, strict_json, wrap_note
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,7 +90,7 @@ def print_time_split(result) -> None:
     print(_line("held-out (base preset)", result.heldout_uncalibrated))
     print(_goal_line(result.goals_met()))
     for warning in result.warnings:
-        print(f"warning: {warning}")
+        print(wrap_note(f"warning: {warning}"))
 
 
 def print_by_segment(result) -> None:
@@ -111,7 +111,7 @@ def print_by_segment(result) -> None:
                   f"{p.gap_points:>+14.1f}")
     print(_goal_line(result.goals_met()))
     for warning in result.warnings:
-        print(f"warning: {warning}")
+        print(wrap_note(f"warning: {warning}"))
 
 
 # ---------------------------------------------------------------------------- driver

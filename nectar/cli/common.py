@@ -10,6 +10,7 @@
 - `HelpFormatter` appends "(default: …)" to every option's help that has a meaningful default.
 - `positive_int`, `non_negative_int`, `positive_float`, … are argparse `type=` callables with
   clear messages.
+- `wrap_note` wraps a printed note at 100 columns (tables and one-line errors stay one line each).
 
 This module imports nothing heavy: `nectar --help` and `nectar <command> --help` must not import torch.
 
@@ -54,6 +55,16 @@ EXIT_INTERRUPTED = 130
 
 class CLIError(ValueError):
     """A bad input or state the user can fix; printed as one line."""
+
+
+NOTE_WIDTH = 100
+
+
+def wrap_note(text: str, width: int = NOTE_WIDTH, indent: str = "  ") -> str:
+    """A printed note (not a table row) wrapped at `width` columns; continuation lines indented."""
+    import textwrap
+
+    return textwrap.fill(text, width=width, subsequent_indent=indent, break_on_hyphens=False, break_long_words=False)
 
 
 def one_line(exc: BaseException) -> str:

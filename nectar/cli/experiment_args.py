@@ -74,7 +74,8 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
 
 
 def check_stream_args(args) -> None:
-    """Checks that need neither torch nor the model (ValueError naming the option)."""
+    """Checks that need neither torch nor the model (ValueError naming the option); with --model, what
+    a transformers MoE folder lacks (`check_model_option`, which imports torch)."""
     if args.seq_len is not None and args.chunk_tokens % args.seq_len:
         raise ValueError(f"--chunk-tokens {args.chunk_tokens} is not a multiple of --seq-len {args.seq_len}")
     if args.tokens % args.chunk_tokens:
@@ -89,6 +90,54 @@ def check_stream_args(args) -> None:
         raise ValueError(f"--shadow-share must lie in (0, 1], got {args.shadow_share}")
     if args.temp_cap is not None and not 20 <= args.temp_cap <= 100:
         raise ValueError(f"--temp-cap must lie in [20, 100] °C, got {args.temp_cap}")
+    check_model_option(getattr(args, "model", None))
+
+
+def check_model_option(directory, option: str = "--model") -> None:
+    """What a --model folder of another kind than a NECTAR checkpoint lacks, as one ValueError naming
+    the file and how to make it (README: transformers MoE models). A folder of a supported
+    transformers MoE family needs, beside save_pretrained's config.json and weights, the model's
+    fast tokenizer (tokenizer.json) and the held-out stream heldout_ids.pt (else the built corpus's
+    held-out split stands in); a model of any other type has no MoE blocks NECTAR can route. A
+    NECTAR checkpoint, and a folder without a readable config.json, are left to the loader (its
+    one-line errors name the file). Imports torch only when a folder is given."""
+    import json
+    from pathlib import Path
+
+    if directory is None:
+        return
+    directory = Path(directory)
+    config = directory / "config.json"
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return                                        # the loader says what is wrong with it
+    from nectar.hf.families import SUPPORTED_MODEL_TYPES
+    from nectar.models.gpt2_moe import MODEL_TYPE
+
+    if model_type == MODEL_TYPE:
+        return
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"{option} {directory}: {config} describes a {model_type!r} model, which has no MoE blocks of a "
+                         f"transformers family NECTAR supports ({', '.join(SUPPORTED_MODEL_TYPES)}) and is not a NECTAR "
+                         f"MoE checkpoint ({MODEL_TYPE!r}, written by `nectar train --out DIR`)")
+    if not any(directory.glob("*.safetensors")) and not any(directory.glob("pytorch_model*.bin")):
+        raise ValueError(f"{option} {directory} has config.json but no weights (model.safetensors, or shards with "
+                         "their index): write both with model.save_pretrained(DIR)")
+    if not (directory / "tokenizer.json").is_file():
+        raise ValueError(f"{option} {directory} has no tokenizer.json: save the model's fast tokenizer beside its weights "
+                         "(AutoTokenizer.from_pretrained(SRC).save_pretrained(DIR); README: transformers MoE models)")
+    if not (directory / "heldout_ids.pt").is_file():
+        from nectar.train.corpus import CorpusError, find_built_dir
+
+        try:
+            find_built_dir()
+        except CorpusError:
+            raise ValueError(f"{option} {directory} has no heldout_ids.pt, the held-out token stream the policies run on "
+                             "(a 1-D integer tensor of more than 8192 token ids: torch.save(torch.tensor(tokenizer(text)"
+                             "['input_ids'], dtype=torch.int32), DIR / 'heldout_ids.pt'); README: transformers MoE models), "
+                             "and the built corpus, whose held-out split stands in for it, is not there either "
+                             "(python scripts/build_corpus.py)") from None
 
 
 def controller_config(args):

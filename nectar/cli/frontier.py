@@ -34,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"top-K) must be among them (default: {','.join(STATIC_FRONTIER + ADAPTIVE)}; a transformers "
                         "MoE model: its own static frontier, then nectar)")
     p.add_argument("--model", type=Path, default=None,
-                   help="a saved NECTAR MoE model directory (default: the committed data/models/cpu-demo)")
+                   help="a saved model folder, as for `nectar run --model` (default: the committed data/models/cpu-demo)")
     add_stream_args(p)
     p.add_argument("--block-chunks", type=positive_int, default=4, help="domain-shift: chunks per domain block")
     p.add_argument("--repeats", type=positive_int, default=1,

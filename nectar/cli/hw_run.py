@@ -23,8 +23,8 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json
-from nectar.cli.experiment_args import add_controller_args, check_stream_args, configs
+from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json, wrap_note
+from nectar.cli.experiment_args import add_controller_args, check_model_option, check_stream_args, configs
 
 # Spelled out so that `nectar hw-run --help` does not import torch (tests/cli/test_help.py checks them).
 RECIPES = ("cpu-demo", "distilgpt2")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--backend", choices=["nvml", "sim"], default="nvml", help="telemetry backend")
     p.add_argument("--device", default="cuda", help="torch device of the model: cuda, cuda:N or cpu")
-    p.add_argument("--model", type=Path, default=None, help="load this saved MoE model instead of training one")
+    p.add_argument("--model", type=Path, default=None, help="load this saved model folder (as for `nectar run --model`) instead of training one")
     p.add_argument("--preset", default="distilgpt2", choices=RECIPES, help="recipe of the model trained without --model")
     p.add_argument("--train-budget-s", type=positive_float, default=330.0, help="wall-clock budget for training")
     p.add_argument("--save-model", type=Path, default=None, help="also save the trained model to this folder")
@@ -84,6 +84,7 @@ def model_positions(args: argparse.Namespace) -> int:
         from nectar.hf.load import is_hf_moe_dir
         from nectar.train.recipes import check_model_dir
 
+        check_model_option(args.model)                     # a dense model, a transformers MoE's missing files
         if is_hf_moe_dir(args.model):                      # a transformers MoE (nectar.hf)
             return int(json.loads((args.model / "config.json").read_text())["max_position_embeddings"])
         check_model_dir(args.model)
@@ -139,8 +140,8 @@ def build_model(args, save):
 
     if args.model is not None:
         return load_demo_model(args.model)
-    print(f"nectar hw-run: training the {args.preset} recipe on {args.device} for at most "
-          f"{args.train_budget_s:g} s (use --model DIR to load a saved model instead)", file=sys.stderr, flush=True)
+    print(wrap_note(f"nectar hw-run: training the {args.preset} recipe on {args.device} for at most "
+                    f"{args.train_budget_s:g} s (use --model DIR to load a saved model instead)"), file=sys.stderr, flush=True)
     dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     demo = train_demo_model(RECIPE_TABLE[args.preset], seed=args.seed, device=args.device, dtype=dtype,
                             progress=not args.no_progress, time_budget_s=args.train_budget_s)

@@ -20,7 +20,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, strict_json
+from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, strict_json, wrap_note
 from nectar.cli.experiment_args import (add_controller_args, add_sim_args, add_stream_args, backend_factory,
                                         check_model_fits, check_stream_args, configs, place_model)
 
@@ -43,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the summary as JSON on stdout")
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", type=Path, default=None,
-                       help="a saved NECTAR MoE checkpoint directory (default: the committed data/models/cpu-demo)")
+                       help="a saved model folder: a NECTAR MoE checkpoint (`nectar train --out`) or a transformers "
+                            "MoE of a supported family with tokenizer.json and heldout_ids.pt (README: transformers "
+                            "MoE models) (default: the committed data/models/cpu-demo)")
     model.add_argument("--model-seed", type=non_negative_int, default=None,
                        help="use the cpu-demo model trained with this seed (0: the committed one); another "
                             "seed is trained first when runs/models/ has no copy: about 20-25 minutes on 2 CPU "
@@ -195,11 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print(strict_json(summary, indent=2, sort_keys=True))
     else:
         print_table(summary)
-        print(summary["tokens_note"])
+        print(wrap_note(summary["tokens_note"]))
         print(f"wrote {args.out}/summary.json, chunks.csv, trace.csv.gz and plots")
     warnings = energy_warnings(summary)
     for line in warnings:
-        print(f"nectar run: warning: {line}", file=sys.stderr)
+        print(wrap_note(f"nectar run: warning: {line}"), file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -221,7 +223,7 @@ def _run(args, cfg, factory, torch_device: str, argv, group=None):
     from nectar.experiment.summary import build_summary
     from nectar.train.recipes import load_or_train
 
-    announce = lambda message: print(f"nectar run: {message}", file=sys.stderr, flush=True)  # noqa: E731
+    announce = lambda message: print(wrap_note(f"nectar run: {message}"), file=sys.stderr, flush=True)  # noqa: E731
     model_seed = args.model_seed if args.model_seed is not None else 0
     model, stream, _ = load_or_train(args.model, seed=model_seed, progress=not args.no_progress, announce=announce)
     check_model_fits(model, args.seq_len)

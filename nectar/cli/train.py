@@ -26,7 +26,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int
+from nectar.cli.common import cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int, wrap_note
 
 # Names and defaults of the training code, spelled out so that `nectar train --help` does not import
 # torch; tests/cli/test_help.py checks that they agree with nectar.models.gpt2_moe, nectar.train.*.
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     command = "nectar train " + " ".join(argv if argv is not None else sys.argv[2:])
-    print(f"nectar train: {training_notice(args, recipe)}", file=sys.stderr, flush=True)
+    print(wrap_note(f"nectar train: {training_notice(args, recipe)}"), file=sys.stderr, flush=True)
     started = time.monotonic()
     with output as tmp:
         demo = train_demo_model(recipe, seed=args.seed, device=args.device, dtype=dtype,

@@ -166,23 +166,47 @@ def default_policies(model) -> list[str]:
     return STATIC_FRONTIER + ADAPTIVE
 
 
+def within_bound(policy: dict, bound: float) -> str:
+    """The quality-bound column: whether the policy's perplexity increase is within the bound (the
+    header's bound=+X% ppl); the temperature/power limits are the next column."""
+    if policy["dppl"] is None:
+        return "—"
+    return "within" if policy["dppl"] <= bound else "ABOVE"
+
+
+def limits_cell(limits: dict, report: dict) -> str:
+    """The temperature/power column: whether the policy held the workload's temperature cap and
+    power budget (`check_limits`); the quality bound is the column before it."""
+    if report.get("temp_cap_C") is None and report.get("power_budget_W") is None:
+        return "none set"
+    if limits["holds"]:
+        return "held"
+    if report.get("temp_cap_C") is not None and limits.get("max_temp_after_settle_C") is None:
+        return "NOT held (no reading after settling)"
+    return "NOT held"
+
+
 def print_frontier(report: dict) -> None:
-    """The report as a table: every policy's saving and perplexity increase, then the verdict."""
+    """The report as a table: every policy's saving and perplexity increase, the quality bound and
+    the temperature/power limits each held, then the verdict (notes wrapped at 100 columns)."""
+    from nectar.cli.common import wrap_note
+
     print(f"workload={report['workload']} backend={report['backend']} gpu={report['gpu']} "
           f"bound=+{100 * report['quality_bound']:.2f}% ppl repeats={report.get('repeats', 1)}")
-    print(f"{'policy':<16}{'saved':>8}{'Δppl':>9}{'mJ/token':>10}{'W':>6}{'maxT°C':>8}{'pause':>7}  limits")
+    print(f"{'policy':<16}{'saved':>8}{'Δppl':>9}{'mJ/token':>10}{'W':>6}{'maxT°C':>8}{'pause':>7}"
+          f"  {'ppl bound':<11}temp/power limits")
     for p in sorted(report["policies"], key=lambda r: (r["adaptive"], r["dppl"] or 0.0)):
-        holds = "ok" if p["limits"]["holds"] else "NOT held"
         print(f"{p['name']:<16}{100 * (p['saved'] or 0):>7.1f}%{100 * (p['dppl'] or 0):>+8.2f}%"
               f"{1e3 * (p['J_per_token'] or 0):>10.4f}{p['mean_power_W'] or 0:>6.0f}{p['max_temp_C'] or 0:>8.1f}"
-              f"{100 * (p['pause_share'] or 0):>6.1f}%  {holds}")
+              f"{100 * (p['pause_share'] or 0):>6.1f}%  {within_bound(p, report['quality_bound']):<11}"
+              f"{limits_cell(p['limits'], report)}")
     if report.get("nectar_saved") is not None:
         hull = report.get("hull_saved_at_nectar_dppl")
         margin = report.get("nectar_margin_over_hull")
-        print(f"nectar: saved {100 * report['nectar_saved']:.1f}% at {100 * report['nectar_dppl']:+.2f}% ppl "
-              f"(budget use {100 * report['nectar_budget_use']:.0f}%); static hull there: "
-              + ("no non-adaptive policy holds the limits there" if hull is None else f"{100 * hull:.1f}%")
-              + ("" if margin is None else f"; margin {100 * margin:+.1f} points"))
+        print(wrap_note(f"nectar: saved {100 * report['nectar_saved']:.1f}% at {100 * report['nectar_dppl']:+.2f}% ppl "
+                        f"(budget use {100 * report['nectar_budget_use']:.0f}%); static hull there: "
+                        + ("no non-adaptive policy holds the temperature/power limits" if hull is None else f"{100 * hull:.1f}%")
+                        + ("" if margin is None else f"; margin {100 * margin:+.1f} points")))
         ci = report.get("nectar_margin_ci95")
         if ci:
             print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.1f} points, "

@@ -9,6 +9,12 @@ recorder is set, and returns `(logits, gates, index)`. No parameter, buffer, mod
 method is replaced; the experts, shared experts and attention stay the model's own code, so every
 experts implementation (eager, grouped_mm, batched_mm) keeps working, and so does `generate()`.
 
+Nothing adapts a router inside `generate()`: adaptation (the controller's step per chunk) runs
+inside `nectar run|frontier|hw-run`. So `attach` wraps the model's `generate` (an instance
+attribute over the class's method, removed by `detach`): the first `generate()` that finds an
+adaptive router in force (one with `adapt_at_price`, e.g. `nectar.hf.adaptive_k.AdaptiveKRouter`)
+warns once per attachment (`UserWarning`) that the router stays at its current setting there.
+
 With the default routers (`nectar.hf.routers.FamilyRouter`, the family's own top-K) the model's
 logits are bit-identical to the unattached model's. `detach` removes the hooks and restores the
 one flag a sentinel attachment may set (`experts._is_expert_parallel`, transformers 5.24).
@@ -16,6 +22,10 @@ one flag a sentinel attachment may set (`experts._is_expert_parallel`, transform
 
 from __future__ import annotations
 
+import functools
+import os
+import sys
+import warnings
 import weakref
 from typing import Callable, Sequence
 
@@ -23,7 +33,7 @@ from torch import nn
 
 from nectar.hf.adapter import AttachedMoE
 from nectar.hf.drop import experts_implementation, realise, resolve_drop
-from nectar.hf.families import family_of, find_moe_blocks
+from nectar.hf.families import SUPPORTED_MODEL_TYPES, family_of, find_moe_blocks
 from nectar.hf.layer import HFMoELayer
 from nectar.hf.routers import FamilyRouter
 from nectar.moe.router import Router
@@ -68,6 +78,64 @@ def _routers_for(layers: list[HFMoELayer], routers: RouterSpec) -> list[Router]:
     return routers
 
 
+GENERATE_WARNING = ("an adaptive router ({routers}) is attached, but nothing adapts it inside generate(): it "
+                    "routes every token at its current setting ({setting}); adaptation runs inside `nectar "
+                    "run|frontier|hw-run` (a controller for serving is future work)")
+
+
+def is_adaptive(router: Router) -> bool:
+    """Whether a controller adapts `router` (it has the priced interface's `adapt_at_price`)."""
+    return callable(getattr(router, "adapt_at_price", None))
+
+
+def _setting(router: Router) -> str:
+    adaptation = getattr(router, "adaptation", None)
+    text = repr(adaptation()) if callable(adaptation) else "as built"
+    return text if len(text) <= 100 else text[:97] + "..."
+
+
+def _caller_stacklevel() -> int:
+    """The stacklevel of the first frame outside nectar/hf (the user's generate() call, whether it
+    went through `AttachedMoE.generate` or the transformers model itself)."""
+    level, frame, here = 1, sys._getframe(1), os.path.dirname(__file__)
+    while frame is not None and os.path.dirname(frame.f_code.co_filename) == here:
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _warn_once_in_generate(model: nn.Module, layers: list[HFMoELayer]) -> Callable[[], None]:
+    """Wrap `model.generate` so that the first call with an adaptive router in force (checked per
+    call: routers may be swapped after attach) warns once; returns what restores the model's own."""
+    if not callable(getattr(model, "generate", None)):
+        return lambda: None
+    had_own, own = "generate" in model.__dict__, model.__dict__.get("generate")
+    inner = model.generate
+    warned = False
+
+    @functools.wraps(inner)
+    def generate(*args, **kwargs):
+        nonlocal warned
+        if not warned:
+            adaptive = [layer.router for layer in layers if is_adaptive(layer.router)]
+            if adaptive:
+                warned = True
+                names = " and ".join(sorted({type(r).__name__ for r in adaptive}))
+                warnings.warn(GENERATE_WARNING.format(routers=f"{names} in {len(adaptive)} of {len(layers)} MoE blocks",
+                                                      setting=_setting(adaptive[0])),
+                              UserWarning, stacklevel=_caller_stacklevel())
+        return inner(*args, **kwargs)
+
+    model.__dict__["generate"] = generate
+
+    def restore() -> None:
+        if had_own:
+            model.__dict__["generate"] = own
+        else:
+            model.__dict__.pop("generate", None)
+
+    return restore
+
+
 def attach(model: nn.Module, routers: RouterSpec = None, drop: str = "auto") -> AttachedMoE:
     """Route every MoE block of a transformers causal LM through NECTAR routers.
 
@@ -81,14 +149,18 @@ def attach(model: nn.Module, routers: RouterSpec = None, drop: str = "auto") -> 
         raise ValueError("this model already has NECTAR attached; detach it first")
     found = find_moe_blocks(model)
     if not found:
-        raise ValueError(f"{type(model).__name__} has no sparse MoE blocks (a gate with top_k and 3-D experts)")
+        raise ValueError(f"{type(model).__name__} has no sparse MoE blocks (a gate with top_k and 3-D experts) of a "
+                         f"supported family ({', '.join(SUPPORTED_MODEL_TYPES)})")
     families = [family_of(f.block.gate) for f in found]
-    hooks, flags = [], []
+    hooks, flags, restores = [], [], []
 
     def undo() -> None:
         for handle in hooks:
             handle.remove()
         hooks.clear()
+        for restore in restores:
+            restore()
+        restores.clear()
         for experts, value in flags:
             experts._is_expert_parallel = value
         flags.clear()
@@ -108,6 +180,7 @@ def attach(model: nn.Module, routers: RouterSpec = None, drop: str = "auto") -> 
         for layer in layers:
             hook = _gate_hook(layer, experts_implementation(layer.experts_module))
             hooks.append(layer.gate.register_forward_hook(hook, prepend=True, with_kwargs=True))
+        restores.append(_warn_once_in_generate(model, layers))
     except BaseException:
         undo()
         raise

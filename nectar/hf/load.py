@@ -41,8 +41,8 @@ def _check_dir(directory: Path) -> str:
     if model_type is None:
         raise FileNotFoundError(f"{directory} holds no saved model (config.json missing)")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"{directory} holds a {model_type!r} model; NECTAR attaches to the transformers MoE "
-                         f"families {', '.join(SUPPORTED_MODEL_TYPES)}")
+        raise ValueError(f"{directory} holds a {model_type!r} model, which has no MoE blocks of a supported family; "
+                         f"NECTAR attaches to the transformers MoE families {', '.join(SUPPORTED_MODEL_TYPES)}")
     return model_type
 
 

@@ -13,7 +13,7 @@ On a GPU host (torch, transformers only):
     PYTHONPATH=. python -m nectar.hf.train_small --out runs/olmoe-small --device cuda --budget-s 240
 writes DIR/{config.json, model.safetensors, tokenizer.json, heldout_ids.pt, nectar_model.json} (plus
 heldout_domains.pt when per-domain held-out streams are given),
-which `nectar.train.saved_model.load_hf_demo(DIR)` (and so `nectar run --model DIR`, once wired) loads.
+which `nectar.train.saved_model.load_hf_demo(DIR)` (and so `nectar run|frontier|hw-run --model DIR`) loads.
 """
 
 from __future__ import annotations

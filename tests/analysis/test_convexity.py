@@ -7,6 +7,7 @@ BiasOptimizer, and energy functions whose affinity/convexity is known by constru
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -292,6 +293,8 @@ def test_cli_synthetic_json_and_export(tmp_path, capsys):
     assert report["is_dcp"] is True and report["relative_gap"] <= 1e-3
     assert report["relative_gap"] == pytest.approx(relative_gap(report["online_objective"], report["cvxpy_objective"]))
     assert report["constrained"]["meets_goal"] and report["constrained"]["nu"] > 0
+    assert report["verdict"].startswith("verdict: PASS — both chunk problems are DCP and the online router is "
+                                        "within the goal of cvxpy's optimum (relative gap ")
     data = np.load(export)
     assert data["q"].shape == data["p_online"].shape == (200, 8) and data["c"].shape == (8,)
     inst = ChunkInstance(data["q"], data["c"], float(data["lam"]))
@@ -311,6 +314,7 @@ def test_cli_reads_a_run_directory(tmp_path, capsys):
     assert report["constrained"]["online_source"] == "run (bias_online)"
     assert not report["constrained"]["meets_goal"]
     assert report["unconstrained"]["meets_goal"]  # optimizer run on the instance's tokens
+    assert re.match(r"verdict: FAIL — constrained gap \S+ above the goal \(relative gap", report["verdict"])
 
 
 def test_cli_reports_a_missing_run_file(tmp_path, capsys):
@@ -343,3 +347,24 @@ def test_cheapest_feasible_cost_equals_the_greedy_fill_on_full_support():
     inst = instance(tokens=30)
     caps = np.full(inst.experts, 0.3)
     assert cheapest_feasible_cost(inst.q, inst.c, caps) == pytest.approx(cheapest_mean_cost(inst.c, caps), rel=1e-7)
+
+
+def _energy_section(dense_violations: int, active_failing: int) -> dict:
+    fit = lambda failing, n: {"chunks": n, "failing_chunks": failing, "rel_tol": 0.01, "passes": failing == 0}  # noqa: E731
+    mid = lambda bad, n: {"triples": n, "violations": bad, "rel_tol": 1e-3, "passes": bad == 0}  # noqa: E731
+    return {"simulated": {"available": True, "affine": fit(0, 40), "affine_on_sparse": fit(37, 40),
+                          "affine_with_active_indicator": fit(active_failing, 80), "midpoint": mid(dense_violations, 20),
+                          "midpoint_dense_sparse": mid(20, 20)}}
+
+
+def test_the_energy_note_says_why_violations_do_not_fail_the_verdict():
+    from analysis.convexity.cli import energy_note
+
+    note = energy_note(_energy_section(0, 0))
+    assert note.startswith("energy assumptions are findings, not part of the verdict")
+    assert "with every expert busy the affine model (0/40 chunks beyond 1e-02) and midpoint convexity (0/20 violations) hold" in note
+    assert "the 20/20 dense–sparse violations and 37/40 sparse chunks off the fit are where the affine model is known to fail" in note
+    assert "indicator restores the fit (0/80" in note and "docs/convexity.md §5" in note
+    bad = energy_note(_energy_section(3, 5))
+    assert "(3/20 violations) do NOT hold" in bad and "does NOT restore the fit (5/80" in bad
+    assert energy_note(None) is None and energy_note({"simulated": {"available": False, "reason": "x"}}) is None

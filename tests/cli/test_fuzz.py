@@ -235,7 +235,7 @@ RUN_CASES = [
     Case("run-ctrl-c-while-loading", ["run", "--out", "{tmp}/out"], 130, r"interrupted; nothing written to .*out",
          patch=interrupt("nectar.train.recipes:load_or_train")),
     Case("run-model-seed-announces-training", ["run", "--model-seed", "7", "--out", "{tmp}/out"], 130,
-         r"training the cpu-demo model with model seed 7: 1000 dense \+ 400 MoE steps, about 20-25 minutes(.|\n)*"
+         r"training the cpu-demo model with model seed 7: 1000 dense \+ 400 MoE steps, about 20-25\s+minutes(.|\n)*"
          r"interrupted; nothing written", patch=interrupt("nectar.train.recipes:train_demo_model")),
     Case("run-ctrl-c-half-written", ["run", *FAST_RUN, "--policies", "static-top2", "--out", "{tmp}/out"], 130,
          r"interrupted; nothing written to .*out", patch=interrupt_while_writing),

@@ -89,7 +89,8 @@ def test_generate_works_attached(family):
         same = attached.generate(ids, **kwargs)
         for _, layer in attached.moe_layers():
             layer.router = AdaptiveKRouter(layer.family, 0.4)
-        adaptive = attached.generate(ids, **kwargs)
+        with pytest.warns(UserWarning, match="nothing adapts it inside generate"):
+            adaptive = attached.generate(ids, **kwargs)
         attached.detach()
     assert torch.equal(same, own)
     assert adaptive.shape == own.shape and torch.equal(adaptive[:, : ids.shape[1]], ids)
@@ -156,3 +157,44 @@ def test_sentinel_slots_where_the_implementation_skips_them(impl):
     assert not zero.skips_unused_slots
     torch.testing.assert_close(logits_of(zero, ids, mask), sentinel, rtol=1e-5, atol=1e-5)
     zero.detach()
+
+
+def _generate_twice(attached, model):
+    ids, mask = padded_batch()
+    kwargs = dict(attention_mask=mask, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        attached.generate(ids, **kwargs)                         # through the attachment...
+        model.generate(ids, **kwargs)                            # ...or the transformers model itself
+
+
+def test_generate_with_an_adaptive_router_warns_once_per_attachment():
+    model = tiny("olmoe", torch.float32, "eager")
+    attached = attach(model, lambda layer: AdaptiveKRouter(layer.family))
+    with pytest.warns(UserWarning, match=r"nothing adapts it inside generate\(\).*nectar run\|frontier\|hw-run") as seen:
+        _generate_twice(attached, model)
+    assert len([w for w in seen if "nothing adapts it" in str(w.message)]) == 1
+    assert seen[0].filename == __file__                         # points at the caller, not at nectar/hf
+    attached.detach()
+    assert "generate" not in model.__dict__                      # detach restores the class's generate
+    again = attach(model, lambda layer: AdaptiveKRouter(layer.family))
+    with pytest.warns(UserWarning, match="nothing adapts it"):   # a new attachment warns again, once
+        _generate_twice(again, model)
+    again.detach()
+
+
+def test_generate_with_static_routers_does_not_warn_until_an_adaptive_one_is_set():
+    import warnings
+
+    model = tiny("mixtral", torch.float32, "eager")
+    attached = attach(model, lambda layer: ThresholdRouter(layer.family, 0.3))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        _generate_twice(attached, model)
+        attached.set_router(lambda idx, experts: FamilyRouter(attached.moe_layers()[0][1].family))
+        _generate_twice(attached, model)
+    assert not [w for w in seen if "nothing adapts it" in str(w.message)]
+    for _, layer in attached.moe_layers():                       # a router swapped in later is seen
+        layer.router = AdaptiveKRouter(layer.family)
+    with pytest.warns(UserWarning, match="AdaptiveKRouter in 3 of 3 MoE blocks"):
+        _generate_twice(attached, model)
+    attached.detach()

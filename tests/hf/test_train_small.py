@@ -69,5 +69,5 @@ def test_load_errors_are_clear(tmp_path, tiny_model_dir):
         load_moe(tiny_model_dir)
     assert not is_hf_moe_dir(tiny_model_dir) and not is_hf_moe_dir(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="'llama' model; NECTAR attaches to the transformers MoE families"):
+    with pytest.raises(ValueError, match="'llama' model, which has no MoE blocks of a supported family; NECTAR attaches to the transformers MoE families"):
         load_moe(tmp_path)
