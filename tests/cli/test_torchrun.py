@@ -18,6 +18,7 @@ import pytest
 
 from nectar.cli.hw_run import check_replica_args
 from nectar.cli.replicas import Launch, device_options, launch, nvml_index
+from tests.tolerance import approx
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -40,7 +41,7 @@ def test_two_replicas_run_and_only_rank_zero_writes(tiny_model_dir, tmp_path):
     assert {r["policy"] for r in rows} == {"static-top2", "nectar", "nectar:guard"}
     for row in rows:
         each = json.loads(row["extra_json"])
-        assert float(row["energy_J"]) == pytest.approx(sum(each["replica_energy_J"]), rel=1e-12)
+        assert float(row["energy_J"]) == approx(sum(each["replica_energy_J"]), n=3)  # a sum of ≤ 3 (text keeps repr)
         assert float(row["temp_C"]) == max(each["replica_temp_C"])
         if row["policy"] != "nectar:guard":
             assert len(each["replica_temp_C"]) == 2
@@ -112,5 +113,5 @@ def test_hw_run_calibration_is_the_nodes():
     assert results[0] == results[1]
     tokens_per_s, power_W, joules_per_token, rows = results[0]
     assert tokens_per_s == 200.0 + 400.0 and power_W == 60.0       # the GPUs run side by side
-    assert joules_per_token == pytest.approx(300.0 / 3000.0)         # Σ energy / Σ tokens of the top-2 windows
+    assert joules_per_token == approx(300.0 / 3000.0, n=4 + 1)       # Σ energy / Σ tokens of the top-2 windows
     assert [extra["replica"] for _, extra in rows] == [0] * 4 + [1] * 4

@@ -21,6 +21,7 @@ def family_gates(family: str, gate, raw_K: list[float], kept: list[bool]) -> lis
     total = sum(kept_raw)
     if family == "deepseek_v3":
         scale = float(gate.routed_scaling_factor)
+        # not a comparison: DeepSeek-V3's own guard against a zero total, reproduced as written
         return [scale * (r / (total + 1e-20) if gate.norm_topk_prob else r) for r in kept_raw]
     renorm = family == "mixtral" or bool(gate.norm_topk_prob)
     return [r / total if renorm else r for r in kept_raw]
