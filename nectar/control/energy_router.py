@@ -33,10 +33,11 @@ from dataclasses import dataclass
 
 import torch
 
-from nectar.control.energy_pricing import bias_step, energy_price_table, new_optimizer, priced_adaptation
+from nectar.control.energy_pricing import (Candidates, bias_step, energy_price_table, new_optimizer, priced_adaptation,
+                                           routing_stats)
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.control.priced import PriceStep, PriceTable, StepConfig
-from nectar.control.routing_proxy import deviation_kl, dropped_mass_kl
+from nectar.control.routing_proxy import dropped_mass_kl
 from nectar.moe.router import Router, RoutingDecision, gate_decision, gate_probs
 from nectar.moe.static_routers import check_cheap, static_top1_plus
 
@@ -96,6 +97,7 @@ class EnergyAwareRouter(Router):
         self.fallback = False
         self._step_config = StepConfig()
         self._optimizer = None                 # the bias optimiser of the current controller
+        self._seen: Candidates | None = None   # the last sample's candidates
 
     @property
     def max_slots(self) -> int:
@@ -139,22 +141,36 @@ class EnergyAwareRouter(Router):
         """A new controller's step settings; the bias optimiser's state starts anew."""
         self._step_config = config
         self._optimizer = None
+        self._seen = None
+
+    def chunk_candidates(self, logits: torch.Tensor) -> Candidates:
+        """The chunk problem's view of a sample of gate logits [n, E], built once per sample."""
+        if self._seen is None or self._seen.source is not logits:
+            self._seen = Candidates.of(self, logits)
+            self._seen.source = logits
+        return self._seen
 
     def price_table(self, logits: torch.Tensor, cost: torch.Tensor, lams: torch.Tensor) -> PriceTable:
         """Mean cost and deviation at every price of `lams` [G] on gate logits [n, E]."""
         opt = self._optimizer
-        return energy_price_table(self, logits, cost, lams, None if opt is None else opt.mu,
+        return energy_price_table(self, self.chunk_candidates(logits), cost, lams, None if opt is None else opt.mu,
                                   0.0 if opt is None else opt.nu)
 
     def deviation(self, logits: torch.Tensor) -> float:
-        """Mean KL to static routing of the routing in force on gate logits [n, E] (0 in fallback)."""
-        return 0.0 if self.fallback else deviation_kl(self, logits)
+        """Mean KL to static routing of the routing in force on gate logits [n, E] (0 in fallback):
+        `routing_proxy.deviation_kl`, on the shared candidates."""
+        if self.fallback:
+            return 0.0
+        scale = self.drop_scale[:, None].cpu() if self.drop else None
+        bias = self.bias[:, None].double().cpu()
+        return float(routing_stats(self, self.chunk_candidates(logits), torch.zeros(self.num_experts, dtype=torch.float64),
+                                   bias, scale)[1][0])
 
     def adapt_at_price(self, step: PriceStep) -> dict:
         """The chunk's bias step at step.lam (and the fast network's); the instance it solved."""
         if self._optimizer is None:
             self._optimizer = new_optimizer(self, self._step_config, step.lam)
-        return bias_step(self, self._optimizer, self._step_config, step)
+        return bias_step(self, self._optimizer, self._step_config, step, self.chunk_candidates(step.logits))
 
     def start_at_price(self, cost: torch.Tensor, lam: float) -> None:
         """Route where the chunk problem puts costs [E] at price λ (bias −c/λ, drop scale c/λ)."""

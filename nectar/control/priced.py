@@ -30,7 +30,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-POINTS_PER_DECADE = 32      # grid density: adjacent prices differ by 7.5 %
+POINTS_PER_DECADE = 12      # grid density: adjacent prices differ by 21 %; deviations between them are interpolated
 
 
 @dataclass

@@ -67,3 +67,15 @@ def test_price_for_deviation_inverts_the_mean_curve_in_log_price():
     assert price_for_deviation([a, b], 1e6) == float(lams[0])
     assert price_for_deviation([a, b], -1e6) == float(lams[-1])
     assert a.deviation_at(0.37) == approx(10.0 - math.log(0.37), n=8)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_deviation_of_the_routing_in_force_is_the_proxys(drop):
+    """deviation() reads the shared candidates; it must equal routing_proxy.deviation_kl for any
+    bias and drop scale the router holds, and follow a new sample of logits (not a stale cache)."""
+    router = EnergyAwareRouter(7, cheap_experts=[4, 5, 6], drop=drop)
+    gen = torch.Generator().manual_seed(4)
+    for seed in range(3):
+        logits = _logits(seed=seed)
+        router.adapt(bias=torch.randn(7, generator=gen), drop_scale=torch.rand(7, generator=gen) if drop else None)
+        assert router.deviation(logits) == approx(deviation_kl(router, logits), dtype=torch.float32, n=7 * 400)
