@@ -19,6 +19,7 @@ from analysis.reconcile.segments import (is_segment_folder, load_segments, polic
 from analysis.reconcile.synthetic_trace import Schedule, perturbed_preset, synthetic_measured_rows
 from nectar.telemetry.trace import write_meta, write_trace
 from sim.presets import load_preset
+from tests.tolerance import approx
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = "h100_sxm_datasheet"
@@ -78,14 +79,17 @@ def test_savings_are_those_of_the_replayed_windows(by_segment, gpu_folder):
             m, s, n = per_token.get(r.policy, (0.0, 0.0, 0))
             per_token[r.policy] = (m + r.measured_energy_J, s + r.sim_energy_J, n + tokens)
     top2 = per_token["static-top2"]
+    rounding = len(score.replay) + 4  # sums over the replayed windows (in another order), ÷, ×
     for p in score.savings:
         m, s, n = per_token[p.policy]
-        assert p.measured_mJ_per_token == pytest.approx(1e3 * m / n)
+        assert p.measured_mJ_per_token == approx(1e3 * m / n, n=rounding)
         if p.policy == "static-top2":
             assert p.measured_saving is None and p.gap_points is None
-        else:
-            assert p.measured_saving == pytest.approx(1 - (m / n) / (top2[0] / top2[2]))
-            assert p.simulated_saving == pytest.approx(1 - (s / n) / (top2[1] / top2[2]))
+        else:  # 1 − ratio: cancels terms of size ~1
+            ratio_scale = 1 + (m / n) / (top2[0] / top2[2])
+            assert p.measured_saving == approx(1 - (m / n) / (top2[0] / top2[2]), n=rounding, scale=ratio_scale)
+            ratio_scale = 1 + (s / n) / (top2[1] / top2[2])
+            assert p.simulated_saving == approx(1 - (s / n) / (top2[1] / top2[2]), n=rounding, scale=ratio_scale)
             assert abs(p.gap_points) < 1.0          # the calibrated simulator predicts the true GPU's saving
 
 
@@ -100,9 +104,11 @@ def test_policy_savings_closed_form():
     replayed = [row(0, "static-top2", 100.0, 110.0), row(1, "static-top1", 60.0, 77.0), row(2, "nectar:guard", 5.0, 1.0)]
     savings = {p.policy: p for p in policy_savings(replayed, [Load(1000), Load(1000), Load(10)])}
     assert set(savings) == {"static-top2", "static-top1"}                     # guard checks are not a policy
-    assert savings["static-top1"].measured_saving == pytest.approx(0.4)
-    assert savings["static-top1"].simulated_saving == pytest.approx(0.3)
-    assert savings["static-top1"].gap_points == pytest.approx(-10.0)
+    # 1 − (60/1000) / (100/1000) and 1 − (77/1000) / (110/1000): a few ÷ and a − of terms of size 1;
+    # the gap: 100 × the difference of the two
+    assert savings["static-top1"].measured_saving == approx(0.4, n=4, scale=1.0)
+    assert savings["static-top1"].simulated_saving == approx(0.3, n=4, scale=1.0)
+    assert savings["static-top1"].gap_points == approx(-10.0, n=6, scale=100.0)
 
 
 def test_cli_by_segment_json_and_save(gpu_folder, tmp_path, capsys):

@@ -22,6 +22,7 @@ from nectar.telemetry.trace import TraceRow, write_meta, write_trace
 from sim.backend import SimBackend
 from sim.presets import load_preset
 from sim.synthetic_workload import distilgpt2_moe_workload
+from tests.tolerance import approx, tol
 
 POLICIES = {"static-top2": 2, "static-top1": 1, "nectar": 1}
 TINY = Schedule(chunks=16, burst_every=6, burst_len=3)
@@ -157,9 +158,23 @@ def test_affine_cost_fit_recovers_known_costs():
         rows.append({"policy": "p", "chunk": i, "t_start_s": 10.0 * i, "t_end_s": 10.0 * i + duration,
                      "energy_J": energy, "expert_counts": counts.tolist()})
     fit = affine_cost_fit(rows)
-    assert fit.idle_W == pytest.approx(idle_W, rel=1e-6)
-    assert fit.joule_per_token == pytest.approx(per_token.tolist(), rel=1e-6)
-    assert fit.r2 == pytest.approx(1.0) and fit.mape < 1e-8
+    # Exact data up to rounding: each duration is t_end − t_start, one rounding at the clock's size
+    # (up to 190 s for durations down to 0.05 s: a relative error of t_end/duration roundings), and
+    # NNLS sums over the 20 chunks and 5 unknowns; the least-squares solution amplifies relative
+    # data errors by the (column-scaled) design's condition number, the safety
+    # (normwise, in the fit's column-scaled unknowns: each coefficient's scale is the largest scaled
+    # unknown over its column's scale)
+    durations = np.array([r["t_end_s"] - r["t_start_s"] for r in rows])
+    design = np.column_stack([durations, [np.sum(r["expert_counts"], axis=0) for r in rows]])
+    columns = design.max(axis=0)
+    kappa = float(np.linalg.cond(design / columns))
+    n = int(max(r["t_end_s"] for r in rows) / durations.min()) + 20 * 5
+    scales = np.abs(np.r_[idle_W, per_token] * columns).max() / columns
+    assert fit.idle_W == approx(idle_W, n=n, safety=kappa, scale=scales[0])
+    for got, want, scale in zip(fit.joule_per_token, per_token, scales[1:]):
+        assert got == approx(want, n=n, safety=kappa, scale=scale)
+    assert fit.r2 == approx(1.0, n=n, safety=kappa)                 # 1 − (residual / spread)²
+    assert fit.mape <= tol(float, n=n, safety=kappa)               # the residuals, relative
     assert affine_cost_fit(rows[:4]) is None                                   # fewer chunks than unknowns
 
 
@@ -171,5 +186,6 @@ def test_expert_shares_and_chunks_roundtrip(tmp_path):
     shares = expert_shares(rows)
     for policy, share in shares.items():
         total = np.sum([r["expert_counts"] for r in rows if r["policy"] == policy], axis=0)  # [L, E]
-        assert share == pytest.approx(total / total.sum(axis=1, keepdims=True))
-        assert share.sum(axis=1) == pytest.approx(np.ones(share.shape[0]))
+        experts = total.shape[1]
+        assert share == approx(total / total.sum(axis=1, keepdims=True), n=experts + 1)  # Σ over experts, ÷
+        assert share.sum(axis=1) == approx(np.ones(share.shape[0]), n=2 * experts + 1)
