@@ -70,7 +70,7 @@ def test_nan_readings_are_flagged_and_never_reach_the_energy():
     nan_edge = [(w, t) for w, t in zip(windows, truths) if "nan" in w.flags and "energy_from_power" in w.flags]
     assert nan_edge
     for w, t in nan_edge:
-        assert w.energy_J == pytest.approx(t.energy_J, rel=0.1)  # integrated instant power (noisy samples)  # integrated instant power stands in (noisy samples)
+        assert w.energy_J == pytest.approx(t.energy_J, rel=0.1)  # integrated instant power stands in (noisy samples)
     assert all(math.isfinite(w.mean_power_W) and math.isfinite(w.energy_J) for w in windows)
     assert any("temp_from_previous" in w.flags for w in windows)
     assert all(math.isfinite(w.gpu_temp_C) for w in windows[1:])

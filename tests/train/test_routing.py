@@ -31,8 +31,8 @@ def test_rows_are_top2_cheap_or_top1_in_the_requested_shares():
     assert float((is_cheap & ~is_top2).float().mean()) == pytest.approx(0.3 * float(differ.float().mean()), abs=0.03)
     assert_close(d.gates[single, 0], torch.ones(int(single.sum())), n=4)  # one gate renormalised: p / p
     assert torch.equal(d.experts[single, 0], top1.experts[single, 0])  # indices
-    torch.testing.assert_close(d.gates[is_top2], top2.gates[is_top2])
-    torch.testing.assert_close(d.gates[is_cheap], cheap.gates[is_cheap])
+    assert_close(d.gates[is_top2], top2.gates[is_top2], n=2 * 7 + 4)  # softmax over 7, renormalised over 2
+    assert_close(d.gates[is_cheap], cheap.gates[is_cheap], n=2 * 7 + 4)
     assert torch.equal(d.experts, AdaptiveTrainingRouter(7, CHEAP, 0.3, 0.2, seed=1)(logits).experts)
     assert not torch.equal(d.experts, AdaptiveTrainingRouter(7, CHEAP, 0.3, 0.2, seed=2)(logits).experts)
 
