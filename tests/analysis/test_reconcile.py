@@ -166,6 +166,7 @@ def load_trace_dir_from_rows(rows):
 def test_calibration_recovers_a_different_gpu(reconciled, true_gpu, base):
     before, after = reconciled.heldout_uncalibrated, reconciled.heldout
     assert before.energy_mape > 0.05 and before.temp_rmse_C > 3.0   # the shipped preset is really off
+    # the calibration's targets (not rounding): 1 % energy, 1 °C, 1 % duration on held-out chunks
     assert after.energy_mape < 0.01 and abs(after.total_energy_error) < 0.01
     assert after.temp_rmse_C < 1.0 and after.duration_mape < 0.01
     assert reconciled.calibration.evaluations <= 90
@@ -191,6 +192,7 @@ def test_calibration_on_its_own_truth_stays_put(true_gpu):
     assert result.cost_final <= result.cost_initial
     for p in result.parameters:
         scale = abs(p.initial) if p.initial else 1.0
+        # not rounding: a fit to noisy data may move 5 % (the ambient 0.3 °C more: whole-degree readings)
         assert abs(p.fitted - p.initial) <= 0.05 * scale + (0.3 if p.name == "ambient_C" else 0.0), p.name
 
 

@@ -60,4 +60,4 @@ def test_thermal_cap_defaults_below_a_warm_up(tiny_model_dir, tmp_path):
     cap = json.loads((out / "thermal" / "frontier.json").read_text())["temp_cap_C"]
     first = next(r for r in read_trace(out / "thermal" / "trace.csv.gz") if r.kind == "chunk")
     # the cap's warm-up ended at floor(T) = cap + 3; 0.2 s later the first chunk reads about the same
-    assert cap == int(cap) and abs(first.window.gpu_temp_C - (cap + 3)) <= 2
+    assert cap == int(cap) and abs(first.window.gpu_temp_C - (cap + 3)) <= 2  # whole-degree readings, 0.2 s of drift

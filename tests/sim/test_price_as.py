@@ -33,7 +33,7 @@ def test_count_scaling_keeps_the_exact_total():
     for factor in (0.3, 1.7, 13.25):
         scaled = _scale_counts(counts, factor)
         assert sum(scaled) == round(sum(counts) * factor)
-        assert all(abs(s - c * factor) < 1 for s, c in zip(scaled, counts))
+        assert all(abs(s - c * factor) < 1 for s, c in zip(scaled, counts))  # whole counts: each within one
 
 
 def test_unknown_target():
