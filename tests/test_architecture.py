@@ -119,3 +119,42 @@ def test_nectar_modules_import_one_another_without_a_cycle():
     assert "nectar.models.gpt2_moe" in graph["nectar.train.recipes"]      # the graph sees real imports
     cycle = import_cycle(graph)
     assert cycle is None, "import cycle in nectar/: " + " -> ".join(cycle)
+
+
+ROUTER_CLASSES = {"EnergyAwareRouter", "AdaptiveKRouter", "ThresholdRouter", "TopKRouter", "TopPRouter",
+                  "CheapStaticRouter", "MixedTrainingRouter"}
+
+
+def _family_branches(tree: ast.AST) -> list[int]:
+    """Lines that ask which router family an object is: isinstance/issubclass against a router
+    class, or hasattr/getattr probing for a router attribute."""
+    lines = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("isinstance", "issubclass"):
+            classes = node.args[1:] and ast.walk(node.args[1])
+            if any(isinstance(n, ast.Name) and n.id in ROUTER_CLASSES for n in classes or []):
+                lines.append(node.lineno)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("hasattr", "getattr") and len(node.args) > 1 \
+                and isinstance(node.args[1], ast.Constant) and node.args[1].value in ("bias", "threshold", "START_PRICE"):
+            lines.append(node.lineno)
+    return lines
+
+
+def test_the_controller_knows_no_router_family():
+    """nectar/control/ talks to adaptive routers through the priced interface only: it imports
+    nothing of nectar.hf and never asks which router class it holds."""
+    offenders = {}
+    for path in sorted((REPO / "nectar" / "control").glob("*.py")):
+        tree = ast.parse(path.read_text())
+        mods = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        mods |= {a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names}
+        bad = [m for m in mods if m.startswith("nectar.hf")] + [f"line {n}" for n in _family_branches(tree)]
+        if bad:
+            offenders[path.name] = bad
+    assert offenders == {}
+
+
+def test_the_family_branch_check_sees_a_branch():
+    assert _family_branches(ast.parse("if isinstance(r, AdaptiveKRouter):\n    pass")) == [1]
+    assert _family_branches(ast.parse("x = r.bias if hasattr(r, 'bias') else r.threshold")) == [1]
+    assert _family_branches(ast.parse("if isinstance(r, dict):\n    pass")) == []
