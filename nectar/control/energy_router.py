@@ -38,8 +38,8 @@ from nectar.control.energy_pricing import (Candidates, bias_step, energy_price_t
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.control.priced import PriceStep, PriceTable, StepConfig
 from nectar.control.routing_proxy import dropped_mass_kl
-from nectar.moe.router import Router, RoutingDecision, gate_decision, gate_probs
-from nectar.moe.static_routers import check_cheap, static_top1_plus
+from nectar.moe.router import Router, RoutingDecision, gate_probs, probs_decision
+from nectar.moe.static_routers import check_cheap
 
 CANDIDATES = ("static-or-cheap", "all", "cheap")
 
@@ -198,35 +198,43 @@ class EnergyAwareRouter(Router):
         return self._allowed(logits).scatter(-1, top1_N1, float("-inf"))
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        """One fp32 softmax and one static top-k serve the gates, the drop rule, the forced top-1
+        and the static candidates; nothing waits for the host."""
+        probs_NE = gate_probs(logits.float(), self.temperature)                  # [N, E] fp32
         if self.fallback:
             experts = logits.topk(self.fallback_k, dim=-1).indices             # [N, k]
-            return gate_decision(logits, experts, self.temperature)
-        scores = logits / self.temperature + self.dynamic_scores(logits, inputs)  # [N, E]
-        scores = scores + self._allowed(logits)
-        experts = static_top1_plus(scores, logits, self.extra_slots)              # [N, 1 + extra]
-        return gate_decision(logits, experts, self.temperature, self.kept_slots(logits, experts))
+            return probs_decision(logits, probs_NE.to(logits.dtype), experts)
+        static_Nk = logits.topk(1 + self.extra_slots, dim=-1).indices           # [N, 1 + extra] static choice
+        top1_N1 = static_Nk[:, :1]
+        scores = logits / self.temperature + self.dynamic_scores(logits, inputs) + self._allowed(logits, static_Nk)
+        rest = scores.scatter(-1, top1_N1, float("-inf")).topk(self.extra_slots, dim=-1).indices
+        experts = torch.cat([top1_N1, rest], dim=-1)                              # [N, 1 + extra]
+        return probs_decision(logits, probs_NE.to(logits.dtype), experts, self._kept(probs_NE, experts))
 
     def kept_slots(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with
         `drop`, slot 2 goes where −log(1 − w) < d[expert], w its share of the two static gates
         (computed whatever d is — d = 0 keeps every slot — so that no decision waits for the host)."""
+        return self._kept(gate_probs(logits.float(), self.temperature), experts)
+
+    def _kept(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         if not self.drop:
             return None
-        cost_N = dropped_mass_kl(gate_probs(logits.float(), self.temperature), experts)
+        cost_N = dropped_mass_kl(probs_NE, experts)
         keep = cost_N >= self.drop_scale.to(cost_N.device)[experts[:, 1]]
-        mask = torch.ones_like(experts, dtype=torch.bool)
-        mask[:, 1] = keep
-        return mask
+        return torch.cat([torch.ones_like(keep)[:, None], keep[:, None],
+                          torch.ones(keep.shape[0], experts.shape[1] - 2, dtype=torch.bool, device=keep.device)], -1)
 
-    def _allowed(self, logits: torch.Tensor) -> torch.Tensor:
-        """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere."""
+    def _allowed(self, logits: torch.Tensor, static: torch.Tensor | None = None) -> torch.Tensor:
+        """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere (`static` [N, 1 + extra]:
+        the static top-k indices, when the caller has them)."""
         cheap = self.cheap_mask.to(logits.dtype).expand_as(logits)             # [N, E]
         if self.candidates == "all":
             return torch.zeros_like(logits)
         if self.candidates == "cheap":
             return cheap
-        k = 1 + self.extra_slots
-        static = logits.topk(k, dim=-1).indices                                  # [N, k]
+        if static is None:
+            static = logits.topk(1 + self.extra_slots, dim=-1).indices           # [N, 1 + extra]
         not_top1 = torch.zeros_like(logits).scatter(-1, static[:, :1], float("-inf"))  # [N, E]
         best_cheap = (logits + cheap + not_top1).topk(self.extra_slots, dim=-1).indices  # [N, extra]
         allowed = torch.full_like(logits, float("-inf"))

@@ -126,7 +126,12 @@ def gate_decision(logits: torch.Tensor, experts: torch.Tensor, temperature: floa
                   mask: torch.Tensor | None = None) -> RoutingDecision:
     """Decision for chosen `experts` [N, K] (slots `mask`, default all): gates are the static
     softmax gathered at the chosen experts and renormalised over the used slots."""
-    probs_NE = gate_probs(logits, temperature)
+    return probs_decision(logits, gate_probs(logits, temperature), experts, mask)
+
+
+def probs_decision(logits: torch.Tensor, probs_NE: torch.Tensor, experts: torch.Tensor,
+                   mask: torch.Tensor | None = None) -> RoutingDecision:
+    """`gate_decision` from the static softmax probs [N, E] already computed (one softmax a forward)."""
     mask_NK = torch.ones_like(experts, dtype=torch.bool) if mask is None else mask
     gates_NK = chosen_gates(probs_NE, experts, None if mask is None else mask_NK, renormalize=True)
     return RoutingDecision(experts, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
