@@ -55,7 +55,7 @@ HELP = {
     "reconcile": "replay measured traces through the simulator, calibrate it, report held-out error",
     "report": "write a markdown report with plots for a run directory",
 }
-EPILOG = ("examples:\n  nectar run --out runs/main            the main simulated experiment (~35 s)\n"
+EPILOG = ("examples:\n  nectar run --out runs/main            the main simulated experiment (~25 s on 2 cores)\n"
           "  nectar run --help                     options of one command\n"
           "  nectar reconcile data/traces/h100 --by-segment\n"
           "exit status: 0 ok, 1 a check failed or results are incomplete, 2 bad input, 130 interrupted")
