@@ -9,7 +9,7 @@ import torch
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.priced import PricedRouter, PriceTable, price_for_deviation, price_grid
 from nectar.control.routing_proxy import deviation_kl
-from tests.tolerance import approx, tol
+from tests.tolerance import approx, assert_close, tol, tol
 
 
 def _logits(n=400, e=7, seed=0):
@@ -34,7 +34,8 @@ def test_energy_price_table_equals_the_router_put_at_each_price(drop, candidates
         # float32 softmax and KL terms summed over ≤ 7 candidates, then a mean over 400 tokens
         assert float(table.deviation[g]) == approx(deviation_kl(router, logits), dtype=torch.float32, n=7 * 400)
         assert float(table.mean_cost[g]) == approx(sum(slot_costs) / len(slot_costs), n=400)
-    assert bool((table.deviation[1:] <= table.deviation[:-1] + 1e-6).all())        # float32 noise on a flat tail
+    # non-increasing up to the rounding of a mean over 400 tokens of float32 q (a flat tail can wobble)
+    assert bool((table.deviation[1:] <= table.deviation[:-1] + tol(torch.float32, n=7 * 400)).all())
 
 
 def test_a_router_in_fallback_has_no_deviation_and_its_table_is_still_the_prices():
