@@ -152,10 +152,11 @@ class NectarController:
         skipped, residual = self._learn_costs(observation, window)
         self.limits.update(window)
         costs = self._normalised_costs()
-        tables = [router.price_table(seen.logits, c, self.lams)                # one table per layer and chunk
-                  for router, seen, c in zip(self.routers, observation.layers, costs)]
         target = self.guard.target_deviation()
-        if target is not None and tables:
+        tables = [None] * len(self.routers)               # a router without a table builds what its step needs
+        if target is not None and self.routers:
+            tables = [router.price_table(seen.logits, c, self.lams)            # one table per layer and chunk
+                      for router, seen, c in zip(self.routers, observation.layers, costs)]
             self.guard.set_price(price_for_deviation(tables, target) / self.guard.kappa)
         lam = self.lam
         for layer, (router, seen, c, table) in enumerate(zip(self.routers, observation.layers, costs, tables)):
