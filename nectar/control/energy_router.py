@@ -209,21 +209,19 @@ class EnergyAwareRouter(Router):
         scores = logits / self.temperature + self.dynamic_scores(logits, inputs) + self._allowed(logits, static_Nk)
         rest = scores.scatter(-1, top1_N1, float("-inf")).topk(self.extra_slots, dim=-1).indices
         experts = torch.cat([top1_N1, rest], dim=-1)                              # [N, 1 + extra]
-        return probs_decision(logits, probs_NE.to(logits.dtype), experts, self._kept(probs_NE, experts))
+        return probs_decision(logits, probs_NE.to(logits.dtype), experts, self.kept_slots(probs_NE, experts))
 
-    def kept_slots(self, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+    def kept_slots(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with
         `drop`, slot 2 goes where −log(1 − w) < d[expert], w its share of the two static gates
-        (computed whatever d is — d = 0 keeps every slot — so that no decision waits for the host)."""
-        return self._kept(gate_probs(logits.float(), self.temperature), experts)
-
-    def _kept(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
+        (probs_NE [N, E] the fp32 static softmax; computed whatever d is — d = 0 keeps every slot —
+        so that no decision waits for the host)."""
         if not self.drop:
             return None
         cost_N = dropped_mass_kl(probs_NE, experts)
-        keep = cost_N >= self.drop_scale.to(cost_N.device)[experts[:, 1]]
-        return torch.cat([torch.ones_like(keep)[:, None], keep[:, None],
-                          torch.ones(keep.shape[0], experts.shape[1] - 2, dtype=torch.bool, device=keep.device)], -1)
+        mask = torch.ones_like(experts, dtype=torch.bool)
+        mask[:, 1] = cost_N >= self.drop_scale.to(cost_N.device)[experts[:, 1]]
+        return mask
 
     def _allowed(self, logits: torch.Tensor, static: torch.Tensor | None = None) -> torch.Tensor:
         """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere (`static` [N, 1 + extra]:
