@@ -16,7 +16,11 @@ median of the per-round ratios to static-top2 of the same round):
   same_routing_as_top2 whether the policy's decisions select exactly static top-2's (token, expert)
                        pairs on the chunk's first micro-batch (the identical-routing pairs:
                        static-top2, fixed-bias:0, fixed-price:1e9)
-  predicted_speed_vs_top2  from a measured cost table — None until the calibration exists
+  predicted_speed_vs_top2  what the cost table measured before the rounds (nectar.experiment.calibration,
+                       in the same dispatch; NVML on CUDA, the simulator's pricing on the CPU smoke run)
+                       predicts: top-2's predicted time over the policy's, for the routing the policy
+                       chose on the chunk's first micro-batch
+The cost table itself is written beside the JSON (`<json-out stem>.cost_table.json`).
 
     PYTHONPATH=. python benchmarks/policy_speed.py --device cuda --json-out policy_speed.json
     PYTHONPATH=. python benchmarks/policy_speed.py --device cpu --quick    # tiny smoke run
@@ -36,7 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward_chunk import DTYPES, build_model, count_host_syncs  # noqa: E402
 from benchmarks.timing import environment, synchronize, write_json  # noqa: E402
-from nectar.experiment.forward import install  # noqa: E402
+from nectar.control.cost_table import CostTable  # noqa: E402
+from nectar.experiment.calibration import CalibrationConfig, calibrate  # noqa: E402
+from nectar.experiment.forward import forward_chunk, install  # noqa: E402
 from nectar.experiment.host_reads import count_host_reads  # noqa: E402
 from nectar.experiment.policies import policy_router  # noqa: E402
 
@@ -54,8 +60,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--dispatch", choices=["grouped", "loop"], default="loop",
-                        help="the MoE layers' dispatch (loop: what the experiments use today)")
+    parser.add_argument("--dispatch", choices=["grouped", "compiled", "loop"], default="loop",
+                        help="the MoE layers' dispatch (loop: what the experiments use today; compiled: "
+                             "grouped with gate → router → dispatch under torch.compile)")
+    parser.add_argument("--calibration-s", type=float, default=2.0, help="the cost calibration's time budget")
     parser.add_argument("--quick", action="store_true", help="tiny model and chunk for a smoke test")
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
@@ -120,7 +128,37 @@ def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
     return pairs
 
 
-def measure_policies(model, chunk: torch.Tensor, args, device: torch.device) -> list[dict]:
+def telemetry_backend(device: torch.device):
+    """NVML on CUDA (read-only), else the simulator (a smoke run's stand-in)."""
+    if device.type == "cuda":
+        from hw.backend import create
+    else:
+        from sim.backend import create
+    return create()
+
+
+def measure_cost_table(model, chunk: torch.Tensor, args, device: torch.device) -> CostTable:
+    backend = telemetry_backend(device)
+    try:
+        table = calibrate(model, backend, chunk, CalibrationConfig(budget_s=args.calibration_s, micro_rows=args.micro_batch),
+                          static_router=lambda layer: policy_router("static-top2", layer))
+        table.gpu = backend.gpu_name()
+    finally:
+        backend.close()
+    for name, check in table.checks.items():
+        print(f"# cost table ({table.seconds:.2f} s, {table.dispatch}): {name} measured {check['measured_s'] * 1e3:.2f} ms, "
+              f"predicted {check['predicted_s'] * 1e3:.2f} ms", flush=True)
+    return table
+
+
+def predicted_seconds(model, table: CostTable, ids: torch.Tensor, policy: str) -> float:
+    """What `table` predicts for one forward of ids with the installed routers."""
+    workload = forward_chunk(model, ids, ids.shape[0], policy, max_sample_tokens=0).workload
+    counts = workload.expert_counts()
+    return table.predict([counts[i] for i, _ in model.moe_layers()], ids.numel())[0]
+
+
+def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, table: CostTable) -> list[dict]:
     micro = list(chunk.split(args.micro_batch))
     routers = {name: [policy_router(name, layer) for _, layer in model.moe_layers()] for name in args.policies}
     meter = EnergyCounter(device)
@@ -148,7 +186,7 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device) -> 
                       "syncs_per_chunk": None if syncs is None else syncs["count"] * len(micro),
                       "sync_sites": None if syncs is None else syncs["sites"],
                       "kernels_per_forward": kernels_per_forward(lambda: forward(micro[0]), device),
-                      "pairs": pairs}
+                      "predicted_s": predicted_seconds(model, table, micro[0], name), "pairs": pairs}
     times = {name: [] for name in args.policies}
     energy = {name: [] for name in args.policies}
     for r in range(args.rounds):
@@ -181,7 +219,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "syncs_per_chunk": info[name]["syncs_per_chunk"], "sync_sites": info[name]["sync_sites"],
             "host_reads_per_forward": info[name]["host_reads_per_forward"],
             "kernels_per_forward": info[name]["kernels_per_forward"], "same_routing_as_top2": same,
-            "predicted_speed_vs_top2": None, "round_s": times[name], "round_speed_vs_top2": speed,
+            "predicted_speed_vs_top2": info["static-top2"]["predicted_s"] / info[name]["predicted_s"], "round_s": times[name], "round_speed_vs_top2": speed,
             "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch})
     return rows
 
@@ -191,22 +229,29 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     model = build_model(args.vocab, args.dtype, device, tiny=args.quick)
     for _, layer in model.moe_layers():
-        layer.grouped = args.dispatch == "grouped"
+        layer.grouped = args.dispatch in ("grouped", "compiled")
+        if args.dispatch == "compiled":
+            layer.compile_dispatch(True)
+    if args.dispatch == "compiled":
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(args.policies))
     gen = torch.Generator().manual_seed(0)
     chunk = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=gen).to(device)
     env = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "rows": args.rows,
            "micro_batch": args.micro_batch, "seq_len": args.seq_len, "rounds": args.rounds}
     print(f"# {env}", flush=True)
-    rows = [{**row, **env} for row in measure_policies(model, chunk, args, device)]
-    print(f"{'policy':<18}{'M tok/s':>9}{'vs top2':>9}{'energy':>9}{'syncs':>7}{'reads':>7}{'kernels':>9}  same")
+    table = measure_cost_table(model, chunk, args, device)
+    rows = [{**row, **env} for row in measure_policies(model, chunk, args, device, table)]
+    print(f"{'policy':<18}{'M tok/s':>9}{'vs top2':>9}{'predict':>9}{'energy':>9}{'syncs':>7}{'reads':>7}{'kernels':>9}  same")
     for row in rows:
         energy = "" if row["energy_vs_top2"] is None else f"{row['energy_vs_top2']:.3f}"
-        print(f"{row['policy']:<18}{row['tokens_per_s'] / 1e6:9.3f}{row['speed_vs_top2']:9.3f}{energy:>9}"
+        print(f"{row['policy']:<18}{row['tokens_per_s'] / 1e6:9.3f}{row['speed_vs_top2']:9.3f}"
+              f"{row['predicted_speed_vs_top2']:9.3f}{energy:>9}"
               f"{str(row['syncs_per_chunk']):>7}{row['host_reads_per_forward']:>7}{str(row['kernels_per_forward']):>9}"
               f"  {row['same_routing_as_top2']}", flush=True)
     write_json(args.json_out, rows)
     if args.json_out:
-        print(f"wrote {args.json_out}", flush=True)
+        table_path = table.save(Path(args.json_out).with_suffix(".cost_table.json"))
+        print(f"wrote {args.json_out} and {table_path}", flush=True)
     return 0
 
 

@@ -58,6 +58,11 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature, °C (20-100)")
     g.add_argument("--power-budget", type=schedule, default=None,
                    help="hold mean power below this, W, or a schedule 'seconds:W,…' starting at 0")
+    g.add_argument("--cost-calibration-s", type=positive_float, default=2.0,
+                   help="time budget of the cost calibration before the first chunk, s (each expert's measured "
+                        "time and energy per slot; the priced policies start from it)")
+    g.add_argument("--no-cost-calibration", action="store_true",
+                   help="skip the calibration: priced policies start from the FLOP prior")
 
 
 def add_sim_args(p: argparse.ArgumentParser) -> None:
@@ -153,9 +158,12 @@ def controller_config(args):
 def configs(args, policies: list[str], interleave: bool | None = None):
     from nectar.experiment.runner import RunConfig
 
+    from nectar.experiment.calibration import CalibrationConfig
+
+    calibration = None if args.no_cost_calibration else CalibrationConfig(budget_s=args.cost_calibration_s)
     return RunConfig(policies=policies, tokens=args.tokens, chunk_tokens=args.chunk_tokens, seq_len=args.seq_len,
                      seed=args.seed, micro_batch_rows=args.micro_batch, interleave=interleave,
-                     controller=controller_config(args))
+                     controller=controller_config(args), calibration=calibration)
 
 
 def backend_factory(args, cfg, **extra):

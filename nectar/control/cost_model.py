@@ -8,8 +8,9 @@ counts (docs/design.md, "One chunk"):
 `e0` (W) absorbs idle and expert-independent power (attention, LM head, leakage); `c[l, i]`
 (J/token) is the marginal energy of one token through expert i of layer l. The parameters are
 fitted by RLS with an exponential forgetting factor so that they follow temperature and clock
-changes. A prior proportional to each expert's FLOPs makes the model usable from the first chunk
-and keeps the never-excited directions sensible.
+changes. A prior makes the model usable from the first chunk and keeps the never-excited
+directions sensible: measured costs where a calibration gave them (`prior_J_per_token`, a row per
+layer, None for a layer it did not measure; `prior_idle_W`), else proportional to each expert's FLOPs.
 """
 
 from __future__ import annotations
@@ -57,13 +58,22 @@ class OnlineCostModel:
 
     expert_flops: list[list[float]]          # [L][E] forward FLOPs per token, for the prior
     config: CostModelConfig = field(default_factory=CostModelConfig)
+    prior_J_per_token: list[list[float] | None] | None = None   # [L][E] measured prior (None rows: FLOPs)
+    prior_idle_W: float | None = None        # measured prior for e0 (None: config.prior_idle_W)
 
     def __post_init__(self):
         self.num_layers = len(self.expert_flops)
         self.experts_per_layer = [len(row) for row in self.expert_flops]
-        prior = [self.config.prior_idle_W]
-        for row in self.expert_flops:
-            prior += [max(f, 1.0) * 1e-9 * self.config.prior_joule_per_gflop / COUNT_SCALE for f in row]
+        measured = self.prior_J_per_token or [None] * self.num_layers
+        if len(measured) != self.num_layers or any(m is not None and len(m) != len(f)
+                                                    for m, f in zip(measured, self.expert_flops)):
+            raise ValueError("prior_J_per_token must have one row per layer, as long as the layer's expert list")
+        prior = [self.config.prior_idle_W if self.prior_idle_W is None else self.prior_idle_W]
+        for row, joules in zip(self.expert_flops, measured):
+            if joules is None:
+                prior += [max(f, 1.0) * 1e-9 * self.config.prior_joule_per_gflop / COUNT_SCALE for f in row]
+            else:
+                prior += [j / COUNT_SCALE for j in joules]
         self.theta = torch.tensor(prior, dtype=torch.float64)                    # [F]
         floor = self.theta[1:].abs().mean() if len(prior) > 1 else self.theta.abs()[0]
         std = torch.maximum(self.theta.abs(), floor) * self.config.prior_rel_std  # [F]

@@ -231,13 +231,16 @@ def write_outputs(out: Path, runs: list["PolicyRun"], summary: dict, command: st
                   extra_trace: list[TraceRow] | None = None, extra_files: dict[str, dict] | None = None,
                   plots: tuple[str, ...] = (), **meta) -> None:
     """Write the run directory `out` (the temporary folder of an `OutputDir`, normally):
-    summary.json, chunks.csv, trace.csv.gz, meta.json, the convexity instance, any `extra_files`
+    summary.json, chunks.csv, trace.csv.gz, meta.json, the convexity instance, the run's cost table
+    (cost_table.json, when it calibrated), any `extra_files`
     (name → JSON document) and the plots (the run's, plus `plots` families, e.g. "frontier")."""
     from nectar.cli.common import strict_json, to_strict  # torch-free, like this module
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "summary.json").write_text(strict_json(summary, indent=2, sort_keys=True) + "\n")
-    for name, document in (extra_files or {}).items():
+    table = getattr(runs[0], "cost_table", None) if runs else None
+    extra_files = {**({"cost_table.json": table.to_dict()} if table is not None else {}), **(extra_files or {})}
+    for name, document in extra_files.items():
         (out / name).write_text(strict_json(document, indent=2, sort_keys=True) + "\n")
     rows = record_rows(runs)
     write_chunks_csv(out / "chunks.csv", rows)

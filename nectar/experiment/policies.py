@@ -6,8 +6,9 @@ Non-adaptive (the static frontier):
 - `fixed-bias:B`: NECTAR's own router with a fixed score bias B on the cheap experts and no
   controller (B = 0 is static top-2 over the static-or-cheap candidates);
 - `fixed-price:L`: NECTAR's own router (with the drop option) frozen where the chunk problem puts
-  it at a fixed quality price λ = L with the FLOP prior's costs: bias −c/λ and drop scale c/λ, no
-  controller — the static policy NECTAR's controller moves along;
+  it at a fixed quality price λ = L with the run's start costs (measured by the calibration, else
+  the FLOP prior): bias −c/λ and drop scale c/λ, no controller — the static policy NECTAR's
+  controller moves along;
 - `top-p:P`: per-token confidence threshold (top-p routing, at most two experts): a token takes
   experts by probability until their mass reaches P;
 - `mix:S`: a random share S of the tokens routes its second slot to the best cheap expert.
@@ -15,7 +16,7 @@ Adaptive:
 - `pi-share:S`: NECTAR's router whose cheap bias a PI controller moves so that a share S of second
   slots goes to cheap experts (a DTop-p-style baseline: it holds a compute target, not energy);
 - `nectar` (a token may go to a cheap expert or skip its remaining slot), and the ablations
-  `nectar:prior` (the cost model keeps its FLOP prior), `nectar:frozen` (the cost model stops
+  `nectar:prior` (the cost model keeps the FLOP prior, measured costs or not), `nectar:frozen` (the cost model stops
   learning after a few chunks), `nectar:fast` (with the fast-weight router network),
   `nectar:dual` (the price by dual ascent alone, no feed-forward from the sensitivity),
   `nectar:noscale` (dual ascent and one price for every chunk, no per-chunk sensitivity),
@@ -106,8 +107,10 @@ def cheap_experts(layer, cheap_fraction: float = 0.5) -> list[int]:
     return [i for i, f in enumerate(flops) if f <= cheap_fraction * top]
 
 
-def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0) -> Router:
-    """A fresh router of `policy` for `layer` (an MoE layer: num_experts, d_model, experts)."""
+def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0,
+                  costs: torch.Tensor | None = None) -> Router:
+    """A fresh router of `policy` for `layer` (an MoE layer: num_experts, d_model, experts);
+    `costs` [E]: the relative per-slot costs `fixed-price:L` is priced with (default: the FLOP prior)."""
     spec = parse_policy(policy) if isinstance(policy, str) else policy
     if hasattr(layer, "policy_router"):        # a transformers MoE block: nectar.hf.policies names its routers
         return layer.policy_router(spec.name)
@@ -134,7 +137,7 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))
     if spec.kind == "fixed-price":
-        router.start_at_price(prior_costs(layer), spec.value)
+        router.start_at_price(prior_costs(layer) if costs is None else costs, spec.value)
     return router
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import math
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
@@ -37,8 +38,10 @@ from nectar.control.replicas import ReplicaGroup, replica_extra
 from nectar.control.replicas import active as active_replicas
 from nectar.control.share_controller import ShareController
 from nectar.experiment.forward import forward_chunk, install
-from nectar.experiment.policies import (DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router,
-                                        prior_costs)
+from nectar.control.cost_table import CostTable
+from nectar.experiment.calibration import (CalibrationConfig, CalibrationError, calibrate, measured_cost_model, start_costs,
+                                           supports_calibration)
+from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
 from nectar.experiment.records import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.trace import TraceRow
@@ -55,6 +58,7 @@ class RunConfig:
     interleave: bool | None = None      # share one backend and interleave policies in time (None: unless
                                         # the backend gives each policy its own isolated device)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    calibration: CalibrationConfig | None = None   # measure expert costs before the first chunk (None: FLOP prior)
 
     def __post_init__(self):
         check_policies(self.policies)
@@ -86,6 +90,7 @@ class PolicyRun:
     records: list[ChunkRecord] = field(default_factory=list)
     trace: list[TraceRow] = field(default_factory=list)   # every telemetry window, in order
     replicas: ReplicaGroup | None = None   # data-parallel: windows and observations are the node's
+    cost_table: CostTable | None = None    # the run's calibration (shared by every policy), if any
 
     def log(self, window, kind: str, chunk_index: int, suffix: str = "") -> None:
         self.trace.append(TraceRow(window, window.workload, kind=kind, policy=self.name + suffix,
@@ -106,16 +111,21 @@ def measured_forward(backend, model, batch: torch.Tensor, policy: str, micro_row
     return box["observation"], window
 
 
-def build_policy(name: str, model, backend, cfg: RunConfig) -> PolicyRun:
+def build_policy(name: str, model, backend, cfg: RunConfig, table: CostTable | None = None) -> PolicyRun:
+    """A policy's routers (and controller): priced policies start from `table`'s measured costs
+    (`nectar:prior` from the FLOP prior), or from the FLOP prior without a table."""
     spec = parse_policy(name)
     layers = [layer for _, layer in model.moe_layers()]
-    routers = [policy_router(spec, layer, seed=cfg.seed) for layer in layers]
+    measured = table if spec.name != "nectar:prior" else None
+    costs = start_costs(model, measured)
+    routers = [policy_router(spec, layer, seed=cfg.seed, costs=c) for layer, c in zip(layers, costs)]
     reference = getattr(model, "reference_policy", "static-top2")   # transformers MoE: the family's own top-K
-    run = PolicyRun(name, spec, routers, [policy_router(reference, layer) for layer in layers], backend)
+    run = PolicyRun(name, spec, routers, [policy_router(reference, layer) for layer in layers], backend,
+                    cost_table=table)
     if spec.is_nectar:
         run.controller = NectarController(routers, nectar_config(spec, cfg.controller),
-                                          cost_layers=[idx for idx, _ in model.moe_layers()],
-                                          start_costs=[prior_costs(layer) for layer in layers])
+                                          cost_layers=[idx for idx, _ in model.moe_layers()], start_costs=costs,
+                                          cost_model=None if measured is None else measured_cost_model(model, measured))
     elif spec.kind == "pi-share":
         run.controller = ShareController(routers, target_share=spec.value, limits=cfg.controller.limits)
     elif cfg.has_limits:
@@ -228,7 +238,8 @@ def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_fac
         progress = progress and replicas.rank == 0
     first = backend_factory()
     interleave = cfg.interleave if cfg.interleave is not None else not first.isolated
-    runs = [build_policy(n, model, first if (interleave or j == 0) else backend_factory(), cfg)
+    table = run_calibration(model, first, chunks[0], cfg, progress)
+    runs = [build_policy(n, model, first if (interleave or j == 0) else backend_factory(), cfg, table)
             for j, n in enumerate(cfg.policies)]
     for run in runs:
         run.replicas = replicas
@@ -240,6 +251,27 @@ def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_fac
             before_policy(runs[j])
         runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
     return runs
+
+
+def run_calibration(model, backend, chunk: torch.Tensor, cfg: RunConfig, progress: bool) -> CostTable | None:
+    """The run's cost table (None when calibration is off or the model's layers cannot be forced)."""
+    if cfg.calibration is None or not supports_calibration(model):
+        return None
+    calibration = replace(cfg.calibration, micro_rows=cfg.calibration.micro_rows or cfg.micro_batch_rows)
+    try:
+        table = calibrate(model, backend, chunk, calibration,
+                          static_router=lambda layer: policy_router(getattr(model, "reference_policy", "static-top2"), layer))
+    except CalibrationError as exc:
+        print(f"nectar: warning: cost calibration failed ({exc}); priced policies start from the FLOP prior",
+              file=sys.stderr, flush=True)
+        return None
+    table.gpu = backend.gpu_name()
+    if progress:
+        check = table.checks.get("static-top2", {})
+        print(f"cost calibration: {table.seconds:.2f} s, {table.dispatch} dispatch; static top-2 measured "
+              f"{check.get('measured_J', float('nan')):.3g} J, predicted {check.get('predicted_J', float('nan')):.3g} J",
+              file=sys.stderr, flush=True)
+    return table
 
 
 # ---------------------------------------------------------------------------- data-parallel replicas

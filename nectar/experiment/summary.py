@@ -76,4 +76,14 @@ def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **ext
     return {"backend": backend, "seed": cfg.seed, **runs[0].backend.info(),
             "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "price_init": start_price(runs, guard.price_init),
             "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
-            "max_ppl_increase": guard.max_ppl_increase, **extra, "policies": summarise(runs)}
+            "max_ppl_increase": guard.max_ppl_increase, "calibration": calibration_summary(runs), **extra,
+            "policies": summarise(runs)}
+
+
+def calibration_summary(runs: list["PolicyRun"]) -> dict | None:
+    """What the run's cost calibration cost and how well its table predicted its check routing."""
+    table = getattr(runs[0], "cost_table", None)
+    if table is None:
+        return None
+    return {"seconds": table.seconds, "energy_J": table.energy_J, "dispatch": table.dispatch,
+            "relative_costs": table.relative_costs().tolist(), "checks": table.checks}

@@ -1,0 +1,223 @@
+"""The cost calibration: before the first chunk, measure what each expert costs on this device.
+
+Every MoE layer gets a `ForcedRouter` and the model runs a few design points through the backend's
+own telemetry windows (the real forward on the GPU, the simulator's pricing on the simulator — the
+same code for both):
+
+    drop-all      both slots of every token dropped (the body and the dispatch of dropped slots)
+    expert:<e>    slot 0 of every token computed by expert e, slot 1 dropped   (one point per expert)
+    spread        slot 0 of token i computed by expert i mod E, slot 1 dropped (every expert active)
+    static-top2   the trained gate's top-2, a held-out check of the table's prediction
+
+expert e's marginal cost per slot is (point e − drop-all) / (layers · tokens); what `spread` costs
+beyond the sum of those is the fixed cost of one more active expert in a layer's forward (a loop
+dispatch's launches, say), per layer and micro-batch; in time and in energy (`nectar.telemetry.energy.window_energy_J`: integrated instant power on short windows).
+Each point runs one un-timed warm-up micro-batch, then as many rows of the calibration batch as
+make a window of about `window_s` (at least one micro-batch, at most the batch), so the whole
+calibration stays near `budget_s` of device time. The dispatch each layer
+uses is the run's own (`layer.grouped`, compiled or not): the table prices the path the run takes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from nectar.control.cost_model import OnlineCostModel
+from nectar.control.cost_table import CalibrationPoint, CostTable
+from nectar.experiment.forward import forward_chunk, install
+from nectar.moe.dispatch import dispatch_path
+from nectar.moe.router import RoutingDecision, Router, check_logits, gate_probs
+from nectar.telemetry.energy import window_energy_J
+
+DROP = -1          # ForcedRouter's expert for "drop every slot"
+
+
+SPREAD = -2        # ForcedRouter's expert for "token i to expert i mod E"
+
+
+class CalibrationError(ValueError):
+    """The calibration could not measure a usable table (bad telemetry, no positive cost)."""
+
+
+class ForcedRouter(Router):
+    """Two slots per token: slot 0 → `expert` (dropped when expert is DROP; expert i mod E for token
+    i when it is SPREAD), slot 1 dropped."""
+
+    def __init__(self, num_experts: int, expert: int):
+        super().__init__(num_experts)
+        if not SPREAD <= expert < num_experts:
+            raise ValueError(f"forced expert {expert} is out of range for {num_experts} experts")
+        self.expert = expert
+
+    @property
+    def max_slots(self) -> int:
+        return 2
+
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        check_logits(logits, self.num_experts)
+        n = logits.shape[0]
+        experts_NK = torch.full((n, 2), max(self.expert, 0), dtype=torch.long, device=logits.device)   # [N, 2]
+        if self.expert == SPREAD:
+            experts_NK[:, 0] = torch.arange(n, device=logits.device) % self.num_experts
+        mask_NK = torch.ones((n, 2), dtype=torch.bool, device=logits.device)
+        dropped_NK = torch.ones_like(mask_NK)
+        if self.expert != DROP:
+            dropped_NK[:, 0] = False
+        gates_NK = (~dropped_NK).to(logits.dtype)                                            # [N, 2]
+        return RoutingDecision(experts_NK, gates_NK, mask_NK, dropped_NK, gate_probs(logits, 1.0), logits)
+
+
+@dataclass
+class CalibrationConfig:
+    budget_s: float = 2.0          # target wall time of the whole calibration
+    window_s: float | None = None  # one point's window; None: budget spread over the points
+    micro_rows: int | None = None  # rows per forward (the run's micro-batch)
+
+    def __post_init__(self):
+        if not self.budget_s > 0 or (self.window_s is not None and not self.window_s > 0):
+            raise ValueError("calibration budget_s and window_s must be > 0")
+
+
+def supports_calibration(model) -> bool:
+    """Whether every MoE layer takes a plain Router and all layers share one expert pool."""
+    layers = [layer for _, layer in model.moe_layers()]
+    if not layers or any(hasattr(layer, "policy_router") or not hasattr(layer, "experts") for layer in layers):
+        return False
+    return len({tuple(_kinds(layer)) for layer in layers}) == 1
+
+
+def calibrate(model, backend, batch: torch.Tensor, config: CalibrationConfig | None = None,
+              static_router=None, on_window=None) -> CostTable:
+    """Measure the model's CostTable on `backend` with rows of `batch` [B, T] (see module docstring).
+    `static_router(layer)` makes the check routing's router; `on_window(name, window)` sees every
+    measured window (e.g. to log it in a trace). The layers' routers are restored afterwards."""
+    config = config or CalibrationConfig()
+    if not supports_calibration(model):
+        raise ValueError("cost calibration needs MoE layers that take a Router and share one expert pool")
+    layers = [layer for _, layer in model.moe_layers()]
+    saved = [layer.router for layer in layers]
+    started = time.perf_counter()
+    try:
+        points = _measure_points(model, backend, batch, config, layers, static_router, on_window)
+    finally:
+        install(model, saved)
+    table = _table(model, layers, points, time.perf_counter() - started, config.micro_rows or batch.shape[0])
+    if not max(table.expert_J_per_token) > 0:
+        raise CalibrationError("no expert has a positive measured energy per slot")
+    return table
+
+
+def _measure_points(model, backend, batch, config, layers, static_router, on_window) -> list[CalibrationPoint]:
+    num = layers[0].num_experts
+    designs = [("drop-all", DROP)] + [(f"expert:{e}", e) for e in range(num)] + [("spread", SPREAD)]
+    if static_router is not None:
+        designs.append(("static-top2", None))
+    micro = config.micro_rows or batch.shape[0]
+    window_s = config.window_s or config.budget_s / (len(designs) + 1)
+    rows = None
+    points = []
+    for name, expert in designs:
+        routers = [static_router(layer) if expert is None else ForcedRouter(num, expert) for layer in layers]
+        install(model, routers)
+        forward_chunk(model, batch[:micro], micro, name, max_sample_tokens=0)          # warm-up, not measured
+        if rows is None:
+            rows = _rows_for_window(model, backend, batch, micro, window_s)
+        point, window = _measure(model, backend, batch[:rows], micro, name)
+        if on_window is not None:
+            on_window(name, window)
+        points.append(point)
+    return points
+
+
+def _rows_for_window(model, backend, batch: torch.Tensor, micro: int, window_s: float) -> int:
+    """Rows whose forward lasts about window_s (one micro-batch is timed through the backend)."""
+    probe = backend.run_chunk(lambda: forward_chunk(model, batch[:micro], micro, "calibration-probe",
+                                                    max_sample_tokens=0).workload)
+    per_row_s = max(probe.duration_s, 1e-9) / micro
+    rows = math.ceil(window_s / per_row_s / micro) * micro
+    return max(micro, min(rows, batch.shape[0]))
+
+
+def _measure(model, backend, rows: torch.Tensor, micro: int, name: str):
+    """(point, window) of one forward of rows; counts and tokens as the backend accounted them (a
+    simulator pricing a small model at a larger shape scales both)."""
+    box = {}
+
+    def compute():
+        box["workload"] = forward_chunk(model, rows, micro, name, max_sample_tokens=0).workload
+        return box["workload"]
+
+    window = backend.run_chunk(compute)
+    workload = window.workload if window.workload is not None else box["workload"]
+    counts = workload.expert_counts()
+    moe_counts = [counts[i] for i, _ in model.moe_layers()]                     # [L][E]
+    per_layer = [round(sum(col) / len(moe_counts)) for col in zip(*moe_counts)]   # [E] mean over layers
+    energy_J = window_energy_J(window)
+    if not (window.is_valid() and math.isfinite(energy_J) and window.duration_s > 0):
+        raise CalibrationError(f"the {name} window's telemetry is unusable (flags: {', '.join(window.flags) or 'none'})")
+    point = CalibrationPoint(name, workload.tokens, per_layer, window.duration_s, energy_J,
+                             forwards=math.ceil(rows.shape[0] / micro))
+    return point, window
+
+
+def _table(model, layers, points: list[CalibrationPoint], wall_s: float, micro: int) -> CostTable:
+    base, by_name = points[0], {p.name: p for p in points}
+    num, count = layers[0].num_experts, len(layers)
+    base_s, base_J = base.duration_s / base.tokens, base.energy_J / base.tokens          # per token
+    expert_s = [by_name[f"expert:{e}"].duration_s / (count * by_name[f"expert:{e}"].tokens) - base_s / count
+                for e in range(num)]
+    expert_J = [by_name[f"expert:{e}"].energy_J / (count * by_name[f"expert:{e}"].tokens) - base_J / count
+                for e in range(num)]
+    table = CostTable(
+        gpu="", dispatch=_dispatch_name(layers[0]), layers=count, expert_kinds=_kinds(layers[0]),
+        base_s_per_token=base_s, base_J_per_token=base_J, expert_s_per_token=expert_s, expert_J_per_token=expert_J,
+        micro_rows=micro, points=points, seconds=sum(p.duration_s for p in points),
+        energy_J=sum(p.energy_J for p in points), wall_s=wall_s)
+    spread = by_name["spread"]
+    linear_s, linear_J = table.predict([spread.slots_per_layer] * count, spread.tokens, spread.forwards)
+    extra = count * spread.forwards * (num - 1)         # active experts beyond one, over layers and forwards
+    table.active_expert_s = (spread.duration_s - linear_s) / extra
+    table.active_expert_J = (spread.energy_J - linear_J) / extra
+    for p in points[num + 2:]:                           # the check routings
+        predicted_s, predicted_J = table.predict([p.slots_per_layer] * count, p.tokens, p.forwards)
+        table.checks[p.name] = {"measured_s": p.duration_s, "predicted_s": predicted_s,
+                                "measured_J": p.energy_J, "predicted_J": predicted_J}
+    return table
+
+
+def _kinds(layer) -> list[str]:
+    return [expert.cost_per_token().kind for expert in layer.experts]
+
+
+def _dispatch_name(layer) -> str:
+    """The path layer's forward takes on its own device and dtype ("loop", "grouped", "grouped+compile")."""
+    weight = layer.gate.weight
+    path = dispatch_path(torch.empty(1, layer.d_model, device=weight.device, dtype=weight.dtype), layer.experts,
+                         layer.grouped)
+    return path + ("+compile" if path == "grouped" and layer.compile_options is not None else "")
+
+
+# ---------------------------------------------------------------------------- what a run starts from
+
+
+def start_costs(model, table: CostTable | None) -> list[torch.Tensor]:
+    """Per MoE layer, [E] the relative per-slot costs the priced policies start from: the table's
+    measured energy (normalised to the costliest expert), else the FLOP prior."""
+    from nectar.experiment.policies import prior_costs
+
+    return [prior_costs(layer) if table is None else table.relative_costs() for _, layer in model.moe_layers()]
+
+
+def measured_cost_model(model, table: CostTable) -> OnlineCostModel:
+    """NECTAR's online cost model with the table's measurements as its prior (MoE blocks: the
+    measured J per slot; other blocks and the layout: from the model's workload)."""
+    moe = {index for index, _ in model.moe_layers()}
+    blocks = model.workload_from_counts([[0] * layer.num_experts for _, layer in model.moe_layers()], 1, 1).layers
+    measured = [max(0.0, j) for j in table.expert_J_per_token]
+    return OnlineCostModel([[c.flops for c in block.expert_costs] for block in blocks],
+                           prior_J_per_token=[measured if i in moe else None for i in range(len(blocks))],
+                           prior_idle_W=table.base_power_W())
