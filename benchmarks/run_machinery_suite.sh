@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The machinery measurements of one GPU (issue "NECTAR's machinery at the hardware's speed"), into OUTDIR:
+#   sync_test.txt         every policy's MoE layers under torch.cuda.set_sync_debug_mode("error")
+#   policy_speed_<d>.json every policy on the same chunk, dispatch d = grouped, loop, compiled
+#                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
+#   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
+#   suite.log
+# About 7 minutes on an H100/H200; each step has its own time limit, so one that overruns leaves
+# the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
+#   bash benchmarks/run_machinery_suite.sh OUTDIR
+set -u -o pipefail
+OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+PY=${PYTHON:-python}
+POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,nectar
+
+step() {  # step NAME LIMIT_S ARGS...
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
+  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "^# round" | tee -a "$LOG"
+  echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
+}
+
+{ date; nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,temperature.gpu --format=csv 2>&1;
+  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py
+for d in grouped loop; do
+  step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
+    --policies "$POLICIES" --json-out "$OUT/policy_speed_$d.json"
+done
+step "policy_speed compiled" 150 "$PY" benchmarks/policy_speed.py --device cuda --dispatch compiled --rounds 3 \
+  --policies static-top2,fixed-bias:0,fixed-price:1e9,static-top1,nectar --json-out "$OUT/policy_speed_compiled.json"
+step moe_layer 100 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 32768 131072 --kinds swiglu gelu \
+  --experts 8 --top-k 2 --d-model 768 --hidden 3072 --compile --compile-tokens 32768 131072 --energy-seconds 1.0 \
+  --energy-tokens 32768 --json-out "$OUT/moe_layer.json"
+date | tee -a "$LOG"
