@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The machinery measurements of one GPU (issue "NECTAR's machinery at the hardware's speed"), into OUTDIR:
-#   sync_test.txt         every policy's MoE layers under torch.cuda.set_sync_debug_mode("error")
+#   (suite.log)           the sync test: every policy's MoE layers under torch.cuda.set_sync_debug_mode("error")
 #   policy_speed_<d>.json every policy on the same chunk, dispatch d = grouped, loop, compiled
 #                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
 #   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
-#   suite.log
+#   suite.log             everything printed
 # About 7 minutes on an H100/H200; each step has its own time limit, so one that overruns leaves
 # the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR
