@@ -130,10 +130,12 @@ class TopPRouter(Router):
         scores_NE = logits / self.temperature
         probs_NE = stable_softmax(scores_NE)
         selection_NE = stable_softmax((scores_NE + self.selection_bias.to(scores_NE.dtype)).detach())
-        sorted_NE, order_NE = torch.sort(selection_NE, dim=-1, descending=True, stable=True)
-        mass_before_NE = sorted_NE.cumsum(-1) - sorted_NE  # probability already taken before each slot
-        experts_NK = order_NE[:, : self.max_k]              # [N, K]
-        mask_NK = mass_before_NE[:, : self.max_k] < self.p  # slot 0 always (mass before = 0 < p)
+        if self.max_k < self.num_experts:                    # the K best only: no full sort
+            sorted_NK, experts_NK = torch.topk(selection_NE, self.max_k, dim=-1, sorted=True)   # [N, K]
+        else:
+            sorted_NK, experts_NK = torch.sort(selection_NE, dim=-1, descending=True, stable=True)
+        mass_before_NK = sorted_NK.cumsum(-1) - sorted_NK    # probability already taken before each slot
+        mask_NK = mass_before_NK < self.p                    # slot 0 always (mass before = 0 < p)
         mask_NK[:, 0] = True
         gates_NK = chosen_gates(probs_NE, experts_NK, mask_NK, self.renormalize)
         return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
