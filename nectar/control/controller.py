@@ -37,7 +37,6 @@ from nectar.control.limits import LimitConfig, LimitGovernor
 from nectar.control.observation import ChunkObservation
 from nectar.control.priced import PricedRouter, PriceStep, StepConfig, price_for_deviation, price_grid
 from nectar.control.quality_guard import DEFAULT_START_PRICE, GuardConfig, GuardVerdict, QualityCheck, QualityGuard
-from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
 COST_LEARNING = ("telemetry", "prior", "frozen")
@@ -96,7 +95,7 @@ class ControlRecord:
     pause_s: float = 0.0
     skipped: str = ""                  # why the energy update was skipped ("" = updated)
     biases: list[list[float]] = field(default_factory=list)  # [L][E] after the update
-    guard_energy_J: float = 0.0        # the quality check's own window
+    guard_energy_J: float = 0.0        # the quality check's cost (its share of the chunk window)
     guard_s: float = 0.0
 
 
@@ -124,6 +123,7 @@ class NectarController:
         self.chunks = 0
         self.backoff = 1                 # current thinning of the shadow checks
         self._next_check = 0             # chunk index of the next check
+        self._planned: torch.Tensor | None = None   # rows planned for the next chunk's check
         self.last_instance: dict | None = None  # first layer's last chunk problem, for analysis
         if start_costs is not None:
             self._start(start_costs)
@@ -171,15 +171,28 @@ class NectarController:
         """λ of the chunk problem: the price of quality, scaled by sensitivity, relieved by pressure."""
         return self.guard.price * self.guard.kappa / (1.0 + self.limits.pressure)
 
-    def _check(self, observation: ChunkObservation, shadow: ShadowCheck | None) -> QualityCheck | None:
-        """Re-run `shadow_share` of the sequences: that many rows of a chunk when a chunk has enough
-        rows, else one row every ⌈1 / (rows · share)⌉ chunks; thinned by the current backoff."""
-        rows = observation.nll_rows.numel()
-        if shadow is None or rows == 0 or self.chunks < self._next_check:
+    def planned_check(self, rows: int) -> torch.Tensor | None:
+        """Before a chunk of `rows` sequences: [r] the rows its quality check will re-run under
+        static routing (None: no check is due), so that the caller can run them inside the chunk's
+        own telemetry window; `after_chunk` then asks `shadow` for exactly these rows."""
+        self._planned = self._pick_rows(rows)
+        return self._planned
+
+    def _pick_rows(self, rows: int) -> torch.Tensor | None:
+        """`shadow_share` of the sequences: that many rows of a chunk when a chunk has enough rows,
+        else one row every ⌈1 / (rows · share)⌉ chunks; thinned by the current backoff."""
+        if rows == 0 or self.chunks < self._next_check:
             return None
         per_chunk = self.config.shadow_share * rows
-        picked = torch.randperm(rows, generator=self.generator)[:max(1, round(per_chunk))].sort().values   # [r]
-        return shadow(picked)
+        return torch.randperm(rows, generator=self.generator)[:max(1, round(per_chunk))].sort().values   # [r]
+
+    def _check(self, observation: ChunkObservation, shadow: ShadowCheck | None) -> QualityCheck | None:
+        """The chunk's paired check: the planned rows (`planned_check`), else rows picked now."""
+        planned, self._planned = self._planned, None
+        if shadow is None:
+            return None
+        picked = planned if planned is not None else self._pick_rows(observation.nll_rows.numel())
+        return None if picked is None else shadow(picked)
 
     def _schedule_next(self, observation: ChunkObservation, check: QualityCheck | None, predicted: float) -> None:
         """After a check: while the measured increase agrees with the sensitivity model's prediction
@@ -222,7 +235,7 @@ class NectarController:
 
     def _record(self, verdict: GuardVerdict, deviation: float, residual: float | None, skipped: str,
                 window: TelemetryWindow, check: QualityCheck | None) -> ControlRecord:
-        guard_window = None if check is None else check.window
+        guard_J, guard_s = (0.0, 0.0) if check is None else check.cost()
         return ControlRecord(
             lam=self.lam, price=self.guard.price, kappa=self.guard.kappa, nu_temp=self.limits.nu_temp,
             nu_power=self.limits.nu_power, nu_mem=self.limits.nu_mem, alpha=self.routers[0].alpha if self.routers else 1.0,
@@ -230,8 +243,7 @@ class NectarController:
             deviation=deviation, cost_residual=residual, budget_W=self.limits.budget_W(),
             pause_s=self.limits.pause_s(window, window.duration_s), skipped=skipped,
             biases=[r.state_vector() for r in self.routers],
-            guard_energy_J=0.0 if guard_window is None else window_energy_J(guard_window),
-            guard_s=0.0 if guard_window is None else guard_window.duration_s,
+            guard_energy_J=guard_J, guard_s=guard_s,
         )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from nectar.telemetry.energy import window_energy_J
 from nectar.telemetry.window import TelemetryWindow
 
 
@@ -43,12 +44,22 @@ DEFAULT_START_PRICE = 0.3   # NECTAR's router (a router class may declare its ow
 @dataclass
 class QualityCheck:
     """One paired check: mean NLL per token of the same tokens under adapted and static routing,
-    the number of tokens, and the check's own telemetry window (None when it cost nothing)."""
+    the number of tokens, and what it cost: its own telemetry window, or — when it rode along in
+    its chunk's window — the share of that window's energy and time attributed to it (both None
+    when it cost nothing)."""
 
     adapted_nll: float
     static_nll: float
     tokens: int
     window: TelemetryWindow | None = None
+    energy_J: float | None = None     # attributed share of the chunk window (ride-along checks)
+    seconds: float | None = None
+
+    def cost(self) -> tuple[float, float]:
+        """(energy J, seconds) the check cost: its own window's, else its attributed share, else 0."""
+        if self.window is not None:
+            return window_energy_J(self.window), self.window.duration_s
+        return self.energy_J or 0.0, self.seconds or 0.0
 
     @property
     def delta_nll(self) -> float:

@@ -17,8 +17,8 @@ and every replica keeps one identical bias without broadcasting it:
   temperature, energy, power and duration are kept in the window (`ReplicaWindow.per_replica`);
 * the paired quality check (`ReplicaGroup.quality_check`): the controller picks rows of the whole
   chunk (its generator is in the same state on every replica); each replica re-runs under static
-  routing the picked rows it holds, in a window of its own, and the static NLL sums and token counts
-  are summed, the windows combined as above.
+  routing the picked rows it holds inside its chunk window (the check rides along), and the static
+  NLL sums and token counts are summed.
 A power budget therefore applies to the replicas' summed power. Collectives: `all_gather_object`
 for the small records, tensor `all_gather` for the samples (gloo on CPU, NCCL on GPUs, where
 `torch.cuda.set_device` must have been called). `data_parallel(group)` makes a group the active

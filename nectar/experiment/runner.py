@@ -44,6 +44,7 @@ from nectar.experiment.calibration import (CalibrationConfig, CalibrationError, 
 from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
 from nectar.experiment.records import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
+from nectar.telemetry.workload import merge_workloads
 from nectar.telemetry.trace import TraceRow
 
 
@@ -98,17 +99,41 @@ class PolicyRun:
 
 
 def measured_forward(backend, model, batch: torch.Tensor, policy: str, micro_rows: int | None = None,
-                     max_sample_tokens: int | None = None):
-    """(observation, window): the chunk's forward run inside the backend's telemetry window."""
+                     max_sample_tokens: int | None = None, check_rows: torch.Tensor | None = None,
+                     run: "PolicyRun | None" = None):
+    """(observation, window, static observation or None): the chunk's forward run inside the
+    backend's telemetry window; with `check_rows` [r] (rows of `batch`), those rows are re-run
+    under `run`'s static routers inside the same window, whose workload is then both forwards'."""
     box: dict = {}
     sample = {} if max_sample_tokens is None else {"max_sample_tokens": max_sample_tokens}
 
     def compute():
         box["observation"] = forward_chunk(model, batch, micro_rows, policy, **sample)
-        return box["observation"].workload
+        if check_rows is None or not check_rows.numel():
+            return box["observation"].workload
+        install(model, run.static_routers)
+        try:
+            box["static"] = forward_chunk(model, batch[check_rows.to(batch.device)], micro_rows, "guard-shadow",
+                                          max_sample_tokens=0)
+        finally:
+            install(model, run.routers)
+        return merge_workloads([box["observation"].workload, box["static"].workload], policy)
 
     window = backend.run_chunk(compute)
-    return box["observation"], window
+    return box["observation"], window, box.get("static")
+
+
+def ride_along_check(run: "PolicyRun", rows: torch.Tensor, observation, static, window, share: float) -> QualityCheck:
+    """The paired check of `rows` (of the whole chunk) whose static re-run rode along in the chunk's
+    `window` (this process's re-run: `static`, None if it held none of the rows); it costs `share`
+    of the window's energy and time. Over replicas the static NLLs of every replica's rows combine."""
+    if run.replicas is None:
+        adapted_sum, tokens = observation.rows_nll(rows)
+        check = QualityCheck(adapted_sum / tokens, static.nll_sum / static.nll_tokens, tokens)
+    else:
+        local = None if static is None else (static.nll_rows, static.nll_tokens, None)
+        check = run.replicas.quality_check(rows, observation, local)
+    return replace(check, energy_J=share * window_energy_J(window), seconds=share * window.duration_s)
 
 
 def build_policy(name: str, model, backend, cfg: RunConfig, table: CostTable | None = None) -> PolicyRun:
@@ -146,30 +171,25 @@ def nectar_config(spec: PolicySpec, base: ControllerConfig) -> ControllerConfig:
     return base
 
 
-def shadow_check(model, run: PolicyRun, batch: torch.Tensor, rows: torch.Tensor, observation, index: int,
-                 micro_rows: int | None) -> QualityCheck:
-    """Re-run `rows` of the chunk under static top-2 routing inside a window of their own; paired
-    with the adapted NLL of the same rows from the chunk's forward."""
-    install(model, run.static_routers)
-    try:
-        static, window = measured_forward(run.backend, model, batch[rows.to(batch.device)], "guard-shadow", micro_rows)
-    finally:
-        install(model, run.routers)
-    run.log(window, "chunk", index, ":guard")
-    adapted_sum, tokens = observation.rows_nll(rows)
-    return QualityCheck(adapted_sum / tokens, static.nll_sum / static.nll_tokens, tokens, window)
-
-
 def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> ChunkRecord:
+    """One chunk of one policy. NECTAR's quality check rides along: the rows it re-runs under static
+    routing run inside the chunk's own window, which is split between chunk and check by their
+    shares of the rows (every row has the same length)."""
     install(model, run.routers)
+    world = 1 if run.replicas is None else run.replicas.world_size
+    planned = run.controller.planned_check(batch.shape[0] * world) if isinstance(run.controller, NectarController) else None
+    here = planned if planned is None or run.replicas is None else run.replicas.rows_here(planned, batch.shape[0])
     if run.replicas is None:
-        observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows)
+        observation, window, static = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
+                                                       check_rows=here, run=run)
     else:
-        observation, window = replica_forward(model, run, batch, cfg)
+        observation, window, static = replica_forward(model, run, batch, cfg, here)
+    share = 0.0 if planned is None else planned.numel() / (batch.shape[0] * world + planned.numel())
     workload = window.workload
+    own = 1.0 - share                                              # the chunk's share of its window
     record = ChunkRecord(
-        policy=run.name, chunk=index, t_start_s=window.t_start_s, t_end_s=window.t_end_s,
-        tokens=workload.tokens, energy_J=window_energy_J(window), mean_power_W=window.mean_power_W,
+        policy=run.name, chunk=index, t_start_s=window.t_start_s, t_end_s=window.t_start_s + own * window.duration_s,
+        tokens=round(own * workload.tokens), energy_J=own * window_energy_J(window), mean_power_W=window.mean_power_W,
         peak_power_W=window.peak_power_W, temp_C=window.gpu_temp_C, sm_clock_MHz=window.sm_clock_MHz,
         nll_sum=observation.nll_sum, nll_tokens=observation.nll_tokens, routing_agreement=observation.agreement,
         expert_counts=workload.expert_counts(), flags=list(window.flags),
@@ -178,8 +198,8 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> Chunk
     pause_s = 0.0
     if isinstance(run.controller, NectarController):
         record.fallback = any(r.fallback for r in run.routers)
-        check = shadow_check if run.replicas is None else replica_shadow_check
-        shadow = lambda rows: check(model, run, batch, rows, observation, index, cfg.micro_batch_rows)  # noqa: E731
+        shadow = None if planned is None else (  # the planned check rode along in the chunk's window
+            lambda rows: ride_along_check(run, rows, observation, static, window, share))  # noqa: E731
         control = run.controller.after_chunk(observation, window, shadow)
         record.alpha, record.lam, record.price, record.kappa = control.alpha, control.lam, control.price, control.kappa
         record.delta_nll, record.deviation, record.budget_W = control.delta_nll, control.deviation, control.budget_W
@@ -308,29 +328,11 @@ def _flatten(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def replica_forward(model, run: PolicyRun, batch: torch.Tensor, cfg: RunConfig):
-    """(observation, window) of the whole chunk: this replica's share runs in its own window, then
-    the replicas combine them (the gate inputs only when a fast-weight router network reads them)."""
-    observation, window = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
-                                           run.replicas.sample_tokens(SAMPLE_TOKENS))
+def replica_forward(model, run: PolicyRun, batch: torch.Tensor, cfg: RunConfig, check_rows: torch.Tensor | None):
+    """(observation, window, static observation or None) of the whole chunk: this replica's share
+    (and its `check_rows` of the quality check) runs in its own window, then the replicas combine
+    observations and windows (the gate inputs only when a fast-weight router network reads them)."""
+    observation, window, static = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
+                                                   run.replicas.sample_tokens(SAMPLE_TOKENS), check_rows, run)
     with_inputs = any(getattr(r, "fast_net", None) is not None for r in run.routers)
-    return run.replicas.observation(observation, with_inputs), run.replicas.window(window)
-
-
-def replica_shadow_check(model, run: PolicyRun, batch: torch.Tensor, rows: torch.Tensor, observation, index: int,
-                         micro_rows: int | None) -> QualityCheck:
-    """`shadow_check` over replicas: `rows` index the whole chunk; this replica re-runs under static
-    routing the rows of its share, and the replicas combine the static NLLs and the windows."""
-    here = run.replicas.rows_here(rows, batch.shape[0])                     # [r'] rows of this share
-    local = None
-    if here.numel():
-        install(model, run.static_routers)
-        try:
-            static, window = measured_forward(run.backend, model, batch[here.to(batch.device)], "guard-shadow",
-                                              micro_rows)
-        finally:
-            install(model, run.routers)
-        local = (static.nll_rows, static.nll_tokens, window)
-    check = run.replicas.quality_check(rows, observation, local)
-    run.log(check.window, "chunk", index, ":guard")
-    return check
+    return run.replicas.observation(observation, with_inputs), run.replicas.window(window), static

@@ -2,7 +2,8 @@
 concatenated stream.
 
 The reference is one process that runs every chunk whole (its observation, its shadow re-run) on a
-node of simulated GPUs: GPU r is a SimBackend of its own fed the workload of rows [r·m, (r+1)·m),
+node of simulated GPUs: GPU r is a SimBackend of its own fed the workload of rows [r·m, (r+1)·m)
+and of the quality check's rows among them (the check rides along in the chunk's window),
 and the node's windows are `combine_windows` of the GPUs' (tested against hand-computed values in
 tests/control/test_replicas.py). The replicas must then hold, after every chunk, the same price,
 κ, λ, pressures and pauses, and at the end the same biases, as that one process's controller. The
@@ -31,6 +32,8 @@ from nectar.experiment.forward import forward_chunk, install
 from nectar.experiment.policies import policy_router, prior_costs
 from nectar.experiment.runner import RunConfig, run_experiment
 from nectar.lact.launch import ChildFailed, run_group
+from nectar.telemetry.energy import window_energy_J
+from nectar.telemetry.workload import merge_workloads
 from nectar.telemetry.window import TelemetryWindow
 from nectar.train.recipes import load_demo_model
 from sim.backend import SimBackend
@@ -150,22 +153,33 @@ def _reference(path: str, world: int, cfg: RunConfig):
     gpus, m = [_backend(r) for r in range(world)], ROWS // world
     records = []
 
-    def on_gpus(chunk, rows_of_gpu):
-        return combine_windows([gpu.run_chunk(lambda rows=rows: forward_chunk(model, chunk[rows]).workload)
-                                if len(rows) else None for gpu, rows in zip(gpus, rows_of_gpu)])
+    def on_gpu(r, chunk, checks):
+        """GPU r's window: its share of the chunk, then its rows of the quality check (static routing)."""
+        def compute():
+            install(model, routers)
+            workload = forward_chunk(model, chunk[r * m:(r + 1) * m]).workload
+            if checks:
+                install(model, static)
+                workload = merge_workloads([workload, forward_chunk(model, chunk[checks]).workload])
+                install(model, routers)
+            return workload
+        return gpus[r].run_chunk(compute)
 
     for chunk in chunks:
         install(model, routers)
+        planned = controller.planned_check(chunk.shape[0])                    # the check rides along
         observation = forward_chunk(model, chunk)
-        window = on_gpus(chunk, [list(range(r * m, (r + 1) * m)) for r in range(world)])
+        rows_of_gpu = [[] if planned is None else [int(x) for x in planned if int(x) // m == r] for r in range(world)]
+        window = combine_windows([on_gpu(r, chunk, rows_of_gpu[r]) for r in range(world)])
+        share = 0.0 if planned is None else planned.numel() / (chunk.shape[0] + planned.numel())
 
-        def shadow(rows, chunk=chunk, observation=observation):
+        def shadow(rows, chunk=chunk, observation=observation, window=window, share=share):
             install(model, static)
             static_run = forward_chunk(model, chunk[rows])
-            guard = on_gpus(chunk, [[int(x) for x in rows if int(x) // m == r] for r in range(world)])
             install(model, routers)
             adapted, tokens = observation.rows_nll(rows)
-            return QualityCheck(adapted / tokens, static_run.nll_sum / static_run.nll_tokens, tokens, guard)
+            return QualityCheck(adapted / tokens, static_run.nll_sum / static_run.nll_tokens, tokens,
+                                energy_J=share * window_energy_J(window), seconds=share * window.duration_s)
 
         record = controller.after_chunk(observation, window, shadow)
         if record.pause_s > 0:
@@ -192,7 +206,9 @@ def test_replicated_controller_equals_one_process_on_the_concatenated_stream(tin
             # relative to the NLLs (a few nats each), not to their difference
             assert mine["delta_nll"] == approx(ref.delta_nll, n=CONTROLLER_N, scale=NLL_SCALE)
         assert mine["fallback"] == ref.fallback and mine["skipped"] == ref.skipped
-        assert mine["energy_J"] == approx(window.energy_J, n=world) and mine["temp_C"] == window.gpu_temp_C
+        # the check rode along: the window's energy splits between chunk and check
+        assert mine["energy_J"] + mine["guard_energy_J"] == approx(window.energy_J, n=world + 2)
+        assert mine["temp_C"] == window.gpu_temp_C
         assert mine["expert_counts"] == window.workload.expert_counts()
         paused += mine["pause_s"] > 0
     assert paused > 0 and first_records[-1]["nu_power"] > 0                  # the pressures and pauses took part

@@ -89,3 +89,36 @@ def test_micro_batched_chunk_equals_one_forward(tiny_model_dir):
     sampled = forward_chunk(model, batch, micro_rows=3, max_sample_tokens=64)
     assert all(layer.logits.shape[0] == 64 for layer in sampled.layers)
     assert_close(sampled.layers[0].logits, whole.layers[0].logits[::4], n=model_n)
+
+
+def test_the_quality_check_rides_along_in_its_chunks_window(tiny_model_dir, tmp_path):
+    """A chunk with a check is one trace window holding both forwards (its workload counts the re-run
+    rows too); the record splits the window's energy and time by the rows' shares."""
+    import csv
+
+    from nectar.telemetry.energy import window_energy_J
+    from nectar.telemetry.trace import read_trace
+
+    _run(tiny_model_dir, tmp_path / "r", "--policies", "static-top2,nectar", "--shadow-share", "0.25")
+    trace = [r for r in read_trace(tmp_path / "r" / "trace.csv.gz") if r.kind == "chunk"]
+    with open(tmp_path / "r" / "chunks.csv") as f:
+        records = {int(r["chunk"]): r for r in csv.DictReader(f) if r["policy"] == "nectar"}
+    assert {r.policy for r in trace} == {"static-top2", "nectar"}                 # no window of its own
+    windows = {r.chunk_index: r.window for r in trace if r.policy == "nectar"}
+    workloads = {r.chunk_index: r.workload for r in trace if r.policy == "nectar"}
+    rows = 512 // 64                                                              # rows per chunk
+    checked = 0
+    for i, record in records.items():
+        window = windows[i]
+        whole_J = window_energy_J(window)
+        assert float(record["energy_J"]) + float(record["guard_energy_J"]) == approx(whole_J, n=2)
+        seconds = float(record["t_end_s"]) - float(record["t_start_s"]) + float(record["guard_s"])
+        assert seconds == approx(window.duration_s, n=4, scale=window.t_end_s)    # differences of clock readings
+        share = float(record["guard_energy_J"]) / whole_J
+        if share > 0:
+            checked += 1
+            assert round(share * rows / (1 - share)) == 2                         # share = r / (rows + r), r = 0.25·8
+            assert workloads[i].tokens == round(int(record["tokens"]) * (rows + 2) / rows)
+        else:
+            assert workloads[i].tokens == int(record["tokens"])
+    assert checked > 0, "no chunk was checked"
