@@ -5,7 +5,7 @@
 #                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
 #   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
 #   suite.log             everything printed
-# About 7 minutes on an H100/H200; each step has its own time limit, so one that overruns leaves
+# About 7 minutes on an H100/H200 (SKIP_COMPILED=1: about 5, without the compiled row); each step has its own time limit, so one that overruns leaves
 # the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR
 set -u -o pipefail
@@ -32,8 +32,9 @@ for d in grouped loop; do
   step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
     --policies "$POLICIES" --json-out "$OUT/policy_speed_$d.json"
 done
-step "policy_speed compiled" 150 "$PY" benchmarks/policy_speed.py --device cuda --dispatch compiled --rounds 3 \
-  --policies static-top2,fixed-bias:0,fixed-price:1e9,static-top1,nectar --json-out "$OUT/policy_speed_compiled.json"
+[ "${SKIP_COMPILED:-0}" = 1 ] || step "policy_speed compiled" 150 "$PY" benchmarks/policy_speed.py --device cuda \
+  --dispatch compiled --rounds 3 --policies static-top2,fixed-bias:0,fixed-price:1e9,static-top1,nectar \
+  --json-out "$OUT/policy_speed_compiled.json"
 step moe_layer 100 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 32768 131072 --kinds swiglu gelu \
   --experts 8 --top-k 2 --d-model 768 --hidden 3072 --compile --compile-tokens 32768 131072 --energy-seconds 1.0 \
   --energy-tokens 32768 --json-out "$OUT/moe_layer.json"
