@@ -65,6 +65,7 @@ class ModelRecipe:
     narrow_experts: int = 1
     narrow_fraction: float = 0.25
     zero_compute: tuple = ("zero", "copy")          # MoE++ experts: zero, copy, constant
+    lact_experts: int = 0                           # LaCT fast-weight experts (Algorithm 1) beside the FFNs
     specs: list | None = None                       # an explicit pool; overrides the four fields above
     top_k: int = 2
     # stages
@@ -104,6 +105,8 @@ class ModelRecipe:
         if self.narrow_experts:
             specs.append({"kind": "gelu", "hidden": max(8, int(inner * self.narrow_fraction)),
                           "count": self.narrow_experts})
+        if self.lact_experts:
+            specs.append({"kind": "lact", "hidden": inner, "count": self.lact_experts})
         return specs + [{"kind": kind, "count": 1} for kind in self.zero_compute]
 
     def validate(self) -> None:
@@ -130,6 +133,16 @@ RECIPES = {
         balance_loss="null_aware", compute_coef=0.03, compute_costs="skip", eval_tokens=262144, eval_batch=32,
         log_every=25),
 }
+# LaCT in a trained model, at each size: Algorithm 2 (hybrid window attention + a large-chunk fast-weight
+# memory in every block; MoE MLPs unchanged) and Algorithm 1 (one LaCT expert in every MoE pool beside
+# the GELU experts; the router learns when to use it). Same data, steps and budget as their base.
+LACT_ATTENTION = {"cpu-demo": dict(lact_window=64, lact_chunk_size=128),
+                  "distilgpt2": dict(lact_window=256, lact_chunk_size=256)}
+for _name, _window in LACT_ATTENTION.items():
+    _base = RECIPES[_name]
+    RECIPES[f"{_name}-lact-attn"] = replace(_base, preset=f"{_name}-lact-attn",
+                                            dense={**_base.dense, "attention_type": "hybrid_lact", **_window})
+    RECIPES[f"{_name}-lact-expert"] = replace(_base, preset=f"{_name}-lact-expert", lact_experts=1)
 
 
 def generic_recipe(preset: str = "tiny", num_experts: int = 4, **overrides) -> ModelRecipe:

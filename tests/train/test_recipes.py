@@ -54,9 +54,9 @@ TINY = dict(n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64)
 
 def tiny_gpu_recipe(**changes):
     """The distilgpt2 recipe (same experts, losses, routers, schedule) at a size a CPU runs in seconds."""
-    return replace(RECIPES["distilgpt2"], corpus="slice", dense=TINY, dense_steps=6, moe_steps=4, time_budget_s=None,
-                   batch=2, seq_len=32, warmup_steps=2, moe_warmup_steps=1, eval_tokens=512, eval_batch=4,
-                   log_every=3, **changes)
+    return replace(RECIPES["distilgpt2"], **{**dict(corpus="slice", dense=TINY, dense_steps=6, moe_steps=4,
+                   time_budget_s=None, batch=2, seq_len=32, warmup_steps=2, moe_warmup_steps=1, eval_tokens=512,
+                   eval_batch=4, log_every=3), **changes})
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,36 @@ def test_dense_from_needs_a_tokenizer(tmp_path):
     GPT2LMHeadModel(GPT2Config(vocab_size=300, **TINY)).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(ValueError, match="cannot load its tokenizer"):
         train_demo_model(tiny_gpu_recipe(), dense_from=tmp_path / "gpt2", progress=False)
+
+
+@pytest.mark.parametrize("size", ["cpu-demo", "distilgpt2"])
+def test_the_lact_recipes_are_their_base_with_lact_added(size):
+    base, attn, expert = RECIPES[size], RECIPES[f"{size}-lact-attn"], RECIPES[f"{size}-lact-expert"]
+    assert attn.dense["attention_type"] == "hybrid_lact" and expert.lact_experts == 1
+    for recipe in (attn, expert):            # same data, steps, budget and optimiser as the base
+        for name in ("corpus", "train_tokens_per_domain", "dense_steps", "moe_steps", "time_budget_s", "batch",
+                     "seq_len", "lr", "full_experts", "zero_compute"):
+            assert getattr(recipe, name) == getattr(base, name), name
+    kinds = [s["kind"] for s in expert.expert_specs(64)]
+    assert kinds.count("lact") == 1 and [k for k in kinds if k != "lact"] == [s["kind"] for s in base.expert_specs(64)]
+
+
+@pytest.mark.parametrize("variant", ["lact-attn", "lact-expert"])
+def test_the_lact_recipes_train_end_to_end_on_cpu(variant):
+    """The recipes' own paths (dense parent, upcycle, MoE fine-tune, evaluation) at a size a CPU runs
+    in seconds: the trained model holds the LaCT parts and its held-out perplexity is finite."""
+    from nectar.lact.expert import LaCTMoEExpert
+    from nectar.lact.hybrid_attention import HybridLaCTAttention
+
+    torch.set_num_threads(1)
+    lact = RECIPES[f"distilgpt2-{variant}"]
+    dense = {**TINY, **{k: v for k, v in lact.dense.items() if k.startswith(("attention_type", "lact_"))}}
+    if "lact_window" in dense:
+        dense.update(lact_window=8, lact_chunk_size=16)          # several chunks in a 32-token sequence
+    demo = train_demo_model(tiny_gpu_recipe(dense=dense, lact_experts=lact.lact_experts), seed=0, progress=False)
+    modules = list(demo.model.modules())
+    if variant == "lact-attn":
+        assert sum(isinstance(m, HybridLaCTAttention) for m in modules) == TINY["n_layer"]
+    else:
+        assert sum(isinstance(m, LaCTMoEExpert) for m in modules) == TINY["n_layer"]
+    assert all(math.isfinite(v) for v in demo.info["moe"]["heldout_ppl"].values())
