@@ -301,8 +301,14 @@ def finetune_moe(moe: MoEGPT2LMHeadModel, train_ids: torch.Tensor, cfg: TrainCon
 
 @torch.no_grad()
 def evaluate_perplexity(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int = 128, batch: int = 16,
-                        max_tokens: int | None = None, device: str | None = None, dtype: str = "float32") -> float:
-    """exp(mean next-token NLL) over consecutive non-overlapping windows of `ids` (tail dropped)."""
+                        max_tokens: int | None = None, device: str | None = None, dtype: str = "float32",
+                        positions: tuple[int, int] | None = None) -> float:
+    """exp(mean next-token NLL) over consecutive non-overlapping windows of `ids` (tail dropped);
+    `positions` (lo, hi): only the predictions of the tokens at positions lo..hi−1 of each window
+    (lo ≥ 1: position 0 is never predicted), e.g. (512, 1024) for the second half of 1024."""
+    lo, hi = positions if positions is not None else (1, seq_len)
+    if not 1 <= lo < hi <= seq_len:
+        raise ValueError(f"positions must satisfy 1 <= lo < hi <= seq_len={seq_len}, got {positions}")
     if ids.dim() != 1 or ids.numel() < seq_len:
         raise ValueError(f"need a 1-D token stream of at least seq_len={seq_len} tokens, got shape {list(ids.shape)}")
     if max_tokens is not None:
@@ -316,9 +322,9 @@ def evaluate_perplexity(model: GPT2LMHeadModel, ids: torch.Tensor, seq_len: int 
         input_ids = windows[start:start + batch].to(device)                   # [b, T]
         with autocast(str(device), dtype):
             logits = model(input_ids=input_ids, use_cache=False).logits        # [b, T, V]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                                input_ids[:, 1:].reshape(-1), reduction="sum")
+        nll = torch.nn.functional.cross_entropy(logits[:, lo - 1:hi - 1].float().reshape(-1, logits.shape[-1]),
+                                                input_ids[:, lo:hi].reshape(-1), reduction="sum")
         nll_sum += nll.double()
-        count += input_ids[:, 1:].numel()
+        count += input_ids[:, lo:hi].numel()
     model.train(was_training)
     return math.exp(float(nll_sum) / count)

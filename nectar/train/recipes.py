@@ -288,10 +288,12 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
     serving_routers(moe, recipe.top_k)
     eval_start = time.monotonic()
     moe_ppl = evaluate(moe)
+    moe_ppl_positions = position_perplexities(moe, data.heldout_ids, recipe, dtype)
     routing = routing_report(moe, data.heldout_ids, recipe.seq_len, recipe.eval_batch, recipe.eval_tokens, dtype)
     eval_seconds += time.monotonic() - eval_start
     info = model_info(recipe, seed, data, dense_result, moe_result, dense_ppl, moe_ppl, at_upcycle, routing,
                       eval_seconds, moe, dense_from)
+    info["moe"]["heldout_ppl_by_position"] = moe_ppl_positions
     return DemoModel(moe.eval(), data.tokenizer, data.heldout_ids, info, data.heldout_domains, dense.eval())
 
 
@@ -315,6 +317,15 @@ def stage_info(result: loop.TrainResult | None, ppl: dict) -> dict:
     return {**base, "steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
             "final_loss": result.final_loss, "stopped_early": result.stopped_early, "compiled": result.compiled,
             "curve": curve(result)}
+
+
+def position_perplexities(model, ids: torch.Tensor, recipe: ModelRecipe, dtype: str) -> dict[str, float]:
+    """Held-out perplexity of the first and the second half of each sequence's positions
+    ({"1-T/2": …, "T/2-T": …}): test-time training (LaCT) should help the later positions most."""
+    half = recipe.seq_len // 2
+    return {f"{lo}-{hi}": loop.evaluate_perplexity(model, ids, recipe.seq_len, recipe.eval_batch, max_tokens=recipe.eval_tokens,
+                                                   dtype=dtype, positions=(lo, hi))
+            for lo, hi in ((1, half), (half, recipe.seq_len))}
 
 
 def model_info(recipe, seed, data, dense_result, moe_result, dense_ppl, moe_ppl, at_upcycle, routing,

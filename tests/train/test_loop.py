@@ -57,6 +57,14 @@ def test_perplexity_matches_hf_loss_and_uniform_closed_form():
     model_n = 2 * (9 * 32 + 8 + 2 * 16 + 128) + 2 * 32 + 2 * VOCAB + 7 * 15
     ppl = dict(dtype=torch.float32, n=model_n, scale=reference * math.log(reference))
     assert evaluate_perplexity(model, ids, seq_len=16, batch=3) == approx(reference, **ppl)
+    # by position: the per-token NLLs of HF's loss (reduction none), averaged over positions 9..15 only
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits                                     # [7, 16, V]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), windows[:, 1:], reduction="none")
+    late = math.exp(float(nll[:, 8:].mean()))                                       # targets at positions 9..15
+    assert evaluate_perplexity(model, ids, seq_len=16, batch=3, positions=(9, 16)) == approx(late, **ppl)
+    with pytest.raises(ValueError, match="positions"):
+        evaluate_perplexity(model, ids, seq_len=16, positions=(0, 8))
     with torch.no_grad():
         model.transformer.wte.weight.zero_()  # tied LM head -> all logits 0 -> uniform prediction
     uniform = dict(dtype=torch.float32, n=model_n, scale=VOCAB * math.log(VOCAB))
