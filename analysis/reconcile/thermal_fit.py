@@ -1,0 +1,460 @@
+"""Temperature on a machine never seen: the RC thermal model fitted online on a run's first seconds.
+
+The shipped presets carry one machine's cooling: the H200 preset predicts another H200 machine's
+temperature with 8–10.5 °C RMSE, because ambient and cooling differ per machine. This module fits
+the thermal model of sim/thermal.py to the run's *own* first `fit_s` seconds of telemetry and
+predicts the rest of the run from the measured power alone.
+
+Model (sim/thermal.py, one node): C·dT/dt = P − (T − T_amb)/R. The measured mean power of each
+telemetry window drives the model as a constant over the window, integrated exactly
+(`sim.thermal.segment` / `temperature_at`, τ = R·C): T ← T_inf + (T − T_inf)·exp(−Δt/τ) with
+T_inf = T_amb + R·P.
+
+- Leakage: the measured power already *is* P(T), leakage included, at the temperature the GPU
+  ran at; it is not modelled separately (leakage_W_per_C = 0 in the segments). Temperature-
+  dependent power only matters for predicting power, which this module does not do.
+- Gaps: the host time between two windows (Python, data loading; 0.5–13 % of a segment) has no
+  measurement. `gap_power="idle"` (default) drives it with the lowest mean power of any window in
+  the fit span (the GPU runs no kernel there; the lowest fitted-span power is the run's own best
+  estimate of its idle draw, and never uses later data); "hold" repeats the preceding window's
+  power instead.
+- Sensor: NVML reports whole degrees (truncated), so the expected reading is T − 0.5 °C
+  (`TEMP_READING_OFFSET_C`, as the replay uses it). The reading at the end of each window is
+  compared with the model's expected reading at that instant.
+- Start: the model starts at the end of the first window at that window's reading + 0.5 °C (no
+  fitted initial state); the first window anchors, the fit scores windows 1.. of the fit span.
+
+Estimator (documented, deterministic): nonlinear least squares (scipy.optimize.least_squares,
+trust-region reflective, bounded) of the readings' residuals over the windows that end within
+`fit_s` seconds of the first window's start, in the parameters
+
+    ambient_C ∈ [AMBIENT_BOUNDS_C], log(resistance_C_per_W), log(time_constant_s),
+
+started from several time constants (TAU_STARTS_S), the lowest cost kept. The capacitance follows
+as C = τ/R. The time constant is fitted too, not only ambient and R: the preset's τ (2.3 s on the
+H200, 6 s on the H100) is far slower than the measured die (a 40 ms idle window after a busy one
+reads 4–6 °C cooler), and fitting only ambient and R with the preset's τ roughly doubles the
+held-out error (docs/thermal-online.md). The ambient bounds keep a fit span without power
+variation (one constant workload) from trading ambient against R to unphysical values.
+
+Prediction: from the model state at the end of the fit span (the last fitted window's end, the
+model's own temperature, not a reading), the fitted model driven by the measured power predicts
+every later window; no later temperature is read. Per segment the report has the held-out RMSE,
+max and mean error (prediction − reading, °C), the fitted parameters, the windows fitted and held
+out, the same errors for the unfitted preset model (its R, C, ambient, from the same start), and,
+as a diagnostic of the model class only, the in-sample RMSE of the same model fitted to the whole
+segment (`whole_segment_fit_rmse_C`: what no online fit of this model can beat).
+
+CLI: `python -m analysis.reconcile.thermal_fit TRACE_DIR_OR_GPU_DIR [--fit-s 30] [--json-out FILE]
+[--plot FILE]`. Exit status 0 done, 2 unusable input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from sim.thermal import ThermalModel, segment, temperature_at
+
+TEMP_READING_OFFSET_C = 0.5          # E[T − floor(T)]; same as analysis.reconcile.replay
+FIT_S = 30.0
+MIN_FIT_WINDOWS = 3
+AMBIENT_BOUNDS_C = (0.0, 60.0)
+RESISTANCE_BOUNDS_C_PER_W = (1e-4, 1.0)
+TAU_BOUNDS_S = (0.005, 3600.0)
+TAU_STARTS_S = (0.1, 1.0, 10.0)
+GAP_POWERS = ("idle", "hold")
+GOAL_RMSE_C = 1.5
+
+
+class ThermalFitError(ValueError):
+    """Input the online fit cannot use (no temperatures, too few windows in the fit span, NaN)."""
+
+
+@dataclass(frozen=True)
+class Windows:
+    """A recording's telemetry windows in time order (seconds on the trace's clock)."""
+
+    t_start_s: np.ndarray      # [N]
+    t_end_s: np.ndarray        # [N]
+    power_W: np.ndarray        # [N] measured mean power over the window
+    temp_C: np.ndarray         # [N] sensor reading at the window's end
+
+    def __len__(self) -> int:
+        return len(self.t_start_s)
+
+
+@dataclass(frozen=True)
+class Params:
+    ambient_C: float
+    resistance_C_per_W: float
+    time_constant_s: float
+
+    @property
+    def capacitance_J_per_C(self) -> float:
+        return self.time_constant_s / self.resistance_C_per_W
+
+    def model(self) -> ThermalModel:
+        return ThermalModel(self.resistance_C_per_W, self.capacitance_J_per_C, self.ambient_C)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "capacitance_J_per_C": self.capacitance_J_per_C}
+
+
+@dataclass(frozen=True)
+class Errors:
+    windows: int
+    rmse_C: float
+    max_abs_C: float
+    mean_C: float              # prediction − reading: > 0 predicts too hot
+
+    @classmethod
+    def of(cls, predicted_C: np.ndarray, measured_C: np.ndarray) -> "Errors":
+        e = np.asarray(predicted_C, float) - np.asarray(measured_C, float)
+        if e.size == 0:
+            return cls(0, math.nan, math.nan, math.nan)
+        return cls(int(e.size), float(np.sqrt(np.mean(e ** 2))), float(np.max(np.abs(e))), float(np.mean(e)))
+
+
+@dataclass
+class SegmentFit:
+    name: str
+    fit_s: float
+    gap_power: str
+    gap_power_W: float | None
+    fitted_tau: bool           # False: τ held at the preset's R·C
+    windows_fitted: int
+    windows_held_out: int
+    duration_s: float
+    params: Params
+    fit: Errors                # in-sample, fit span (windows 1..)
+    held_out: Errors           # online model, windows ending after fit_s
+    preset_name: str
+    preset_params: Params
+    preset_held_out: Errors    # unfitted preset model, same windows
+    whole_segment_fit_rmse_C: float | None = None
+    cost: float = math.nan
+    t_end_s: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    measured_C: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    predicted_C: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+    preset_predicted_C: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))
+
+    @property
+    def goal_met(self) -> bool:
+        return self.held_out.windows > 0 and self.held_out.rmse_C <= GOAL_RMSE_C
+
+    def to_dict(self) -> dict:
+        return {"segment": self.name, "fit_s": self.fit_s, "duration_s": self.duration_s,
+                "gap_power": self.gap_power, "gap_power_W": self.gap_power_W,
+                "fitted_parameters": ["ambient_C", "resistance_C_per_W"]
+                + (["time_constant_s"] if self.fitted_tau else []),
+                "windows_fitted": self.windows_fitted, "windows_held_out": self.windows_held_out,
+                "fitted": self.params.to_dict(), "fit_span": asdict(self.fit),
+                "held_out": asdict(self.held_out), "preset": self.preset_name,
+                "preset_params": self.preset_params.to_dict(), "preset_held_out": asdict(self.preset_held_out),
+                "whole_segment_fit_rmse_C": self.whole_segment_fit_rmse_C,
+                "goal_rmse_le_1.5C": self.goal_met}
+
+
+# ---------------------------------------------------------------------------- input
+def windows_from_rows(rows: Sequence, name: str = "trace") -> Windows:
+    """Windows of one recording (TraceRow or TelemetryWindow items), sorted by start time.
+
+    ThermalFitError for NaN/inf time, power or temperature, or overlapping windows (several
+    recordings: fit one at a time)."""
+    ws = [getattr(r, "window", r) for r in rows]
+    if not ws:
+        raise ThermalFitError(f"{name}: no windows")
+    ws = sorted(ws, key=lambda w: w.t_start_s)
+    arr = {k: np.array([float(getattr(w, a)) for w in ws], dtype=float)
+           for k, a in (("t_start_s", "t_start_s"), ("t_end_s", "t_end_s"), ("power_W", "mean_power_W"),
+                        ("temp_C", "gpu_temp_C"))}
+    if not np.isfinite(arr["temp_C"]).any():
+        raise ThermalFitError(f"{name}: no window has a temperature reading")
+    for key, values in arr.items():
+        bad = np.flatnonzero(~np.isfinite(values))
+        if bad.size:
+            raise ThermalFitError(f"{name}: window {int(bad[0])} has a non-finite {key} ({values[bad[0]]}); "
+                                  f"{bad.size} window(s) unusable")
+    if np.any(arr["t_end_s"] <= arr["t_start_s"]):
+        i = int(np.flatnonzero(arr["t_end_s"] <= arr["t_start_s"])[0])
+        raise ThermalFitError(f"{name}: window {i} does not end after it starts")
+    if np.any(arr["t_start_s"][1:] < arr["t_end_s"][:-1] - 1e-3):
+        raise ThermalFitError(f"{name}: windows overlap (several recordings); fit one recording at a time")
+    if np.any(arr["power_W"] < 0):
+        raise ThermalFitError(f"{name}: negative power in window {int(np.flatnonzero(arr['power_W'] < 0)[0])}")
+    return Windows(**arr)
+
+
+# ---------------------------------------------------------------------------- model
+def intervals(w: Windows, gap_power_W: float | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Constant-power intervals after the first window's end: (duration_s [M], power_W [M],
+    index of the interval ending at window i [N], −1 for window 0). A gap between windows is an
+    interval at `gap_power_W` (None: the preceding window's power)."""
+    dur, power, end_of = [], [], np.full(len(w), -1)
+    for i in range(1, len(w)):
+        gap = w.t_start_s[i] - w.t_end_s[i - 1]
+        if gap > 0:
+            dur.append(gap)
+            power.append(w.power_W[i - 1] if gap_power_W is None else gap_power_W)
+        dur.append(w.t_end_s[i] - max(w.t_start_s[i], w.t_end_s[i - 1]))
+        power.append(w.power_W[i])
+        end_of[i] = len(dur) - 1
+    return np.array(dur), np.array(power), end_of
+
+
+def integrate(params: Params, duration_s: np.ndarray, power_W: np.ndarray, temp0_C: float) -> np.ndarray:
+    """True temperature at the end of each interval, from temp0_C, with sim/thermal.py's exact
+    constant-power solution (no leakage term: the measured power includes it)."""
+    model = params.model()
+    out = np.empty(len(duration_s))
+    t, temp = 0.0, float(temp0_C)
+    for k, (dt, p) in enumerate(zip(duration_s, power_W)):
+        seg = segment(model, t, temp, 0.0, float(p), 0.0, 0.0)
+        t += float(dt)
+        temp = temperature_at(seg, t)
+        out[k] = temp
+    return out
+
+
+def predict_readings(params: Params, w: Windows, gap_power_W: float | None, *, stop: int | None = None,
+                     temp0_C: float | None = None) -> np.ndarray:
+    """Expected readings at the end of windows 0..stop−1 (window 0: its own reading, the anchor)."""
+    stop = len(w) if stop is None else stop
+    dur, power, end_of = intervals(w, gap_power_W)
+    last = int(end_of[stop - 1]) + 1 if stop > 1 else 0
+    start = w.temp_C[0] + TEMP_READING_OFFSET_C if temp0_C is None else temp0_C
+    true = integrate(params, dur[:last], power[:last], start)
+    out = np.empty(stop)
+    out[0] = w.temp_C[0]
+    out[1:] = true[end_of[1:stop]] - TEMP_READING_OFFSET_C
+    return out
+
+
+def _unpack(x: np.ndarray, tau_s: float | None = None) -> Params:
+    return Params(float(x[0]), float(math.exp(x[1])), float(math.exp(x[2])) if tau_s is None else float(tau_s))
+
+
+def fit_params(w: Windows, n_fit: int, gap_power_W: float | None, *,
+               tau_s: float | None = None) -> tuple[Params, float]:
+    """Least-squares (ambient, R, τ) on windows 1..n_fit−1; (params, cost = ½Σr²). With `tau_s`
+    the time constant is held there and only ambient and R are fitted."""
+    from scipy.optimize import least_squares
+
+    measured = w.temp_C[1:n_fit]
+    n_free = 3 if tau_s is None else 2
+
+    def residuals(x: np.ndarray) -> np.ndarray:
+        return predict_readings(_unpack(x, tau_s), w, gap_power_W, stop=n_fit)[1:] - measured
+
+    lower = [AMBIENT_BOUNDS_C[0], math.log(RESISTANCE_BOUNDS_C_PER_W[0]), math.log(TAU_BOUNDS_S[0])]
+    upper = [AMBIENT_BOUNDS_C[1], math.log(RESISTANCE_BOUNDS_C_PER_W[1]), math.log(TAU_BOUNDS_S[1])]
+    # start: ambient and R of a straight line through (mean power, mean reading) and (0 W, 30 °C)
+    p_mean, t_mean = float(np.mean(w.power_W[:n_fit])), float(np.mean(w.temp_C[:n_fit]))
+    r0 = min(max((t_mean - 30.0) / max(p_mean, 1.0), 2e-3), 0.5)
+    amb0 = min(max(t_mean - r0 * p_mean, lower[0] + 1), upper[0] - 1)
+    best = None
+    for tau in (TAU_STARTS_S if tau_s is None else (tau_s,)):
+        res = least_squares(residuals, [amb0, math.log(r0), math.log(tau)][:n_free],
+                            bounds=(lower[:n_free], upper[:n_free]), x_scale=[10.0, 1.0, 1.0][:n_free], method="trf")
+        if best is None or res.cost < best.cost:
+            best = res
+    return _unpack(best.x, tau_s), float(best.cost)
+
+
+# ---------------------------------------------------------------------------- per segment
+def preset_params(preset) -> Params:
+    return Params(float(preset.ambient_C), float(preset.thermal_resistance_C_per_W),
+                  float(preset.thermal_resistance_C_per_W * preset.thermal_capacitance_J_per_C))
+
+
+def fit_segment(w: Windows, preset, *, name: str = "trace", fit_s: float = FIT_S, gap_power: str = "idle",
+                whole_segment: bool = True, preset_tau: bool = False) -> SegmentFit:
+    """Fit on the windows ending within fit_s of the first window's start, predict the rest.
+    `preset_tau`: hold the time constant at the preset's R·C and fit only ambient and R."""
+    if gap_power not in GAP_POWERS:
+        raise ThermalFitError(f"gap_power must be one of {GAP_POWERS}, got {gap_power!r}")
+    if not (math.isfinite(fit_s) and fit_s > 0):
+        raise ThermalFitError(f"fit_s must be a positive number of seconds, got {fit_s}")
+    in_fit = (w.t_end_s - w.t_start_s[0]) <= fit_s
+    n_fit = int(np.count_nonzero(in_fit))
+    if n_fit < MIN_FIT_WINDOWS or not in_fit[:n_fit].all():
+        raise ThermalFitError(f"{name}: {n_fit} window(s) end within the first {fit_s:g} s; the fit needs at least "
+                              f"{MIN_FIT_WINDOWS}")
+    gap_W = float(np.min(w.power_W[:n_fit])) if gap_power == "idle" else None
+    base = preset_params(preset)
+    tau_s = base.time_constant_s if preset_tau else None
+    params, cost = fit_params(w, n_fit, gap_W, tau_s=tau_s)
+    predicted = predict_readings(params, w, gap_W)      # continues from the fitted state: no reading after n_fit−1
+    preset_predicted = predict_readings(base, w, gap_W)
+    held = slice(n_fit, len(w))
+    whole = None
+    if whole_segment and len(w) > n_fit:
+        whole_params, _ = fit_params(w, len(w), gap_W, tau_s=tau_s)
+        whole = Errors.of(predict_readings(whole_params, w, gap_W)[1:], w.temp_C[1:]).rmse_C
+    return SegmentFit(
+        name=name, fit_s=float(fit_s), gap_power=gap_power, gap_power_W=gap_W, fitted_tau=tau_s is None,
+        windows_fitted=n_fit, windows_held_out=len(w) - n_fit,
+        duration_s=float(w.t_end_s[-1] - w.t_start_s[0]), params=params,
+        fit=Errors.of(predicted[1:n_fit], w.temp_C[1:n_fit]),
+        held_out=Errors.of(predicted[held], w.temp_C[held]),
+        preset_name=str(getattr(preset, "name", "preset")), preset_params=base,
+        preset_held_out=Errors.of(preset_predicted[held], w.temp_C[held]),
+        whole_segment_fit_rmse_C=whole, cost=cost,
+        t_end_s=w.t_end_s - w.t_start_s[0], measured_C=w.temp_C.copy(), predicted_C=predicted,
+        preset_predicted_C=preset_predicted)
+
+
+def load_windows(trace_dir: str | Path) -> tuple[Windows, object]:
+    """Windows of a trace folder and its MeasuredTrace (for meta/GPU)."""
+    from analysis.reconcile.replay import segment_starts
+    from analysis.reconcile.score import load_trace_dir
+
+    trace = load_trace_dir(trace_dir)
+    starts = segment_starts(trace.rows, trace.breaks)
+    if len(starts) > 1:
+        raise ThermalFitError(f"{trace_dir}: the trace holds {len(starts)} recordings (time resets); "
+                              "the online fit needs one continuous recording")
+    return windows_from_rows(trace.rows, name=str(trace_dir)), trace
+
+
+def segment_dirs(path: str | Path) -> list[tuple[str, Path]]:
+    """[(name, folder)]: one trace folder, or every segment folder of a GPU folder (name order)."""
+    from analysis.reconcile.segments import is_segment_folder
+
+    path = Path(path)
+    if not path.exists():
+        raise ThermalFitError(f"{path} does not exist")
+    if is_segment_folder(path):
+        from analysis.reconcile.segments import _holds_trace
+        return [(p.name, p) for p in sorted(path.iterdir()) if _holds_trace(p)]
+    return [(path.name, path)]
+
+
+def run(path: str | Path, *, fit_s: float = FIT_S, preset: str | None = None, gap_power: str = "idle",
+        whole_segment: bool = True, preset_tau: bool = False) -> dict:
+    """Fit every segment of `path`; the report as a dict (plus the SegmentFits under '_fits')."""
+    from analysis.reconcile.score import pick_preset
+
+    fits, gpus, base = [], set(), None
+    for name, folder in segment_dirs(path):
+        w, trace = load_windows(folder)
+        base = pick_preset(trace, preset)
+        gpus.add(trace.gpu_name)
+        fits.append(fit_segment(w, base, name=name, fit_s=fit_s, gap_power=gap_power, whole_segment=whole_segment,
+                                preset_tau=preset_tau))
+    held = [f for f in fits if f.windows_held_out > 0]
+    return {
+        "source": str(path), "gpu": sorted(g for g in gpus if g), "fit_s": fit_s, "gap_power": gap_power,
+        "estimator": "scipy.optimize.least_squares (trf, bounded) of reading residuals over the fit span; fitted: "
+                     "ambient_C, resistance_C_per_W" + (" (time constant held at the preset's R*C)" if preset_tau else
+                                                        ", time_constant_s (capacitance = tau/R)")
+                     + "; measured window power drives sim/thermal.py's exact RC solution (leakage inside the "
+                       "measured power); host gaps at the " + ("lowest fit-span window power" if gap_power == "idle"
+                                                               else "previous window's power")
+                     + "; reading = T - 0.5 C; prediction continues from the fitted state at the fit span's end",
+        "command": None,
+        "goal_rmse_C": GOAL_RMSE_C,
+        "goal_met_every_segment": bool(held) and all(f.goal_met for f in held),
+        "segments": [f.to_dict() for f in fits], "_fits": fits,
+    }
+
+
+# ---------------------------------------------------------------------------- output
+def table(report: dict) -> str:
+    head = (f"{'segment':<26}{'fit/held':>10}{'ambient_C':>10}{'R_C/W':>9}{'tau_s':>8}"
+            f"{'online RMSE':>12}{'max':>6}{'preset RMSE':>12}{'whole-fit':>10}")
+    lines = [head]
+    for s in report["segments"]:
+        f, h, p = s["fitted"], s["held_out"], s["preset_held_out"]
+        whole = s["whole_segment_fit_rmse_C"]
+        lines.append(f"{s['segment']:<26}{s['windows_fitted']:>4}/{s['windows_held_out']:<5}{f['ambient_C']:>10.1f}"
+                     f"{f['resistance_C_per_W']:>9.4f}{f['time_constant_s']:>8.2f}{h['rmse_C']:>12.2f}"
+                     f"{h['max_abs_C']:>6.1f}{p['rmse_C']:>12.2f}{'' if whole is None else f'{whole:.2f}':>10}")
+    return "\n".join(lines)
+
+
+def write_plot(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from nectar.experiment.outputs import atomic_write
+
+    fits: list[SegmentFit] = report["_fits"]
+    fig, axes = plt.subplots(len(fits), 1, figsize=(9, 2.1 * len(fits)), squeeze=False)
+    for ax, f in zip(axes[:, 0], fits):
+        ax.step(f.t_end_s, f.measured_C, where="post", color="0.3", lw=0.8, label="measured (whole °C)")
+        ax.plot(f.t_end_s, f.preset_predicted_C, color="tab:orange", lw=0.8, alpha=0.8,
+                label=f"preset ({f.preset_held_out.rmse_C:.2f} °C)")
+        ax.plot(f.t_end_s, f.predicted_C, color="tab:blue", lw=0.9,
+                label=f"online fit ({f.held_out.rmse_C:.2f} °C held out)")
+        ax.axvline(f.fit_s, color="k", ls="--", lw=0.8)
+        ax.set_title(f"{f.name}: fitted on the first {f.fit_s:g} s ({f.windows_fitted} windows), "
+                     f"{f.windows_held_out} held out", fontsize=8)
+        ax.set_ylabel("°C", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="lower left", ncol=3)
+    axes[-1, 0].set_xlabel("time since the segment's first window (s)", fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=55, format="png"))
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m analysis.reconcile.thermal_fit",
+                                description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("trace_dir", type=Path, metavar="TRACE_DIR_OR_GPU_DIR",
+                   help="a trace folder, or a GPU folder of segment folders (data/traces/h200)")
+    p.add_argument("--fit-s", type=float, default=FIT_S, help="seconds of telemetry the online fit may use")
+    p.add_argument("--preset", default=None, help="preset to compare with (default: by the trace's GPU)")
+    p.add_argument("--gap-power", choices=GAP_POWERS, default="idle",
+                   help="power between windows: lowest fit-span window power (idle) or the previous window's (hold)")
+    p.add_argument("--preset-tau", action="store_true",
+                   help="hold the time constant at the preset's R*C; fit only ambient and R (comparison)")
+    p.add_argument("--no-whole-fit", action="store_true", help="skip the whole-segment in-sample fit (diagnostic)")
+    p.add_argument("--json-out", type=Path, default=None, help="write the report as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="write a PNG of measured vs predicted temperature")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    prog = "thermal_fit"
+    try:
+        if not (math.isfinite(args.fit_s) and args.fit_s > 0):
+            raise ThermalFitError(f"--fit-s must be a positive number of seconds, got {args.fit_s}")
+        for out in (args.json_out, args.plot):
+            if out is not None and not out.absolute().parent.is_dir():
+                raise ThermalFitError(f"{out}: the folder {out.absolute().parent} does not exist")
+        report = run(args.trace_dir, fit_s=args.fit_s, preset=args.preset, gap_power=args.gap_power,
+                     whole_segment=not args.no_whole_fit, preset_tau=args.preset_tau)
+        report["command"] = "python -m analysis.reconcile.thermal_fit " + " ".join(
+            str(a) for a in (sys.argv[1:] if argv is None else argv))
+        print(table(report))
+        print(f"goal (held-out RMSE <= {GOAL_RMSE_C} C on every segment): "
+              f"{'met' if report['goal_met_every_segment'] else 'NOT met'}")
+        if args.json_out is not None:
+            from nectar.cli.common import strict_json
+            from nectar.experiment.outputs import atomic_write_text
+
+            public = {k: v for k, v in report.items() if not k.startswith("_")}
+            atomic_write_text(args.json_out, strict_json(public, indent=2) + "\n")
+        if args.plot is not None:
+            write_plot(report, args.plot)
+    except (ValueError, OSError, EOFError) as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        print(f"{prog}: error: {first}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
