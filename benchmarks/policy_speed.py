@@ -140,7 +140,8 @@ def telemetry_backend(device: torch.device):
 def measure_cost_table(model, chunk: torch.Tensor, args, device: torch.device) -> CostTable:
     backend = telemetry_backend(device)
     try:
-        table = calibrate(model, backend, chunk, CalibrationConfig(budget_s=args.calibration_s, micro_rows=args.micro_batch),
+        config = CalibrationConfig(budget_s=args.calibration_s, micro_rows=args.micro_batch, choose_dispatch=False)
+        table = calibrate(model, backend, chunk, config,
                           static_router=lambda layer: policy_router("static-top2", layer))
         table.gpu = backend.gpu_name()
     finally:

@@ -60,6 +60,7 @@ class CostTable:
     energy_J: float = 0.0           # energy of its measured windows
     wall_s: float = 0.0             # host wall time of the whole calibration (warm-ups and probe too)
     checks: dict = field(default_factory=dict)   # check routing -> {measured_s, predicted_s, measured_J, predicted_J}
+    dispatch_s: dict = field(default_factory=dict)   # dispatch path -> static forward seconds, when both could run
     format: str = FORMAT
 
     def __post_init__(self):

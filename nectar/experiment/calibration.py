@@ -12,6 +12,11 @@ same code for both):
 expert e's marginal cost per slot is (point e − drop-all) / (layers · tokens); what `spread` costs
 beyond the sum of those is the fixed cost of one more active expert in a layer's forward (a loop
 dispatch's launches, say), per layer and micro-batch; in time and in energy (`nectar.telemetry.energy.window_energy_J`: integrated instant power on short windows).
+First, where the layers can take either dispatch path (the grouped path exists for the device and
+dtype), the static routing's forward is timed in each and the layers keep the faster one for the
+whole run (`dispatch_s` in the table): the dispatch experiments use is the one measured fastest on
+the device at hand, not a default.
+
 Each point runs one un-timed warm-up micro-batch, then as many rows of the calibration batch as
 make a window of about `window_s` (at least one micro-batch, at most the batch), so the whole
 calibration stays near `budget_s` of device time. The dispatch each layer
@@ -73,7 +78,8 @@ class ForcedRouter(Router):
 
 @dataclass
 class CalibrationConfig:
-    budget_s: float = 2.0          # target wall time of the whole calibration
+    budget_s: float = 2.0          # target device time of the whole calibration
+    choose_dispatch: bool = True   # time loop vs grouped dispatch first and keep the faster
     window_s: float | None = None  # one point's window; None: budget spread over the points
     micro_rows: int | None = None  # rows per forward (the run's micro-batch)
 
@@ -102,13 +108,42 @@ def calibrate(model, backend, batch: torch.Tensor, config: CalibrationConfig | N
     saved = [layer.router for layer in layers]
     started = time.perf_counter()
     try:
+        dispatch_s = {}
+        if config.choose_dispatch and static_router is not None:
+            dispatch_s = choose_dispatch(model, backend, batch, config, layers, static_router)
         points = _measure_points(model, backend, batch, config, layers, static_router, on_window)
     finally:
         install(model, saved)
     table = _table(model, layers, points, time.perf_counter() - started, config.micro_rows or batch.shape[0])
     if not max(table.expert_J_per_token) > 0:
         raise CalibrationError("no expert has a positive measured energy per slot")
+    table.dispatch_s = {path: seconds for path, (seconds, _) in dispatch_s.items()}
+    table.seconds += sum(seconds for seconds, _ in dispatch_s.values())          # its windows are overhead too
+    table.energy_J += sum(joules for _, joules in dispatch_s.values())
     return table
+
+
+def choose_dispatch(model, backend, batch: torch.Tensor, config: CalibrationConfig, layers, static_router) -> dict:
+    """{path: (seconds, joules) of the static routing's forward}: the layers are left on the faster
+    path ({} and unchanged where only the loop path can run on this device and dtype)."""
+    if any(_path(layer, True) != "grouped" for layer in layers):
+        return {}
+    install(model, [static_router(layer) for layer in layers])
+    micro = config.micro_rows or batch.shape[0]
+    rows = None
+    seconds = {}
+    for path in ("loop", "grouped"):
+        for layer in layers:
+            layer.grouped = path == "grouped"
+        forward_chunk(model, batch[:micro], micro, "dispatch-warm-up", max_sample_tokens=0)
+        rows = rows or _rows_for_window(model, backend, batch, micro, config.window_s or config.budget_s / 8)
+        window = backend.run_chunk(lambda: forward_chunk(model, batch[:rows], micro, f"dispatch:{path}",
+                                                         max_sample_tokens=0).workload)
+        seconds[path] = (window.duration_s, window_energy_J(window))
+    fastest = min(seconds, key=lambda path: seconds[path][0])
+    for layer in layers:
+        layer.grouped = fastest == "grouped"
+    return seconds
 
 
 def _measure_points(model, backend, batch, config, layers, static_router, on_window) -> list[CalibrationPoint]:
@@ -193,11 +228,15 @@ def _kinds(layer) -> list[str]:
     return [expert.cost_per_token().kind for expert in layer.experts]
 
 
-def _dispatch_name(layer) -> str:
-    """The path layer's forward takes on its own device and dtype ("loop", "grouped", "grouped+compile")."""
+def _path(layer, grouped: bool) -> str:
+    """The dispatch path `layer` takes on its own device and dtype with `grouped` set so."""
     weight = layer.gate.weight
-    path = dispatch_path(torch.empty(1, layer.d_model, device=weight.device, dtype=weight.dtype), layer.experts,
-                         layer.grouped)
+    return dispatch_path(torch.empty(1, layer.d_model, device=weight.device, dtype=weight.dtype), layer.experts, grouped)
+
+
+def _dispatch_name(layer) -> str:
+    """The path layer's forward takes ("loop", "grouped", "grouped+compile")."""
+    path = _path(layer, layer.grouped)
     return path + ("+compile" if path == "grouped" and layer.compile_options is not None else "")
 
 

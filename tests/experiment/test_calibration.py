@@ -175,3 +175,37 @@ def test_unusable_telemetry_is_a_clear_error_and_a_run_falls_back_to_the_flop_pr
     assert run_calibration(model, backend, batch, cfg, progress=False) is None
     assert "cost calibration failed" in capsys.readouterr().err
     assert all(layer.router is r for (_, layer), r in zip(model.moe_layers(), before))    # routers restored
+
+
+def test_the_calibration_keeps_the_dispatch_it_measured_fastest(model, batch, monkeypatch):
+    """With the grouped path enabled on the CPU (as the dispatch tests do), the calibration times the
+    static forward in both paths on a wall-clock backend and leaves the layers on the faster one;
+    on a device where only the loop runs it leaves them alone."""
+    import time
+
+    import nectar.moe.dispatch as dispatch_module
+
+    class WallClock:                                  # windows timed by the host clock, energy = 1 W · s
+        def __init__(self):
+            self.sim = create(seed=0)
+
+        def run_chunk(self, compute):
+            start = time.perf_counter()
+            window = self.sim.run_chunk(compute)
+            seconds = time.perf_counter() - start
+            window.t_start_s, window.t_end_s = 0.0, seconds
+            window.energy_J = window.energy_power_J = seconds
+            return window
+
+    static = lambda layer: policy_router("static-top2", layer)      # noqa: E731
+    layers = [layer for _, layer in model.moe_layers()]
+    assert calibrate(model, create(seed=0), batch, CalibrationConfig(micro_rows=32), static_router=static).dispatch_s == {}
+    monkeypatch.setattr(dispatch_module, "GROUPED_MM_DEVICE_TYPES", {"cpu": {torch.float32}})
+    if dispatch_module.dispatch_path(batch.new_zeros(1, 32, dtype=torch.float32), layers[0].experts, True) != "grouped":
+        pytest.skip("torch._grouped_mm does not run on this CPU build")
+    table = calibrate(model, WallClock(), batch, CalibrationConfig(micro_rows=32), static_router=static)
+    fastest = min(table.dispatch_s, key=table.dispatch_s.get)
+    assert set(table.dispatch_s) == {"loop", "grouped"}
+    assert all(layer.grouped == (fastest == "grouped") for layer in layers) and table.dispatch == fastest
+    for layer in layers:
+        layer.grouped = False
