@@ -52,6 +52,10 @@ EXPECTED_ERRORS = (ValueError, OSError, EOFError, RuntimeError)
 EXIT_ERROR = 2
 EXIT_INTERRUPTED = 130
 
+# the trained-model recipes (nectar.train.recipes.RECIPES; named here so that --help imports no torch)
+RECIPE_NAMES = ("cpu-demo", "distilgpt2", "cpu-demo-lact-attn", "cpu-demo-lact-expert", "distilgpt2-lact-attn",
+                "distilgpt2-lact-expert")
+
 
 class CLIError(ValueError):
     """A bad input or state the user can fix; printed as one line."""

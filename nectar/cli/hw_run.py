@@ -23,11 +23,10 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json, wrap_note
+from nectar.cli.common import RECIPE_NAMES, cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json, wrap_note
 from nectar.cli.experiment_args import add_controller_args, check_model_option, check_stream_args, configs
 
 # Spelled out so that `nectar hw-run --help` does not import torch (tests/cli/test_help.py checks them).
-RECIPES = ("cpu-demo", "distilgpt2")
 GPU_WORKLOADS = ("stationary", "domain-shift", "power-schedule", "thermal")
 DEFAULT_WORKLOADS = ("stationary", "domain-shift")
 GPU_POLICIES = ["static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:0.5", "fixed-bias:1",
@@ -42,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["nvml", "sim"], default="nvml", help="telemetry backend")
     p.add_argument("--device", default="cuda", help="torch device of the model: cuda, cuda:N or cpu")
     p.add_argument("--model", type=Path, default=None, help="load this saved model folder (as for `nectar run --model`) instead of training one")
-    p.add_argument("--preset", default="distilgpt2", choices=RECIPES, help="recipe of the model trained without --model")
+    p.add_argument("--preset", default="distilgpt2", choices=RECIPE_NAMES, help="recipe of the model trained without --model")
     p.add_argument("--train-budget-s", type=positive_float, default=330.0, help="wall-clock budget for training")
     p.add_argument("--save-model", type=Path, default=None, help="also save the trained model to this folder")
     p.add_argument("--workloads", type=comma_list, default=list(DEFAULT_WORKLOADS),

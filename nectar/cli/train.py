@@ -26,12 +26,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from nectar.cli.common import cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int, wrap_note
+from nectar.cli.common import RECIPE_NAMES, cli_errors, non_negative_float, non_negative_int, parser, positive_float, positive_int, wrap_note
 
 # Names and defaults of the training code, spelled out so that `nectar train --help` does not import
 # torch; tests/cli/test_help.py checks that they agree with nectar.models.gpt2_moe, nectar.train.*.
 PRESETS = ("distilgpt2", "tiny")
-RECIPES = ("cpu-demo", "distilgpt2")
 DTYPES = ("bfloat16", "float32")
 BALANCE_LOSSES = ("entropy", "importance", "kl_uniform", "null_aware", "switch")
 CORPORA = ("built", "slice")
@@ -51,7 +50,7 @@ OVERRIDES = {"steps_dense": "dense_steps", "steps_moe": "moe_steps", "batch": "b
 
 def build_parser() -> argparse.ArgumentParser:
     p = parser("nectar train", __doc__)
-    p.add_argument("--recipe", choices=RECIPES, default=None,
+    p.add_argument("--recipe", choices=RECIPE_NAMES, default=None,
                    help="train this recipe's model (nectar.train.recipes); without it, --preset's shape with "
                         "--num-experts full experts")
     p.add_argument("--preset", choices=PRESETS, default="tiny", help="dense model shape when no --recipe is given")
