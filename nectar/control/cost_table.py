@@ -114,6 +114,7 @@ class CostTable:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(self.to_dict(), f, indent=1)
+        os.chmod(tmp, 0o644)                      # mkstemp's 0600 would make the table private
         os.replace(tmp, path)
         return path
 

@@ -183,7 +183,7 @@ class EnergyAwareRouter(Router):
 
     def dynamic_scores(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> torch.Tensor:
         """[N, E] the dynamic part: per-expert bias plus α times the fast-weight network's output."""
-        dyn = self.bias.to(logits.dtype).expand_as(logits)                     # [N, E]
+        dyn = self.bias.to(logits.device, logits.dtype).expand_as(logits)      # [N, E]
         if self.fast_net is not None and inputs is not None:
             dyn = dyn + self.alpha * self.fast_net(inputs.float()).to(logits.dtype)
         return dyn
@@ -226,7 +226,7 @@ class EnergyAwareRouter(Router):
     def _allowed(self, logits: torch.Tensor, static: torch.Tensor | None = None) -> torch.Tensor:
         """[N, E] 0 where an expert may take a remaining slot, -inf elsewhere (`static` [N, 1 + extra]:
         the static top-k indices, when the caller has them)."""
-        cheap = self.cheap_mask.to(logits.dtype).expand_as(logits)             # [N, E]
+        cheap = self.cheap_mask.to(logits.device, logits.dtype).expand_as(logits)   # [N, E]
         if self.candidates == "all":
             return torch.zeros_like(logits)
         if self.candidates == "cheap":

@@ -185,7 +185,9 @@ class MixedTrainingRouter(Router):
     Static top-k, except that for a random `cheap_prob` share of tokens the slots after the first
     go to the best cheap experts by the trained logits (as `CheapStaticRouter` would choose).
     Gates are the static softmax gathered at the chosen experts and renormalised, so the gate
-    keeps learning from every token. Seeded: the same generator state gives the same choices.
+    keeps learning from every token. Seeded: the same generator state gives the same choices. The
+    random draw is made on the logits' device (one generator per device, seeded alike), so that a
+    GPU forward copies nothing from the host.
     """
 
     def __init__(self, num_experts: int, cheap_experts: list[int], k: int = 2, cheap_prob: float = 0.3,
@@ -197,7 +199,9 @@ class MixedTrainingRouter(Router):
         self.k = k
         self.cheap_prob = cheap_prob
         self.cheap = CheapStaticRouter(num_experts, cheap_experts, extra_slots=k - 1, temperature=temperature)
+        self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
+        self._device_generators: dict[torch.device, torch.Generator] = {}
 
     @property
     def max_slots(self) -> int:
@@ -206,9 +210,18 @@ class MixedTrainingRouter(Router):
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         static = logits.topk(self.k, dim=-1).indices                              # [N, k]
         cheap = self.cheap(logits.detach()).experts                               # [N, k]
-        pick = torch.rand(logits.shape[0], generator=self.generator) < self.cheap_prob  # [N]
-        experts = torch.where(pick.to(logits.device).unsqueeze(-1), cheap, static)  # [N, k]
+        pick = torch.rand(logits.shape[0], generator=self._generator(logits.device), device=logits.device)  # [N]
+        experts = torch.where((pick < self.cheap_prob).unsqueeze(-1), cheap, static)  # [N, k]
         return gate_decision(logits, experts, self.temperature)
+
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        """The CPU generator on the CPU, else this device's own (seeded like it on first use)."""
+        if device.type == "cpu":
+            return self.generator
+        if device not in self._device_generators:
+            self._device_generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._device_generators[device]
 
 
 ROUTERS: dict[str, type[Router]] = {"topk": TopKRouter, "capacity": CapacityRouter, "topp": TopPRouter}
