@@ -21,7 +21,8 @@ def test_controller_methods_take_host_logits_with_the_router_on_the_gpu(policy):
     router = policy_router(policy, layer).to("cuda")
     logits = torch.randn(16, layer.num_experts)
     on_host = policy_router(policy, layer)
-    assert router.deviation(logits) == pytest.approx(on_host.deviation(logits), rel=1e-6)   # fp32 on two devices
+    # fp32 on two devices: the KL sums over E experts in a different order (a deviation near 0 is absolute)
+    assert router.deviation(logits) == pytest.approx(on_host.deviation(logits), rel=1e-5, abs=1e-6)
     costs = torch.rand(layer.num_experts, dtype=torch.float64)
     lams = torch.tensor([0.1, 1.0, 10.0], dtype=torch.float64)
     assert router.price_table(logits, costs, lams) is not None
