@@ -314,17 +314,20 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
     def from_dense(cls, dense: GPT2LMHeadModel, num_experts: int = 8, top_k: int = 2,
                    moe_layers: str | list[int] = "all", top_p: float | None = None,
                    **config_kwargs) -> "MoEGPT2LMHeadModel":
-        """Upcycle a dense GPT-2 LM: copy all weights, each GELU expert = that block's MLP.
+        """Upcycle a dense GPT-2 LM: copy all weights, each GELU expert = that block's MLP. `dense`
+        is a transformers GPT2LMHeadModel, or this class without MoE layers (a dense model with
+        hybrid LaCT attention, whose fast-weight parameters are copied too).
 
         `config_kwargs` go to MoEGPT2Config (router, capacity_factor, router_temperature,
         expert_specs, router_init_std...). Experts that are not GELU of the dense width keep
         their fresh initialisation (e.g. MoE++ zero/copy experts).
         """
-        if not isinstance(dense, GPT2LMHeadModel) or isinstance(dense, MoEGPT2LMHeadModel):
+        if not isinstance(dense, GPT2LMHeadModel) or (isinstance(dense, MoEGPT2LMHeadModel) and dense.moe_layers()):
             raise ValueError(f"from_dense needs a dense transformers.GPT2LMHeadModel, got {type(dense).__name__}")
         if top_p is not None:
             config_kwargs["moe_top_p"] = top_p
-        base = {k: v for k, v in dense.config.to_dict().items() if k not in ("model_type", "architectures")}
+        base = {k: v for k, v in dense.config.to_dict().items()
+                if k not in ("model_type", "architectures", "moe_layers", "expert_specs", "n_experts")}
         config = MoEGPT2Config(**{**base, "moe_layers": moe_layers, "n_experts": num_experts, "moe_top_k": top_k,
                                   **config_kwargs})
         parameter = next(dense.parameters())
@@ -534,6 +537,16 @@ MOE_PRESETS: dict[str, dict] = {
     "distilgpt2-moe": dict(base="distilgpt2", n_experts=8, moe_top_k=2),
     "tiny-moe": dict(base="tiny", n_experts=4, moe_top_k=2),
 }
+
+
+def dense_model(config: GPT2Config) -> GPT2LMHeadModel:
+    """A dense LM of `config`: transformers' GPT-2, or — when the config asks for hybrid LaCT
+    attention (`attention_type`) — this module's model with no MoE layer, so that the dense parent
+    of a LaCT recipe trains its fast-weight memory too."""
+    if getattr(config, "attention_type", "gpt2") == "gpt2":
+        return GPT2LMHeadModel(config)
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures")}
+    return MoEGPT2LMHeadModel(MoEGPT2Config(**{**fields, "moe_layers": []}))
 
 
 def preset_config(name: str, vocab_size: int = 8192, eos_token_id: int = 0, **overrides) -> GPT2Config:

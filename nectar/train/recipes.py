@@ -34,7 +34,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from nectar.experiment.policies import cheap_experts
-from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, load_dense_gpt2, preset_config
+from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, dense_model, load_dense_gpt2, preset_config
 from nectar.moe.expert_pool import GELUGroup
 from nectar.moe.static_routers import TopKRouter
 from nectar.train import loop
@@ -267,7 +267,7 @@ def train_demo_model(recipe: ModelRecipe, seed: int = 0, device: str = "cpu", dt
         eos = data.tokenizer.eos_token_id or 0
         config = preset_config(recipe.base, vocab_size=len(data.tokenizer), eos_token_id=eos, **recipe.dense)
         torch.manual_seed(seed)
-        dense = GPT2LMHeadModel(config)
+        dense = dense_model(config)
         dense_result = loop.train_lm(dense, data.train_ids, stage_config(recipe, False, device, dtype, seed, progress),
                                      deadline=dense_deadline, desc="dense")
     else:

@@ -331,3 +331,25 @@ def test_a_checkpoint_with_per_expert_keys_loads_into_the_stacked_layout(tmp_pat
         assert_close(layer(hidden), reference_dispatch(hidden, decision, old), n=128 + 512 + 2)
         ids = torch.arange(24).view(2, 12)
         assert torch.equal(model(ids).logits, current(ids).logits)  # the same stacked weights: the same bits
+
+
+def test_a_dense_parent_with_hybrid_lact_attention_upcycles_with_its_fast_weights():
+    """`dense_model` of a hybrid-LaCT config is this module's model without MoE layers; upcycling it
+    copies every attention weight, the fast-weight memory's included, and its MLPs into the experts."""
+    from nectar.lact.hybrid_attention import HybridLaCTAttention
+    from nectar.models.gpt2_moe import dense_model
+
+    torch.manual_seed(0)
+    config = preset_config("tiny", vocab_size=64, n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=32,
+                           attention_type="hybrid_lact", lact_window=8, lact_chunk_size=16)
+    dense = dense_model(config)
+    assert isinstance(dense.transformer.h[0].attn, HybridLaCTAttention) and not dense.moe_layers()
+    moe = MoEGPT2LMHeadModel.from_dense(dense, num_experts=2, top_k=1)
+    dense_state = dense.state_dict()
+    for key, value in moe.state_dict().items():
+        if ".attn." in key:
+            assert torch.equal(value, dense_state[key]), key
+    ids = torch.randint(0, 64, (2, 32))
+    with torch.no_grad():                     # every expert is the dense MLP, top-1 gate weight 1: same function
+        assert_close(moe(input_ids=ids, use_cache=False).logits, dense(input_ids=ids, use_cache=False).logits,
+                     n=4 * 64, dtype=torch.float32)

@@ -185,8 +185,9 @@ def test_the_lact_recipes_train_end_to_end_on_cpu(variant):
         dense.update(lact_window=8, lact_chunk_size=16)          # several chunks in a 32-token sequence
     demo = train_demo_model(tiny_gpu_recipe(dense=dense, lact_experts=lact.lact_experts), seed=0, progress=False)
     modules = list(demo.model.modules())
-    if variant == "lact-attn":
+    if variant == "lact-attn":                # the dense parent trained its fast-weight memory too
         assert sum(isinstance(m, HybridLaCTAttention) for m in modules) == TINY["n_layer"]
+        assert sum(isinstance(m, HybridLaCTAttention) for m in demo.dense.modules()) == TINY["n_layer"]
     else:
         assert sum(isinstance(m, LaCTMoEExpert) for m in modules) == TINY["n_layer"]
     assert all(math.isfinite(v) for v in demo.info["moe"]["heldout_ppl"].values())
