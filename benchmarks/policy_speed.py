@@ -156,7 +156,8 @@ def predicted_seconds(model, table: CostTable, ids: torch.Tensor, policy: str) -
     """What `table` predicts for one forward of ids with the installed routers."""
     workload = forward_chunk(model, ids, ids.shape[0], policy, max_sample_tokens=0).workload
     counts = workload.expert_counts()
-    return table.predict([counts[i] for i, _ in model.moe_layers()], ids.numel())[0]
+    slots = model.moe_layers()[0][1].router.max_slots
+    return table.predict([counts[i] for i, _ in model.moe_layers()], ids.numel(), slots_per_token=slots)[0]
 
 
 def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, table: CostTable) -> list[dict]:

@@ -3,12 +3,14 @@
 A `CostTable` is what the calibration (`nectar.experiment.calibration`) measures before the first
 chunk. Its model of one forward over `tokens` tokens in which layer l sends n[l, e] slots to expert e:
 
-    time_s   ≈ base_s_per_token · tokens + Σ_l Σ_e expert_s_per_token[e] · n[l, e]
+    time_s   ≈ (base_s_per_token + (K − 2) · slot_s_per_token) · tokens + Σ_l Σ_e expert_s_per_token[e] · n[l, e]
                + active_expert_s · forwards · Σ_l (experts layer l uses − 1)
     energy_J ≈ the same with the _J terms
 
-`base_*` is the forward with every slot dropped (attention, LM head, gate, router and whatever the
-dispatch does for a dropped slot); `expert_*[e]` is the marginal cost of one slot computed by
+K is the decisions' slots per token. `base_*` is the forward with both of two slots dropped
+(attention, LM head, gate, router and whatever the dispatch does for a dropped slot), `slot_*` what
+one more slot per token costs even when it is dropped (the permutation and combine run over N·K
+rows); `expert_*[e]` is the marginal cost of one slot computed by
 expert e over a dropped one — so it is also what dropping a slot of expert e saves. A zero or copy
 expert whose cost is above 0 costs a dispatch. The rows are the same for every MoE layer (the
 calibration forces every layer alike; tables are for models whose layers share one expert pool).
@@ -55,6 +57,8 @@ class CostTable:
     micro_rows: int = 0             # rows per forward when it was measured
     active_expert_s: float = 0.0    # per layer, forward and active expert beyond the first
     active_expert_J: float = 0.0
+    slot_s_per_token: float = 0.0   # one more slot per token in the decision (dropped or not), per token
+    slot_J_per_token: float = 0.0
     points: list[CalibrationPoint] = field(default_factory=list)
     seconds: float = 0.0            # device time of its measured windows (the run's overhead)
     energy_J: float = 0.0           # energy of its measured windows
@@ -73,15 +77,18 @@ class CostTable:
     def num_experts(self) -> int:
         return len(self.expert_kinds)
 
-    def predict(self, slots: list[list[int]] | torch.Tensor, tokens: int, forwards: int = 1) -> tuple[float, float]:
+    def predict(self, slots: list[list[int]] | torch.Tensor, tokens: int, forwards: int = 1,
+                slots_per_token: int = 2) -> tuple[float, float]:
         """(seconds, joules) the table predicts for `forwards` micro-batch forwards over `tokens`
-        tokens in all whose layers send slots [L][E] to the experts (each forward alike)."""
+        tokens in all whose layers send slots [L][E] to the experts (each forward alike), from
+        decisions of `slots_per_token` slots (the base was measured with 2)."""
         n_LE = torch.as_tensor(slots, dtype=torch.float64).reshape(-1, self.num_experts)   # [L, E]
         per_expert_E = n_LE.sum(0)                                                       # [E]
         extra = forwards * float((n_LE > 0).sum(1).sub(1).clamp_min(0).sum())          # active experts beyond one
-        seconds = (self.base_s_per_token * tokens + self.active_expert_s * extra
+        structure = slots_per_token - 2                                                  # slots beyond the base's
+        seconds = ((self.base_s_per_token + structure * self.slot_s_per_token) * tokens + self.active_expert_s * extra
                    + float(per_expert_E @ torch.tensor(self.expert_s_per_token, dtype=torch.float64)))
-        joules = (self.base_J_per_token * tokens + self.active_expert_J * extra
+        joules = ((self.base_J_per_token + structure * self.slot_J_per_token) * tokens + self.active_expert_J * extra
                   + float(per_expert_E @ torch.tensor(self.expert_J_per_token, dtype=torch.float64)))
         return seconds, joules
 

@@ -7,6 +7,7 @@ same code for both):
     drop-all      both slots of every token dropped (the body and the dispatch of dropped slots)
     expert:<e>    slot 0 of every token computed by expert e, slot 1 dropped   (one point per expert)
     spread        slot 0 of token i computed by expert i mod E, slot 1 dropped (every expert active)
+    drop-all:1-slot  one slot per token, dropped (what a decision's second slot costs even dropped)
     static-top2   the trained gate's top-2, a held-out check of the table's prediction
 
 expert e's marginal cost per slot is (point e − drop-all) / (layers · tokens); what `spread` costs
@@ -49,30 +50,32 @@ class CalibrationError(ValueError):
 
 
 class ForcedRouter(Router):
-    """Two slots per token: slot 0 → `expert` (dropped when expert is DROP; expert i mod E for token
-    i when it is SPREAD), slot 1 dropped."""
+    """`slots` (2 or 1) slots per token: slot 0 → `expert` (dropped when expert is DROP; expert
+    i mod E for token i when it is SPREAD), slot 1 dropped."""
 
-    def __init__(self, num_experts: int, expert: int):
+    def __init__(self, num_experts: int, expert: int, slots: int = 2):
         super().__init__(num_experts)
         if not SPREAD <= expert < num_experts:
             raise ValueError(f"forced expert {expert} is out of range for {num_experts} experts")
-        self.expert = expert
+        if slots not in (1, 2):
+            raise ValueError(f"a forced routing has 1 or 2 slots per token, got {slots}")
+        self.expert, self.slots = expert, slots
 
     @property
     def max_slots(self) -> int:
-        return 2
+        return self.slots
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
-        n = logits.shape[0]
-        experts_NK = torch.full((n, 2), max(self.expert, 0), dtype=torch.long, device=logits.device)   # [N, 2]
+        n, k = logits.shape[0], self.slots
+        experts_NK = torch.full((n, k), max(self.expert, 0), dtype=torch.long, device=logits.device)   # [N, K]
         if self.expert == SPREAD:
             experts_NK[:, 0] = torch.arange(n, device=logits.device) % self.num_experts
-        mask_NK = torch.ones((n, 2), dtype=torch.bool, device=logits.device)
+        mask_NK = torch.ones((n, k), dtype=torch.bool, device=logits.device)
         dropped_NK = torch.ones_like(mask_NK)
         if self.expert != DROP:
             dropped_NK[:, 0] = False
-        gates_NK = (~dropped_NK).to(logits.dtype)                                            # [N, 2]
+        gates_NK = (~dropped_NK).to(logits.dtype)                                            # [N, K]
         return RoutingDecision(experts_NK, gates_NK, mask_NK, dropped_NK, gate_probs(logits, 1.0), logits)
 
 
@@ -148,7 +151,8 @@ def choose_dispatch(model, backend, batch: torch.Tensor, config: CalibrationConf
 
 def _measure_points(model, backend, batch, config, layers, static_router, on_window) -> list[CalibrationPoint]:
     num = layers[0].num_experts
-    designs = [("drop-all", DROP)] + [(f"expert:{e}", e) for e in range(num)] + [("spread", SPREAD)]
+    designs = ([("drop-all", DROP)] + [(f"expert:{e}", e) for e in range(num)] + [("spread", SPREAD)]
+               + [("drop-all:1-slot", DROP)])
     if static_router is not None:
         designs.append(("static-top2", None))
     micro = config.micro_rows or batch.shape[0]
@@ -156,7 +160,8 @@ def _measure_points(model, backend, batch, config, layers, static_router, on_win
     rows = None
     points = []
     for name, expert in designs:
-        routers = [static_router(layer) if expert is None else ForcedRouter(num, expert) for layer in layers]
+        slots = 1 if name.endswith(":1-slot") else 2
+        routers = [static_router(layer) if expert is None else ForcedRouter(num, expert, slots) for layer in layers]
         install(model, routers)
         forward_chunk(model, batch[:micro], micro, name, max_sample_tokens=0)          # warm-up, not measured
         if rows is None:
@@ -217,7 +222,10 @@ def _table(model, layers, points: list[CalibrationPoint], wall_s: float, micro: 
     extra = count * spread.forwards * (num - 1)         # active experts beyond one, over layers and forwards
     table.active_expert_s = (spread.duration_s - linear_s) / extra
     table.active_expert_J = (spread.energy_J - linear_J) / extra
-    for p in points[num + 2:]:                           # the check routings
+    one_slot = by_name["drop-all:1-slot"]                # what a decision's second slot costs, dropped
+    table.slot_s_per_token = base_s - one_slot.duration_s / one_slot.tokens
+    table.slot_J_per_token = base_J - one_slot.energy_J / one_slot.tokens
+    for p in points[num + 3:]:                           # the check routings
         predicted_s, predicted_J = table.predict([p.slots_per_layer] * count, p.tokens, p.forwards)
         table.checks[p.name] = {"measured_s": p.duration_s, "predicted_s": predicted_s,
                                 "measured_J": p.energy_J, "predicted_J": predicted_J}

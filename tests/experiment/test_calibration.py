@@ -50,8 +50,12 @@ def test_forced_router_decisions():
     spread = ForcedRouter(4, SPREAD)(logits)
     assert torch.equal(spread.tokens_per_expert(), torch.tensor([2, 2, 2, 1]))      # token i -> i mod 4
     assert torch.equal(spread.gates[:, 0], torch.ones(7)) and spread.dropped[:, 1].all()
+    one = ForcedRouter(4, DROP, slots=1)(logits)
+    assert one.experts.shape == (7, 1) and one.dropped.all()
     with pytest.raises(ValueError, match="out of range"):
         ForcedRouter(4, 4)
+    with pytest.raises(ValueError, match="1 or 2 slots"):
+        ForcedRouter(4, 0, slots=3)
 
 
 def _priced(model, batch, expert: int) -> tuple[float, int]:
@@ -104,6 +108,8 @@ def test_predict_is_the_tables_linear_model(table):
     slots = [[10, 0, 0, 0, 5, 0], [0, 3, 0, 0, 0, 0]]
     seconds, joules = table.predict(slots, 40, forwards=2)
     extra = 2 * (1 + 0)           # layer 0 uses two experts, layer 1 one
+    one_slot_s, _ = table.predict(slots, 40, forwards=2, slots_per_token=1)
+    assert_close(seconds - one_slot_s, 40 * table.slot_s_per_token, n=8, scale=abs(seconds), dtype=torch.float64)
     expected_s = (40 * table.base_s_per_token + 10 * table.expert_s_per_token[0] + 5 * table.expert_s_per_token[4]
                   + 3 * table.expert_s_per_token[1] + extra * table.active_expert_s)
     expected_J = (40 * table.base_J_per_token + 10 * table.expert_J_per_token[0] + 5 * table.expert_J_per_token[4]
