@@ -193,9 +193,3 @@ def test_the_lact_recipes_train_end_to_end_on_cpu(variant):
     assert all(math.isfinite(v) for v in demo.info["moe"]["heldout_ppl"].values())
     by_position = demo.info["moe"]["heldout_ppl_by_position"]                 # halves of the 32 positions
     assert set(by_position) == {"1-16", "16-32"} and all(math.isfinite(v) for v in by_position.values())
-
-
-def test_the_cli_offers_exactly_the_recipes():
-    from nectar.cli.common import RECIPE_NAMES
-
-    assert sorted(RECIPE_NAMES) == sorted(RECIPES)
