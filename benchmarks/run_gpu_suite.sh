@@ -13,21 +13,9 @@ cd "$(dirname "$0")/.."
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/suite.log"
 PY=${PYTHON:-python}
-status=0
-
-run() {  # run NAME LIMIT_S ARGS...
-  local name=$1 limit=$2 start rc
-  shift 2
-  echo "=== $name (limit ${limit}s): $PY $*" | tee -a "$LOG"
-  start=$(date +%s)
-  timeout --signal=INT --kill-after=10 "$limit" "$PY" "$@" 2>&1 | tee -a "$LOG"
-  rc=${PIPESTATUS[0]}
-  echo "=== $name: exit $rc after $(( $(date +%s) - start )) s" | tee -a "$LOG"
-  [ "$rc" -eq 0 ] || status=1
-}
-
-{ date; nvidia-smi --query-gpu=name,driver_version,power.limit,temperature.gpu --format=csv 2>&1;
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+. benchmarks/suite_steps.sh
+run() { step "$1" "$2" "$PY" "${@:3}"; }   # run NAME LIMIT_S ARGS...: a Python step
+suite_header
 
 run moe_layer "${LIMIT_MOE_LAYER:-95}" benchmarks/moe_layer.py --device cuda --dtype bfloat16 \
   --tokens 32768 131072 --kinds swiglu gelu --experts 8 --top-k 2 --d-model 768 --hidden 3072 \

@@ -7,7 +7,7 @@
 #   suite.log             everything printed
 # About 7 minutes on an H100/H200 (SKIP_COMPILED=1: about 5, without the compiled row); each step has its own time limit, so one that overruns leaves
 # the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
-#   bash benchmarks/run_machinery_suite.sh OUTDIR
+#   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
 mkdir -p "$OUT"
@@ -16,17 +16,8 @@ export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 LOG="$OUT/suite.log"
 PY=${PYTHON:-python}
 POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,nectar
-
-step() {  # step NAME LIMIT_S ARGS...
-  local name=$1 limit=$2
-  shift 2
-  echo "=== $name (limit ${limit}s): $*" | tee -a "$LOG"
-  timeout --signal=INT --kill-after=10 "$limit" "$@" 2>&1 | grep --line-buffered -v "^# round" | tee -a "$LOG"
-  echo "=== $name: exit ${PIPESTATUS[0]}" | tee -a "$LOG"
-}
-
-{ date; nvidia-smi --query-gpu=name,driver_version,power.limit,clocks.max.sm,temperature.gpu --format=csv 2>&1;
-  "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"; } 2>&1 | tee -a "$LOG"
+. benchmarks/suite_steps.sh
+suite_header
 step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py
 for d in grouped loop; do
   step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
@@ -39,3 +30,4 @@ step moe_layer 100 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 
   --experts 8 --top-k 2 --d-model 768 --hidden 3072 --compile --compile-tokens 32768 131072 --energy-seconds 1.0 \
   --energy-tokens 32768 --json-out "$OUT/moe_layer.json"
 date | tee -a "$LOG"
+exit $status

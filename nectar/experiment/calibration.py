@@ -40,9 +40,8 @@ from nectar.moe.router import RoutingDecision, Router, check_logits, gate_probs
 from nectar.telemetry.energy import window_energy_J
 
 DROP = -1          # ForcedRouter's expert for "drop every slot"
-
-
 SPREAD = -2        # ForcedRouter's expert for "token i to expert i mod E"
+FORCED = ("drop-all", "spread", "drop-all:1-slot")   # design points besides "expert:<e>"
 
 
 class CalibrationError(ValueError):
@@ -140,8 +139,7 @@ def choose_dispatch(model, backend, batch: torch.Tensor, config: CalibrationConf
             layer.grouped = path == "grouped"
         forward_chunk(model, batch[:micro], micro, "dispatch-warm-up", max_sample_tokens=0)
         rows = rows or _rows_for_window(model, backend, batch, micro, config.window_s or config.budget_s / 8)
-        window = backend.run_chunk(lambda: forward_chunk(model, batch[:rows], micro, f"dispatch:{path}",
-                                                         max_sample_tokens=0).workload)
+        _, window = _window(model, backend, batch[:rows], micro, f"dispatch:{path}")
         seconds[path] = (window.duration_s, window_energy_J(window))
     fastest = min(seconds, key=lambda path: seconds[path][0])
     for layer in layers:
@@ -152,7 +150,7 @@ def choose_dispatch(model, backend, batch: torch.Tensor, config: CalibrationConf
 def _measure_points(model, backend, batch, config, layers, static_router, on_window) -> list[CalibrationPoint]:
     num = layers[0].num_experts
     designs = ([("drop-all", DROP)] + [(f"expert:{e}", e) for e in range(num)] + [("spread", SPREAD)]
-               + [("drop-all:1-slot", DROP)])
+               + [("drop-all:1-slot", DROP)])                     # FORCED and the per-expert points
     if static_router is not None:
         designs.append(("static-top2", None))
     micro = config.micro_rows or batch.shape[0]
@@ -175,16 +173,15 @@ def _measure_points(model, backend, batch, config, layers, static_router, on_win
 
 def _rows_for_window(model, backend, batch: torch.Tensor, micro: int, window_s: float) -> int:
     """Rows whose forward lasts about window_s (one micro-batch is timed through the backend)."""
-    probe = backend.run_chunk(lambda: forward_chunk(model, batch[:micro], micro, "calibration-probe",
-                                                    max_sample_tokens=0).workload)
+    _, probe = _window(model, backend, batch[:micro], micro, "calibration-probe")
     per_row_s = max(probe.duration_s, 1e-9) / micro
     rows = math.ceil(window_s / per_row_s / micro) * micro
     return max(micro, min(rows, batch.shape[0]))
 
 
-def _measure(model, backend, rows: torch.Tensor, micro: int, name: str):
-    """(point, window) of one forward of rows; counts and tokens as the backend accounted them (a
-    simulator pricing a small model at a larger shape scales both)."""
+def _window(model, backend, rows: torch.Tensor, micro: int, name: str):
+    """(workload, window) of one measured forward of rows; the workload as the backend accounted it
+    (a simulator pricing a small model at a larger shape scales tokens and counts)."""
     box = {}
 
     def compute():
@@ -192,7 +189,12 @@ def _measure(model, backend, rows: torch.Tensor, micro: int, name: str):
         return box["workload"]
 
     window = backend.run_chunk(compute)
-    workload = window.workload if window.workload is not None else box["workload"]
+    return (window.workload if window.workload is not None else box["workload"]), window
+
+
+def _measure(model, backend, rows: torch.Tensor, micro: int, name: str):
+    """(point, window) of one measured forward of rows."""
+    workload, window = _window(model, backend, rows, micro, name)
     counts = workload.expert_counts()
     moe_counts = [counts[i] for i, _ in model.moe_layers()]                     # [L][E]
     per_layer = [round(sum(col) / len(moe_counts)) for col in zip(*moe_counts)]   # [E] mean over layers
@@ -204,14 +206,18 @@ def _measure(model, backend, rows: torch.Tensor, micro: int, name: str):
     return point, window
 
 
+def _per_token(point: CalibrationPoint) -> tuple[float, float]:
+    """(seconds, joules) per token of a point's window."""
+    return point.duration_s / point.tokens, point.energy_J / point.tokens
+
+
 def _table(model, layers, points: list[CalibrationPoint], wall_s: float, micro: int) -> CostTable:
-    base, by_name = points[0], {p.name: p for p in points}
+    by_name = {p.name: p for p in points}
     num, count = layers[0].num_experts, len(layers)
-    base_s, base_J = base.duration_s / base.tokens, base.energy_J / base.tokens          # per token
-    expert_s = [by_name[f"expert:{e}"].duration_s / (count * by_name[f"expert:{e}"].tokens) - base_s / count
-                for e in range(num)]
-    expert_J = [by_name[f"expert:{e}"].energy_J / (count * by_name[f"expert:{e}"].tokens) - base_J / count
-                for e in range(num)]
+    base_s, base_J = _per_token(by_name["drop-all"])
+    marginal = [_per_token(by_name[f"expert:{e}"]) for e in range(num)]      # per token, all layers forced alike
+    expert_s = [(s - base_s) / count for s, _ in marginal]
+    expert_J = [(j - base_J) / count for _, j in marginal]
     table = CostTable(
         gpu="", dispatch=_dispatch_name(layers[0]), layers=count, expert_kinds=_kinds(layers[0]),
         base_s_per_token=base_s, base_J_per_token=base_J, expert_s_per_token=expert_s, expert_J_per_token=expert_J,
@@ -222,10 +228,11 @@ def _table(model, layers, points: list[CalibrationPoint], wall_s: float, micro: 
     extra = count * spread.forwards * (num - 1)         # active experts beyond one, over layers and forwards
     table.active_expert_s = (spread.duration_s - linear_s) / extra
     table.active_expert_J = (spread.energy_J - linear_J) / extra
-    one_slot = by_name["drop-all:1-slot"]                # what a decision's second slot costs, dropped
-    table.slot_s_per_token = base_s - one_slot.duration_s / one_slot.tokens
-    table.slot_J_per_token = base_J - one_slot.energy_J / one_slot.tokens
-    for p in points[num + 3:]:                           # the check routings
+    one_slot_s, one_slot_J = _per_token(by_name["drop-all:1-slot"])   # a decision's second slot, dropped
+    table.slot_s_per_token, table.slot_J_per_token = base_s - one_slot_s, base_J - one_slot_J
+    for p in points:
+        if p.name in FORCED or p.name.startswith("expert:"):
+            continue                                     # the design points; the rest are checks
         predicted_s, predicted_J = table.predict([p.slots_per_layer] * count, p.tokens, p.forwards)
         table.checks[p.name] = {"measured_s": p.duration_s, "predicted_s": predicted_s,
                                 "measured_J": p.energy_J, "predicted_J": predicted_J}

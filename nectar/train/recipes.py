@@ -138,11 +138,17 @@ RECIPES = {
 # the GELU experts; the router learns when to use it). Same data, steps and budget as their base.
 LACT_ATTENTION = {"cpu-demo": dict(lact_window=64, lact_chunk_size=128),
                   "distilgpt2": dict(lact_window=256, lact_chunk_size=256)}
-for _name, _window in LACT_ATTENTION.items():
-    _base = RECIPES[_name]
-    RECIPES[f"{_name}-lact-attn"] = replace(_base, preset=f"{_name}-lact-attn",
-                                            dense={**_base.dense, "attention_type": "hybrid_lact", **_window})
-    RECIPES[f"{_name}-lact-expert"] = replace(_base, preset=f"{_name}-lact-expert", lact_experts=1)
+
+
+def lact_recipes(base: ModelRecipe, attention: dict) -> dict[str, ModelRecipe]:
+    """`<base>-lact-attn` and `<base>-lact-expert`: `base` with LaCT attention / one LaCT expert."""
+    return {f"{base.preset}-lact-attn": replace(base, preset=f"{base.preset}-lact-attn",
+                                                dense={**base.dense, "attention_type": "hybrid_lact", **attention}),
+            f"{base.preset}-lact-expert": replace(base, preset=f"{base.preset}-lact-expert", lact_experts=1)}
+
+
+RECIPES.update({name: recipe for size, attention in LACT_ATTENTION.items()
+                for name, recipe in lact_recipes(RECIPES[size], attention).items()})
 
 
 def generic_recipe(preset: str = "tiny", num_experts: int = 4, **overrides) -> ModelRecipe:
