@@ -9,6 +9,11 @@ GEMMs per expert that received tokens). Per kernel the roofline gives
     memory time  = bytes / (bandwidth · efficiency)   (independent of the SM clock)
     kernel time  = max(compute time / clock fraction, memory time) + launches · overhead
 
+A serving step (`ChunkWorkload.phase` "prefill" or "decode") differs in three places: attention
+computes its own (query, key) pairs and also reads the cached K/V positions and writes the new
+ones to the cache; and the LM head runs on `logit_tokens` rows followed by a greedy argmax (one
+read of the logits) instead of the loss over every token.
+
 This module is the readable definition (lists of `Kernel` records); `sim.pricing` evaluates the
 same formulas vectorised over layers and experts. Experts with no tokens launch nothing and read
 no weights; the MoE formulas below take scalars or numpy arrays alike so both paths share them.
@@ -22,6 +27,7 @@ from nectar.telemetry.workload import ChunkWorkload
 from sim.presets import GPUPreset
 
 GEMM, ATTENTION, MEMORY = 0, 1, 2  # efficiency classes
+SERVING_PHASES = ("prefill", "decode")  # steps that keep a KV cache
 ROUTER_LAUNCHES = 3                # gate matmul, softmax, top-k
 DISPATCH_LAUNCHES = 2              # gather, scatter-add
 
@@ -53,6 +59,8 @@ class Kernel:
 
 @dataclass(frozen=True)
 class Shape:
+    """What the shape-only kernels depend on (hashable: the pricer caches on it)."""
+
     tokens: int
     batch: int
     seq_len: int
@@ -60,10 +68,22 @@ class Shape:
     n_heads: int
     vocab_size: int
     dtype_bytes: int
+    attention_pairs: float = 0.0       # (query, key) pairs, causal ones for teacher-forced chunks
+    kv_read_tokens: int = 0            # cached K/V positions read per layer
+    logit_tokens: int | None = None    # None = every token's logits and the loss
+    phase: str = ""                    # "prefill" | "decode" write K/V to the cache
 
 
 def shape_of(w: ChunkWorkload) -> Shape:
-    return Shape(w.tokens, w.batch, w.seq_len, w.d_model, w.n_heads, w.vocab_size, w.dtype_bytes)
+    return Shape(w.tokens, w.batch, w.seq_len, w.d_model, w.n_heads, w.vocab_size, w.dtype_bytes,
+                 w.query_key_pairs(), w.kv_read_tokens, w.logit_tokens, w.phase)
+
+
+def attention_bytes(s: Shape) -> float:
+    """Q, K, V read and the output written; cached K/V read; a serving step's new K/V written."""
+    n, d, dt = s.tokens, s.d_model, s.dtype_bytes
+    cache_writes = 2 * n * d * dt if s.phase in SERVING_PHASES else 0
+    return 4 * n * d * dt + 2 * s.kv_read_tokens * d * dt + cache_writes
 
 
 def embedding_kernels(s: Shape) -> list[Kernel]:
@@ -77,11 +97,10 @@ def attention_block_kernels(s: Shape) -> list[Kernel]:
     """The dense part of one transformer block (everything but the MoE feed-forward)."""
     n, d, dt = s.tokens, s.d_model, s.dtype_bytes
     nd = n * d * dt
-    causal_pairs = s.batch * s.seq_len * (s.seq_len + 1) / 2  # (query, key) pairs per head
     return [
         Kernel("ln_1", 0.0, 2 * nd, 1, MEMORY),
         Kernel("qkv_proj", 2.0 * n * d * 3 * d, nd + 3 * nd + 3 * d * d * dt, 1, GEMM),
-        Kernel("attention", 4.0 * causal_pairs * d, 4 * nd, 1, ATTENTION),  # QKᵀ and AV, all heads
+        Kernel("attention", 4.0 * s.attention_pairs * d, attention_bytes(s), 1, ATTENTION),  # QKᵀ and AV, all heads
         Kernel("out_proj", 2.0 * n * d * d, 2 * nd + d * d * dt, 1, GEMM),
         Kernel("residual_1", 0.0, 3 * nd, 1, MEMORY),
         Kernel("ln_2", 0.0, 2 * nd, 1, MEMORY),
@@ -90,13 +109,15 @@ def attention_block_kernels(s: Shape) -> list[Kernel]:
 
 
 def head_kernels(s: Shape) -> list[Kernel]:
-    """Final layer norm, tied LM head and the loss over the logits (in fp32, as HF computes it)."""
-    n, d, v, dt = s.tokens, s.d_model, s.vocab_size, s.dtype_bytes
-    return [
-        Kernel("ln_f", 0.0, 2 * n * d * dt, 1, MEMORY),
-        Kernel("lm_head", 2.0 * n * d * v, (n * d + n * v + v * d) * dt, 1, GEMM),
-        Kernel("loss", 0.0, n * v * (dt + 4 + 4), 2, MEMORY),  # upcast logits to fp32, log-softmax + NLL
-    ]
+    """Final layer norm and tied LM head on the logit rows, then the loss over the logits (in fp32,
+    as HF computes it) for a teacher-forced chunk, or a greedy argmax (one read of the logits)."""
+    n = s.tokens if s.logit_tokens is None else s.logit_tokens
+    d, v, dt = s.d_model, s.vocab_size, s.dtype_bytes
+    head = [Kernel("ln_f", 0.0, 2 * n * d * dt, 1, MEMORY),
+            Kernel("lm_head", 2.0 * n * d * v, (n * d + n * v + v * d) * dt, 1, GEMM)]
+    if s.logit_tokens is None:
+        return head + [Kernel("loss", 0.0, n * v * (dt + 4 + 4), 2, MEMORY)]  # upcast logits to fp32, log-softmax + NLL
+    return head + [Kernel("argmax", 0.0, n * v * dt, 1, MEMORY)]
 
 
 # ---------------------------------------------------------------- MoE formulas (scalars or arrays)

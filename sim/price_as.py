@@ -56,11 +56,15 @@ def _scale_cost(cost: ExpertCost, width_ratio: float, dtype_ratio: float) -> Exp
 
 
 def rescale(workload: ChunkWorkload, target: TargetShape | str) -> ChunkWorkload:
-    """The same routing shares at the target's width and chunk shape."""
+    """The same routing shares at the target's width and chunk shape. A serving step (phase
+    "prefill" or "decode") keeps its own shape — tokens, attention pairs, KV reads, logit rows —
+    and only its widths change."""
     if isinstance(target, str):
         if target not in TARGETS:
             raise ValueError(f"unknown price-as target {target!r}; choose one of {sorted(TARGETS)}")
         target = TARGETS[target]
+    if workload.phase:
+        target = replace(target, batch=workload.batch, seq_len=workload.seq_len)
     width_ratio = target.d_model / workload.d_model
     dtype_ratio = target.dtype_bytes / workload.dtype_bytes
     tokens = target.batch * target.seq_len

@@ -3,7 +3,7 @@
 Same kernels and formulas as `sim.kernels` (the readable definition and the tests' reference).
 A chunk's phases are: embed, one block per layer, head. Each block's kernels split into the
 shape-only part (norms, projections, attention, residuals: identical in every block, so priced
-once per shape and cached across chunks) and the routing-dependent part (router, dispatch, one
+once per `sim.kernels.Shape` — serving fields included — and cached across chunks) and the routing-dependent part (router, dispatch, one
 kernel group per expert: a [L, 2+E] table per chunk). A phase's duration at clock fraction s is
 Σ_k max(compute_k / s, memory_k) + launch overhead.
 """
@@ -127,10 +127,19 @@ class ChunkPricer:
         return PricedChunk(K.phase_names(w.n_layers), fixed, moe, fixed_flops + moe_flops, fixed_bytes + moe_bytes)
 
 
+def kv_cache_B(workload: ChunkWorkload) -> int:
+    """K and V of every layer for the cached positions read, plus a serving step's new ones."""
+    positions = workload.kv_read_tokens + (workload.tokens if workload.phase in K.SERVING_PHASES else 0)
+    return 2 * workload.n_layers * positions * workload.d_model * workload.dtype_bytes
+
+
 def memory_footprint_B(workload: ChunkWorkload, preset: GPUPreset) -> int:
-    """Device memory in use: baseline + weights (dense and every expert) + the chunk's activations."""
+    """Device memory in use: baseline + weights (dense and every expert) + the chunk's activations
+    + the KV cache it touches."""
     d, v, dt = workload.d_model, workload.vocab_size, workload.dtype_bytes
     dense_weights = (v * d + workload.seq_len * d + workload.n_layers * 4 * d * d) * dt
     expert_weights = sum(c.weight_bytes for layer in workload.layers for c in layer.expert_costs)
-    activations = workload.tokens * (8 * d + 2 * v) * dt  # residual stream, qkv, hidden, logits (+ loss)
-    return int(min(preset.memory_baseline_B + dense_weights + expert_weights + activations, preset.memory_total_B))
+    # residual stream, qkv, hidden; logits (+ loss) of the logit rows
+    activations = (workload.tokens * 8 * d + workload.logit_rows() * 2 * v) * dt
+    total = preset.memory_baseline_B + dense_weights + expert_weights + activations + kv_cache_B(workload)
+    return int(min(total, preset.memory_total_B))

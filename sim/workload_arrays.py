@@ -37,10 +37,30 @@ def _check_shape(w: ChunkWorkload) -> None:
         raise ValueError(f"ChunkWorkload.tokens={w.tokens} must equal batch*seq_len={w.batch * w.seq_len}")
     if len(w.layers) != w.n_layers:
         raise ValueError(f"ChunkWorkload has {len(w.layers)} layer workloads but n_layers={w.n_layers}")
+    _check_serving_fields(w)
     for l, layer in enumerate(w.layers):
         if not layer.tokens_per_expert or len(layer.tokens_per_expert) != len(layer.expert_costs):
             raise ValueError(f"layer {l}: tokens_per_expert has {len(layer.tokens_per_expert)} entries and "
                              f"expert_costs {len(layer.expert_costs)}; they must match and be non-empty")
+
+
+def _is_int(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, np.integer))
+
+
+def _check_serving_fields(w: ChunkWorkload) -> None:
+    """attention_pairs, kv_read_tokens, logit_tokens and phase of a serving step."""
+    pairs = w.attention_pairs
+    if pairs is not None and (isinstance(pairs, bool) or not isinstance(pairs, (int, float, np.number))
+                              or not np.isfinite(pairs) or pairs < 0):
+        raise ValueError(f"ChunkWorkload.attention_pairs must be None or a finite number >= 0, got {pairs!r}")
+    if not _is_int(w.kv_read_tokens) or w.kv_read_tokens < 0:
+        raise ValueError(f"ChunkWorkload.kv_read_tokens must be a non-negative integer, got {w.kv_read_tokens!r}")
+    logits = w.logit_tokens
+    if logits is not None and (not _is_int(logits) or not 0 < logits <= w.tokens):
+        raise ValueError(f"ChunkWorkload.logit_tokens must be None or an integer in [1, tokens={w.tokens}], got {logits!r}")
+    if w.phase not in ("", "prefill", "decode"):
+        raise ValueError(f"ChunkWorkload.phase must be '', 'prefill' or 'decode', got {w.phase!r}")
 
 
 _NO_EXPERT = ExpertCost(0.0, 0.0, 0.0, "zero")

@@ -15,7 +15,7 @@ module imports without `sim`) as such an oracle.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -232,10 +232,7 @@ def moe_workload(loads, template: ChunkWorkload) -> ChunkWorkload:
                       expert_costs=list(layer.expert_costs), router_flops_per_token=layer.router_flops_per_token)
         for l, layer in enumerate(template.layers)
     ]
-    return ChunkWorkload(tokens=template.tokens, batch=template.batch, seq_len=template.seq_len,
-                         d_model=template.d_model, n_layers=template.n_layers, n_heads=template.n_heads,
-                         vocab_size=template.vocab_size, layers=layers, dtype_bytes=template.dtype_bytes,
-                         policy="energy-assumption-probe")
+    return replace(template, layers=layers, policy="energy-assumption-probe")
 
 
 def distilgpt2_moe_template(experts: int = 8, batch: int = 8, seq_len: int = 512, d_ff: int = 3072) -> ChunkWorkload:

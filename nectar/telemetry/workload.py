@@ -34,7 +34,16 @@ class LayerWorkload:
 class ChunkWorkload:
     """Everything a backend needs to price or run one chunk.
 
-    tokens = batch * seq_len. Attention FLOPs follow from the shape fields.
+    tokens = batch * seq_len. A teacher-forced chunk (the defaults) attends causally within each
+    sequence, and every token's logits go through the LM head and the loss. A serving step says
+    what differs: `attention_pairs` (query, key) position pairs summed over the chunk's sequences
+    (None = the causal batch·seq_len·(seq_len+1)/2), `kv_read_tokens` cached K/V positions its
+    queries read per layer, `logit_tokens` rows through the LM head (None = all tokens plus the
+    loss; an int = those rows and a greedy argmax, no loss), and `phase` for reporting.
+    Decode step of B requests with contexts c_b: tokens = batch = B, seq_len = 1,
+    attention_pairs = Σ(c_b + 1), kv_read_tokens = Σ c_b, logit_tokens = B, phase = "decode".
+    Prefill of q tokens after p0 cached ones: tokens = seq_len = q, batch = 1,
+    attention_pairs = q·p0 + q(q+1)/2, kv_read_tokens = p0, logit_tokens = 1, phase = "prefill".
     """
 
     tokens: int
@@ -47,6 +56,20 @@ class ChunkWorkload:
     layers: list[LayerWorkload] = field(default_factory=list)  # one per block, in order
     dtype_bytes: int = 2
     policy: str = ""
+    attention_pairs: float | None = None   # None = causal within each sequence
+    kv_read_tokens: int = 0                # cached K/V positions read per layer
+    logit_tokens: int | None = None        # None = every token's logits and the loss
+    phase: str = ""                        # "prefill" | "decode" | "" (teacher-forced)
+
+    def query_key_pairs(self) -> float:
+        """(query, key) position pairs the attention computes, per head-agnostic unit."""
+        if self.attention_pairs is not None:
+            return self.attention_pairs
+        return self.batch * self.seq_len * (self.seq_len + 1) / 2
+
+    def logit_rows(self) -> int:
+        """Rows that go through the LM head."""
+        return self.tokens if self.logit_tokens is None else self.logit_tokens
 
     def expert_counts(self) -> list[list[int]]:
         """Per-layer per-expert token counts, [L][E]."""
@@ -70,9 +93,20 @@ class ChunkWorkload:
         return ChunkWorkload(layers=layers, **rest)
 
 
+def _merged_serving_fields(workloads: list[ChunkWorkload]) -> dict:
+    """Attention pairs, KV reads and logit rows add up (None stays None only if all are None)."""
+    if len({w.phase for w in workloads}) > 1:
+        raise ValueError(f"cannot merge workloads of different phases {sorted({w.phase for w in workloads})}")
+    pairs = None if all(w.attention_pairs is None for w in workloads) else sum(w.query_key_pairs() for w in workloads)
+    logits = None if all(w.logit_tokens is None for w in workloads) else sum(w.logit_rows() for w in workloads)
+    return {"attention_pairs": pairs, "kv_read_tokens": sum(w.kv_read_tokens for w in workloads),
+            "logit_tokens": logits, "phase": workloads[0].phase}
+
+
 def merge_workloads(workloads: list[ChunkWorkload], policy: str = "") -> ChunkWorkload:
     """One workload for several chunks run back to back (a long calibration window): token
-    counts add up, shapes and expert costs are those of the first chunk."""
+    counts, attention pairs, KV reads and logit rows add up, shapes and expert costs are those of
+    the first chunk."""
     if not workloads:
         raise ValueError("merge_workloads needs at least one workload")
     first = workloads[0]
@@ -90,4 +124,5 @@ def merge_workloads(workloads: list[ChunkWorkload], policy: str = "") -> ChunkWo
     return ChunkWorkload(
         tokens=sum(w.tokens for w in workloads), batch=sum(w.batch for w in workloads), seq_len=first.seq_len,
         d_model=first.d_model, n_layers=first.n_layers, n_heads=first.n_heads, vocab_size=first.vocab_size,
-        layers=layers, dtype_bytes=first.dtype_bytes, policy=policy or first.policy)
+        layers=layers, dtype_bytes=first.dtype_bytes, policy=policy or first.policy,
+        **_merged_serving_fields(workloads))

@@ -1,5 +1,7 @@
 """The vectorised pricer equals the readable per-kernel roofline, and the roofline's closed forms hold."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -30,10 +32,29 @@ def _random_workload(rng: np.random.Generator) -> ChunkWorkload:
                          n_heads=4, vocab_size=int(rng.integers(100, 5000)), layers=layers)
 
 
+def _serving_step(rng: np.random.Generator, phase: str) -> ChunkWorkload:
+    """A random decode step (batch of one-token sequences with random contexts) or prefill chunk
+    (one sequence after a random cached prefix), same routing generator as `_random_workload`."""
+    base = _random_workload(rng)
+    if phase == "decode":
+        contexts = rng.integers(0, 2000, base.tokens)  # [B] cached positions of each request
+        return replace(base, batch=base.tokens, seq_len=1, attention_pairs=float((contexts + 1).sum()),
+                       kv_read_tokens=int(contexts.sum()), logit_tokens=base.tokens, phase="decode")
+    q, p0 = base.tokens, int(rng.integers(0, 4000))
+    return replace(base, batch=1, seq_len=q, attention_pairs=q * p0 + q * (q + 1) / 2, kv_read_tokens=p0,
+                   logit_tokens=1, phase="prefill")
+
+
+def _workload(seed: int, phase: str) -> ChunkWorkload:
+    rng = np.random.default_rng(seed)
+    return _random_workload(rng) if phase == "teacher" else _serving_step(rng, phase)
+
+
+@pytest.mark.parametrize("phase", ["teacher", "decode", "prefill"])
 @pytest.mark.parametrize("seed", range(12))
 @pytest.mark.parametrize("clock_fraction", [1.0, 0.5, 0.37])
-def test_vectorised_pricer_equals_per_kernel_roofline(seed, clock_fraction):
-    workload = _random_workload(np.random.default_rng(seed))
+def test_vectorised_pricer_equals_per_kernel_roofline(seed, clock_fraction, phase):
+    workload = _workload(seed, phase)
     priced = ChunkPricer(PRESET).price(workload)
     reference = [sum(k.time_s(PRESET, clock_fraction) for k in phase) for phase in chunk_kernels(workload, PRESET)]
     kernels = [k for phase in chunk_kernels(workload, PRESET) for k in phase]

@@ -1,0 +1,177 @@
+"""Serving steps (a prefill chunk after a KV cache, one decode step of a batch) are priced from
+their own attention pairs, KV reads and logit rows; teacher-forced chunks price as before."""
+
+from dataclasses import replace
+
+import pytest
+
+from nectar.telemetry.workload import ChunkWorkload, merge_workloads
+from sim.kernels import chunk_kernels
+from sim.presets import load_preset
+from sim.price_as import rescale
+from sim.pricing import ChunkPricer, memory_footprint_B
+from sim.synthetic_workload import distilgpt2_moe_workload
+from tests.tolerance import approx
+
+PRESET = load_preset("h100_sxm")
+D, V, DT, L, E, HIDDEN = 768, 50257, 2, 6, 8, 3072
+
+
+def decode_step(contexts: list[int], counts: list[list[int]] | None = None) -> ChunkWorkload:
+    """One decode step of len(contexts) requests with those cached context lengths."""
+    b = len(contexts)
+    base = distilgpt2_moe_workload(2, batch=b, seq_len=1, counts=counts)
+    return replace(base, attention_pairs=float(sum(c + 1 for c in contexts)), kv_read_tokens=sum(contexts),
+                   logit_tokens=b, phase="decode")
+
+
+def prefill_chunk(q: int, p0: int) -> ChunkWorkload:
+    """q prompt tokens of one request whose first p0 tokens are already cached."""
+    base = distilgpt2_moe_workload(2, batch=1, seq_len=q)
+    return replace(base, attention_pairs=q * p0 + q * (q + 1) / 2, kv_read_tokens=p0, logit_tokens=1, phase="prefill")
+
+
+def concentrated_counts(tokens: int, distinct: int) -> list[list[int]]:
+    """top-2 slots of `tokens` tokens spread over the first `distinct` experts, every layer."""
+    slots = 2 * tokens
+    row = [slots // distinct + (1 if e < slots % distinct else 0) for e in range(distinct)] + [0] * (E - distinct)
+    return [row] * L
+
+
+# ------------------------------------------------------------------ the record
+def test_serving_fields_round_trip_and_old_dicts_load():
+    step = decode_step([5, 17, 300])
+    assert ChunkWorkload.from_dict(step.to_dict()) == step
+    old = distilgpt2_moe_workload(2, batch=2, seq_len=8).to_dict()
+    for name in ("attention_pairs", "kv_read_tokens", "logit_tokens", "phase"):
+        old.pop(name)
+    loaded = ChunkWorkload.from_dict(old)
+    assert (loaded.attention_pairs, loaded.kv_read_tokens, loaded.logit_tokens, loaded.phase) == (None, 0, None, "")
+    assert loaded.query_key_pairs() == 2 * 8 * 9 / 2
+
+
+def test_merged_decode_steps_add_their_serving_fields():
+    a, b = decode_step([3, 4]), decode_step([10, 20, 30])
+    merged = merge_workloads([a, b])
+    assert merged.attention_pairs == 4 + 5 + 11 + 21 + 31
+    assert (merged.kv_read_tokens, merged.logit_tokens, merged.phase) == (67, 5, "decode")
+    with pytest.raises(ValueError, match="phases"):
+        merge_workloads([a, prefill_chunk(4, 0)])
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"logit_tokens": 3}, "logit_tokens"), ({"logit_tokens": 0}, "logit_tokens"),
+    ({"kv_read_tokens": -1}, "kv_read_tokens"), ({"attention_pairs": float("nan")}, "attention_pairs"),
+    ({"phase": "generate"}, "phase")])
+def test_bad_serving_fields_are_refused_by_name(change, field):
+    with pytest.raises(ValueError, match=field):
+        ChunkPricer(PRESET).price(replace(decode_step([1, 2]), **change))
+
+
+# ------------------------------------------------------------------ teacher-forced: unchanged
+def test_teacher_forced_chunks_price_exactly_as_before():
+    """Values priced by the simulator before serving steps existed (commit 78264b7)."""
+    small = ChunkPricer(PRESET).price(distilgpt2_moe_workload(2, batch=4, seq_len=256, n_layers=2))
+    assert (small.flops, small.bytes) == (147526778880.0, 1207637504.0)
+    assert small.durations_s(1.0).tolist() == [0.00017818234349889524, 0.004508092921379358,
+                                               0.004508092921379358, 0.0006281095071139113]
+    assert small.durations_s(0.6).tolist() == [0.00017818234349889524, 0.0045214868634453195,
+                                               0.0045214868634453195, 0.0007102222715689589]
+    big_workload = distilgpt2_moe_workload(1, batch=32, seq_len=1024)
+    big = ChunkPricer(PRESET).price(big_workload)
+    assert (big.flops, big.bytes) == (6552324931584.0, 36766213632.0)
+    assert big.durations_s(1.0)[-1] == 0.012976480854406135
+    assert memory_footprint_B(big_workload, PRESET) == 8313366016
+
+
+def test_teacher_forced_attention_and_head_follow_the_old_formulas():
+    w = distilgpt2_moe_workload(2, batch=3, seq_len=40, n_layers=1)
+    block, head = chunk_kernels(w, PRESET)[1], chunk_kernels(w, PRESET)[-1]
+    attention = next(k for k in block if k.name == "attention")
+    n = 120
+    assert (attention.flops, attention.bytes) == (4.0 * 3 * 40 * 41 / 2 * D, 4 * n * D * DT)
+    assert [k.name for k in head] == ["ln_f", "lm_head", "loss"]
+    assert head[2].bytes == n * V * (DT + 8)
+
+
+# ------------------------------------------------------------------ decode and prefill
+def _expert_bytes(counts: list[list[int]]) -> float:
+    """Experts' activations per token plus their weights once if they have tokens (SwiGLU)."""
+    per_token, weights = (2 * D + 6 * HIDDEN) * DT, 3 * D * HIDDEN * DT
+    return sum(c * per_token + (weights if c > 0 else 0) for row in counts for c in row)
+
+
+def decode_bytes_closed_form(contexts: list[int], counts: list[list[int]]) -> float:
+    """Bytes of a decode step, grouped by what they are (independent of sim.kernels' layout)."""
+    b, kv = len(contexts), sum(contexts)
+    dense_weights = L * 4 * D * D * DT + V * D * DT           # qkv + out projections; tied LM head
+    kv_cache = L * 2 * (kv + b) * D * DT                      # cached K/V read, the new K/V written
+    # ln_1 2, qkv in/out 1+3, attention q,k,v,out 4, out_proj in/out 2, residuals 3+3, ln_2 2; router reads + logits
+    per_block = 20 * b * D * DT + b * D * DT + 2 * b * E * 4
+    dispatch = 5 * sum(sum(row) for row in counts) * D * DT
+    embed, head = 7 * b * D * DT, (2 * b * D + b * D + b * V + b * V) * DT  # ln_f, lm_head in/out, argmax
+    return dense_weights + _expert_bytes(counts) + kv_cache + L * per_block + dispatch + embed + head
+
+
+@pytest.mark.parametrize("contexts", [[0], [7, 900, 4000, 12], list(range(100, 3300, 100))])
+def test_decode_step_bytes_equal_the_closed_form(contexts):
+    counts = concentrated_counts(len(contexts), min(E, 2 * len(contexts)))
+    priced = ChunkPricer(PRESET).price(decode_step(contexts, counts))
+    assert priced.bytes == approx(decode_bytes_closed_form(contexts, counts), n=4 * L * (E + 12))
+
+
+def test_decode_attention_reads_the_cache_and_heads_skip_the_loss():
+    w = decode_step([10, 20])
+    block, head = chunk_kernels(w, PRESET)[1], chunk_kernels(w, PRESET)[-1]
+    attention = next(k for k in block if k.name == "attention")
+    assert attention.flops == 4.0 * (11 + 21) * D
+    assert attention.bytes == (4 * 2 + 2 * 30 + 2 * 2) * D * DT
+    assert [k.name for k in head] == ["ln_f", "lm_head", "argmax"]
+    assert head[1].flops == 2.0 * 2 * D * V and head[2].bytes == 2 * V * DT
+
+
+def test_prefill_attention_counts_the_cached_prefix():
+    q, p0 = 64, 1000
+    w = prefill_chunk(q, p0)
+    attention = next(k for k in chunk_kernels(w, PRESET)[1] if k.name == "attention")
+    assert attention.flops == 4.0 * (q * p0 + q * (q + 1) / 2) * D
+    assert attention.bytes == (4 * q + 2 * p0 + 2 * q) * D * DT
+    head = chunk_kernels(w, PRESET)[-1]
+    assert head[1].flops == 2.0 * D * V  # one row of logits
+    longer = ChunkPricer(PRESET).price(prefill_chunk(q, 4 * p0))
+    assert longer.durations_s(1.0).sum() > ChunkPricer(PRESET).price(w).durations_s(1.0).sum()
+
+
+def test_decode_time_grows_with_the_distinct_experts_touched():
+    """Same 16 tokens, same 32 slots per layer: every extra expert with tokens reads its weights."""
+    pricer, contexts = ChunkPricer(PRESET), [512] * 16
+    times = [pricer.price(decode_step(contexts, concentrated_counts(16, k))).durations_s(1.0).sum()
+             for k in range(2, E + 1)]
+    assert all(later > earlier for earlier, later in zip(times, times[1:]))
+    per_expert_s = 3 * D * HIDDEN * DT / (PRESET.mem_bandwidth_GBps * 1e9 * PRESET.bandwidth_efficiency)
+    assert times[-1] - times[0] > 6 * L * per_expert_s  # at least the 6 extra experts' weight reads
+
+
+def test_pricer_cache_tells_serving_steps_apart():
+    """The shape-only table is cached per Shape: a longer cache must not reuse a shorter one's price."""
+    pricer = ChunkPricer(PRESET)
+    short, long = pricer.price(decode_step([10] * 4)), pricer.price(decode_step([3000] * 4))
+    assert long.bytes - short.bytes == L * 2 * 4 * 2990 * D * DT
+    assert pricer.price(decode_step([10] * 4)).bytes == short.bytes
+
+
+def test_memory_footprint_counts_kv_positions():
+    step = decode_step([100, 200])
+    no_cache = replace(step, kv_read_tokens=0)
+    assert memory_footprint_B(step, PRESET) - memory_footprint_B(no_cache, PRESET) == L * 2 * 300 * D * DT
+    teacher = distilgpt2_moe_workload(2, batch=2, seq_len=1)
+    # the serving step stores its own K/V and keeps 2 logit rows without the loss: same activations
+    assert memory_footprint_B(no_cache, PRESET) - memory_footprint_B(teacher, PRESET) == L * 2 * 2 * D * DT
+
+
+def test_price_as_keeps_a_serving_steps_shape():
+    step = replace(decode_step([40, 50, 60]), d_model=128, dtype_bytes=4)
+    big = rescale(step, "distilgpt2")
+    assert (big.tokens, big.batch, big.seq_len, big.d_model) == (3, 3, 1, 768)
+    assert (big.attention_pairs, big.kv_read_tokens, big.logit_tokens, big.phase) == (153.0, 150, 3, "decode")
+    assert big.expert_counts() == step.expert_counts()
