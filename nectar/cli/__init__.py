@@ -45,11 +45,18 @@ def _frontier(argv: list[str]) -> int:
     return frontier_main(argv)
 
 
-CORE = {"run": _run, "train": _train, "hw-run": _hw_run, "frontier": _frontier}
+def _serve(argv: list[str]) -> int:
+    from nectar.cli.serve import main as serve_main
+
+    return serve_main(argv)
+
+
+CORE = {"run": _run, "train": _train, "hw-run": _hw_run, "frontier": _frontier, "serve": _serve}
 HELP = {
     "run": "run routing policies on one token stream against a telemetry backend (default: the simulator)",
     "train": "train the dense DistilGPT2-architecture model, upcycle it to MoE and fine-tune",
     "frontier": "NECTAR against the static frontier (every non-adaptive policy and their mixtures) on one workload",
+    "serve": "serving with continuous batching: every policy on one request trace (TTFT, TPOT, J/token vs load)",
     "hw-run": "on a GPU host: train/load the model, then the static frontier and NECTAR with NVML energy windows",
     "verify-convexity": "build the chunk problem in cvxpy and compare the online router with the optimum",
     "reconcile": "replay measured traces through the simulator, calibrate it, report held-out error",

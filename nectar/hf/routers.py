@@ -50,11 +50,16 @@ class FamilyRouter(Router):
         """[N, K] bool slots to keep (None: all)."""
         return None
 
+    def keep_slots(self, sel, weights: torch.Tensor) -> torch.Tensor | None:
+        """[N, K] bool slots to keep given the whole selection (routers that need the chosen
+        experts override this; the default ranks the slots and asks `keep`)."""
+        return self.keep(weights, slot_ranks(weights))
+
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
         sel = self.family.select(logits)
         weights_NK = sel.weights()
-        mask_NK = self.keep(weights_NK, slot_ranks(weights_NK))
+        mask_NK = self.keep_slots(sel, weights_NK)
         all_NK = torch.ones_like(sel.experts, dtype=torch.bool)
         mask_NK = all_NK if mask_NK is None else mask_NK
         gates_NK = self.family.gates(sel.scores, mask_NK, logits.dtype)

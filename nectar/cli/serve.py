@@ -1,0 +1,143 @@
+"""`nectar serve`: serving with continuous batching — every policy on the same request trace.
+
+Requests arrive by a named load trace (steady, bursty, ramp; seeded), their prompts come from the
+model's held-out stream, and they are served with continuous batching: a KV cache of --batch-max
+slots, chunked prefill, one decode step at a time for the requests in flight. Each step runs in
+the backend's telemetry window (the simulator prices it; NVML measures it). Decode steps are
+teacher-forced on each request's reference continuation, so every policy sees the same tokens and
+its quality is the perplexity of those continuations under its routing. Per policy: steady-state
+J per generated token, J per request, TTFT and TPOT p50/p99, tokens/s, prefill and decode energy;
+then NECTAR against the static hull (static top-k, batch-aware re-routing, batch prices, top-p).
+Writes DIR/frontier.json, steps.csv, requests.csv and plots (J/token and TPOT vs load, frontier).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json
+
+TRACES = ("steady", "bursty", "ramp")   # spelled out so that --help does not import numpy
+HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}   # published peak memory bandwidth (SXM), GB/s
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = parser("nectar serve", __doc__)
+    p.add_argument("--backend", choices=["sim", "nvml"], default="sim",
+                   help="telemetry: the deterministic GPU simulator, or NVML on this machine's GPU")
+    p.add_argument("--model", type=Path, default=None,
+                   help="a saved model folder (default: the committed data/models/cpu-demo)")
+    p.add_argument("--trace", choices=TRACES, default="bursty", help="the arrival process")
+    p.add_argument("--requests", type=positive_int, default=48, help="requests in the trace")
+    p.add_argument("--rate", type=positive_float, default=40.0, help="mean arrival rate, requests/s")
+    p.add_argument("--prompt-median", type=positive_int, default=48, help="median prompt length, tokens (lognormal)")
+    p.add_argument("--output-median", type=positive_int, default=24, help="median output length, tokens (lognormal)")
+    p.add_argument("--batch-max", type=positive_int, default=8, help="KV-cache slots: requests decoded at once")
+    p.add_argument("--prefill-chunk", type=positive_int, default=64, help="prompt tokens per prefill step")
+    p.add_argument("--policies", type=comma_list, default=None,
+                   help="comma list; the baseline (static-top<k> of the model's k) must be among them "
+                        "(default: static-top<k>..1, batch-aware:<k>, batch-price:0.02,0.05,0.2, top-p:0.5, nectar)")
+    p.add_argument("--max-ppl-increase", type=positive_float, default=0.01,
+                   help="quality bound: relative perplexity increase vs the baseline (0.01 = 1%%)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
+    p.add_argument("--gpu", default=None, help="simulator GPU preset, name or JSON path (default: h100_sxm)")
+    p.add_argument("--price-as", default="auto", help="simulator: price at this width (auto = distilgpt2; none = as it ran)")
+    p.add_argument("--out", type=Path, default=Path("runs/serve"), help="run directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--json", action="store_true", help="print the frontier report as JSON on stdout")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def default_policies(top_k: int) -> list[str]:
+    statics = [f"static-top{k}" for k in range(top_k, 0, -1)]
+    return statics + [f"batch-aware:{top_k}", "batch-price:0.02", "batch-price:0.05", "batch-price:0.2",
+                      "top-p:0.5", "nectar"]
+
+
+def hbm_for(gpu: str) -> float | None:
+    return next((bw for name, bw in HBM_GBPS.items() if name in (gpu or "")), None)
+
+
+def _config(args, top_k: int, max_positions: int):
+    from nectar.serving.frontier import ServingConfig
+    from nectar.serving.loop import ServeLimits
+    from nectar.serving.traces import LengthDist, TraceConfig
+
+    context = min(max_positions, 4 * (args.prompt_median + args.output_median))
+    prompt = LengthDist(args.prompt_median, 0.5, min(8, args.prompt_median), max(args.prompt_median, context // 2))
+    output = LengthDist(args.output_median, 0.5, min(4, args.output_median), max(args.output_median, context // 4))
+    trace = TraceConfig(args.trace, args.requests, args.rate, args.seed, prompt, output)
+    policies = tuple(args.policies or default_policies(top_k))
+    return ServingConfig(trace, ServeLimits(args.batch_max, args.prefill_chunk, context), policies,
+                         f"static-top{top_k}", args.max_ppl_increase, args.seed)
+
+
+def run_serving(args, out: Path, command: str) -> dict:
+    from tqdm import tqdm
+
+    from nectar.cli.experiment_args import place_model
+    from nectar.plugins import make_backend
+    from nectar.serving.frontier import model_top_k, serve_policy, serving_report
+    from nectar.serving.outputs import write_serving_outputs
+    from nectar.serving.policies import check_serving_policies
+    from nectar.train.recipes import committed_model
+    from nectar.train.saved_model import load_demo_model
+
+    demo = load_demo_model(args.model or committed_model("cpu-demo"))
+    factory = lambda: make_backend(args.backend, seed=args.seed, preset=args.gpu, price_as=args.price_as)  # noqa: E731
+    first = factory()
+    model = place_model(demo.model, first.torch_device).eval()
+    layer = model.moe_layers()[0][1]
+    top_k = model_top_k(model, layer)
+    positions = getattr(model, "max_positions", None) or model.config.n_positions
+    cfg = _config(args, top_k, positions)
+    cfg.validate()
+    check_serving_policies(list(cfg.policies), layer, top_k)
+    info = first.info()
+    cfg.hbm_GBps = hbm_for(info.get("gpu", ""))
+    runs = {}
+    for i, policy in enumerate(cfg.policies):
+        backend = first if (i == 0 or not first.isolated) else factory()
+        with tqdm(total=cfg.trace.n_requests, desc=policy, disable=args.no_progress, file=sys.stderr) as bar:
+            runs[policy] = serve_policy(model, backend, policy, cfg, demo.heldout_ids,
+                                        progress=lambda done: bar.update(done - bar.n))
+        if backend is not first:
+            backend.close()
+    first.close()
+    report = serving_report(runs, cfg, {"backend": args.backend, "gpu": info.get("gpu")})
+    write_serving_outputs(out, report, runs, command)
+    return report
+
+
+def print_report(report: dict) -> None:
+    print(f"serving, trace {report['trace']}, batch_max {report['batch_max']}, {report['backend']} ({report['gpu']}); "
+          f"energy: {report['energy_metric']}")
+    print(f"{'policy':<20}{'saved %':>9}{'dppl %':>9}{'agree':>7}{'TPOT p99 ms':>13}{'TTFT p99 ms':>13}{'batch':>7}")
+    for p in report["policies"]:
+        print(f"{p['name']:<20}{100 * p['saved']:>9.2f}{100 * p['dppl']:>9.3f}{p['greedy_agreement']:>7.3f}"
+              f"{1e3 * p['tpot_p99_s']:>13.2f}{1e3 * p['ttft_p99_s']:>13.2f}{p['mean_batch']:>7.2f}")
+    margin = report.get("nectar_margin_over_hull")
+    if "nectar_saved" in report:
+        print(f"nectar: saved {100 * report['nectar_saved']:.2f} % at {100 * report['nectar_dppl']:+.3f} % ppl; "
+              f"margin over the hull: {'n/a' if margin is None else f'{100 * margin:+.2f} points'}")
+
+
+@cli_errors("serve")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nectar.experiment.outputs import prepare_out
+    from nectar.train.recipes import committed_model
+
+    command = "nectar serve " + " ".join(argv if argv is not None else sys.argv[2:])
+    out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
+    with out as tmp:
+        report = run_serving(args, tmp, command)
+    if args.json:
+        print(strict_json(report, indent=2, sort_keys=True))
+    else:
+        print_report(report)
+        print(f"wrote {args.out}/frontier.json, steps.csv, requests.csv and plots")
+    return 0

@@ -1,0 +1,92 @@
+"""Batch-aware routing for decode steps: a token's extra experts are cheap when the batch reads them anyway.
+
+In a decode step an expert's weights are read from memory once for every token of the batch that
+uses it, so the cost of a (token, expert) slot depends on the rest of the batch. Here every token
+keeps its top-1 expert; the union of the batch's top-1 experts is the set the step reads anyway
+(`read_E`). A further slot among the token's top-K′ is then
+
+- free when its expert is already read: kept (batch-aware re-routing, `batch-aware:K′`);
+- otherwise priced: kept when its renormalised weight w ≥ λ · c_e / m_e, where c_e is the
+  expert's relative weight-read cost (1 for a full expert, 0 for a zero/copy expert) and m_e the
+  number of the batch's candidate slots on expert e that would share the read (`batch-price:λ`;
+  λ = ∞ is batch-aware re-routing, λ = 0 the static top-K′).
+
+Everything is computed on the device with fixed shapes (scatter, no boolean indexing): the decode
+step queues without a host read. The same rule serves MoE-DistilGPT2 (`BatchPriceRouter`, softmax
+gates renormalised over the kept slots) and transformers families (`BatchPriceFamilyRouter`: the
+family's own selection and gate formula over the kept slots).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from nectar.hf.routers import FamilyRouter
+from nectar.hf.threshold import slot_ranks
+from nectar.moe.router import Router, RoutingDecision, check_logits, gate_probs, probs_decision
+
+
+def batch_keep(experts_NK: torch.Tensor, ranks_NK: torch.Tensor, weights_NK: torch.Tensor, k_max: int,
+               price: float, cost_E: torch.Tensor) -> torch.Tensor:
+    """[N, K] bool slots kept by the batch rule (see the module docstring); rank 0 always kept."""
+    num_experts = cost_E.shape[0]
+    first_NK = ranks_NK == 0
+    flat_experts = experts_NK.reshape(-1)
+    read_E = torch.zeros(num_experts, device=experts_NK.device).scatter_reduce(
+        0, flat_experts, first_NK.reshape(-1).float(), reduce="amax") > 0           # [E] read by a top-1
+    candidate_NK = ranks_NK < k_max
+    keep_NK = first_NK | (candidate_NK & read_E[experts_NK])
+    if price == math.inf:
+        return keep_NK
+    sharers_E = torch.zeros(num_experts, device=experts_NK.device).scatter_add(
+        0, flat_experts, candidate_NK.reshape(-1).float())                         # [E] candidate slots
+    need_NK = price * cost_E.to(weights_NK.dtype)[experts_NK] / sharers_E.to(weights_NK.dtype)[experts_NK].clamp_min(1)
+    return keep_NK | (candidate_NK & (weights_NK >= need_NK))
+
+
+def check_price(price: float) -> float:
+    if isinstance(price, bool) or not isinstance(price, (int, float)) or math.isnan(price) or price < 0:
+        raise ValueError(f"a batch price must be a number >= 0 (inf: batch-aware only), got {price!r}")
+    return float(price)
+
+
+class BatchPriceRouter(Router):
+    """MoE-DistilGPT2's router under the batch rule: top-K′ of the gate, slots kept by `batch_keep`."""
+
+    def __init__(self, num_experts: int, k_max: int, cost_E: torch.Tensor, price: float = math.inf,
+                 temperature: float = 1.0):
+        super().__init__(num_experts, temperature)
+        if not 1 <= k_max <= num_experts:
+            raise ValueError(f"k_max must lie in 1..{num_experts}, got {k_max}")
+        self.k_max, self.price = k_max, check_price(price)
+        self.register_buffer("cost_E", cost_E.detach().float().clone(), persistent=False)
+
+    @property
+    def max_slots(self) -> int:
+        return self.k_max
+
+    def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        check_logits(logits, self.num_experts)
+        probs_NE = gate_probs(logits, self.temperature)
+        top = torch.topk(probs_NE.detach(), self.k_max, dim=-1, sorted=True)            # rank = slot
+        weights_NK = top.values / top.values.sum(-1, keepdim=True)
+        ranks_NK = torch.arange(self.k_max, device=logits.device).expand_as(top.indices)
+        mask_NK = batch_keep(top.indices, ranks_NK, weights_NK, self.k_max, self.price, self.cost_E)
+        return probs_decision(logits, probs_NE, top.indices, mask_NK)
+
+
+class BatchPriceFamilyRouter(FamilyRouter):
+    """A transformers family's own top-K under the batch rule (K′ = k_max of its K slots)."""
+
+    def __init__(self, family, k_max: int, cost_E: torch.Tensor, price: float = math.inf,
+                 renormalize: str = "family"):
+        super().__init__(family, renormalize)
+        if not 1 <= k_max <= family.top_k:
+            raise ValueError(f"k_max must lie in 1..{family.top_k} (the family's top-k), got {k_max}")
+        self.k_max, self.price = k_max, check_price(price)
+        self.register_buffer("cost_E", cost_E.detach().float().clone(), persistent=False)
+
+    def keep_slots(self, sel, weights_NK: torch.Tensor) -> torch.Tensor | None:
+        return batch_keep(sel.experts, slot_ranks(weights_NK), weights_NK, self.k_max, self.price, self.cost_E)

@@ -1,0 +1,133 @@
+"""The serving frontier: every policy serves the same request trace; NECTAR against the static hull.
+
+Per policy: the serving metrics (`nectar.serving.metrics`: steady-state J per generated token, J
+per request, TTFT/TPOT percentiles, prefill and decode energy apart), the teacher-forced perplexity
+of the reference continuations under its routing, the agreement of its greedy tokens with the
+baseline's (static top-k of the model's trained k), and, from the decode steps' workloads, the
+bytes a decode step must read and the achieved fraction of the GPU's memory bandwidth.
+
+Savings and perplexity increases are against the baseline on the same trace, and the hull is
+`nectar.experiment.frontier.frontier_report`'s over the non-adaptive policies. The energy per token
+the frontier compares is the steady-state one (decode steps with a full batch) when every policy
+has such steps, else all non-idle energy per generated token (`energy_metric` says which).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from nectar.experiment.forward import install
+from nectar.experiment.frontier import frontier_report
+from nectar.serving.controller import ServingController, ServingControllerConfig
+from nectar.serving.engine import ServingEngine
+from nectar.serving.loop import PolicyServing, ServeLimits, serve
+from nectar.serving.metrics import summarize
+from nectar.serving.policies import is_adaptive, serving_router
+from nectar.serving.traces import TraceConfig, make_trace
+
+
+@dataclass
+class ServingConfig:
+    trace: TraceConfig
+    limits: ServeLimits = field(default_factory=ServeLimits)
+    policies: tuple[str, ...] = ("static-top2", "static-top1", "batch-aware:2", "nectar")
+    baseline: str = "static-top2"
+    quality_bound: float = 0.01
+    seed: int = 0
+    hbm_GBps: float | None = None            # the GPU's memory bandwidth (GB/s), for hbm_fraction
+    controller: ServingControllerConfig = field(default_factory=ServingControllerConfig)
+
+    def validate(self) -> None:
+        self.trace.validate()
+        if self.baseline not in self.policies:
+            raise ValueError(f"the baseline {self.baseline!r} must be among the policies")
+        if not self.quality_bound > 0:
+            raise ValueError(f"quality_bound must be > 0, got {self.quality_bound}")
+
+
+def routers_for(model, policy: str) -> list:
+    return [serving_router(policy, layer, top_k=model_top_k(model, layer)) for _, layer in model.moe_layers()]
+
+
+def model_top_k(model, layer) -> int:
+    """The trained top-k: a transformers family's own, or MoE-DistilGPT2's config `moe_top_k`."""
+    return int(getattr(layer, "top_k", None) or model.config.moe_top_k)
+
+
+def serve_policy(model, backend, policy: str, cfg: ServingConfig, stream: torch.Tensor,
+                 progress: Callable[[int], None] | None = None) -> PolicyServing:
+    """One policy over the trace: fresh routers, a fresh cache, the controller if it adapts."""
+    routers = routers_for(model, policy)
+    install(model, routers)
+    controller = None
+    if is_adaptive(policy):
+        controller = ServingController(routers, routers_for(model, cfg.baseline),
+                                       ServingControllerConfig(**{**cfg.controller.__dict__,
+                                                                  "quality_bound": cfg.quality_bound}))
+    engine = ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
+    return serve(engine, backend, make_trace(cfg.trace), stream, cfg.limits, cfg.seed, controller, progress)
+
+
+def step_bytes(workload, preset_bytes: Callable | None = None) -> float:
+    """Bytes a decode step must read: dense and head weights, the distinct experts' weights, the KV
+    positions it attends to (activations are not counted: they stay in cache at decode sizes)."""
+    d, dt = workload.d_model, workload.dtype_bytes
+    dense = workload.n_layers * 4 * d * d * dt + workload.vocab_size * d * dt
+    experts = sum(c.weight_bytes for layer in workload.layers
+                  for n, c in zip(layer.tokens_per_expert, layer.expert_costs) if n > 0)
+    kv = workload.n_layers * 2 * (workload.kv_read_tokens + workload.tokens) * d * dt
+    return float(dense + experts + kv)
+
+
+def hbm_fraction(run: PolicyServing, hbm_GBps: float | None) -> float | None:
+    """Achieved share of the memory bandwidth over the decode steps: Σ bytes ÷ (Σ time · bandwidth)."""
+    decode = [s for s in run.steps if s.phase == "decode"]
+    if not hbm_GBps or not decode:
+        return None
+    seconds = sum(s.t_end_s - s.t_start_s for s in decode)
+    return sum(step_bytes(w) for w in run.workloads) / (seconds * hbm_GBps * 1e9)
+
+
+def agreement(run: PolicyServing, base: PolicyServing) -> float:
+    """Share of generated positions where the greedy token equals the baseline's."""
+    same = total = 0
+    for rid, tokens in base.greedy.items():
+        mine = run.greedy.get(rid, [])
+        same += sum(a == b for a, b in zip(mine, tokens))
+        total += len(tokens)
+    return same / total if total else math.nan
+
+
+def policy_summary(run: PolicyServing, base: PolicyServing, cfg: ServingConfig) -> dict:
+    metrics = summarize(run.steps, run.requests, cfg.limits.batch_max)
+    energy_J = sum(s.energy_J for s in run.steps if s.phase != "idle")
+    return {**metrics.to_dict(), "adaptive": is_adaptive(run.policy),
+            "perplexity": math.exp(run.nll_sum / max(run.nll_tokens, 1)), "nll_tokens": run.nll_tokens,
+            "greedy_agreement": agreement(run, base), "energy_J": energy_J,
+            "mean_power_W": energy_J / max(sum(s.t_end_s - s.t_start_s for s in run.steps if s.phase != "idle"), 1e-12),
+            "max_temp_C": None, "hbm_fraction": hbm_fraction(run, cfg.hbm_GBps),
+            "mean_step_bytes": (sum(step_bytes(w) for w in run.workloads) / len(run.workloads)) if run.workloads else None,
+            "controller": run.controller}
+
+
+def serving_report(runs: dict[str, PolicyServing], cfg: ServingConfig, backend_info: dict) -> dict:
+    """The frontier JSON of a serving run (the keys of `nectar frontier --json`, plus the trace's)."""
+    base = runs[cfg.baseline]
+    policies = {name: policy_summary(run, base, cfg) for name, run in runs.items()}
+    steady = all(math.isfinite(p["steady_J_per_token"]) for p in policies.values())
+    for p in policies.values():
+        p["J_per_token"] = p["steady_J_per_token"] if steady else p["J_per_token"]
+    summary = {"policies": policies, "max_ppl_increase": cfg.quality_bound,
+               "backend": backend_info.get("backend"), "gpu": backend_info.get("gpu")}
+    report = frontier_report(summary, [], f"serving-{cfg.trace.name}", baseline=cfg.baseline)
+    report.update(trace=cfg.trace.name, batch_max=cfg.limits.batch_max,
+                  energy_metric="steady_J_per_token" if steady else "J_per_generated_token")
+    for row in report["policies"]:
+        row.update({k: policies[row["name"]][k] for k in (
+            "tpot_p50_s", "tpot_p99_s", "ttft_p50_s", "ttft_p99_s", "J_per_request", "prefill_J", "decode_J",
+            "tokens_per_s", "mean_batch", "greedy_agreement", "hbm_fraction", "mean_step_bytes", "controller")})
+    return report
