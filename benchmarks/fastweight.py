@@ -6,6 +6,10 @@ torch.compile as well):
   update          one chunk's fused update (4 bmm) + the fast-weight step (momentum/Muon/weight norm)
   update_unfused  the same update in the unfused 9-bmm form it replaced (gate, up, dW0, dW2 apart)
   update_bmm      the fused update's 4 bmm alone on ready operands: the ceiling at these shapes
+  kernel_triton   swiglu_fast_weight(backend="triton"): the element-wise work fused into Triton
+                  matmul kernels (nectar/lact/fastweight_triton.py), cuBLAS for the weight gradients
+  update_triton   one chunk's update and step on that path
+  apply_triton    one chunk's apply on that path (apply: the torch apply, only when named in --rows)
 and reports TFLOP/s with the FLOP count (per head, per chunk, D = dk = dv, H = hidden):
   apply  on the chunk's queries: 3 matmuls               =  6·D·H·L
   update on the chunk's keys: W0k, W2k, W1ᵀv, dW0, dW1, dW2 = 12·D·H·L
@@ -14,8 +18,17 @@ Element-wise work and Muon's Newton–Schulz matmuls (independent of L) are not 
 with --muon reports a lower bound. share_of_matmul = TFLOP/s / the rate of a dense n×n×n matmul
 (2·n³ FLOPs) measured in the same run and dtype.
 
+The Triton rows run where CUDA and Triton are (a CPU run skips them with a note, or runs them in
+Triton's interpreter under TRITON_INTERPRET=1: slow, --quick only). Before timing them at each L,
+the path is checked against fp64 on the first --check-heads heads (tests/lact/fastweight_checks.py:
+every piece elementwise, the whole stream normwise); a failure stops the run with the offending
+element, and the worst err/tol ratios go into the Triton rows as `fp64_check`.
+
   PYTHONPATH=. python benchmarks/fastweight.py --device cuda --compile --json-out fastweight.json
   PYTHONPATH=. python benchmarks/fastweight.py --device cpu --quick       # tiny smoke run
+  PYTHONPATH=. python benchmarks/fastweight.py --device cuda --dtype bf16 --dim 512 --hidden 1024 --heads 16 \
+      --chunk-sizes 4096 16384 --compile --compile-kernel-sizes 16384 \
+      --rows kernel update update_bmm kernel_triton update_triton apply apply_triton   # issue 28's rows
 
 The JSON is a list of rows {L, what, compiled, ms, tflops, share_of_matmul, ...}.
 """
@@ -34,10 +47,14 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.timing import environment, median, seconds_per_call, write_json  # noqa: E402
+from nectar.lact import fastweight_triton  # noqa: E402
 from nectar.lact.fastweight import (fast_weight_step, row_norms, silu_derivative,  # noqa: E402
-                                    swiglu_chunk_update_fused, swiglu_fast_weight)
+                                    swiglu_apply_fused, swiglu_chunk_update_fused, swiglu_fast_weight)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
+TORCH_ROWS = ("kernel", "update", "update_unfused", "update_bmm")
+TRITON_ROWS = ("kernel_triton", "update_triton", "apply_triton")
+ROWS = TORCH_ROWS + ("apply",) + TRITON_ROWS
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -55,6 +72,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-kernel-sizes", type=int, nargs="*", default=None,
                         help="chunk sizes at which the whole kernel is compiled (default: all); the update is "
                              "compiled once with dynamic shapes")
+    parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(TORCH_ROWS + TRITON_ROWS),
+                        help="rows to time (default: all but apply); the Triton rows need CUDA and Triton")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode of the compiled rows (default: torch's default)")
+    parser.add_argument("--check-heads", type=int, default=2,
+                        help="heads on which the Triton path is checked against fp64 before it is timed")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matmul-size", type=int, default=8192)
@@ -64,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.quick:
         args.chunk_sizes, args.dim, args.hidden, args.heads = [64, 128], 32, 64, 2
         args.chunks, args.warmup, args.repeats, args.matmul_size = 2, 1, 2, 256
-    for name in ("dim", "hidden", "heads", "chunks", "repeats", "matmul_size"):
+    for name in ("dim", "hidden", "heads", "chunks", "repeats", "matmul_size", "check_heads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if any(c < 1 for c in args.chunk_sizes):
@@ -101,6 +124,42 @@ def fused_update(stream: dict, chunk: int, momentum, use_muon: bool):
     weights = (w02, stream["w1"])
     return fast_weight_step(weights, deltas, deltas, gate, use_muon, tuple(row_norms(w) for w in weights),
                             row_blocks=(2, 1))
+
+
+def triton_update(stream: dict, chunk: int, momentum, use_muon: bool):
+    """`fused_update` on the Triton path: fused kernel + cuBLAS gradients, then the one-pass step."""
+    w02 = stream["w02"]
+    lrs = (stream[n][:, :chunk] for n in ("lr0", "lr1", "lr2"))
+    deltas = fastweight_triton.swiglu_chunk_update_fused(stream["k"][:, :chunk], stream["v"][:, :chunk], w02,
+                                                         stream["w1"], *lrs)
+    gate = None if momentum is None else momentum[:, :chunk].mean(dim=1, keepdim=True)
+    weights = (w02, stream["w1"])
+    return fastweight_triton.fast_weight_step(weights, deltas, deltas, gate, use_muon,
+                                              tuple(row_norms(w) for w in weights), row_blocks=(2, 1))
+
+
+def triton_skip_reason(args, device, dtype) -> str | None:
+    """Why the Triton rows cannot run here (None: they can)."""
+    if not fastweight_triton.available(device):
+        return "Triton rows skipped: they need CUDA and Triton (or Triton's interpreter, TRITON_INTERPRET=1)"
+    if dtype not in fastweight_triton.DTYPES:
+        return f"Triton rows skipped: the path computes in bf16/fp16, not {args.dtype}"
+    return None
+
+
+def check_triton(args, stream: dict, kernel_inputs: dict, chunk: int, momentum) -> dict:
+    """The Triton path against fp64 on the first --check-heads heads (raises AssertionError if off)."""
+    from tests.lact.fastweight_checks import check_pieces, check_stream
+
+    heads = min(args.check_heads, args.heads)
+    subset = {n: t[:heads] for n, t in kernel_inputs.items()}
+    ratios = check_pieces(subset, chunk)
+    ratios.update(check_stream(subset, chunk, momentum=None if momentum is None else momentum[:heads],
+                               use_muon=args.muon))
+    worst = max(ratios, key=ratios.get)
+    print(f"# fp64 check of the Triton path (L={chunk}, {heads} heads, {args.chunks} chunks): passed, worst "
+          f"err/tol {ratios[worst]:.3g} ({worst})", flush=True)
+    return ratios
 
 
 def unfused_update(stream: dict, chunk: int, momentum, use_muon: bool):
@@ -146,20 +205,37 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
     kernel_inputs = {n: stream[n] for n in ("q", "k", "v", "w0", "w1", "w2", "lr0", "lr1", "lr2")}
     per_chunk = args.heads * args.dim * args.hidden * chunk  # B·D·H·L
     operands = bmm_operands(stream, chunk)
+    query = stream["q"][:, :chunk]
     eager: list[tuple[str, bool, Callable[[], object], float]] = [
         ("kernel", False, lambda: swiglu_fast_weight(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
                                                      momentum=momentum), 18 * per_chunk * args.chunks),
         ("update", False, lambda: fused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
         ("update_unfused", False, lambda: unfused_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
         ("update_bmm", False, lambda: bmm_only(operands), 12 * per_chunk),
+        ("apply", False, lambda: swiglu_apply_fused(query, stream["w02"], stream["w1"]), 6 * per_chunk),
+        ("kernel_triton", False, lambda: swiglu_fast_weight(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
+                                                            momentum=momentum, backend="triton"),
+         18 * per_chunk * args.chunks),
+        ("update_triton", False, lambda: triton_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
+        ("apply_triton", False, lambda: fastweight_triton.swiglu_apply_fused(query, stream["w02"], stream["w1"]),
+         6 * per_chunk),
     ]
     compiled = []
-    if chunk in args.compile_kernel_sizes:
-        kernel = torch.compile(swiglu_fast_weight)
+    if chunk in args.compile_kernel_sizes and "kernel" in args.rows:
+        kernel = torch.compile(swiglu_fast_weight, **compile_options(args))
         compiled.append(("kernel", True, lambda: kernel(**kernel_inputs, chunk_size=chunk, use_muon=args.muon,
                                                         momentum=momentum), 18 * per_chunk * args.chunks))
-    compiled.append(("update", True, lambda: COMPILED_UPDATE(stream, chunk, momentum, args.muon), 12 * per_chunk))
-    candidates = eager if phase == "eager" else compiled
+    if "update" in args.rows:
+        compiled.append(("update", True, lambda: compiled_update(args)(stream, chunk, momentum, args.muon),
+                         12 * per_chunk))
+    candidates = [c for c in eager if c[0] in args.rows] if phase == "eager" else compiled
+    if any(c[0] in TRITON_ROWS for c in candidates):
+        skip = triton_skip_reason(args, device, dtype)
+        if skip is not None:
+            print(f"# {skip}", flush=True)
+            candidates = [c for c in candidates if c[0] not in TRITON_ROWS]
+        else:  # loud: an AssertionError here ends the run before any Triton row is timed
+            extra = {"fp64_check": check_triton(args, stream, kernel_inputs, chunk, momentum)}
     for what, compiled, fn, flops in candidates:
         try:
             with torch.no_grad():
@@ -173,6 +249,8 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
         tflops = flops / seconds / 1e12
         row = dict(L=chunk, what=what, compiled=compiled, ms=seconds * 1e3, flops=float(flops), tflops=tflops,
                    share_of_matmul=tflops / reference, matmul_tflops=reference, **env)
+        if what in TRITON_ROWS:
+            row.update(extra)
         rows.append(row)
         print(f"{what:<16}{'compile' if compiled else 'eager':>8}{chunk:>8}{seconds * 1e3:>12.3f}{tflops:>12.4g}"
               f"{row['share_of_matmul']:>11.1%}", flush=True)
@@ -180,6 +258,20 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
 
 
 COMPILED_UPDATE = torch.compile(fused_update, dynamic=True)
+_COMPILED_UPDATES: dict = {}
+
+
+def compile_options(args) -> dict:
+    return {} if args.compile_mode is None else {"mode": args.compile_mode}
+
+
+def compiled_update(args):
+    """The compiled update (compiled once per mode, with dynamic shapes)."""
+    if args.compile_mode is None:
+        return COMPILED_UPDATE
+    if args.compile_mode not in _COMPILED_UPDATES:
+        _COMPILED_UPDATES[args.compile_mode] = torch.compile(fused_update, dynamic=True, mode=args.compile_mode)
+    return _COMPILED_UPDATES[args.compile_mode]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     reference = matmul_tflops(args, device, dtype)
     env = {**environment(device), "dtype": args.dtype, "B": args.heads, "D": args.dim, "H": args.hidden,
-           "chunks": args.chunks, "muon": args.muon, "momentum": args.momentum,
-           "flop_formula": "kernel 18*B*D*H*L per chunk (apply 6, update 12); update 12*B*D*H*L"}
+           "chunks": args.chunks, "muon": args.muon, "momentum": args.momentum, "compile_mode": args.compile_mode,
+           "flop_formula": "kernel 18*B*D*H*L per chunk (apply 6, update 12); update 12*B*D*H*L; apply 6*B*D*H*L"}
     print(f"# {env}", flush=True)
     print(f"# dense {args.matmul_size}^3 matmul: {reference:.4g} TFLOP/s; element-wise and Newton-Schulz work not counted",
           flush=True)

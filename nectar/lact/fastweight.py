@@ -18,6 +18,10 @@ row_blocks=(2, 1))`), weight norm is per row, so the result is the unfused algor
 
 Everything computes in the dtype of its inputs (fp64 in, fp64 out; bf16 matmuls accumulate in
 fp32 in cuBLAS); mixed precision is the caller's choice.
+
+`swiglu_fast_weight(..., backend="triton")` runs the same stream with the element-wise work fused
+into Triton matmul kernels (`nectar.lact.fastweight_triton`: CUDA, bf16/fp16, forward only);
+`backend="auto"` takes that path where it can and this module's torch code elsewhere.
 """
 
 from __future__ import annotations
@@ -216,6 +220,7 @@ def swiglu_fast_weight(
     momentum: torch.Tensor | None = None,
     weight_norm: bool = True,
     causal: bool = True,
+    backend: str = "torch",
 ) -> tuple[torch.Tensor, Weights]:
     """Run a stream through chunk-wise updated SwiGLU fast weights.
 
@@ -225,8 +230,12 @@ def swiglu_fast_weight(
     continue in a later call. causal=True: apply-then-update per chunk; causal=False:
     update-then-apply. Weight norm restores the row norms of the weights passed in.
     Momentum state does not cross calls (it starts at zero in each call).
+
+    backend: "torch" (this module), "triton" (fused Triton kernels, `nectar.lact.fastweight_triton`:
+    CUDA, bf16/fp16, no autograd; raises where it cannot run) or "auto" (Triton where it can run).
     """
     _check_kernel_inputs(q, k, v, w0, w1, w2, (lr0, lr1, lr2), chunk_size, momentum)
+    apply, update, step = _chunk_functions(backend, (q, k, v, w0, w1, w2, lr0, lr1, lr2))
     dh = w0.shape[1]
     weights: tuple[torch.Tensor, ...] = (torch.cat([w0, w2], dim=1), w1)  # (W02 [B, 2dh, dk], W1 [B, dv, dh])
     target_norms = tuple(row_norms(w) for w in weights) if weight_norm else None  # [B, rows, 1] each
@@ -235,14 +244,30 @@ def swiglu_fast_weight(
     for start in range(0, q.shape[1], chunk_size):
         chunk = slice(start, start + chunk_size)
         if causal:
-            outputs.append(swiglu_apply_fused(q[:, chunk], *weights))  # [B, l, dv]
-        deltas = swiglu_chunk_update_fused(k[:, chunk], v[:, chunk], *weights, lr0[:, chunk], lr1[:, chunk],
-                                           lr2[:, chunk])
+            outputs.append(apply(q[:, chunk], *weights))  # [B, l, dv]
+        deltas = update(k[:, chunk], v[:, chunk], *weights, lr0[:, chunk], lr1[:, chunk], lr2[:, chunk])
         gate = None if momentum is None else momentum[:, chunk].mean(dim=1, keepdim=True)  # [B, 1, 1]
-        weights, previous = fast_weight_step(weights, deltas, previous, gate, use_muon, target_norms,
-                                             row_blocks=(2, 1))
+        weights, previous = step(weights, deltas, previous, gate, use_muon, target_norms, row_blocks=(2, 1))
         if not causal:
-            outputs.append(swiglu_apply_fused(q[:, chunk], *weights))  # [B, l, dv]
+            outputs.append(apply(q[:, chunk], *weights))  # [B, l, dv]
     out = torch.cat(outputs, dim=1) if outputs else v.new_zeros(v.shape)  # [B, L, dv]
     w02, w1_out = weights
     return out, (w02[:, :dh], w1_out, w02[:, dh:])
+
+
+BACKENDS = ("torch", "triton", "auto")
+
+
+def _chunk_functions(backend: str, tensors: Sequence[torch.Tensor]):
+    """(apply, update, step) of one chunk for `swiglu_fast_weight`'s backend."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return swiglu_apply_fused, swiglu_chunk_update_fused, fast_weight_step
+    from nectar.lact import fastweight_triton
+
+    if backend == "auto" and not fastweight_triton.supported(*tensors):
+        return swiglu_apply_fused, swiglu_chunk_update_fused, fast_weight_step
+    fastweight_triton.require(*tensors)
+    return (fastweight_triton.swiglu_apply_fused, fastweight_triton.swiglu_chunk_update_fused,
+            fastweight_triton.fast_weight_step)
