@@ -2,7 +2,8 @@
 
 `run_chunk(compute)` calls `compute()` (the core's real forward pass of the chunk, which returns
 its workload), prices that workload (roofline per kernel; with `price_as`, rescaled to a larger
-model's shape first, see `sim.price_as`), runs it on the simpy GPU (power, leakage, RC thermal
+model's shape first, see `sim.price_as`; with `cost_table`, by a run's measured per-expert costs
+instead, see `sim.cost_pricing`), runs it on the simpy GPU (power, leakage, RC thermal
 model, slowdown, power limit) and returns the telemetry window an NVML reader would have
 measured: counter differences at the edges, instant-power samples, integer temperatures. The controller sees only those sensor values; the noise-free truth
 of the same window is kept beside it in `last_truth` (and, with `record_trace=True`, every
@@ -18,7 +19,7 @@ import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import simpy
@@ -35,6 +36,9 @@ from sim.price_as import PriceAs
 from sim.reader import WindowReader
 from sim.sensor import NvmlLikeSensor
 from sim.thermal import ThermalModel, steady_temperature
+
+if TYPE_CHECKING:  # pragma: no cover
+    from nectar.control.cost_table import CostTable
 
 
 @dataclass(frozen=True)
@@ -78,7 +82,10 @@ class SimBackend:
     `ambient`: a schedule of extra ambient temperature (°C over the base, by simulated time), the
     simulator's heat source for thermal workloads (a co-tenant, a datacentre step);
     `isolated`: every policy may get its own simulated GPU in the same initial state;
-    `torch_device`: the model's forward runs on the CPU (only the telemetry is simulated)."""
+    `torch_device`: the model's forward runs on the CPU (only the telemetry is simulated);
+    `cost_table`: price chunks by a run's measured per-expert cost table (a CostTable or its JSON
+    path; `sim.cost_pricing`), measured at `cost_table_temp_C` (default: the preset's leakage
+    reference), instead of the roofline."""
 
     name = "sim"
     isolated = True
@@ -88,11 +95,14 @@ class SimBackend:
                  faults: FaultConfig | str | None = None, ambient_C: float | None = None,
                  power_limit_W: float | None = None, record_trace: bool = False,
                  price_as: str | None = None, price_batch: int = 128, price_chunk_rows: int | None = None,
-                 ambient: Schedule | None = None):
+                 ambient: Schedule | None = None, cost_table: CostTable | str | Path | None = None,
+                 cost_table_temp_C: float | None = None):
         self.preset = load_preset(preset)
         self.pricing = PriceAs.make(price_as, price_batch, price_chunk_rows)
         if power_limit_W is not None:
             self.preset = self.preset.replace(power_limit_W=float(power_limit_W))
+        if cost_table is not None and self.pricing.target is not None:
+            raise ValueError("a cost table prices the model as it ran: use price_as none (--price-as none) with it")
         self.faults = _faults(faults)
         base_ambient = self._ambient(ambient_C)
         sensor_seq, fault_seq = np.random.SeedSequence(_seed(seed)).spawn(2)
@@ -106,7 +116,12 @@ class SimBackend:
         self.sensor = NvmlLikeSensor(self.env, self.gpu, self.preset, injector, np.random.default_rng(sensor_seq))
         self.reader = WindowReader(self.env, self.sensor, self.preset,
                                    counter_modulus_mJ=float(self.faults.wrap or 2**64))
-        self.pricer = ChunkPricer(self.preset)
+        self.cost_table, self.pricer = None, ChunkPricer(self.preset)
+        if cost_table is not None:
+            from sim.cost_pricing import CostTablePricer, load_table  # torch (the table's predict): only when asked
+
+            self.cost_table = load_table(cost_table)
+            self.pricer = CostTablePricer(self.cost_table, self.preset, cost_table_temp_C)
         self.last_truth: WindowTruth | None = None
         self._mem_used_B = self.preset.memory_baseline_B
         self._closed = False
@@ -134,7 +149,10 @@ class SimBackend:
 
     def info(self) -> dict:
         """What a run's summary says about this backend: the GPU and how workloads are priced."""
-        return {"gpu": self.gpu_name(), **self.pricing.info()}
+        info = {"gpu": self.gpu_name(), **self.pricing.info()}
+        if self.cost_table is not None:  # the roofline's runs keep their summary as it was
+            info["priced_by"] = "cost-table"
+        return info
 
     def run_chunk(self, compute: Callable[[], ChunkWorkload]) -> TelemetryWindow:
         """Run `compute()` (the chunk's forward pass), then price the workload it returns and run
@@ -219,7 +237,10 @@ def create(*, seed: int = 0, preset: str | Path | GPUPreset | None = None, fault
            heat: Schedule | None = None, **options: Any) -> SimBackend:
     """The simulator from the options every backend factory takes (`nectar.plugins.make_backend`),
     plus SimBackend's own keyword `options`. price_as "auto" prices at DistilGPT2's shape, "none"
-    or None as the workload ran."""
+    or None as the workload ran; with a `cost_table` option "auto" means as it ran (the table
+    measured the model that runs)."""
+    if options.get("cost_table") is not None and price_as == "auto":
+        price_as = "none"
     target = {"auto": "distilgpt2", "none": None}.get(price_as, price_as) if price_as is not None else None
     return SimBackend(preset=preset or "h100_sxm", seed=seed, faults=faults, price_as=target,
                       price_batch=price_batch, price_chunk_rows=chunk_rows, ambient=heat, **options)

@@ -10,9 +10,15 @@ data/traces/h100/ (main, thermal, power, long).
   scored on every other segment (held out by segment), with each policy's saving versus
   static-top2, measured and simulated.
 
-Nothing is written unless --save PATH is given: then the calibrated preset is written there (e.g.
-`--save sim/presets/h200_sxm.json` fits a preset for a new GPU from its committed traces), named
-after the file. Exit status: 0 done, 2 unusable input.
+- `--frontier RUN_DIR [RUN_DIR ...]` (no TRACE_DIR): a frontier run's stream re-priced by the
+  simulator from the run's own cost_table.json (kept, dropped and cheap slots, dispatch, as the
+  device measured them) with the GPU preset's power and thermal models, and each policy's saving
+  vs static-top2 simulated beside measured (analysis/reconcile/frontier_replay.py). Writes --out
+  (default: sim-vs-gpu-costs.json beside the first RUN_DIR) and a PNG plot of the same name.
+
+Otherwise nothing is written unless --save PATH is given: then the calibrated preset is written
+there (e.g. `--save sim/presets/h200_sxm.json` fits a preset for a new GPU from its committed
+traces), named after the file. Exit status: 0 done, 2 unusable input.
 """
 
 from __future__ import annotations
@@ -29,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     from analysis.reconcile.replay import ENERGY_SOURCES, TIMINGS
 
     p = parser("nectar reconcile", __doc__)
-    p.add_argument("trace_dir", type=Path, metavar="TRACE_DIR", help="a trace folder, or a GPU folder of segment folders")
+    p.add_argument("trace_dir", type=Path, metavar="TRACE_DIR", nargs="?", default=None,
+                   help="a trace folder, or a GPU folder of segment folders")
+    p.add_argument("--frontier", type=Path, nargs="+", metavar="RUN_DIR", default=None,
+                   help="frontier run folders (with frontier.json, trace.csv.gz, cost_table.json) to re-price "
+                        "by their own measured cost tables; instead of TRACE_DIR")
+    p.add_argument("--out", type=Path, default=None,
+                   help="with --frontier: the JSON to write (default: sim-vs-gpu-costs.json beside the first "
+                        "RUN_DIR); the plot goes beside it as .png")
     p.add_argument("--by-segment", action="store_true",
                    help="calibrate on one segment and hold out the others (implied by a GPU folder)")
     p.add_argument("--calibrate-on", default="main", help="with --by-segment: the segment to calibrate on")
@@ -39,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="starting preset, name or JSON path (default: by the trace's GPU)")
     p.add_argument("--save", "--save-preset", dest="save", type=Path, default=None,
                    help="write the calibrated preset to this JSON file (default: nothing is written)")
-    p.add_argument("--overwrite", action="store_true", help="let --save replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help="let --save (or --frontier's --out) replace an existing file")
     p.add_argument("--max-evaluations", type=positive_int, default=300,
                    help="cap on simulator replays during calibration")
     p.add_argument("--energy-source", choices=ENERGY_SOURCES, default="mean",
@@ -124,9 +137,36 @@ def _save(result, path: Path) -> Path:
     return atomic_write(path, lambda tmp: save_preset(preset, tmp))
 
 
+def run_frontier(args, argv: list[str] | None) -> int:
+    """--frontier: write the sim-vs-gpu report and its plot, print the table (or the JSON)."""
+    from analysis.reconcile.frontier_replay import default_out, reconcile_frontier, table_text, write_plot
+    from nectar.experiment.outputs import atomic_write_text, check_out_file
+
+    out = args.out or default_out(args.frontier)
+    plot = out.with_suffix(".png")
+    check_out_file(out, args.overwrite, "--out")
+    check_out_file(plot, args.overwrite, "--out (its plot)")
+    report = reconcile_frontier(args.frontier, args.preset)
+    report["command"] = "nectar reconcile " + " ".join(str(a) for a in (sys.argv[2:] if argv is None else argv))
+    atomic_write_text(out, strict_json(report, indent=1, sort_keys=True) + "\n")
+    write_plot(report, plot)
+    if args.json:
+        print(strict_json(report, indent=2, sort_keys=True))
+    else:
+        print(table_text(report))
+        print(f"written: {out} and {plot}")
+    return 0
+
+
 @cli_errors("reconcile")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if (args.frontier is None) == (args.trace_dir is None):
+        raise ValueError("give either TRACE_DIR or --frontier RUN_DIR [RUN_DIR ...], not both or neither")
+    if args.frontier is not None:
+        return run_frontier(args, argv)
+    if args.out is not None:
+        raise ValueError("--out goes with --frontier (TRACE_DIR writes only --save)")
     from analysis.reconcile.calibrate import CalibrationConfig
     from analysis.reconcile.score import load_trace_dir, pick_preset, reconcile
     from analysis.reconcile.segments import is_segment_folder, load_segments, reconcile_by_segment

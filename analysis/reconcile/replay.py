@@ -147,13 +147,15 @@ def truth_only(preset: GPUPreset) -> GPUPreset:
                           power_average_window_s=max(period, preset.power_average_window_s))
 
 
-def _fresh_backend(preset: GPUPreset, rows: Sequence[TraceRow], start: int, initial_temp: str) -> SimBackend:
-    """A simulated GPU for the recording starting at `start`, at the measured starting temperature."""
+def _fresh_backend(preset: GPUPreset, rows: Sequence[TraceRow], start: int, initial_temp: str,
+                   options: dict | None = None) -> SimBackend:
+    """A simulated GPU for the recording starting at `start`, at the measured starting temperature;
+    `options`: more SimBackend keywords (e.g. a cost table to price by)."""
     if initial_temp == "measured":
         temp = rows[start].window.gpu_temp_C
         if math.isfinite(temp):
             preset = preset.replace(initial_temp_C=float(temp) + TEMP_READING_OFFSET_C)
-    return SimBackend(preset=preset, seed=0)
+    return SimBackend(preset=preset, seed=0, **(options or {}))
 
 
 def _simulate(backend: SimBackend, row: TraceRow, timing: str = "measured") -> tuple[float, float, float]:
@@ -177,8 +179,10 @@ def _simulate(backend: SimBackend, row: TraceRow, timing: str = "measured") -> t
 
 def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | None = None,
                  breaks: frozenset[int] = frozenset(), energy_source: str = "mean",
-                 initial_temp: str = "measured", fast_sensor: bool = False, timing: str = "measured") -> list[ReplayRow]:
-    """Replay rows[:stop] on simulated GPUs built from `preset`; one ReplayRow per row.
+                 initial_temp: str = "measured", fast_sensor: bool = False, timing: str = "measured",
+                 backend_options: dict | None = None) -> list[ReplayRow]:
+    """Replay rows[:stop] on simulated GPUs built from `preset` (and `backend_options`, more
+    SimBackend keywords such as `cost_table`); one ReplayRow per row.
 
     `initial_temp`: "measured" starts each recording at its first measured temperature,
     "preset" at the preset's own initial (or idle steady-state) temperature. The simulated sensor
@@ -201,7 +205,7 @@ def replay_trace(rows: Sequence[TraceRow], preset: GPUPreset, *, stop: int | Non
         row, window = rows[i], rows[i].window
         try:
             if i in starts:
-                backend = _fresh_backend(preset, rows, i, initial_temp)
+                backend = _fresh_backend(preset, rows, i, initial_temp, backend_options)
             elif window.t_start_s - rows[i - 1].window.t_end_s > 0:
                 backend.idle(window.t_start_s - rows[i - 1].window.t_end_s)   # unmeasured host time
             energy, duration, temp = _simulate(backend, row, timing)

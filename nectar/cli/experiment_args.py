@@ -76,6 +76,9 @@ def add_sim_args(p: argparse.ArgumentParser) -> None:
                    help="sequences of 1024 tokens a stream chunk is priced as (128 ≈ 0.25 s on an H100)")
     g.add_argument("--heat", type=schedule, default=None,
                    help="extra ambient °C over simulated time, 'seconds:°C,…' (a co-tenant heating the GPU)")
+    g.add_argument("--sim-cost-table", default=None, metavar="COST_TABLE_JSON",
+                   help="price chunks by this measured per-expert cost table (a run's cost_table.json, for the "
+                        "model it was measured on) instead of the roofline; the model is then priced as it runs")
 
 
 def check_stream_args(args) -> None:
@@ -173,6 +176,8 @@ def backend_factory(args, cfg, **extra):
     options = dict(seed=args.seed, preset=getattr(args, "gpu", None), faults=getattr(args, "faults", None),
                    price_as=getattr(args, "price_as", "none"), price_batch=getattr(args, "price_batch", 128),
                    chunk_rows=cfg.chunk_tokens // cfg.seq_len, heat=getattr(args, "heat", None), **extra)
+    if getattr(args, "sim_cost_table", None) is not None:   # only then: other backends refuse the option
+        options["cost_table"] = args.sim_cost_table
     return lambda: make_backend(args.backend, **options)
 
 
