@@ -12,6 +12,9 @@
 - Routers are runtime policy, not weights: `set_router` / `set_router_by_name` swap them without
   touching the gates (the saved config records the router the model was built/trained with).
 - `chunk_workload` turns the last forward into the `ChunkWorkload` a telemetry backend prices.
+- A forward given no position ids (the experiment's `model(input_ids=ids, use_cache=False)`)
+  skips transformers' packed-sequence check, its one host read (`nectar.models.default_positions`;
+  same logits): with the grouped dispatch such a forward queues on the GPU without a sync.
 - Loading is strict and deterministic: `from_pretrained` refuses weights that do not cover the
   config (missing, unexpected or mis-shaped tensors) and rebuilds every router from the config
   after the weights are in (a router's buffers are not weights: transformers would otherwise
@@ -26,6 +29,7 @@ generation parameters in transformers, which refuses to save a model config that
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -40,6 +44,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHea
 
 from nectar.lact.expert import LaCTMoEExpert  # noqa: F401  (registers the "lact" expert kind for configs)
 from nectar.lact.hybrid_attention import HybridLaCTAttention
+from nectar.models.default_positions import default_positions
 from nectar.moe.expert_pool import ConstantGroup, ExpertPool, GELUGroup, SwiGLUGroup
 from nectar.moe.experts import ExpertSpec, GELUExpert
 from nectar.moe.layer import MoELayer, MoEMetrics
@@ -236,6 +241,16 @@ class MoEGPT2LMHeadModel(GPT2LMHeadModel):
                 block.attn = HybridLaCTAttention(config, layer_idx=idx)
         self.post_init()  # initialises only the new (not yet initialised) modules, re-ties weights
         self._init_moe_weights()
+
+    def forward(self, *args, **kwargs):
+        """GPT2LMHeadModel.forward. When the caller passes no position ids, GPT-2 numbers the tokens
+        itself and transformers' packed-sequence check, a host read (one GPU sync per forward), is
+        answered without reading (`nectar.models.default_positions`; same logits)."""
+        own_positions = len(args) <= 1 and kwargs.get("position_ids") is None  # at most input_ids by position
+        with default_positions(own_positions):
+            return super().forward(*args, **kwargs)
+
+    forward.__signature__ = inspect.signature(GPT2LMHeadModel.forward)  # what transformers and callers inspect
 
     @torch.no_grad()
     def _init_moe_weights(self) -> None:

