@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]
 GENERATED = ("data/corpus/built", "runs/")                # built or written at run time, never committed
 PLACEHOLDER = re.compile(r"[<>*{}\[\]…]|\.\.\.")
-COMMANDS = ("run", "frontier", "train", "hw-run", "verify-convexity", "reconcile", "report")
+COMMANDS = ("run", "frontier", "serve", "train", "hw-run", "verify-convexity", "reconcile", "report")
 GROUPS = ("CONTROL", "SIM")                                # the synopsis's shared option groups
 
 

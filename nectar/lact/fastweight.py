@@ -31,10 +31,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS5_STEPS = 5
-MUON_EPS = 1e-7
-WEIGHT_NORM_EPS = 1e-5
+from nectar.lact.muon import (MUON_EPS, NS5_COEFFICIENTS, NS5_STEPS, WEIGHT_NORM_EPS,  # noqa: F401  (re-exported)
+                               orthogonalise_blocks as _orthogonalise, zeropower_via_newtonschulz5)
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -109,25 +107,6 @@ def swiglu_chunk_update_fused(
     return dw02, dw1
 
 
-def zeropower_via_newtonschulz5(g: torch.Tensor, steps: int = NS5_STEPS, eps: float = MUON_EPS) -> torch.Tensor:
-    """Muon's Newton–Schulz quintic: push the singular values of each matrix g [..., r, c] towards 1.
-
-    X ← X / (‖X‖_F + eps), transposed when r > c so that A = X Xᵀ is the smaller Gram matrix,
-    then `steps` times X ← aX + (bA + cA²)X with (a, b, c) = (3.4445, −4.7750, 2.0315). The
-    quintic is tuned for speed, not exactness: singular values land near, not at, 1.
-    """
-    if g.ndim < 2:
-        raise ValueError(f"Newton–Schulz needs matrices [..., rows, cols], got shape {tuple(g.shape)}")
-    a, b, c = NS5_COEFFICIENTS
-    transpose = g.shape[-2] > g.shape[-1]
-    x = g.mT if transpose else g  # [..., r', c'] with r' <= c'
-    x = x / (torch.linalg.matrix_norm(x, ord="fro", keepdim=True) + eps)
-    for _ in range(steps):
-        gram = x @ x.mT  # [..., r', r']
-        x = a * x + (b * gram + c * gram @ gram) @ x  # [..., r', c']
-    return x.mT if transpose else x
-
-
 def row_norms(w: torch.Tensor) -> torch.Tensor:
     """Norm of every row (over the last dimension): w [..., r, c] -> [..., r, 1]."""
     return w.norm(dim=-1, keepdim=True)
@@ -174,15 +153,6 @@ def fast_weight_step(
             w = renormalize_rows(w, target_norms[index])
         new_weights.append(w)
     return tuple(new_weights), tuple(accumulated)
-
-
-def _orthogonalise(delta: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Newton–Schulz on each of `blocks` equal row blocks of delta [..., r, c] (one batched call)."""
-    if blocks == 1:
-        return zeropower_via_newtonschulz5(delta)
-    rows, cols = delta.shape[-2:]
-    split = delta.reshape(*delta.shape[:-2], blocks, rows // blocks, cols)  # [..., blocks, r/blocks, c]
-    return zeropower_via_newtonschulz5(split).reshape(delta.shape)
 
 
 def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:

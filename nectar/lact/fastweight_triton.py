@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-from nectar.lact.fastweight import WEIGHT_NORM_EPS, _orthogonalise
+from nectar.lact.muon import WEIGHT_NORM_EPS, orthogonalise_blocks as _orthogonalise
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would silently run as tf32

@@ -32,7 +32,7 @@ class ServingControllerConfig:
     quality_bound: float = 0.01
     target_share: float = 0.7
     window_steps: int = 16
-    check_every: int = 2
+    check_every: int = 4
     step_size: float = 1.0
     start_price: float = 0.05
     min_price: float = 1e-4

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The serving measurements of one GPU (issue "Serving: generated tokens, continuous batching and a
+# changing load"), into OUTDIR:
+#   olmoe-small/            the OLMoE-style model trained here (64 experts of 128, top-8, hidden 512,
+#                           4 layers; `python -m nectar.hf.train_small`, TRAIN_S seconds on the corpus)
+#   serving-<trace>/        `nectar serve --backend nvml` on that model: frontier.json, steps.csv,
+#                           requests.csv and plots, for the bursty and steady traces
+#   suite.log               everything printed
+# Needs the built corpus (data/corpus/built: `python scripts/build_corpus.py --no-publish`). About
+# TRAIN_S + 4 minutes on an H100/H200. Run from the repository root on the GPU host:
+#   TRAIN_S=150 bash benchmarks/run_serving_suite.sh OUTDIR        (exit status 1 if any step failed)
+set -u -o pipefail
+OUT=${1:?usage: bash benchmarks/run_serving_suite.sh OUTDIR}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+PY=${PYTHON:-python}
+TRAIN_S=${TRAIN_S:-150}
+REQUESTS=${REQUESTS:-48}
+. benchmarks/suite_steps.sh
+suite_header
+MODEL=${MODEL:-$OUT/olmoe-small}
+[ -f "$MODEL/config.json" ] || step train_olmoe $((TRAIN_S + 120)) "$PY" -m nectar.hf.train_small --out "$MODEL" \
+  --device cuda --budget-s "$TRAIN_S" --no-progress
+for trace in ${TRACES:-bursty steady}; do
+  step "serve $trace" ${SERVE_LIMIT_S:-200} "$PY" -m nectar serve --backend nvml --model "$MODEL" --trace "$trace" \
+    --requests "$REQUESTS" --rate "${RATE:-24}" --batch-max 16 --prompt-median 128 --output-median 64 \
+    --prefill-chunk 256 --out "$OUT/serving-$trace" --overwrite --no-progress \
+    --policies "${POLICIES:-static-top8,static-top6,static-top4,static-top2,static-top1,batch-aware:8,batch-price:0.1,batch-price:0.3,top-p:0.5,nectar}"
+done
+rm -f "$MODEL/model.safetensors"   # 20+ MB of weights stay on the GPU host; config, info and logs come back
+exit $status
