@@ -8,11 +8,7 @@
 # every row, so one that overruns still leaves what it measured and the others still run.
 set -u
 OUT=${1:?usage: bash benchmarks/run_gpu_suite.sh OUTDIR}
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-LOG="$OUT/suite.log"
-PY=${PYTHON:-python}
 . benchmarks/suite_steps.sh
 run() { step "$1" "$2" "$PY" "${@:3}"; }   # run NAME LIMIT_S ARGS...: a Python step
 suite_header

@@ -10,11 +10,7 @@
 #   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-LOG="$OUT/suite.log"
-PY=${PYTHON:-python}
 POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,nectar
 . benchmarks/suite_steps.sh
 suite_header

@@ -11,11 +11,7 @@
 #   TRAIN_S=150 bash benchmarks/run_serving_suite.sh OUTDIR        (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_serving_suite.sh OUTDIR}
-mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
-export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-LOG="$OUT/suite.log"
-PY=${PYTHON:-python}
 TRAIN_S=${TRAIN_S:-150}
 REQUESTS=${REQUESTS:-48}
 . benchmarks/suite_steps.sh

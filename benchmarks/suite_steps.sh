@@ -1,8 +1,13 @@
-# Sourced by the GPU benchmark suites (run_gpu_suite.sh, run_machinery_suite.sh), after they set
-# LOG (the suite's log file) and PY (the Python to run):
+# Sourced by the GPU benchmark suites (run_gpu_suite.sh, run_machinery_suite.sh, run_serving_suite.sh)
+# from the repository root, after they set OUT (the output folder); it creates OUT and sets LOG (the
+# suite's log file, OUT/suite.log), PY (the Python to run: $PYTHON or python) and PYTHONPATH:
 #   suite_header                  date, the GPU and the torch/transformers versions, into $LOG
 #   step NAME LIMIT_S CMD [ARG…]  CMD under a time limit (SIGINT, then KILL 10 s later), its output
 #                                 teed into $LOG with its exit status and seconds; status=1 on failure
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+LOG="$OUT/suite.log"
+PY=${PYTHON:-python}
 status=0
 
 suite_header() {

@@ -10,6 +10,14 @@ from nectar.train.tokenizer import train_tokenizer
 SPECS = [{"kind": "gelu", "hidden": 64, "count": 3}, {"kind": "gelu", "hidden": 16}, {"kind": "zero"}, {"kind": "copy"}]
 
 
+def tiny_moe(vocab_size: int = 100, n_positions: int = 64, seed: int = 0) -> MoEGPT2LMHeadModel:
+    """A tiny random MoE-GPT2 (2 blocks, d 32) with full, narrow, zero and copy experts, in eval mode."""
+    torch.manual_seed(seed)
+    config = preset_config("tiny-moe", vocab_size=vocab_size, n_layer=2, n_embd=32, n_head=2, n_inner=64,
+                           n_positions=n_positions, expert_specs=SPECS, n_experts=0)
+    return MoEGPT2LMHeadModel(config).eval()
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A tiny MoE-GPT2 with full, narrow, zero and copy experts, saved the way `nectar run --model` loads it."""

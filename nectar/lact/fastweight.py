@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from nectar.lact.muon import (MUON_EPS, NS5_COEFFICIENTS, NS5_STEPS, WEIGHT_NORM_EPS,  # noqa: F401  (re-exported)
-                               orthogonalise_blocks as _orthogonalise, zeropower_via_newtonschulz5)
+                               momentum_steps, zeropower_via_newtonschulz5)
 
 Weights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -142,17 +142,10 @@ def fast_weight_step(
     """
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
-    accumulated = list(deltas)
-    if momentum_gate is not None and previous_deltas is not None:
-        accumulated = [d + momentum_gate * p for d, p in zip(deltas, previous_deltas)]
-    new_weights = []
-    for index, (w, d) in enumerate(zip(weights, accumulated)):
-        step = _orthogonalise(d, row_blocks[index] if row_blocks else 1) if use_muon else d
-        w = w + step if scale == 1.0 else w + scale * step
-        if target_norms is not None:
-            w = renormalize_rows(w, target_norms[index])
-        new_weights.append(w)
-    return tuple(new_weights), tuple(accumulated)
+    steps, accumulated = momentum_steps(deltas, previous_deltas, momentum_gate, use_muon, scale, row_blocks)
+    new_weights = [w + step if target_norms is None else renormalize_rows(w + step, target_norms[index])
+                   for index, (w, step) in enumerate(zip(weights, steps))]
+    return tuple(new_weights), accumulated
 
 
 def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:

@@ -43,7 +43,7 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
-from nectar.lact.muon import WEIGHT_NORM_EPS, orthogonalise_blocks as _orthogonalise
+from nectar.lact.muon import WEIGHT_NORM_EPS, momentum_steps
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DTYPES = (torch.bfloat16, torch.float16)  # tl.dot operands; fp32 would silently run as tf32
@@ -425,13 +425,7 @@ def fast_weight_step(weights, deltas, previous_deltas=None, momentum_gate=None, 
     weight (`add_renormalize_rows`, fp32 inside); momentum and Muon as there (torch)."""
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
-    accumulated = list(deltas)
-    if momentum_gate is not None and previous_deltas is not None:
-        accumulated = [d + momentum_gate * p for d, p in zip(deltas, previous_deltas)]
-    new_weights = []
-    for index, (w, d) in enumerate(zip(weights, accumulated)):
-        step = _orthogonalise(d, row_blocks[index] if row_blocks else 1) if use_muon else d
-        if scale != 1.0:
-            step = scale * step
-        new_weights.append(add_renormalize_rows(w, step, None if target_norms is None else target_norms[index]))
-    return tuple(new_weights), tuple(accumulated)
+    steps, accumulated = momentum_steps(deltas, previous_deltas, momentum_gate, use_muon, scale, row_blocks)
+    new_weights = [add_renormalize_rows(w, step, None if target_norms is None else target_norms[index])
+                   for index, (w, step) in enumerate(zip(weights, steps))]
+    return tuple(new_weights), accumulated

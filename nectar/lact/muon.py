@@ -6,6 +6,8 @@ Used by both fast-weight paths: `nectar.lact.fastweight` (torch) and `nectar.lac
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 NS5_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
@@ -40,3 +42,18 @@ def orthogonalise_blocks(delta: torch.Tensor, blocks: int) -> torch.Tensor:
     rows, cols = delta.shape[-2:]
     split = delta.reshape(*delta.shape[:-2], blocks, rows // blocks, cols)  # [..., blocks, r/blocks, c]
     return zeropower_via_newtonschulz5(split).reshape(delta.shape)
+
+
+def momentum_steps(deltas: Sequence[torch.Tensor], previous_deltas: Sequence[torch.Tensor] | None,
+                   momentum_gate: torch.Tensor | float | None, use_muon: bool, scale: float,
+                   row_blocks: Sequence[int] | None) -> tuple[list[torch.Tensor], tuple[torch.Tensor, ...]]:
+    """(steps to add to the weights, momentum-accumulated deltas): dW ← dW + m·dW_prev, then Muon per
+    row block (if `use_muon`), then × scale — the part of a fast-weight step both paths share."""
+    accumulated = list(deltas)
+    if momentum_gate is not None and previous_deltas is not None:
+        accumulated = [d + momentum_gate * p for d, p in zip(deltas, previous_deltas)]
+    steps = []
+    for index, d in enumerate(accumulated):
+        step = orthogonalise_blocks(d, row_blocks[index] if row_blocks else 1) if use_muon else d
+        steps.append(step if scale == 1.0 else scale * step)
+    return steps, tuple(accumulated)

@@ -84,8 +84,8 @@ class ServingController:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
             result = run()
-            self._gaps.append((result.nll_R - static.nll_R).sum().reshape(1))
-            self._gaps.append(torch.full((1,), float(len(feed)), device=result.nll_R.device))
+            gap = (result.nll_R - static.nll_R).sum()
+            self._gaps.append(torch.stack([gap, gap.new_tensor(float(len(feed)))]))   # [2] on the device
             return result
         return checked
 
@@ -93,7 +93,7 @@ class ServingController:
         self._steps += 1
         if self._steps % self.config.window_steps or not self._gaps:
             return
-        gap_sum, tokens = torch.cat(self._gaps).view(-1, 2).sum(0).tolist()    # one host read a window
+        gap_sum, tokens = torch.stack(self._gaps).sum(0).tolist()    # one host read a window
         self._gaps.clear()
         self._gap_sum, self._gap_tokens = self._gap_sum + gap_sum, self._gap_tokens + tokens
         c = self.config

@@ -61,7 +61,7 @@ class ServingEngine:
                              use_cache=True, logits_to_keep=1, **{self._cache_kw: self.cache})
         return out.logits[:, -1], recorder.summary()
 
-    def _result(self, logits_RV: torch.Tensor, targets: list[int], layers: list, workload: ChunkWorkload) -> StepResult:
+    def _result(self, logits_RV: torch.Tensor, targets: list[int], workload: ChunkWorkload) -> StepResult:
         logp_RV = torch.log_softmax(logits_RV.float(), dim=-1)
         nll_R = -logp_RV.gather(-1, self._ids(targets)[:, None])[:, 0]
         return StepResult(nll_R, logits_RV.argmax(-1), workload)
@@ -74,7 +74,7 @@ class ServingEngine:
         workload = self._workload(layers, batch=1, seq_len=len(tokens), phase="prefill",
                                   pairs=len(tokens) * start + len(tokens) * (len(tokens) + 1) / 2,
                                   kv_read=start, logit_rows=1)
-        return self._result(logits_RV, [target], layers, workload)
+        return self._result(logits_RV, [target], workload)
 
     def decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> StepResult:
         """One decode step of rows 0..R-1: row r feeds `tokens[r]` at `positions[r]` and scores
@@ -84,7 +84,7 @@ class ServingEngine:
         workload = self._workload(layers, batch=len(tokens), seq_len=1, phase="decode",
                                   pairs=sum(positions) + len(positions), kv_read=sum(positions),
                                   logit_rows=len(tokens))
-        return self._result(logits_RV, targets, layers, workload)
+        return self._result(logits_RV, targets, workload)
 
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)

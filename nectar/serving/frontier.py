@@ -15,7 +15,7 @@ has such steps, else all non-idle energy per generated token (`energy_metric` sa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -66,13 +66,12 @@ def serve_policy(model, backend, policy: str, cfg: ServingConfig, stream: torch.
     controller = None
     if is_adaptive(policy):
         controller = ServingController(routers, routers_for(model, cfg.baseline),
-                                       ServingControllerConfig(**{**cfg.controller.__dict__,
-                                                                  "quality_bound": cfg.quality_bound}))
+                                       replace(cfg.controller, quality_bound=cfg.quality_bound))
     engine = ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
     return serve(engine, backend, make_trace(cfg.trace), stream, cfg.limits, cfg.seed, controller, progress)
 
 
-def step_bytes(workload, preset_bytes: Callable | None = None) -> float:
+def step_bytes(workload) -> float:
     """Bytes a decode step must read: dense and head weights, the distinct experts' weights, the KV
     positions it attends to (activations are not counted: they stay in cache at decode sizes)."""
     d, dt = workload.d_model, workload.dtype_bytes
@@ -83,13 +82,13 @@ def step_bytes(workload, preset_bytes: Callable | None = None) -> float:
     return float(dense + experts + kv)
 
 
-def hbm_fraction(run: PolicyServing, hbm_GBps: float | None) -> float | None:
+def hbm_fraction(run: PolicyServing, total_bytes: float, hbm_GBps: float | None) -> float | None:
     """Achieved share of the memory bandwidth over the decode steps: Σ bytes ÷ (Σ time · bandwidth)."""
     decode = [s for s in run.steps if s.phase == "decode"]
     if not hbm_GBps or not decode:
         return None
     seconds = sum(s.t_end_s - s.t_start_s for s in decode)
-    return sum(step_bytes(w) for w in run.workloads) / (seconds * hbm_GBps * 1e9)
+    return total_bytes / (seconds * hbm_GBps * 1e9)
 
 
 def agreement(run: PolicyServing, base: PolicyServing) -> float:
@@ -105,12 +104,13 @@ def agreement(run: PolicyServing, base: PolicyServing) -> float:
 def policy_summary(run: PolicyServing, base: PolicyServing, cfg: ServingConfig) -> dict:
     metrics = summarize(run.steps, run.requests, cfg.limits.batch_max)
     energy_J = sum(s.energy_J for s in run.steps if s.phase != "idle")
+    total_bytes = sum(step_bytes(w) for w in run.workloads)                 # the decode steps'
     return {**metrics.to_dict(), "adaptive": is_adaptive(run.policy),
             "perplexity": math.exp(run.nll_sum / max(run.nll_tokens, 1)), "nll_tokens": run.nll_tokens,
             "greedy_agreement": agreement(run, base), "energy_J": energy_J,
             "mean_power_W": energy_J / max(sum(s.t_end_s - s.t_start_s for s in run.steps if s.phase != "idle"), 1e-12),
-            "max_temp_C": None, "hbm_fraction": hbm_fraction(run, cfg.hbm_GBps),
-            "mean_step_bytes": (sum(step_bytes(w) for w in run.workloads) / len(run.workloads)) if run.workloads else None,
+            "max_temp_C": None, "hbm_fraction": hbm_fraction(run, total_bytes, cfg.hbm_GBps),
+            "mean_step_bytes": total_bytes / len(run.workloads) if run.workloads else None,
             "controller": run.controller}
 
 

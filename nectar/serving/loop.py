@@ -135,11 +135,10 @@ def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torc
             _apply(engine, sched.finish_prefill(chunk, now_s))
         rows = sched.decode_rows()
         if rows:
-            records = {r.request_id: r for r in sched.requests() if r.request_id in set(rows)}
-            index = [records[rid].generated for rid in rows]           # output index each row predicts
+            positions = sched.context_lengths()                        # prompt + generated − 1 per row
+            index = [p - len(tokens[rid].prompt) + 1 for rid, p in zip(rows, positions)]  # output index predicted
             feed = [tokens[rid].reference[j - 1] for rid, j in zip(rows, index)]
             targets = [tokens[rid].reference[j] for rid, j in zip(rows, index)]
-            positions = sched.context_lengths()
             run = lambda: engine.decode(feed, positions, targets)      # noqa: E731
             if controller is not None:
                 run = controller.wrap_decode(engine, run, feed, positions, targets)

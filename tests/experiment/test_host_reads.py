@@ -12,9 +12,8 @@ from nectar.experiment.forward import install
 from nectar.experiment.host_reads import count_host_reads
 from nectar.experiment.policies import NECTAR_VARIANTS, policy_router
 from nectar.experiment.policy_lists import ADAPTIVE, STATIC_FRONTIER
-from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config
 from nectar.moe.dispatch import dispatch_path, grouped_mm_usable
-from tests.conftest import SPECS
+from tests.conftest import tiny_moe
 
 # Every policy a MoE-DistilGPT2 runs ("threshold:T" routes pretrained transformers MoE models only),
 # with the identical-routing pair of static top-2 (fixed-bias:0, fixed-price:1e9).
@@ -68,10 +67,7 @@ def test_the_counter_leaves_torch_as_it_found_it():
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = preset_config("tiny-moe", vocab_size=100, n_layer=2, n_embd=32, n_head=2, n_inner=64,
-                           n_positions=64, expert_specs=SPECS, n_experts=0)
-    return MoEGPT2LMHeadModel(config).eval()
+    return tiny_moe()
 
 
 @pytest.fixture

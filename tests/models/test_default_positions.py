@@ -11,16 +11,12 @@ from transformers import masking_utils
 
 from nectar.experiment.host_reads import count_host_reads
 from nectar.models.default_positions import INSTALLED, default_positions
-from nectar.models.gpt2_moe import MoEGPT2LMHeadModel, preset_config
-from tests.conftest import SPECS
+from tests.conftest import tiny_moe
 
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    config = preset_config("tiny-moe", vocab_size=100, n_layer=2, n_embd=32, n_head=2, n_inner=64,
-                           n_positions=64, expert_specs=SPECS, n_experts=0)
-    return MoEGPT2LMHeadModel(config).eval()
+    return tiny_moe()
 
 
 def ids_of(batch=3, length=20, seed=1):
