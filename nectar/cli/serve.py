@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=positive_float, default=0.01,
                    help="quality bound: relative perplexity increase vs the baseline (0.01 = 1%%)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
+    p.add_argument("--repeats", type=positive_int, default=1,
+                   help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
     p.add_argument("--gpu", default=None, help="simulator GPU preset, name or JSON path (default: h100_sxm)")
     p.add_argument("--price-as", default="auto", help="simulator: price at this width (auto = distilgpt2; none = as it ran)")
     p.add_argument("--out", type=Path, default=Path("runs/serve"), help="run directory to write")
@@ -76,11 +78,11 @@ def _config(args, top_k: int, max_positions: int):
 
 
 def run_serving(args, out: Path, command: str) -> dict:
-    from tqdm import tqdm
+    from dataclasses import replace
 
     from nectar.cli.experiment_args import place_model
     from nectar.plugins import make_backend
-    from nectar.serving.frontier import model_top_k, serve_policy, serving_report
+    from nectar.serving.frontier import model_top_k, serving_report
     from nectar.serving.outputs import write_serving_outputs
     from nectar.serving.policies import check_serving_policies
     from nectar.train.recipes import committed_model
@@ -99,18 +101,44 @@ def run_serving(args, out: Path, command: str) -> dict:
     info = first.info()
     cfg.hbm_GBps = hbm_for(info.get("gpu", ""))
     warm_up(model, first, cfg, demo.heldout_ids)
-    runs = {}
-    for i, policy in enumerate(cfg.policies):
-        backend = first if (i == 0 or not first.isolated) else factory()
-        with tqdm(total=cfg.trace.n_requests, desc=policy, disable=args.no_progress, file=sys.stderr) as bar:
-            runs[policy] = serve_policy(model, backend, policy, cfg, demo.heldout_ids,
-                                        progress=lambda done: bar.update(done - bar.n))
-        if backend is not first:
-            backend.close()
+    reports, runs = [], {}
+    for r in range(args.repeats):
+        rep = replace(cfg, seed=cfg.seed + r, trace=replace(cfg.trace, seed=cfg.trace.seed + r))
+        runs = serve_policies(model, first, factory, rep, demo.heldout_ids, args.no_progress, r)
+        reports.append(serving_report(runs, rep, {"backend": args.backend, "gpu": info.get("gpu")}))
     first.close()
-    report = serving_report(runs, cfg, {"backend": args.backend, "gpu": info.get("gpu")})
+    report = with_repeats(reports)
     write_serving_outputs(out, report, runs, command)
     return report
+
+
+def serve_policies(model, first, factory, cfg, stream, quiet: bool, repeat: int) -> dict:
+    """Every policy once over the trace: on `first` when the backend is shared (a real GPU), on a
+    fresh backend each when backends are isolated (the simulator: same initial state for all)."""
+    from tqdm import tqdm
+
+    from nectar.serving.frontier import serve_policy
+
+    runs = {}
+    for policy in cfg.policies:
+        backend = factory() if first.isolated else first
+        label = policy if repeat == 0 else f"{policy} (repeat {repeat})"
+        with tqdm(total=cfg.trace.n_requests, desc=label, disable=quiet, file=sys.stderr) as bar:
+            runs[policy] = serve_policy(model, backend, policy, cfg, stream, progress=lambda done: bar.update(done - bar.n))
+        if backend is not first:
+            backend.close()
+    return runs
+
+
+def with_repeats(reports: list[dict]) -> dict:
+    """The first repeat's report (seed --seed; its steps and requests are the ones written) with every
+    repeat's margin over the hull and their 95 % interval (seeds seed, seed+1, …)."""
+    from nectar.experiment.frontier_run import interval
+
+    margins = [r.get("nectar_margin_over_hull") for r in reports]
+    return {**reports[0], "repeats": len(reports), "nectar_margin_per_repeat": margins,
+            "nectar_saved_per_repeat": [r.get("nectar_saved") for r in reports],
+            "nectar_dppl_per_repeat": [r.get("nectar_dppl") for r in reports], **interval(margins)}
 
 
 def warm_up(model, backend, cfg, stream) -> None:
@@ -135,6 +163,10 @@ def print_report(report: dict) -> None:
     if "nectar_saved" in report:
         print(f"nectar: saved {100 * report['nectar_saved']:.2f} % at {100 * report['nectar_dppl']:+.3f} % ppl; "
               f"margin over the hull: {'n/a' if margin is None else f'{100 * margin:+.2f} points'}")
+    if report.get("nectar_margin_ci95"):
+        lo, hi = report["nectar_margin_ci95"]
+        print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.2f} points, "
+              f"95 % interval [{100 * lo:+.2f}, {100 * hi:+.2f}]")
 
 
 @cli_errors("serve")

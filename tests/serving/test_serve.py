@@ -87,3 +87,14 @@ def test_nectar_serve_writes_its_outputs(tiny_model_dir, tmp_path, capsys):
 def test_a_baseline_missing_from_the_policies_is_refused(tiny_model_dir, tmp_path):
     code = serve_main(["--model", str(tiny_model_dir), "--policies", "batch-aware:2", "--out", str(tmp_path / "x")])
     assert code == 2 and not (tmp_path / "x").exists()
+
+
+def test_repeats_give_one_margin_per_seed_and_an_interval(tiny_model_dir, tmp_path):
+    out = tmp_path / "serve"
+    code = serve_main(["--model", str(tiny_model_dir), "--requests", "4", "--rate", "100", "--prompt-median", "8",
+                       "--output-median", "4", "--batch-max", "2", "--policies", "static-top2,static-top1,nectar",
+                       "--repeats", "2", "--out", str(out), "--no-progress", "--json"])
+    assert code == 0
+    report = json.loads((out / "frontier.json").read_text())
+    assert report["repeats"] == 2 and len(report["nectar_margin_per_repeat"]) == 2
+    assert "nectar_margin_ci95" in report
