@@ -16,9 +16,16 @@ data/traces/h100/ (main, thermal, power, long).
   vs static-top2 simulated beside measured (analysis/reconcile/frontier_replay.py). Writes --out
   (default: sim-vs-gpu-costs.json beside the first RUN_DIR) and a PNG plot of the same name.
 
+- `--diagnose` (a GPU folder): per segment, each chunk's signed energy error set against what the
+  trace records (temperature, power, clock, throttling, window length, tokens/s, position, idle
+  time before it, the routing's FFN slots), bias versus scatter, the sensor-noise floor, and
+  corrections fitted on --calibrate-on and applied to the others, with a one-line stated reason
+  per segment (analysis/reconcile/diagnose.py); a `diagnosis` object per segment in the JSON.
+
 Otherwise nothing is written unless --save PATH is given: then the calibrated preset is written
 there (e.g. `--save sim/presets/h200_sxm.json` fits a preset for a new GPU from its committed
-traces), named after the file. Exit status: 0 done, 2 unusable input.
+traces), named after the file; with a GPU folder, --out FILE.json writes the by-segment result
+(with its diagnosis) as JSON. Exit status: 0 done, 2 unusable input.
 """
 
 from __future__ import annotations
@@ -41,10 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="frontier run folders (with frontier.json, trace.csv.gz, cost_table.json) to re-price "
                         "by their own measured cost tables; instead of TRACE_DIR")
     p.add_argument("--out", type=Path, default=None,
-                   help="with --frontier: the JSON to write (default: sim-vs-gpu-costs.json beside the first "
-                        "RUN_DIR); the plot goes beside it as .png")
+                   help="the JSON to write: with --frontier its report (default: sim-vs-gpu-costs.json beside the "
+                        "first RUN_DIR; the plot goes beside it as .png); with a GPU folder the by-segment result")
     p.add_argument("--by-segment", action="store_true",
                    help="calibrate on one segment and hold out the others (implied by a GPU folder)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="with a GPU folder: explain each segment's per-chunk energy error by what the traces record, "
+                        "fit corrections on --calibrate-on, and state why a segment misses the energy goal")
     p.add_argument("--calibrate-on", default="main", help="with --by-segment: the segment to calibrate on")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--train-fraction", type=fraction, default=0.6,
@@ -52,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default=None, help="starting preset, name or JSON path (default: by the trace's GPU)")
     p.add_argument("--save", "--save-preset", dest="save", type=Path, default=None,
                    help="write the calibrated preset to this JSON file (default: nothing is written)")
-    p.add_argument("--overwrite", action="store_true", help="let --save (or --frontier's --out) replace an existing file")
+    p.add_argument("--overwrite", action="store_true", help="let --save or --out replace an existing file")
     p.add_argument("--max-evaluations", type=positive_int, default=300,
                    help="cap on simulator replays during calibration")
     p.add_argument("--energy-source", choices=ENERGY_SOURCES, default="mean",
@@ -123,11 +133,20 @@ def print_by_segment(result) -> None:
             print(f"{s.name:<26}{p.policy:>14}{100 * p.measured_saving:>9.1f}%{100 * p.simulated_saving:>10.1f}%"
                   f"{p.gap_points:>+14.1f}")
     print(_goal_line(result.goals_met()))
+    diagnosed = [s.diagnosis for s in result.segments if s.diagnosis is not None]
+    if diagnosed:
+        print(f"why (per-chunk energy error; corrections fitted on {result.calibrate_on}, applied to the others):")
+        for d in diagnosed:
+            print(f"  {d.reason}")
     for warning in result.warnings:
         print(wrap_note(f"warning: {warning}"))
 
 
 # ---------------------------------------------------------------------------- driver
+def _command(argv: list[str] | None) -> str:
+    return "nectar reconcile " + " ".join(str(a) for a in (sys.argv[2:] if argv is None else argv))
+
+
 def _save(result, path: Path) -> Path:
     """The calibrated preset, named after the file, written atomically."""
     from nectar.experiment.outputs import atomic_write
@@ -147,7 +166,7 @@ def run_frontier(args, argv: list[str] | None) -> int:
     check_out_file(out, args.overwrite, "--out")
     check_out_file(plot, args.overwrite, "--out (its plot)")
     report = reconcile_frontier(args.frontier, args.preset)
-    report["command"] = "nectar reconcile " + " ".join(str(a) for a in (sys.argv[2:] if argv is None else argv))
+    report["command"] = _command(argv)
     atomic_write_text(out, strict_json(report, indent=1, sort_keys=True) + "\n")
     write_plot(report, plot)
     if args.json:
@@ -165,24 +184,32 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError("give either TRACE_DIR or --frontier RUN_DIR [RUN_DIR ...], not both or neither")
     if args.frontier is not None:
         return run_frontier(args, argv)
-    if args.out is not None:
-        raise ValueError("--out goes with --frontier (TRACE_DIR writes only --save)")
     from analysis.reconcile.calibrate import CalibrationConfig
     from analysis.reconcile.score import load_trace_dir, pick_preset, reconcile
     from analysis.reconcile.segments import is_segment_folder, load_segments, reconcile_by_segment
-    from nectar.experiment.outputs import check_out_file
+    from nectar.experiment.outputs import atomic_write_text, check_out_file
 
-    if args.save is not None:
-        check_out_file(args.save, args.overwrite, "--save")
-    config = CalibrationConfig(train_fraction=args.train_fraction, max_evaluations=args.max_evaluations,
-                               energy_source=args.energy_source, timing=args.timing)
     if not args.trace_dir.exists():
         raise ValueError(f"trace directory {str(args.trace_dir)!r} does not exist")
-    if args.by_segment or is_segment_folder(args.trace_dir):
+    by_segment = args.by_segment or is_segment_folder(args.trace_dir)
+    if not by_segment and (args.out is not None or args.diagnose):
+        raise ValueError("--out and --diagnose go with --frontier or a GPU folder of segments (--by-segment); "
+                         "one trace folder writes only --save")
+    if args.save is not None:
+        check_out_file(args.save, args.overwrite, "--save")
+    if args.out is not None:
+        check_out_file(args.out, args.overwrite, "--out")
+    config = CalibrationConfig(train_fraction=args.train_fraction, max_evaluations=args.max_evaluations,
+                               energy_source=args.energy_source, timing=args.timing)
+    if by_segment:
         segments = load_segments(args.trace_dir)
         base = pick_preset(next(iter(segments.values())), args.preset)
         result = reconcile_by_segment(segments, base, config, calibrate_on=args.calibrate_on,
                                       progress=not args.no_progress, source=str(args.trace_dir))
+        if args.diagnose:
+            from analysis.reconcile.diagnose import diagnose_reconciliation
+
+            diagnose_reconciliation(result, segments)
         show = print_by_segment
     else:
         trace = load_trace_dir(args.trace_dir)
@@ -191,12 +218,17 @@ def main(argv: list[str] | None = None) -> int:
         show = print_time_split
     if args.save is not None:
         result.preset_path = _save(result, args.save)
+    if args.out is not None:
+        atomic_write_text(args.out, strict_json({**result.to_dict(), "command": _command(argv)}, indent=1,
+                                                sort_keys=True) + "\n")
     if args.json:
         print(strict_json(result.to_dict(), indent=2, sort_keys=True))
     else:
         show(result)
         if result.preset_path:
             print(f"calibrated preset saved to {result.preset_path}")
+        if args.out is not None:
+            print(f"written: {args.out}")
     return 0
 
 

@@ -57,10 +57,14 @@ class SegmentScore:
     base: Metrics                      # the base (uncalibrated) preset on the same windows
     savings: list[PolicySaving]
     replay: list[ReplayRow] = field(repr=False, default_factory=list)
+    diagnosis: object | None = None    # analysis.reconcile.diagnose.SegmentDiagnosis, when asked for
 
     def to_dict(self) -> dict:
-        return {"segment": self.name, "held_out": self.held_out, "calibrated": self.calibrated.to_dict(),
-                "base_preset": self.base.to_dict(), "savings": [s.to_dict() for s in self.savings]}
+        out = {"segment": self.name, "held_out": self.held_out, "calibrated": self.calibrated.to_dict(),
+               "base_preset": self.base.to_dict(), "savings": [s.to_dict() for s in self.savings]}
+        if self.diagnosis is not None:
+            out["diagnosis"] = self.diagnosis.to_dict()
+        return out
 
 
 @dataclass
