@@ -27,6 +27,10 @@ from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.workload import ChunkWorkload
 
 
+CLOCK_REFUSAL = ("the lent GPUs' clocks must not be changed; clock:MHZ and POLICY@clock:MHZ policies run on "
+                 "the simulator only (--backend sim)")
+
+
 def measurement_to_window(m: Measurement) -> TelemetryWindow:
     """TelemetryWindow of a closed Measurement; mean power falls back to energy / duration."""
     s = m.sensors
@@ -127,6 +131,11 @@ class NvmlBackend:
                 compute()
         self.last_measurement = handle.measurement
         return measurement_to_window(handle.measurement)
+
+    def lock_clock(self, clock_MHz: float | None) -> None:
+        """Refused, always: the lent GPUs' clocks must not be changed (no NVML set function is
+        called, now or ever); clock-locked policies run on the simulator only."""
+        raise ValueError(CLOCK_REFUSAL)
 
     @contextmanager
     def cotenant(self, duty: float):

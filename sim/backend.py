@@ -177,6 +177,17 @@ class SimBackend:
             raise ValueError(f"idle seconds must be a finite number >= 0, got {seconds!r}")
         return self._measure(self.gpu.run_idle(float(seconds)))
 
+    def lock_clock(self, clock_MHz: float | None) -> None:
+        """Lock the simulated SM clock at `clock_MHz` (None: release): the optional capability behind
+        the clock-locked policies (`nectar.telemetry.window.lock_clock`). The thermal slowdown and
+        the power limit can still lower it; power follows the preset's voltage–frequency curve
+        (`sim.power`). A simulated figure: no real GPU's clock is touched."""
+        self._check_open()
+        if clock_MHz is not None and (isinstance(clock_MHz, bool) or not isinstance(clock_MHz, (int, float))
+                                      or not math.isfinite(clock_MHz)):
+            raise ValueError(f"clock_MHz must be a finite number of MHz or None, got {clock_MHz!r}")
+        self.gpu.lock_clock(None if clock_MHz is None else float(clock_MHz))
+
     @contextmanager
     def cotenant(self, duty: float):
         """The simulator's stand-in for a co-tenant process (`hw.cotenant` on a GPU): while the block

@@ -1,7 +1,8 @@
 """The simulated GPU: a simpy process that executes priced chunks phase by phase.
 
-At each phase start the GPU decides its clock (thermal slowdown with hysteresis above the
-slowdown temperature, a forced slowdown fault, then the power limiter) and the phase's power;
+At each phase start the GPU decides its clock (a locked clock caps it; then thermal slowdown with
+hysteresis above the slowdown temperature, a forced slowdown fault, then the power limiter may
+lower it further) and the phase's power;
 it then holds that workload for the phase's duration (one simpy timeout). Temperature and energy
 are not stepped numerically: each phase is a `thermal.Segment` with an exact solution, so the
 sensor processes can read the true energy, power and temperature at any simulated instant.
@@ -23,6 +24,7 @@ from sim.presets import GPUPreset
 
 # NVML clocks-event (throttle) reason bits
 REASON_GPU_IDLE = 0x1
+REASON_APPLICATIONS_CLOCKS_SETTING = 0x2   # the locked clock holds the SM clock below the max
 REASON_SW_POWER_CAP = 0x4
 REASON_HW_SLOWDOWN = 0x8
 REASON_HW_THERMAL_SLOWDOWN = 0x40
@@ -39,7 +41,7 @@ class GPUState:
     power_W: float
     energy_J: float              # true cumulative energy since the simulation started
     throttle_reasons: int
-    throttled_s: float           # cumulative time run below the max clock
+    throttled_s: float           # cumulative time run below the allowed clock (the max, or the locked one)
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class SimGPU:
         self.throttled_fraction = preset.throttled_clock_MHz / preset.max_clock_MHz
         self.trace: list[TraceSegment] | None = [] if record_trace else None
         self.throttled_s = 0.0
+        self.lock_fraction = 1.0         # the locked clock ÷ the max clock (1: not locked)
+        self._throttled = False          # the segment in progress runs below the allowed clock
         self.peak_power_W = 0.0          # highest true power since the last reset_peak()
         self._hot = False                # thermal slowdown latch (hysteresis)
         self._closed_at = (-1.0, 0.0, 0.0)  # (time, temperature, energy) of the last accounting
@@ -93,9 +97,20 @@ class SimGPU:
 
     @property
     def state(self) -> GPUState:
-        throttled = self.throttled_s + (self.env.now - self._segment.t_start_s if self._clock_fraction < 1 else 0.0)
+        throttled = self.throttled_s + (self.env.now - self._segment.t_start_s if self._throttled else 0.0)
         return GPUState(self.env.now, self.temperature_C(), self.clock_MHz, self.power_W(), self.energy_J(),
                         self._reasons, throttled)
+
+    def lock_clock(self, clock_MHz: float | None) -> None:
+        """Cap the SM clock at `clock_MHz` from the next phase on (None: the max clock again)."""
+        if clock_MHz is None:
+            self.lock_fraction = 1.0
+            return
+        lo, hi = self.preset.min_clock_MHz, self.preset.max_clock_MHz
+        if not lo <= clock_MHz <= hi:
+            raise ValueError(f"clock {clock_MHz:g} MHz is outside the simulated {self.preset.name}'s "
+                             f"[{lo:g}, {hi:g}] MHz")
+        self.lock_fraction = clock_MHz / hi
 
     def reset_peak(self) -> None:
         """Start a new peak: segments that run from now on raise it."""
@@ -125,22 +140,24 @@ class SimGPU:
 
     # ------------------------------------------------------------ internals
     def _phase_duration(self, priced: PricedChunk, phase: int, fraction: float) -> float:
-        """Memoised for the allowed clocks (max, slowdown); computed afresh inside the limiter's search."""
-        if fraction == 1.0 or fraction == self.throttled_fraction:
+        """Memoised for the allowed clocks (max, locked, slowdown); computed afresh inside the limiter's search."""
+        if fraction in (1.0, self.lock_fraction, self.throttled_fraction):
             return float(priced.durations_s(fraction)[phase])
         return priced.phase_duration_s(phase, fraction)
 
     def _allowed_clock(self, temp_C: float) -> tuple[float, int]:
-        """Highest clock fraction allowed now, and the slowdown reasons behind it."""
+        """Highest clock fraction allowed now, and the reasons behind it: the locked clock, then the
+        slowdowns (which never raise a clock locked below the slowdown clock)."""
         if temp_C >= self.preset.slowdown_C:
             self._hot = True
         elif temp_C < self.preset.slowdown_C - self.preset.slowdown_hysteresis_C:
             self._hot = False
-        fraction, reasons = 1.0, 0
+        fraction, reasons = self.lock_fraction, (REASON_APPLICATIONS_CLOCKS_SETTING if self.lock_fraction < 1 else 0)
+        slow = min(fraction, self.throttled_fraction)
         if self._hot:
-            fraction, reasons = self.throttled_fraction, REASON_HW_SLOWDOWN | REASON_HW_THERMAL_SLOWDOWN
+            fraction, reasons = slow, reasons | REASON_HW_SLOWDOWN | REASON_HW_THERMAL_SLOWDOWN
         if self.forced_throttle(self.env.now):
-            fraction, reasons = self.throttled_fraction, reasons | REASON_HW_SLOWDOWN | REASON_HW_POWER_BRAKE
+            fraction, reasons = slow, reasons | REASON_HW_SLOWDOWN | REASON_HW_POWER_BRAKE
         return fraction, reasons
 
     @property
@@ -155,6 +172,7 @@ class SimGPU:
                                         self.preset.leakage_W_per_C, self.preset.leakage_ref_C)
         self.peak_power_W = max(self.peak_power_W, self._segment.power_at_temp(temp_C))
         self._name, self._clock_fraction, self._reasons = name, plan.clock_fraction, reasons
+        self._throttled = plan.clock_fraction < self.lock_fraction
 
     def _close_segment(self) -> tuple[float, float]:
         """Account the segment in progress up to now (trace, throttled time, peak power);
@@ -167,7 +185,7 @@ class SimGPU:
         temp_end, energy_end = thermal.temperature_at(seg, now), thermal.energy_at(seg, now)
         self._closed_at = (now, temp_end, energy_end)
         self.peak_power_W = max(self.peak_power_W, seg.power_at_temp(temp_end))
-        if self._clock_fraction < 1.0:
+        if self._throttled:
             self.throttled_s += now - seg.t_start_s
         if self.trace is not None:
             self.trace.append(TraceSegment(self._name, seg.t_start_s, now, self.clock_MHz, seg.power_ref_W,

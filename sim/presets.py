@@ -35,11 +35,14 @@ class GPUPreset:
     max_clock_MHz: float
     min_clock_MHz: float               # lowest clock the power limiter may choose
     throttled_clock_MHz: float         # clock while above the slowdown temperature
-    clock_power_exponent: float        # dynamic compute power ∝ clock**exponent (f·V², V ~ f)
+    # Voltage–frequency curve (sim/power.py): V/V_max = the floor up to the knee, then linear to 1
+    voltage_floor_fraction: float      # SM voltage at and below the knee ÷ the voltage at max_clock_MHz
+    voltage_knee_MHz: float            # highest clock that still runs at the floor voltage
     # Power: idle + dynamic(utilisation, clock) + leakage(T)
     idle_power_W: float                # at leakage_ref_C, GPU awake, no kernel running
     compute_power_W: float             # extra power with the SMs fully busy at max clock
-    memory_power_W: float              # extra power with HBM fully busy
+    memory_power_W: float              # extra power with HBM fully busy (at max_clock_MHz)
+    memory_power_sm_fraction: float    # share of memory_power_W drawn on the SM clock (L2, load/store, clock tree)
     leakage_W_per_C: float             # static power rise per °C above leakage_ref_C
     leakage_ref_C: float
     power_limit_W: float
@@ -92,15 +95,16 @@ class GPUPreset:
 
 _POSITIVE = (
     "peak_tflops", "mem_bandwidth_GBps", "max_clock_MHz", "min_clock_MHz", "throttled_clock_MHz",
-    "clock_power_exponent", "idle_power_W", "power_limit_W", "thermal_resistance_C_per_W",
+    "voltage_knee_MHz", "idle_power_W", "power_limit_W", "thermal_resistance_C_per_W",
     "thermal_capacitance_J_per_C", "energy_counter_period_s", "power_average_window_s",
     "instant_sample_period_s", "temperature_period_s", "memory_total_B",
 )
 _NON_NEGATIVE = (
     "launch_overhead_s", "launches_per_expert", "launches_per_light_expert", "compute_power_W",
-    "memory_power_W", "leakage_W_per_C", "slowdown_hysteresis_C", "memory_baseline_B", "sensor_noise_W",
+    "memory_power_W", "memory_power_sm_fraction", "leakage_W_per_C", "slowdown_hysteresis_C", "memory_baseline_B",
+    "sensor_noise_W",
 )
-_FRACTIONS = ("gemm_efficiency", "attention_efficiency", "bandwidth_efficiency")
+_FRACTIONS = ("gemm_efficiency", "attention_efficiency", "bandwidth_efficiency", "voltage_floor_fraction")
 _INTEGERS = ("launches_per_expert", "launches_per_light_expert", "memory_total_B", "memory_baseline_B")
 
 
@@ -136,6 +140,10 @@ def _check_numbers(p: GPUPreset) -> None:
 def _check_relations(p: GPUPreset) -> None:
     if not p.min_clock_MHz <= p.throttled_clock_MHz <= p.max_clock_MHz:
         _fail(p, "throttled_clock_MHz", f"must lie in [min_clock_MHz={p.min_clock_MHz}, max_clock_MHz={p.max_clock_MHz}]")
+    if not p.memory_power_sm_fraction <= 1:
+        _fail(p, "memory_power_sm_fraction", "must be in [0, 1]")
+    if not p.min_clock_MHz <= p.voltage_knee_MHz < p.max_clock_MHz:
+        _fail(p, "voltage_knee_MHz", f"must lie in [min_clock_MHz={p.min_clock_MHz}, max_clock_MHz={p.max_clock_MHz})")
     if not p.idle_power_W < p.power_limit_W:
         _fail(p, "power_limit_W", f"must exceed idle_power_W={p.idle_power_W}")
     if not p.leakage_W_per_C * p.thermal_resistance_C_per_W < 1:

@@ -5,8 +5,12 @@ Runs the static policies (static-top1/2/3, static-cheap, a sweep of fixed cheap-
 NECTAR's own router, per-token confidence thresholds, random per-token cheap mixtures), an adaptive
 baseline that holds a cheap share with a PI controller, and NECTAR, on one workload (stationary,
 domain-shift, thermal, power-schedule); computes the static hull and NECTAR's margin over it.
-Writes DIR/frontier.json (the report), summary.json, chunks.csv, trace.csv.gz, meta.json and plots
-(frontier.png, timeline.png); prints a table, or the report as JSON with --json.
+With --clock-sweep (simulator only: the lent GPUs' clocks are never changed) the static frontier
+also gets the clock family `clock:MHZ` (static top-2 with the simulated SM clock locked at MHZ),
+and every policy runs again on the sweep's best clock (`POLICY@clock:MHZ`): the report gives NECTAR
+alone and on top of the best clock. Writes DIR/frontier.json (the report), summary.json,
+chunks.csv, trace.csv.gz, meta.json and plots (frontier.png, timeline.png); prints a table, or the
+report as JSON with --json.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma list of policies; the reference (static-top2, or a transformers MoE model's own "
                         f"top-K) must be among them (default: {','.join(STATIC_FRONTIER + ADAPTIVE)}; a transformers "
                         "MoE model: its own static frontier, then nectar)")
+    p.add_argument("--clock-sweep", type=clock_sweep, default=None, metavar="MHZ,MHZ,...",
+                   help="simulator only: add clock:MHZ (static top-2 at that locked SM clock) for each clock, then "
+                        "run every policy but the reference again at the best one (POLICY@clock:MHZ)")
     p.add_argument("--model", type=Path, default=None,
                    help="a saved model folder, as for `nectar run --model` (default: the committed data/models/cpu-demo)")
     add_stream_args(p)
@@ -46,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     add_controller_args(p)
     add_sim_args(p)
     return p
+
+
+def clock_sweep(text: str) -> list[float]:
+    """argparse type of --clock-sweep: distinct positive clocks in MHz."""
+    from nectar.experiment.clocks import parse_clock_sweep
+
+    try:
+        return parse_clock_sweep(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def check_args(args: argparse.Namespace) -> None:

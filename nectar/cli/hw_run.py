@@ -174,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
             backend.close()
             backend = make_backend(args.backend, seed=args.seed, price_as="none", **options)
     try:
+        refuse_unlockable_clocks(backend, args.policies)
         with replica_group(args.device, where) as group:
             campaign(args, backend, save, started, "nectar hw-run " + " ".join(argv if argv is not None else sys.argv[2:]),
                      group)
@@ -192,6 +193,17 @@ def check_replica_args(args: argparse.Namespace) -> None:
     if args.device not in ("cuda", "cpu"):
         raise ValueError(f"--device {args.device}: under torchrun each replica takes the GPU of its LOCAL_RANK; "
                          "use --device cuda (or cpu)")
+
+
+def refuse_unlockable_clocks(backend, policies: list[str]) -> None:
+    """Clock-locked policies (clock:MHZ, POLICY@clock:MHZ) are refused here, before any training or
+    calibration, by a backend that cannot lock its clock (the NVML backend never does)."""
+    from nectar.experiment.policies import parse_policy
+    from nectar.experiment.runner import probe_clocks
+
+    clocks = [spec.clock_MHz for spec in map(parse_policy, policies) if spec.clock_MHz is not None]
+    if clocks:
+        probe_clocks(backend, clocks)
 
 
 def campaign(args, backend, save, started: float, command: str, group=None) -> None:

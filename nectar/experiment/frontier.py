@@ -3,7 +3,10 @@
 From a run's per-policy summary and per-chunk records: each policy's J/token saving and
 perplexity increase against static-top2 (both fractions), whether it held the workload's operating
 limits, the static hull over the non-adaptive policies that held them (`nectar.experiment.hull`),
-and NECTAR's margin over that hull at its own perplexity increase. Limits:
+and NECTAR's margin over that hull at its own perplexity increase. With clock-locked policies
+(`nectar.experiment.clocks`: simulator figures) the hull covers them too, and a `clocks` section
+says which clock saves most (`best_clock`) and what NECTAR saves alone and on top of that clock
+(`clock_report`). Limits:
 - a temperature cap is held when, after the first `settle_s` seconds, no reading is above the cap
   and pauses take at most `max_pause_share` of the time;
 - a power budget is held when every `power_window_s` window's mean power is within 1 % of the
@@ -16,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from nectar.control.schedule import Schedule
+from nectar.experiment.clocks import best_clock, is_clock_sweep, on_clock, split_clock
 from nectar.experiment.hull import HullPoint, StaticHull
 
 NECTAR = "nectar"
@@ -145,4 +149,62 @@ def frontier_report(summary: dict, chunks: list[dict], workload: str, temp_cap_C
             nectar_guard_share=chosen.guard_share)
     report["policies"] = [{**asdict(p), "limits": asdict(p.limits)} for p in points]
     report["hull"] = [{"dppl": d, "saved": s} for d, s in hull.envelope(100) if math.isfinite(s)]
+    if any(split_clock(p.name)[1] is not None for p in points):
+        report.update(clock_report(report, summary, points, chosen, baseline))
     return report
+
+
+CLOCK_FIGURES = ("simulated: the simulator's voltage-frequency model (sim/power.py, docs/design.md); "
+                 "no GPU clock was changed")
+
+
+def _margin(point: PolicyPoint | None, hull: StaticHull) -> dict:
+    """A policy's saving and Δppl, the hull's saving at its Δppl and the margin over it."""
+    if point is None:
+        return {"saved": None, "dppl": None, "hull_saved": None, "margin": None}
+    at = hull.saved_at(point.dppl)
+    finite = math.isfinite(at)
+    return {"saved": point.saved, "dppl": point.dppl, "hull_saved": at if finite else None,
+            "margin": point.saved - at if finite else None}
+
+
+def clock_report(report: dict, summary: dict, points: list[PolicyPoint], chosen: PolicyPoint | None,
+                 baseline: str) -> dict:
+    """The clock figures: every `clock:MHZ` policy's saving and slowdown against `baseline`, the
+    best clock within the bound, NECTAR alone against the hull of every static policy (clocks
+    included) and of those at the backend's own clocks, and NECTAR on the best clock
+    (`nectar@clock:MHZ`) against the full hull and against the hull of the policies locked at that
+    clock (its routing saving on top of the clock)."""
+    policies, base = summary["policies"], summary["policies"][baseline]
+    static = [p for p in points if not p.adaptive and p.limits.holds]
+    by_name = {p["name"]: p for p in report["policies"]}
+    sweep = [{"policy": n, "clock_MHz": split_clock(n)[1], "saved": by_name[n]["saved"], "dppl": by_name[n]["dppl"],
+              "slowdown": _time_per_token(policies[n]) / _time_per_token(base) - 1.0}
+             for n in by_name if is_clock_sweep(n)]
+    best = best_clock(report["policies"], report["quality_bound"])
+    full = StaticHull([HullPoint(p.name, p.dppl, p.saved) for p in static])
+    unlocked = StaticHull([HullPoint(p.name, p.dppl, p.saved) for p in static if split_clock(p.name)[1] is None])
+    out = {"clock_figures": CLOCK_FIGURES, "clock_sweep": sorted(sweep, key=lambda r: -r["clock_MHz"]),
+           "best_clock": None if best is None else next(r for r in sweep if r["policy"] == best["name"])}
+    if chosen is not None:
+        out["nectar_margin_over_unlocked_hull"] = _margin(chosen, unlocked)["margin"]
+    if best is None or chosen is None:
+        return out
+    clock_MHz = split_clock(best["name"])[1]
+    name = on_clock(chosen.name, clock_MHz)
+    point = next((p for p in points if p.name == name), None)
+    locked = StaticHull([HullPoint(p.name, p.dppl, p.saved) for p in static if split_clock(p.name)[1] == clock_MHz])
+    over_full, over_locked = _margin(point, full), _margin(point, locked)
+    out.update(nectar_on_best_clock=name, nectar_on_best_clock_saved=over_full["saved"],
+               nectar_on_best_clock_dppl=over_full["dppl"],
+               hull_saved_at_nectar_on_best_clock_dppl=over_full["hull_saved"],
+               nectar_on_best_clock_margin_over_hull=over_full["margin"],
+               best_clock_hull_saved_at_nectar_on_best_clock_dppl=over_locked["hull_saved"],
+               nectar_on_best_clock_margin_over_best_clock_hull=over_locked["margin"],
+               nectar_on_best_clock_saved_over_best_clock=None if point is None else
+               1.0 - point.J_per_token / policies[best["name"]]["J_per_token"])
+    return out
+
+
+def _time_per_token(policy: dict) -> float:
+    return policy["duration_s"] / policy["tokens"] if policy["tokens"] else math.nan

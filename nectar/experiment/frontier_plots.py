@@ -12,10 +12,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 KIND_COLOURS = {"static": "tab:blue", "fixed-bias": "tab:green", "top-p": "tab:purple", "mix": "tab:olive",
-                "pi-share": "tab:orange", "nectar": "tab:red"}
+                "pi-share": "tab:orange", "nectar": "tab:red", "clock": "tab:brown", "static@clock": "tab:cyan",
+                "nectar@clock": "darkred"}
+
+KIND_LABELS = {"clock": "clock:MHZ (static top-2, locked clock)", "static@clock": "other policies, locked clock",
+               "nectar@clock": "nectar, locked clock"}
 
 
 def _kind(name: str) -> str:
+    """The colour group of a policy name; a clock-locked name (POLICY@clock:MHZ) groups by NECTAR or not."""
+    if name.startswith("clock:"):
+        return "clock"
+    if "@clock:" in name:
+        return "nectar@clock" if name.startswith("nectar") else "static@clock"
     for kind in KIND_COLOURS:
         if name.startswith(kind):
             return kind
@@ -23,7 +32,8 @@ def _kind(name: str) -> str:
 
 
 def frontier_plot(report: dict, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+    clocked = "clock_figures" in report
+    fig, ax = plt.subplots(figsize=(10, 5.5) if clocked else (7.5, 5))
     hull = report.get("hull") or []
     if hull:
         ax.plot([100 * h["dppl"] for h in hull], [100 * h["saved"] for h in hull], color="0.4", lw=1.5,
@@ -33,15 +43,22 @@ def frontier_plot(report: dict, path: Path) -> None:
         if p["saved"] is None or p["dppl"] is None:
             continue
         kind = _kind(p["name"])
-        marker = "*" if kind == "nectar" else ("o" if p["limits"]["holds"] else "x")
-        ax.scatter(100 * p["dppl"], 100 * p["saved"], s=140 if kind == "nectar" else 36, marker=marker,
-                   color=KIND_COLOURS[kind], label=None if kind in seen else kind, zorder=3)
+        star = kind in ("nectar", "nectar@clock")
+        marker = "*" if star else ("o" if p["limits"]["holds"] else "x")
+        ax.scatter(100 * p["dppl"], 100 * p["saved"], s=140 if star else 36, marker=marker,
+                   color=KIND_COLOURS[kind], label=None if kind in seen else KIND_LABELS.get(kind, kind), zorder=3)
         seen.add(kind)
-        ax.annotate(p["name"], (100 * p["dppl"], 100 * p["saved"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+        if kind != "static@clock":   # the colour names them; a label each would cover the plot
+            ax.annotate(p["name"], (100 * p["dppl"], 100 * p["saved"]), fontsize=7, xytext=(4, 3),
+                        textcoords="offset points")
     ax.axvline(100 * report["quality_bound"], color="k", ls="--", lw=1, label="quality bound")
+    clocks = " — clocks simulated" if clocked else ""
     ax.set(xlabel="perplexity increase vs static-top2 (%)", ylabel="J/token saved vs static-top2 (%)",
-           title=f"Static frontier, workload {report['workload']} ({report['backend']})")
-    ax.legend(fontsize=8, loc="lower right")
+           title=f"Static frontier, workload {report['workload']} ({report['backend']}){clocks}")
+    if clocked:   # many more points: the legend goes beside the axes
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

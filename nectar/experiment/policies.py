@@ -21,18 +21,24 @@ Adaptive:
   `nectar:dual` (the price by dual ascent alone, no feed-forward from the sensitivity),
   `nectar:noscale` (dual ascent and one price for every chunk, no per-chunk sensitivity),
   `nectar:nodrop` (cheap experts only, never a skipped slot).
+Clock-locked (`nectar.experiment.clocks`; simulator only: the lent GPUs' clocks are never changed):
+- `clock:MHZ`: the reference routing (static top-2, or a transformers MoE model's own top-K) with
+  the backend's SM clock locked at MHZ (static: the frontier's clock family);
+- `POLICY@clock:MHZ`: any policy above with the clock locked at MHZ (`nectar@clock:1300`); a static
+  one stays static.
 Cheap experts are those whose forward FLOPs per token are at most half of the layer's most
 expensive expert (narrow and zero-computation experts).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.control.fast_router import FastWeightRouterNet
+from nectar.experiment.clocks import split_clock
 from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
 
@@ -41,16 +47,24 @@ NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "ne
 STATIC_KINDS = ("static-top", "static-cheap", "fixed-bias", "fixed-price", "top-p", "mix", "threshold")
 DEFAULT_POLICIES = ("static-top2", "static-top1", "static-cheap", "nectar")
 POLICIES = ("static-top1", "static-top2", "static-top3", "static-cheap", "fixed-bias:B", "fixed-price:L", "top-p:P", "mix:S",
-            "pi-share:S", "threshold:T", *NECTAR_VARIANTS)
+            "pi-share:S", "threshold:T", *NECTAR_VARIANTS, "clock:MHZ", "POLICY@clock:MHZ")
 
 
 @dataclass(frozen=True)
 class PolicySpec:
-    """A parsed policy name: its kind and its parameter (k, B, P or S; None when it has none)."""
+    """A parsed policy name: its kind and its parameter (k, B, P or S; None when it has none), and
+    for a clock-locked name the routing policy it runs and the SM clock it locks."""
 
     name: str
     kind: str
     value: float | None = None
+    clock_MHz: float | None = None      # the locked SM clock (None: the backend's own clocks)
+    routing: str = ""                   # the routing policy's name ("" : the name itself)
+
+    @property
+    def route_name(self) -> str:
+        """The routing policy's name, without the clock ("nectar" for "nectar@clock:1300")."""
+        return self.routing or self.name
 
     @property
     def adaptive(self) -> bool:
@@ -62,7 +76,15 @@ class PolicySpec:
 
 
 def parse_policy(name: str) -> PolicySpec:
-    """PolicySpec of a name such as "static-top2", "fixed-bias:1.5", "top-p:0.7", "nectar:prior"."""
+    """PolicySpec of a name such as "static-top2", "fixed-bias:1.5", "top-p:0.7", "nectar:prior",
+    "clock:1300" or "nectar@clock:1300"."""
+    routing, clock_MHz = split_clock(name)
+    if clock_MHz is not None:
+        return replace(_parse_routing(routing), name=name, clock_MHz=clock_MHz, routing=routing)
+    return _parse_routing(name)
+
+
+def _parse_routing(name: str) -> PolicySpec:
     if name.startswith("static-top"):
         return PolicySpec(name, "static-top", _number(name, name.removeprefix("static-top"), integer=True))
     if name == "static-cheap":
@@ -113,7 +135,7 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
     `costs` [E]: the relative per-slot costs `fixed-price:L` is priced with (default: the FLOP prior)."""
     spec = parse_policy(policy) if isinstance(policy, str) else policy
     if hasattr(layer, "policy_router"):        # a transformers MoE block: nectar.hf.policies names its routers
-        return layer.policy_router(spec.name)
+        return layer.policy_router(spec.route_name)
     if spec.kind == "threshold":
         raise ValueError(f"policy {spec.name!r} routes pretrained transformers MoE models only")
     num = layer.num_experts
@@ -131,8 +153,8 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
         return CheapStaticRouter(num, cheap, temperature=temperature)
     if spec.kind == "mix":
         return MixedTrainingRouter(num, cheap, k=2, cheap_prob=spec.value, temperature=temperature, seed=seed)
-    fast_net = FastWeightRouterNet(layer.d_model, num) if spec.name == "nectar:fast" else None
-    drop = spec.name != "nectar:nodrop" and spec.kind in ("nectar", "fixed-price")
+    fast_net = FastWeightRouterNet(layer.d_model, num) if spec.route_name == "nectar:fast" else None
+    drop = spec.route_name != "nectar:nodrop" and spec.kind in ("nectar", "fixed-price")
     router = EnergyAwareRouter(num, cheap, temperature=temperature, fast_net=fast_net, drop=drop)
     if spec.kind == "fixed-bias":
         router.adapt(bias=cheap_bias(num, cheap, spec.value))

@@ -41,9 +41,11 @@ from nectar.experiment.forward import forward_chunk, install
 from nectar.control.cost_table import CostTable
 from nectar.experiment.calibration import (CalibrationConfig, CalibrationError, calibrate, measured_cost_model, start_costs,
                                            supports_calibration)
+from nectar.experiment.clocks import is_clock_sweep
 from nectar.experiment.policies import DEFAULT_POLICIES, PolicySpec, check_policies, parse_policy, policy_router
 from nectar.experiment.records import ChunkRecord
 from nectar.telemetry.energy import window_energy_J
+from nectar.telemetry.window import lock_clock
 from nectar.telemetry.workload import merge_workloads
 from nectar.telemetry.trace import TraceRow
 
@@ -139,12 +141,12 @@ def ride_along_check(run: "PolicyRun", rows: torch.Tensor, observation, static, 
 def build_policy(name: str, model, backend, cfg: RunConfig, table: CostTable | None = None) -> PolicyRun:
     """A policy's routers (and controller): priced policies start from `table`'s measured costs
     (`nectar:prior` from the FLOP prior), or from the FLOP prior without a table."""
-    spec = parse_policy(name)
+    reference = getattr(model, "reference_policy", "static-top2")   # transformers MoE: the family's own top-K
+    spec = routed_spec(parse_policy(name), reference)
     layers = [layer for _, layer in model.moe_layers()]
-    measured = table if spec.name != "nectar:prior" else None
+    measured = table if spec.route_name != "nectar:prior" else None
     costs = start_costs(model, measured)
     routers = [policy_router(spec, layer, seed=cfg.seed, costs=c) for layer, c in zip(layers, costs)]
-    reference = getattr(model, "reference_policy", "static-top2")   # transformers MoE: the family's own top-K
     run = PolicyRun(name, spec, routers, [policy_router(reference, layer) for layer in layers], backend,
                     cost_table=table)
     if spec.is_nectar:
@@ -158,15 +160,24 @@ def build_policy(name: str, model, backend, cfg: RunConfig, table: CostTable | N
     return run
 
 
+def routed_spec(spec: PolicySpec, reference: str) -> PolicySpec:
+    """`clock:MHZ` routes with the model's reference policy (static-top2, or a transformers MoE
+    model's own top-K); every other name routes as it says."""
+    if not is_clock_sweep(spec.name) or reference == spec.route_name:
+        return spec
+    return replace(parse_policy(reference), name=spec.name, clock_MHz=spec.clock_MHz, routing=reference)
+
+
 def nectar_config(spec: PolicySpec, base: ControllerConfig) -> ControllerConfig:
     """The controller configuration of a NECTAR variant (see nectar.experiment.policies)."""
-    if spec.name == "nectar:prior":
+    name = spec.route_name
+    if name == "nectar:prior":
         return replace(base, cost_learning="prior")
-    if spec.name == "nectar:frozen":
+    if name == "nectar:frozen":
         return replace(base, cost_learning="frozen")
-    if spec.name == "nectar:noscale":
+    if name == "nectar:noscale":
         return replace(base, guard=replace(base.guard, sensitivity=False, feedforward=False))
-    if spec.name == "nectar:dual":
+    if name == "nectar:dual":
         return replace(base, guard=replace(base.guard, feedforward=False))
     return base
 
@@ -180,8 +191,8 @@ def run_chunk(model, run: PolicyRun, batch, index: int, cfg: RunConfig) -> Chunk
     planned = run.controller.planned_check(batch.shape[0] * world) if isinstance(run.controller, NectarController) else None
     here = planned if planned is None or run.replicas is None else run.replicas.rows_here(planned, batch.shape[0])
     if run.replicas is None:
-        observation, window, static = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
-                                                       check_rows=here, run=run)
+        observation, window, static = measured_forward(run.backend, model, batch, run.spec.route_name,
+                                                       cfg.micro_batch_rows, check_rows=here, run=run)
     else:
         observation, window, static = replica_forward(model, run, batch, cfg, here)
     share = 0.0 if planned is None else planned.numel() / (batch.shape[0] * world + planned.numel())
@@ -242,12 +253,17 @@ def chunks_of(stream: torch.Tensor, cfg: RunConfig) -> list[torch.Tensor]:
 
 def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_factory: Callable[[], Any],
                    cfg: RunConfig, progress: bool = True, replicas: ReplicaGroup | None = None,
-                   before_policy: Callable[[PolicyRun], Any] | None = None) -> list[PolicyRun]:
+                   before_policy: Callable[[PolicyRun], Any] | None = None,
+                   cost_table: CostTable | None = None) -> list[PolicyRun]:
     """Run every policy over the same chunks ([chunk_rows, seq_len] each; a 1-D stream is cut by
     `chunks_of`); returns the per-policy runs with their records. With `replicas` (default: the
     active replica group, if any) this process runs its share of every chunk and the records are
     the node's. `before_policy(run)` is called before each policy's first chunk when policies run
-    one after another (not interleaved): e.g. the same warm-up for every policy of a thermal run."""
+    one after another (not interleaved): e.g. the same warm-up for every policy of a thermal run.
+    `cost_table`: a table measured earlier in the same run (a later stage), used instead of a new
+    calibration. Clock-locked policies (`nectar.experiment.clocks`) lock their backend's clock
+    before each of their chunks (the others release it); a backend that cannot lock its clock
+    refuses before the first chunk."""
     model.eval()
     device = next(model.parameters()).device
     chunks = chunks_of(chunks, cfg) if isinstance(chunks, torch.Tensor) and chunks.dim() == 1 else list(chunks)
@@ -258,7 +274,11 @@ def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_fac
         progress = progress and replicas.rank == 0
     first = backend_factory()
     interleave = cfg.interleave if cfg.interleave is not None else not first.isolated
-    table = run_calibration(model, first, chunks[0], cfg, progress)
+    clocks = [parse_policy(n).clock_MHz for n in cfg.policies if parse_policy(n).clock_MHz is not None]
+    clocked = bool(clocks)
+    if clocked:
+        probe_clocks(first, clocks)
+    table = cost_table if cost_table is not None else run_calibration(model, first, chunks[0], cfg, progress)
     runs = [build_policy(n, model, first if (interleave or j == 0) else backend_factory(), cfg, table)
             for j, n in enumerate(cfg.policies)]
     for run in runs:
@@ -266,11 +286,25 @@ def run_experiment(model, chunks: torch.Tensor | list[torch.Tensor], backend_fac
     schedule = [(i, (i + j) % len(runs) if interleave else j) for i in range(len(chunks)) for j in range(len(runs))]
     if not interleave:
         schedule.sort(key=lambda item: item[1])
-    for i, j in tqdm(schedule, desc="chunks", disable=not progress):
-        if before_policy is not None and not interleave and i == 0:
-            before_policy(runs[j])
-        runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
+    try:
+        for i, j in tqdm(schedule, desc="chunks", disable=not progress):
+            if before_policy is not None and not interleave and i == 0:
+                before_policy(runs[j])
+            if clocked:
+                lock_clock(runs[j].backend, runs[j].spec.clock_MHz)
+            runs[j].records.append(run_chunk(model, runs[j], chunks[i], i, cfg))
+    finally:
+        if clocked:   # a shared backend leaves the run at its own clocks
+            for backend in {id(run.backend): run.backend for run in runs}.values():
+                lock_clock(backend, None)
     return runs
+
+
+def probe_clocks(backend, clocks: list[float]) -> None:
+    """Lock `backend` at each clock in turn, then release it: a backend that cannot lock its clock,
+    or a clock it cannot run, is refused (ValueError) before any work."""
+    for clock_MHz in [*sorted(set(clocks)), None]:
+        lock_clock(backend, clock_MHz)
 
 
 def run_calibration(model, backend, chunk: torch.Tensor, cfg: RunConfig, progress: bool) -> CostTable | None:
@@ -332,7 +366,7 @@ def replica_forward(model, run: PolicyRun, batch: torch.Tensor, cfg: RunConfig, 
     """(observation, window, static observation or None) of the whole chunk: this replica's share
     (and its `check_rows` of the quality check) runs in its own window, then the replicas combine
     observations and windows (the gate inputs only when a fast-weight router network reads them)."""
-    observation, window, static = measured_forward(run.backend, model, batch, run.name, cfg.micro_batch_rows,
+    observation, window, static = measured_forward(run.backend, model, batch, run.spec.route_name, cfg.micro_batch_rows,
                                                    run.replicas.sample_tokens(SAMPLE_TOKENS), check_rows, run)
     with_inputs = any(getattr(r, "fast_net", None) is not None for r in run.routers)
     return run.replicas.observation(observation, with_inputs), run.replicas.window(window), static

@@ -74,6 +74,11 @@ class TelemetryBackend(Protocol):
     run's summary should say about the backend (GPU name, pricing). `isolated`: each policy may
     have a backend of its own in the same initial state (else policies share one and interleave);
     `torch_device`: where the model's forward must run for the telemetry to mean anything.
+
+    Optional capabilities, outside the protocol: `cotenant(duty)` (a context manager that heats
+    the GPU) and `lock_clock(clock_MHz)` (cap the SM clock; None releases it), reached through
+    `lock_clock` below. The simulator locks its clock; the NVML backend refuses (the lent GPUs'
+    clocks are never changed).
     """
 
     name: str
@@ -89,3 +94,13 @@ class TelemetryBackend(Protocol):
     def idle(self, seconds: float) -> TelemetryWindow: ...
 
     def close(self) -> None: ...
+
+
+def lock_clock(backend, clock_MHz: float | None) -> None:
+    """Cap `backend`'s SM clock at `clock_MHz` (None: release the lock), through its optional
+    `lock_clock`; ValueError when the backend has none or refuses (the NVML backend always does)."""
+    method = getattr(backend, "lock_clock", None)
+    if method is None:
+        raise ValueError(f"the {backend.name} backend cannot lock its SM clock; clock-locked policies "
+                         "(clock:MHZ, POLICY@clock:MHZ) run on the simulator only")
+    method(clock_MHz)

@@ -53,3 +53,48 @@ def test_fixed_price_needs_a_positive_number(name):
 
 def test_nectar_drops_and_nodrop_does_not(layer):
     assert policy_router("nectar", layer).drop and not policy_router("nectar:nodrop", layer).drop
+
+
+# ------------------------------------------------------------------ clock-locked names
+@pytest.mark.parametrize("name, kind, routing, clock_MHz, adaptive", [
+    ("clock:1300", "static-top", "static-top2", 1300.0, False),
+    ("clock:990.5", "static-top", "static-top2", 990.5, False),
+    ("static-top1@clock:1000", "static-top", "static-top1", 1000.0, False),
+    ("fixed-price:2@clock:1600", "fixed-price", "fixed-price:2", 1600.0, False),
+    ("nectar@clock:1300", "nectar", "nectar", 1300.0, True),
+    ("nectar:nodrop@clock:1300", "nectar", "nectar:nodrop", 1300.0, True)])
+def test_clock_names_parse_to_their_routing_and_clock(name, kind, routing, clock_MHz, adaptive):
+    spec = parse_policy(name)
+    assert (spec.name, spec.kind, spec.route_name, spec.clock_MHz, spec.adaptive) == (name, kind, routing, clock_MHz, adaptive)
+    assert parse_policy(routing).clock_MHz is None and parse_policy(routing).route_name == routing
+
+
+def test_a_clock_locked_router_is_its_routing_policys(layer):
+    assert not policy_router("nectar:nodrop@clock:1300", layer).drop and policy_router("nectar@clock:1300", layer).drop
+    assert policy_router("clock:1300", layer).k == policy_router("static-top2", layer).k == 2
+
+
+@pytest.mark.parametrize("name, message", [
+    ("clock:", "not a number"), ("clock:fast", "not a number"), ("clock:0", "positive"), ("clock:-5", "positive"),
+    ("clock:inf", "positive"), ("nectar@clock:", "not a number"), ("clock:1300@clock:1000", "not a number"),
+    ("@clock:1300", "one plain policy"), ("nectar@static-top1@clock:1300", "one plain policy"),
+    ("bogus@clock:1300", "unknown policy")])
+def test_malformed_clock_names_are_refused(name, message):
+    with pytest.raises(ValueError, match=message):
+        parse_policy(name)
+
+
+def test_clock_sweep_option_and_the_lock_of_a_backend_without_one():
+    from nectar.experiment.clocks import parse_clock_sweep
+    from nectar.telemetry.window import lock_clock
+
+    assert parse_clock_sweep("1980, 1600,1300") == [1980.0, 1600.0, 1300.0]
+    for bad, message in [("", "at least one"), ("1300,1300", "twice"), ("1300,x", "not a number")]:
+        with pytest.raises(ValueError, match=message):
+            parse_clock_sweep(bad)
+
+    class NoClock:
+        name = "plain"
+
+    with pytest.raises(ValueError, match="cannot lock its SM clock"):
+        lock_clock(NoClock(), 1300.0)

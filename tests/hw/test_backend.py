@@ -119,3 +119,44 @@ def test_close_stops_sampler_and_shuts_nvml_down():
     assert fake.closed and not backend.sampler.running
     with pytest.raises(RuntimeError, match="closed"):
         backend.idle(0.1)
+
+
+def test_lock_clock_is_refused_without_touching_nvml():
+    """The lent GPUs' clocks must not be changed: `lock_clock` raises before any NVML call (the fake
+    logs every call), through the backend and through the core's helper alike."""
+    from nectar.telemetry.window import lock_clock
+
+    clock, fake, backend, _ = fake_backend()
+    calls = list(fake.log)
+    for MHz in (1300.0, None):
+        with pytest.raises(ValueError, match="clocks must not be changed.*simulator only"):
+            backend.lock_clock(MHz)
+        with pytest.raises(ValueError, match="clocks must not be changed"):
+            lock_clock(backend, MHz)
+    assert fake.log == calls
+    backend.close()
+
+
+def test_no_hw_module_calls_an_nvml_set_function():
+    """Read-only NVML: no source file of the NVML backend names a setter (clocks, power limits,
+    persistence, application clocks)."""
+    from pathlib import Path
+
+    sources = {path.name: path.read_text() for path in (Path(__file__).parents[2] / "hw").glob("*.py")}
+    assert sources
+    for name, text in sources.items():
+        for setter in ("nvmlDeviceSet", "nvmlDeviceReset", "SetGpuLockedClocks", "SetApplicationsClocks",
+                       "SetPowerManagementLimit", "SetPersistenceMode"):
+            assert setter not in text, f"hw/{name} names {setter}"
+
+
+def test_hw_run_refuses_clock_policies_before_any_work_on_nvml():
+    from nectar.cli.hw_run import refuse_unlockable_clocks
+
+    clock, fake, backend, _ = fake_backend()
+    calls = list(fake.log)
+    refuse_unlockable_clocks(backend, ["static-top2", "nectar"])          # no clock: nothing asked
+    with pytest.raises(ValueError, match="clocks must not be changed"):
+        refuse_unlockable_clocks(backend, ["static-top2", "nectar@clock:1300"])
+    assert fake.log == calls
+    backend.close()
