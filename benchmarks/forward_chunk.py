@@ -103,7 +103,8 @@ def count_host_syncs(fn, device: torch.device) -> dict | None:
         warnings.simplefilter("always")
 
         def record(message, category, filename, lineno, file=None, line=None):
-            if "synchroniz" not in str(message):
+            text = str(message)
+            if "synchroniz" not in text or "prototype feature" in text:   # the debug mode's own notice
                 return
             frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
                       and "warnings" not in f.filename]
