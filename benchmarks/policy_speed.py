@@ -63,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dispatch", choices=["grouped", "compiled", "loop"], default="loop",
                         help="the MoE layers' dispatch (loop: what the experiments use today; compiled: "
                              "grouped with gate → router → dispatch under torch.compile)")
+    parser.add_argument("--compile-router", action="store_true",
+                        help="gate → router under torch.compile, the dispatch as --dispatch says (MoELayer.compile_router)")
     parser.add_argument("--calibration-s", type=float, default=2.0, help="the cost calibration's time budget")
     parser.add_argument("--quick", action="store_true", help="tiny model and chunk for a smoke test")
     parser.add_argument("--json-out", default=None)
@@ -222,7 +224,8 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "host_reads_per_forward": info[name]["host_reads_per_forward"],
             "kernels_per_forward": info[name]["kernels_per_forward"], "same_routing_as_top2": same,
             "predicted_speed_vs_top2": info["static-top2"]["predicted_s"] / info[name]["predicted_s"], "round_s": times[name], "round_speed_vs_top2": speed,
-            "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch})
+            "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch,
+                     "compile_router": args.compile_router})
     return rows
 
 
@@ -234,7 +237,9 @@ def main(argv: list[str] | None = None) -> int:
         layer.grouped = args.dispatch in ("grouped", "compiled")
         if args.dispatch == "compiled":
             layer.compile_dispatch(True)
-    if args.dispatch == "compiled":
+        elif args.compile_router:
+            layer.compile_router(True)
+    if args.dispatch == "compiled" or args.compile_router:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(args.policies))
     gen = torch.Generator().manual_seed(0)
     chunk = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=gen).to(device)

@@ -12,7 +12,9 @@ per layer, then one large GEMM per expert) is the default, because it measured f
 tokens 0.62× vs 0.58× dense, SwiGLU); `layer.grouped = True` takes the grouped, host-sync-free
 `torch._grouped_mm` path where it can run (CUDA, bf16). `layer.compile_dispatch()` runs gate →
 router → grouped dispatch through `torch.compile` (0.91× dense for SwiGLU at 32K tokens on the
-H200; optional, and it turns the grouped path on).
+H200; optional, and it turns the grouped path on). `layer.compile_router()` compiles gate → router
+alone and leaves the dispatch as it is (the loop path keeps its eager per-expert GEMMs; the router's
+dozen small element-wise kernels fuse into a few).
 
 While a `RoutingRecorder` is set (`layer.recorder`, for the length of one chunk: see
 `MoEGPT2LMHeadModel.recording`), every forward adds its counts and a sample of its logits and
@@ -79,6 +81,7 @@ class MoELayer(nn.Module):
         self.router = router
         self.grouped = False  # True: the grouped (sync-free) dispatch path where it can run (see above)
         self.compile_options: dict | None = None  # set by compile_dispatch
+        self.router_compile_options: dict | None = None  # set by compile_router
         self.recorder: RoutingRecorder | None = None
         self.last_decision: RoutingDecision | None = None
         self._last_counts: torch.Tensor | None = None
@@ -94,6 +97,12 @@ class MoELayer(nn.Module):
         path applies (the loop path stays eager). Off by default."""
         self.compile_options = dict(options) if enabled else None
         self.grouped = self.grouped or enabled
+        return self
+
+    def compile_router(self, enabled: bool = True, **options) -> "MoELayer":
+        """Run gate → router through torch.compile(**options) (the dispatch stays as it is; a
+        compiled dispatch, `compile_dispatch`, compiles the router with it). Off by default."""
+        self.router_compile_options = dict(options) if enabled else None
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -165,12 +174,19 @@ class MoELayer(nn.Module):
 
 def route_and_dispatch(layer: MoELayer, x_ND: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, RoutingDecision]:
     """gate -> router -> dispatch: (y [N, D], per-expert counts [E] on the device, the decision)."""
-    logits_NE = layer.gate(x_ND)                            # [N, E]
-    decision = layer.router(logits_NE, x_ND)
+    if layer.router_compile_options is not None:
+        decision = RoutingDecision(*_compiled(layer.router_compile_options, _gate_and_route_tensors)(layer, x_ND))
+    else:
+        decision = layer.router(layer.gate(x_ND), x_ND)     # gate logits [N, E] -> decision
     if decision.num_experts != layer.num_experts:
         raise ValueError(f"router returned a decision over {decision.num_experts} experts; layer has {layer.num_experts}")
     y_ND, counts_E = dispatch_with_counts(x_ND, decision, layer.experts, grouped=layer.grouped)
     return y_ND, counts_E, decision
+
+
+def _gate_and_route_tensors(layer: MoELayer, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    d = layer.router(layer.gate(x_ND), x_ND)
+    return d.experts, d.gates, d.mask, d.dropped, d.probs, d.logits
 
 
 def _route_and_dispatch_tensors(layer: MoELayer, x_ND: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -181,9 +197,10 @@ def _route_and_dispatch_tensors(layer: MoELayer, x_ND: torch.Tensor) -> tuple[to
 _COMPILED: dict[str, object] = {}
 
 
-def _compiled(options: dict):
-    """One torch.compile'd route_and_dispatch per set of options (shared by all layers)."""
-    key = repr(sorted(options.items()))
+def _compiled(options: dict, fn=_route_and_dispatch_tensors):
+    """One torch.compile'd `fn` (route_and_dispatch, or gate → router) per set of options, shared by
+    all layers."""
+    key = fn.__name__ + repr(sorted(options.items()))
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_route_and_dispatch_tensors, **options)
+        _COMPILED[key] = torch.compile(fn, **options)
     return _COMPILED[key]

@@ -191,6 +191,33 @@ def test_compiled_dispatch_matches_eager(grouped_on_cpu):
     assert sum(counts) == 2 * 30
 
 
+@pytest.mark.parametrize("router_name", ["top2", "topp", "energy-drop"])
+def test_compiled_router_matches_eager_and_follows_a_new_price(router_name):
+    """gate → router under torch.compile (aot_eager: the captured graph, no codegen) routes as the
+    eager router, also after the router's bias and drop scale change (buffers, not constants)."""
+    from nectar.control.energy_router import EnergyAwareRouter
+    if router_name == "energy-drop":
+        torch.manual_seed(0)
+        layer = MoELayer(D, build_experts(HETERO, D), EnergyAwareRouter(E_HETERO, [6, 7], drop=True)).double()
+    else:
+        layer = make_layer(router_name, torch.float64)
+    x = torch.randn(40, D, dtype=torch.float64)
+    compiled = copy.deepcopy(layer).compile_router(backend="aot_eager", fullgraph=True)
+    for step in range(2):
+        with torch.no_grad():
+            eager_y, compiled_y = layer(x), compiled(x)
+        for name in ("experts", "gates", "mask"):
+            assert torch.equal(getattr(compiled.last_decision, name), getattr(layer.last_decision, name)), name
+        assert torch.equal(compiled_y, eager_y)
+        if router_name == "energy-drop" and step == 0:   # a new price: cheap experts favoured, slots dropped
+            bias, scale = torch.zeros(E_HETERO), torch.full((E_HETERO,), 0.7)
+            bias[6:8] = 3.0
+            for target in (layer, compiled):
+                target.router.adapt(bias=bias, drop_scale=scale)
+    if router_name == "energy-drop":
+        assert not bool(layer.last_decision.mask.all())   # the new drop scale did drop slots
+
+
 def test_capacity_layer_drops_are_counted_and_excluded():
     layer = make_layer("capacity-drops", torch.float64)
     x = torch.randn(24, D, dtype=torch.float64)
