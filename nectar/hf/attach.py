@@ -80,7 +80,8 @@ def _routers_for(layers: list[HFMoELayer], routers: RouterSpec) -> list[Router]:
 
 GENERATE_WARNING = ("an adaptive router ({routers}) is attached, but nothing adapts it inside generate(): it "
                     "routes every token at its current setting ({setting}); adaptation runs inside `nectar "
-                    "run|frontier|hw-run` (a controller for serving is future work)")
+                    "run|frontier|hw-run`; to generate with NECTAR adapting, use "
+                    "`nectar.serving.generation.adaptive_generation`)")
 
 
 def is_adaptive(router: Router) -> bool:

@@ -84,12 +84,15 @@ class ServingController:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
             result = run()
-            gap = (result.nll_R - static.nll_R).sum()
-            self._gaps.append(torch.stack([gap, gap.new_tensor(float(len(feed)))]))   # [2] on the device
+            self.add_gap((result.nll_R - static.nll_R).sum(), len(feed))
             return result
         return checked
 
-    def after_decode(self, engine: ServingEngine) -> None:
+    def add_gap(self, gap: torch.Tensor, tokens: int) -> None:
+        """A checked step's summed NLL gap (a 0-d device tensor) over `tokens` rows; read at the window's end."""
+        self._gaps.append(torch.stack([gap.float(), gap.new_tensor(float(tokens), dtype=torch.float32)]))  # [2]
+
+    def after_decode(self, engine: ServingEngine | None = None) -> None:
         self._steps += 1
         if self._steps % self.config.window_steps or not self._gaps:
             return
