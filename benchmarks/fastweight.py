@@ -10,6 +10,9 @@ torch.compile as well):
                   matmul kernels (nectar/lact/fastweight_triton.py), cuBLAS for the weight gradients
   update_triton   one chunk's update and step on that path
   apply_triton    one chunk's apply on that path (apply: the torch apply, only when named in --rows)
+  update_kernel_triton  the update's Triton kernel alone (k W0ᵀ, k W2ᵀ, v W1 and the element-wise
+                  outputs dgu, hid: 6·D·H·L), without the cuBLAS weight gradients and the step
+  hidden_triton   the apply's Triton kernel alone (x W0ᵀ, x W2ᵀ, silu·: 4·D·H·L), without hidden W1ᵀ
 and reports TFLOP/s with the FLOP count (per head, per chunk, D = dk = dv, H = hidden):
   apply  on the chunk's queries: 3 matmuls               =  6·D·H·L
   update on the chunk's keys: W0k, W2k, W1ᵀv, dW0, dW1, dW2 = 12·D·H·L
@@ -20,9 +23,11 @@ with --muon reports a lower bound. share_of_matmul = TFLOP/s / the rate of a den
 
 The Triton rows run where CUDA and Triton are (a CPU run skips them with a note, or runs them in
 Triton's interpreter under TRITON_INTERPRET=1: slow, --quick only). Before timing them at each L,
-the path is checked against fp64 on the first --check-heads heads (tests/lact/fastweight_checks.py:
-every piece elementwise, the whole stream normwise); a failure stops the run with the offending
-element, and the worst err/tol ratios go into the Triton rows as `fp64_check`.
+the path is run on all heads (so that Triton autotunes at the timed shape and those configs are
+the checked ones) and checked against fp64 on the first --check-heads heads
+(tests/lact/fastweight_checks.py: every piece elementwise, the whole stream normwise); a failure
+stops the run with the offending element, and the worst err/tol ratios go into the Triton rows as
+`fp64_check`.
 
   PYTHONPATH=. python benchmarks/fastweight.py --device cuda --compile --json-out fastweight.json
   PYTHONPATH=. python benchmarks/fastweight.py --device cpu --quick       # tiny smoke run
@@ -53,7 +58,7 @@ from nectar.lact.fastweight import (fast_weight_step, row_norms, silu_derivative
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "fp64": torch.float64}
 TORCH_ROWS = ("kernel", "update", "update_unfused", "update_bmm")
-TRITON_ROWS = ("kernel_triton", "update_triton", "apply_triton")
+TRITON_ROWS = ("kernel_triton", "update_triton", "apply_triton", "update_kernel_triton", "hidden_triton")
 ROWS = TORCH_ROWS + ("apply",) + TRITON_ROWS
 
 
@@ -148,14 +153,14 @@ def triton_skip_reason(args, device, dtype) -> str | None:
 
 
 def check_triton(args, stream: dict, kernel_inputs: dict, chunk: int, momentum) -> dict:
-    """The Triton path against fp64 on the first --check-heads heads (raises AssertionError if off)."""
+    """The Triton path, run on all heads, against fp64 on the first --check-heads heads (raises
+    AssertionError if off)."""
     from tests.lact.fastweight_checks import check_pieces, check_stream
 
     heads = min(args.check_heads, args.heads)
-    subset = {n: t[:heads] for n, t in kernel_inputs.items()}
-    ratios = check_pieces(subset, chunk)
-    ratios.update(check_stream(subset, chunk, momentum=None if momentum is None else momentum[:heads],
-                               use_muon=args.muon))
+    # the Triton side runs on all heads (the timed shape: its autotuned configs are the checked ones)
+    ratios = check_pieces(kernel_inputs, chunk, heads=heads)
+    ratios.update(check_stream(kernel_inputs, chunk, momentum=momentum, use_muon=args.muon, heads=heads))
     worst = max(ratios, key=ratios.get)
     print(f"# fp64 check of the Triton path (L={chunk}, {heads} heads, {args.chunks} chunks): passed, worst "
           f"err/tol {ratios[worst]:.3g} ({worst})", flush=True)
@@ -219,6 +224,10 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
         ("update_triton", False, lambda: triton_update(stream, chunk, momentum, args.muon), 12 * per_chunk),
         ("apply_triton", False, lambda: fastweight_triton.swiglu_apply_fused(query, stream["w02"], stream["w1"]),
          6 * per_chunk),
+        ("update_kernel_triton", False, lambda: fastweight_triton.swiglu_update_operands(
+            stream["k"][:, :chunk], stream["v"][:, :chunk], stream["w02"], stream["w1"],
+            *(stream[n][:, :chunk] for n in ("lr0", "lr1", "lr2"))), 6 * per_chunk),
+        ("hidden_triton", False, lambda: fastweight_triton.swiglu_hidden(query, stream["w02"]), 4 * per_chunk),
     ]
     compiled = []
     if chunk in args.compile_kernel_sizes and "kernel" in args.rows:
@@ -250,9 +259,9 @@ def measure_chunk(args, chunk: int, device, dtype, reference: float, env: dict, 
         row = dict(L=chunk, what=what, compiled=compiled, ms=seconds * 1e3, flops=float(flops), tflops=tflops,
                    share_of_matmul=tflops / reference, matmul_tflops=reference, **env)
         if what in TRITON_ROWS:
-            row.update(extra)
+            row.update(extra, triton_configs=fastweight_triton.tuned_configs())
         rows.append(row)
-        print(f"{what:<16}{'compile' if compiled else 'eager':>8}{chunk:>8}{seconds * 1e3:>12.3f}{tflops:>12.4g}"
+        print(f"{what:<22}{'compile' if compiled else 'eager':>8}{chunk:>8}{seconds * 1e3:>12.3f}{tflops:>12.4g}"
               f"{row['share_of_matmul']:>11.1%}", flush=True)
         write_json(args.json_out, rows)
 
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env}", flush=True)
     print(f"# dense {args.matmul_size}^3 matmul: {reference:.4g} TFLOP/s; element-wise and Newton-Schulz work not counted",
           flush=True)
-    print(f"{'what':<16}{'mode':>8}{'L':>8}{'ms':>12}{'TFLOP/s':>12}{'of matmul':>11}", flush=True)
+    print(f"{'what':<22}{'mode':>8}{'L':>8}{'ms':>12}{'TFLOP/s':>12}{'of matmul':>11}", flush=True)
     rows: list[dict] = []
     # compiled rows last (compiling is slow; a time limit then costs only them), largest L first
     plan = [("eager", c) for c in args.chunk_sizes]

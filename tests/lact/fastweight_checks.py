@@ -125,9 +125,12 @@ def _product_scale(left_scale, right, left_values, length, rho, expected, dtype)
             + 0.5 * _rounded(expected, dtype))
 
 
-def check_pieces(inputs: dict, chunk: int) -> dict[str, float]:
+def check_pieces(inputs: dict, chunk: int, heads: int | None = None) -> dict[str, float]:
     """One chunk of the Triton path (apply, update kernel, update, step) against fp64 at the chunk's
-    start; inputs as for swiglu_fast_weight (bf16/fp16). Raises AssertionError; returns worst ratios."""
+    start; inputs as for swiglu_fast_weight (bf16/fp16). The Triton side runs on every head of the
+    inputs (so at the shape, and with the autotuned configs, that a benchmark then times), the fp64
+    side on the first `heads` (default all), which are compared. Raises AssertionError; returns
+    worst ratios."""
     dtype = inputs["q"].dtype
     rho = eps(torch.float32) / eps(dtype)
     c = slice(0, chunk)
@@ -136,18 +139,22 @@ def check_pieces(inputs: dict, chunk: int) -> dict[str, float]:
     w02 = torch.cat([inputs["w0"], inputs["w2"]], dim=1)
     w1 = inputs["w1"]
     h, length = w02.shape[1] // 2, k.shape[1]
+    s = slice(0, q.shape[0] if heads is None else heads)  # the compared heads
+    q_s, k_s, v_s, w02_s, w1_s = q[s], k[s], v[s], w02[s], w1[s]
+    lrs_s = tuple(lr[s] for lr in lrs)
     ratios = {}
     with torch.no_grad(), fp32_cublas():
         # the update kernel's element-wise outputs, every element
         dgu, hid = ft.swiglu_update_operands(k, v, w02, w1, *lrs)
-        bounds = update_bounds(k, v, w02, w1, *lrs)
+        dgu, hid = dgu[s], hid[s]
+        bounds = update_bounds(k_s, v_s, w02_s, w1_s, *lrs_s)
         for name, got in (("dgate", dgu[..., :h]), ("dup", dgu[..., h:]), ("hid", hid)):
             expected, scale = bounds[name]
             ratios[f"update kernel {name}"] = compare(got, expected, dtype=dtype, scale=scale, what=name)
         # the update (kernel + cuBLAS) against the fp64 torch update
-        dw02, dw1 = ft.swiglu_chunk_update_fused(k, v, w02, w1, *lrs)
-        ref02, ref1 = fw.swiglu_chunk_update_fused(*(t.to(DOUBLE) for t in (k, v, w02, w1, *lrs)))
-        k64, v64 = k.to(DOUBLE), v.to(DOUBLE)
+        dw02, dw1 = (d[s] for d in ft.swiglu_chunk_update_fused(k, v, w02, w1, *lrs))
+        ref02, ref1 = fw.swiglu_chunk_update_fused(*(t.to(DOUBLE) for t in (k_s, v_s, w02_s, w1_s, *lrs_s)))
+        k64, v64 = k_s.to(DOUBLE), v_s.to(DOUBLE)
         s_dgu = torch.cat([bounds["dgate"][1], bounds["dup"][1]], dim=-1)
         dgu_ref = torch.cat([bounds["dgate"][0], bounds["dup"][0]], dim=-1)
         scale02 = _product_scale(s_dgu.mT, k64, dgu_ref.mT, length, rho, ref02, dtype)
@@ -156,16 +163,16 @@ def check_pieces(inputs: dict, chunk: int) -> dict[str, float]:
         ratios["dW02"] = compare(dw02, ref02, dtype=dtype, scale=scale02, what="dW02")
         ratios["dW1"] = compare(dw1, ref1, dtype=dtype, scale=scale1, what="dW1")
         # the apply: hidden (kernel) and output (kernel + cuBLAS)
-        hidden = ft.swiglu_hidden(q, w02)
-        hidden_ref, s_hidden = hidden_bounds(q, w02)
+        hidden = ft.swiglu_hidden(q, w02)[s]
+        hidden_ref, s_hidden = hidden_bounds(q_s, w02_s)
         ratios["apply hidden"] = compare(hidden, hidden_ref, dtype=dtype, scale=s_hidden, what="apply hidden")
-        out = ft.swiglu_apply_fused(q, w02, w1)
-        out_ref = fw.swiglu_apply_fused(q.to(DOUBLE), w02.to(DOUBLE), w1.to(DOUBLE))
-        w1t = w1.to(DOUBLE).mT
+        out = ft.swiglu_apply_fused(q, w02, w1)[s]
+        out_ref = fw.swiglu_apply_fused(q_s.to(DOUBLE), w02_s.to(DOUBLE), w1_s.to(DOUBLE))
+        w1t = w1_s.to(DOUBLE).mT
         scale_out = _product_scale(s_hidden, w1t, hidden_ref, h, rho, out_ref, dtype)
         ratios["apply out"] = compare(out, out_ref, dtype=dtype, scale=scale_out, what="apply out")
         # the step (W + dW, weight norm) on the path's own dW: a sum, a row norm (C squares), ÷, ×
-        for name, w, dw in (("step W02", w02, dw02), ("step W1", w1, dw1)):
+        for name, w, dw in (("step W02", w02_s, dw02), ("step W1", w1_s, dw1)):
             target = fw.row_norms(w)
             got = ft.add_renormalize_rows(w, dw, target)
             expected = fw.renormalize_rows(w.to(DOUBLE) + dw.to(DOUBLE), target.to(DOUBLE))
@@ -175,16 +182,19 @@ def check_pieces(inputs: dict, chunk: int) -> dict[str, float]:
 
 
 def check_stream(inputs: dict, chunk: int, *, momentum=None, use_muon=False, weight_norm=True,
-                 causal=True) -> dict[str, float]:
-    """swiglu_fast_weight(backend="triton") against the fp64 torch kernel, normwise (module docstring)."""
+                 causal=True, heads: int | None = None) -> dict[str, float]:
+    """swiglu_fast_weight(backend="triton") against the fp64 torch kernel, normwise (module docstring);
+    the Triton side on every head, the fp64 side on the first `heads` (default all), which are compared."""
     dtype = inputs["q"].dtype
     chunks = math.ceil(inputs["q"].shape[1] / chunk)
+    s = slice(0, inputs["q"].shape[0] if heads is None else heads)
     options = dict(chunk_size=chunk, use_muon=use_muon, weight_norm=weight_norm, causal=causal)
     with torch.no_grad(), fp32_cublas():
         out, weights = fw.swiglu_fast_weight(**inputs, momentum=momentum, backend="triton", **options)
+        out, weights = out[s], tuple(w[s] for w in weights)
         ref_out, ref_weights = fw.swiglu_fast_weight(
-            **{n: t.to(DOUBLE) for n, t in inputs.items()},
-            momentum=None if momentum is None else momentum.to(DOUBLE), **options)
+            **{n: t[s].to(DOUBLE) for n, t in inputs.items()},
+            momentum=None if momentum is None else momentum[s].to(DOUBLE), **options)
     # Muon's quintic amplifies rounding in small singular directions (tests/lact NS5_GAIN)
     safety = 2.0 * (fw.NS5_COEFFICIENTS[0] ** fw.NS5_STEPS if use_muon else 1.0)
     n = 3 * chunks + 2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from nectar.lact import fastweight_triton as ft
 from nectar.lact.fastweight import swiglu_fast_weight
-from tests.lact.fastweight_checks import check_pieces, check_stream
+from tests.lact.fastweight_checks import check_pieces, check_stream, compare, hidden_bounds, update_bounds
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(not ft.available(DEVICE),
@@ -47,6 +47,47 @@ def test_pieces_match_fp64(shape, dtype):
     inputs, _ = make_inputs(batch, length, dk, dv, hidden, dtype, seed=sum(shape))
     ratios = check_pieces(inputs, chunk)
     assert all(r <= 1 for r in ratios.values())
+
+
+@needs_triton
+@pytest.mark.skipif(ON_GPU, reason="the interpreter's tiling; a GPU tests every autotune config instead")
+def test_pieces_one_program_per_tile(monkeypatch):
+    """The interpreter runs persistent programs (each loops over tiles, across heads); here one per tile."""
+    monkeypatch.setitem(ft._INTERPRET_META, "PER_SM", 0)
+    batch, length, dk, dv, hidden, chunk = SHAPES[1]
+    inputs, _ = make_inputs(batch, length, dk, dv, hidden, torch.bfloat16, seed=5)
+    ratios = check_pieces(inputs, chunk)
+    assert all(r <= 1 for r in ratios.values())
+
+
+def _configs():
+    if not (ON_GPU and ft.available(DEVICE)):
+        return []
+    return ([pytest.param("hidden", c, id=f"hidden-{c}") for c in ft._HIDDEN_CONFIGS]
+            + [pytest.param("update", c, id=f"update-{c}") for c in ft._UPDATE_CONFIGS])
+
+
+@pytest.mark.skipif(not (ON_GPU and ft.available(DEVICE)), reason="autotune configs run on a GPU only")
+@pytest.mark.parametrize("kernel, config", _configs())
+def test_every_config_matches_fp64(kernel, config):
+    """Every config the autotuner may pick, forced, elementwise against fp64 (aligned and ragged shapes;
+    the aligned one has more tiles than a persistent grid has programs)."""
+    for shape in (SHAPES[1], SHAPES[2]):
+        batch, length, dk, dv, hidden, _ = shape
+        inputs, _ = make_inputs(batch, length, dk, dv, hidden, torch.bfloat16, seed=len(shape) + length)
+        w02 = torch.cat([inputs["w0"], inputs["w2"]], dim=1)
+        with torch.no_grad():
+            if kernel == "hidden":
+                got = {"hidden": ft.swiglu_hidden(inputs["q"], w02, config=config)}
+                want = {"hidden": hidden_bounds(inputs["q"], w02)}
+            else:
+                lrs = tuple(inputs[n] for n in ("lr0", "lr1", "lr2"))
+                dgu, hid = ft.swiglu_update_operands(inputs["k"], inputs["v"], w02, inputs["w1"], *lrs, config=config)
+                got = {"dgate": dgu[..., :hidden], "dup": dgu[..., hidden:], "hid": hid}
+                want = update_bounds(inputs["k"], inputs["v"], w02, inputs["w1"], *lrs)
+        for name, value in got.items():
+            expected, scale = want[name]
+            compare(value, expected, dtype=torch.bfloat16, scale=scale, what=f"{kernel} {config} {name}")
 
 
 @needs_triton
