@@ -9,6 +9,10 @@ its quality is the perplexity of those continuations under its routing. Per poli
 J per generated token, J per request, TTFT and TPOT p50/p99, tokens/s, prefill and decode energy;
 then NECTAR against the static hull (static top-k, batch-aware re-routing, batch prices, top-p).
 Writes DIR/frontier.json, steps.csv, requests.csv and plots (J/token and TPOT vs load, frontier).
+--cuda-graphs: decode steps as CUDA graph replays (one per batch size and length bucket, captured
+before each policy's run; nectar.serving.graphs): auto = on when the backend runs the model on a
+CUDA device and the model can be captured there, off otherwise; on = captured or an error; off =
+the eager path.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, 
 
 TRACES = ("steady", "bursty", "ramp")   # spelled out so that --help does not import numpy
 HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}   # published peak memory bandwidth (SXM), GB/s
+GRAPH_CHOICES = ("auto", "on", "off")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
+    p.add_argument("--cuda-graphs", choices=GRAPH_CHOICES, default="auto",
+                   help="decode steps as CUDA graph replays (auto: on a CUDA device where the model can be "
+                        "captured; on: required; off: the eager path)")
     p.add_argument("--gpu", default=None, help="simulator GPU preset, name or JSON path (default: h100_sxm)")
     p.add_argument("--price-as", default="auto", help="simulator: price at this width (auto = distilgpt2; none = as it ran)")
     p.add_argument("--out", type=Path, default=Path("runs/serve"), help="run directory to write")
@@ -57,6 +65,32 @@ def default_policies(top_k: int) -> list[str]:
     statics = [f"static-top{k}" for k in range(top_k, 0, -1)]
     return statics + [f"batch-aware:{top_k}", "batch-price:0.1", "batch-price:0.3", "batch-price:1",
                       "top-p:0.5", "nectar"]
+
+
+def check_cuda_graphs(choice: str, torch_device: str | None = None) -> None:
+    """`--cuda-graphs on` needs the model on a CUDA device: refused before anything runs otherwise
+    (first whether torch sees a GPU at all, then, once the backend exists, where it runs the model)."""
+    if choice != "on":
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise ValueError("--cuda-graphs on needs a CUDA device, and torch sees none (use --cuda-graphs auto|off)")
+    if torch_device is not None and not torch_device.startswith("cuda"):
+        raise ValueError(f"--cuda-graphs on needs the model on a CUDA device; this backend runs it on {torch_device} "
+                         "(use --backend nvml, or --cuda-graphs auto|off)")
+
+
+def decode_path(choice: str, model) -> tuple[str, str | None]:
+    """("graph" | "eager", why not captured): auto captures where it can, on insists."""
+    from nectar.serving.graphs import capture_blocker
+
+    if choice == "off" or (choice == "auto" and next(model.parameters()).device.type != "cuda"):
+        return "eager", None
+    reason = capture_blocker(model)
+    if reason and choice == "on":
+        raise ValueError(f"--cuda-graphs on: the decode step cannot be captured: {reason}")
+    return ("eager", f"not captured: {reason}") if reason else ("graph", None)
 
 
 def hbm_for(gpu: str) -> float | None:
@@ -91,11 +125,13 @@ def run_serving(args, out: Path, command: str) -> dict:
     demo = load_demo_model(args.model or committed_model("cpu-demo"))
     factory = lambda: make_backend(args.backend, seed=args.seed, preset=args.gpu, price_as=args.price_as)  # noqa: E731
     first = factory()
+    check_cuda_graphs(args.cuda_graphs, first.torch_device)
     model = place_model(demo.model, first.torch_device).eval()
     layer = model.moe_layers()[0][1]
     top_k = model_top_k(model, layer)
     positions = getattr(model, "max_positions", None) or model.config.n_positions
     cfg = _config(args, top_k, positions)
+    cfg.decode_path, cfg.graphs_note = decode_path(args.cuda_graphs, model)
     cfg.validate()
     check_serving_policies(list(cfg.policies), layer, top_k)
     info = first.info()
@@ -167,6 +203,18 @@ def print_report(report: dict) -> None:
         lo, hi = report["nectar_margin_ci95"]
         print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.2f} points, "
               f"95 % interval [{100 * lo:+.2f}, {100 * hi:+.2f}]")
+    print(decode_line(report["policies"]))
+
+
+def decode_line(policies: list[dict]) -> str:
+    """How the decode steps ran, over all policies (captured: graphs, capture time, fallbacks)."""
+    if not all(p.get("graphs") for p in policies):
+        note = next((p["graphs_note"] for p in policies if p.get("graphs_note")), None)
+        return "decode steps: eager" + (f" ({note})" if note else "")
+    return (f"decode steps: CUDA graphs, {sum(p['graphs_captured'] for p in policies)} captured in "
+            f"{sum(p['capture_s'] for p in policies):.1f} s (before each policy's run), "
+            f"{sum(p['eager_fallbacks'] for p in policies)} eager fallbacks, "
+            f"{sum(p['shadow_eager_steps'] for p in policies)} eager shadow checks")
 
 
 @cli_errors("serve")
@@ -176,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     from nectar.train.recipes import committed_model
 
     command = "nectar serve " + " ".join(argv if argv is not None else sys.argv[2:])
+    check_cuda_graphs(args.cuda_graphs)
     out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
     with out as tmp:
         report = run_serving(args, tmp, command)

@@ -12,6 +12,10 @@ teacher-forced NLL of the reference continuation under their own routing.
 Per step the engine returns device tensors (NLL sum, greedy tokens) and the step's workload (the
 MoE layers' per-expert counts, read once after the forward, with the serving shape fields the
 simulator prices: attention pairs, KV positions read, logit rows).
+
+This is the eager path (every step launches the model's kernels from Python). The captured decode
+step, a CUDA graph per batch size and visible-length bucket, is `nectar.serving.graphs`
+(`GraphedServingEngine`, a subclass: prefill and read-only shadow forwards stay here).
 """
 
 from __future__ import annotations
@@ -89,9 +93,28 @@ class ServingEngine:
     def move(self, src: int, dst: int) -> None:
         self.cache.move(src, dst)
 
+    def prepare_decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> float:
+        """Called with a decode step's inputs before its telemetry window opens; seconds spent
+        preparing it (the eager path has nothing to prepare; a captured path may capture a graph)."""
+        return 0.0
+
+    def graph_summary(self) -> dict:
+        """How the decode steps ran: the eager path never captures and never falls back."""
+        return {"graphs": False, "capture_s": 0.0, "eager_fallbacks": 0}
+
+    def decode_workload(self, counts: list[list[int]], dropped: list[int], positions: list[int]) -> ChunkWorkload:
+        """The workload of a decode step of rows at `positions` whose MoE layers computed `counts`."""
+        return self._counts_workload(counts, dropped, batch=len(positions), seq_len=1, phase="decode",
+                                     pairs=sum(positions) + len(positions), kv_read=sum(positions),
+                                     logit_rows=len(positions))
+
     def _workload(self, layers: list, batch: int, seq_len: int, phase: str, pairs: float, kv_read: int,
                   logit_rows: int) -> ChunkWorkload:
-        counts = [r.tokens_per_expert for r in layers]
-        base = self.model.workload_from_counts(counts, batch, seq_len, self.policy, [r.dropped_tokens for r in layers])
+        return self._counts_workload([r.tokens_per_expert for r in layers], [r.dropped_tokens for r in layers],
+                                     batch, seq_len, phase, pairs, kv_read, logit_rows)
+
+    def _counts_workload(self, counts: list[list[int]], dropped: list[int], batch: int, seq_len: int, phase: str,
+                         pairs: float, kv_read: int, logit_rows: int) -> ChunkWorkload:
+        base = self.model.workload_from_counts(counts, batch, seq_len, self.policy, dropped)
         return replace(base, attention_pairs=float(pairs), kv_read_tokens=int(kv_read), logit_tokens=logit_rows,
                        phase=phase)

@@ -4,7 +4,8 @@ Per policy: the serving metrics (`nectar.serving.metrics`: steady-state J per ge
 per request, TTFT/TPOT percentiles, prefill and decode energy apart), the teacher-forced perplexity
 of the reference continuations under its routing, the agreement of its greedy tokens with the
 baseline's (static top-k of the model's trained k), and, from the decode steps' workloads, the
-bytes a decode step must read and the achieved fraction of the GPU's memory bandwidth.
+bytes a decode step must read and the achieved fraction of the GPU's memory bandwidth, and how its
+decode steps ran (`graphs`: replayed CUDA graphs, `capture_s`, `eager_fallbacks`; `nectar.serving.graphs`).
 
 Savings and perplexity increases are against the baseline on the same trace, and the hull is
 `nectar.experiment.frontier.frontier_report`'s over the non-adaptive policies. The energy per token
@@ -24,10 +25,14 @@ from nectar.experiment.forward import install
 from nectar.experiment.frontier import frontier_report
 from nectar.serving.controller import ServingController, ServingControllerConfig
 from nectar.serving.engine import ServingEngine
+from nectar.serving.graphs import GraphedServingEngine
 from nectar.serving.loop import PolicyServing, ServeLimits, serve
 from nectar.serving.metrics import summarize
 from nectar.serving.policies import is_adaptive, serving_router
 from nectar.serving.traces import TraceConfig, make_trace
+
+
+DECODE_PATHS = ("eager", "graph", "static")
 
 
 @dataclass
@@ -40,9 +45,13 @@ class ServingConfig:
     seed: int = 0
     hbm_GBps: float | None = None            # the GPU's memory bandwidth (GB/s), for hbm_fraction
     controller: ServingControllerConfig = field(default_factory=ServingControllerConfig)
+    decode_path: str = "eager"               # "eager", "graph" (CUDA graphs) or "static" (the graphs' step, eagerly)
+    graphs_note: str | None = None           # why decode steps are not captured, when graphs were asked for
 
     def validate(self) -> None:
         self.trace.validate()
+        if self.decode_path not in DECODE_PATHS:
+            raise ValueError(f"decode_path must be one of {DECODE_PATHS}, got {self.decode_path!r}")
         if self.baseline not in self.policies:
             raise ValueError(f"the baseline {self.baseline!r} must be among the policies")
         if not self.quality_bound > 0:
@@ -67,8 +76,20 @@ def serve_policy(model, backend, policy: str, cfg: ServingConfig, stream: torch.
     if is_adaptive(policy):
         controller = ServingController(routers, routers_for(model, cfg.baseline),
                                        replace(cfg.controller, quality_bound=cfg.quality_bound))
-    engine = ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
+    engine = make_engine(model, cfg, policy)
     return serve(engine, backend, make_trace(cfg.trace), stream, cfg.limits, cfg.seed, controller, progress)
+
+
+def make_engine(model, cfg: ServingConfig, policy: str) -> ServingEngine:
+    """The eager engine, or the captured one with every (rows, bucket) graph captured now, with the
+    policy's routers installed and before any request: outside every telemetry window."""
+    if cfg.decode_path == "eager":
+        return ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
+    engine = GraphedServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy,
+                                  mode=cfg.decode_path)
+    if cfg.decode_path == "graph":
+        engine.capture_all()
+    return engine
 
 
 def step_bytes(workload) -> float:
@@ -111,7 +132,18 @@ def policy_summary(run: PolicyServing, base: PolicyServing, cfg: ServingConfig) 
             "mean_power_W": energy_J / max(sum(s.t_end_s - s.t_start_s for s in run.steps if s.phase != "idle"), 1e-12),
             "max_temp_C": None, "hbm_fraction": hbm_fraction(run, total_bytes, cfg.hbm_GBps),
             "mean_step_bytes": total_bytes / len(run.workloads) if run.workloads else None,
-            "controller": run.controller}
+            "controller": run.controller, **graph_fields(run, cfg)}
+
+
+GRAPH_FIELDS = ("graphs", "capture_s", "eager_fallbacks", "graph_steps", "shadow_eager_steps", "graphs_captured",
+                "graphs_note")
+
+
+def graph_fields(run: PolicyServing, cfg: ServingConfig) -> dict:
+    """How the policy's decode steps ran (eager engines: graphs False, nothing captured)."""
+    fields = {"graphs": False, "capture_s": 0.0, "eager_fallbacks": 0, "graph_steps": 0, "shadow_eager_steps": 0,
+              "graphs_captured": 0, **run.graphs}
+    return {**{k: fields[k] for k in GRAPH_FIELDS[:-1]}, "graphs_note": cfg.graphs_note}
 
 
 def serving_report(runs: dict[str, PolicyServing], cfg: ServingConfig, backend_info: dict) -> dict:
@@ -129,5 +161,6 @@ def serving_report(runs: dict[str, PolicyServing], cfg: ServingConfig, backend_i
     for row in report["policies"]:
         row.update({k: policies[row["name"]][k] for k in (
             "tpot_p50_s", "tpot_p99_s", "ttft_p50_s", "ttft_p99_s", "J_per_request", "prefill_J", "decode_J",
-            "tokens_per_s", "mean_batch", "greedy_agreement", "hbm_fraction", "mean_step_bytes", "controller")})
+            "tokens_per_s", "mean_batch", "greedy_agreement", "hbm_fraction", "mean_step_bytes", "controller",
+            *GRAPH_FIELDS)})
     return report

@@ -11,6 +11,8 @@ each step's energy is the backend's best short-window estimate (integrated power
 the counter measured from the first window's start to the last one's end. Requests' tokens come from the held-out stream: prompt, then the
 reference continuation the decode steps are teacher-forced on (`nectar.serving.engine`).
 
+Before a decode step's window opens the engine may prepare it (`prepare_decode`: the captured path
+captures a graph it lacks there: in no step's window, though the clock runs on; `capture_s`).
 The adaptive policy (`nectar`) gets its controller's `after_decode` call after every decode step;
 the controller may run a ride-along quality check inside that step's window (its energy and time
 count in the policy's totals) and move the routers' price once per window of decode steps.
@@ -57,6 +59,7 @@ class PolicyServing:
     greedy: dict[int, list[int]]                       # request id → greedy token at each output index
     workloads: list = field(default_factory=list)      # the decode steps' workloads (the simulator replays them)
     controller: dict | None = None
+    graphs: dict = field(default_factory=dict)          # how decode steps ran (`ServingEngine.graph_summary`)
 
 
 def request_tokens(stream: torch.Tensor, records: list[RequestRecord], seed: int) -> dict[int, RequestTokens]:
@@ -139,6 +142,7 @@ def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torc
             index = [p - len(tokens[rid].prompt) + 1 for rid, p in zip(rows, positions)]  # output index predicted
             feed = [tokens[rid].reference[j - 1] for rid, j in zip(rows, index)]
             targets = [tokens[rid].reference[j] for rid, j in zip(rows, index)]
+            engine.prepare_decode(feed, positions, targets)            # outside the step's window
             run = lambda: engine.decode(feed, positions, targets)      # noqa: E731
             if controller is not None:
                 run = controller.wrap_decode(engine, run, feed, positions, targets)
@@ -154,7 +158,8 @@ def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torc
     nll_R = torch.cat(nll).double().cpu() if nll else torch.zeros(0, dtype=torch.float64)
     _match_counter(steps, windows)
     return PolicyServing(engine.policy, steps, sched.requests(), float(nll_R.sum()), int(nll_R.numel()),
-                         greedy.by_request(), workloads, None if controller is None else controller.summary())
+                         greedy.by_request(), workloads, None if controller is None else controller.summary(),
+                         engine.graph_summary())
 
 
 def _match_counter(steps: list[StepRecord], windows: list) -> None:

@@ -1,0 +1,316 @@
+"""The captured decode step: one CUDA graph of the whole decode forward per batch size and length bucket.
+
+An eager decode step launches every kernel of the model from Python (hundreds per layer with the
+routers, the dispatch and the recorder): on a GPU it is host-bound, so what it measures is launch
+overhead, not the bytes routing moves. Here a decode step is one `CUDAGraph.replay()`.
+
+One graph (`StaticDecodeStep`) per (rows R, visible-length bucket Vb):
+- inputs: device buffers shared by every graph (`StaticInputs`: token ids, positions and targets
+  of up to `slots` rows). A step writes its three host lists into a pinned staging buffer and
+  copies them with one non-blocking host-to-device copy; the position ids and the additive mask
+  [R, 1, 1, Vb] are built inside the graph from the positions (`SlotCache.for_decode`: row r sees
+  its own positions 0..pos_r, everything beyond is masked);
+- the captured work: the model's own forward through the slot cache (the new keys/values written
+  at each row's position) with the routing recorder on, the log-softmax NLL of each row's target,
+  the greedy argmax, and the recorder's per-expert counts and drops as one vector [L·E + L];
+- outputs: the graph's own tensors, rewritten by every replay. The step clones the NLL and argmax
+  ([R] each) and reads the counts back to the host: the step's one host read, as in the eager path
+  (the step's workload needs them).
+
+Shapes: R is exact (1..slots), so no padded row ever enters batch-aware routing or the counts. Vb
+is the visible length (1 + the largest position) rounded up to a multiple of `bucket_tokens`
+(default 64) and capped at the cache's positions; keys beyond a row's own length are masked, so
+the bucket changes which zeros are added, not the result (up to the order of the attention's sums).
+An engine captures every (R, Vb) it can meet ahead of a policy's run (`capture_all`: slots ×
+ceil(max_tokens / bucket_tokens) graphs, one eager warm-up step per R first, all in one memory
+pool: replays never overlap and every output is copied or read before the next replay); a key
+captured later (`prepare_decode`, before the step's telemetry window opens) adds to `capture_s`.
+
+What the controller changes at run time:
+- NECTAR's price λ is a 0-d device tensor the batch routers read
+  (`nectar.serving.batch_routers.DevicePrice`): a replay uses the price in force;
+- a shadow forward (the quality check: static routers on a read-only cache) runs eagerly by
+  design (`shadow_eager_steps`);
+- any other decode step whose installed routers are not the captured ones (another router
+  object, or a price switched to or from ∞), or whose graph was never captured, runs eagerly and
+  is counted (`eager_fallbacks`). Prefill chunks are always eager (one request, variable length).
+
+What must hold for a capture (`capture_blocker` says which part fails): a CUDA device of compute
+capability ≥ 9.0 in bf16, where `torch._grouped_mm` runs CUTLASS with device-side offsets (older
+GPUs and other dtypes take a fallback that reads the offsets to the host); MoE-DistilGPT2 in the
+grouped dispatch (the engine switches `layer.grouped` on; the loop dispatch reads the counts to
+the host); transformers families with the `grouped_mm` experts implementation (sort, histogram,
+grouped GEMM over the sorted rows: each touched expert's weights read once) or `batched_mm`
+(capturable, but it gathers weights per token-slot). The `eager` experts implementation
+(one_hot, nonzero and a loop over the experts hit) has data-dependent shapes: not capturable.
+
+Mode "static" runs the same step on the same buffers eagerly (no capture; any device): the tests
+compare it with `ServingEngine.decode` on the CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from nectar.serving.engine import ServingEngine, StepResult
+
+BUCKET_TOKENS = 64
+MODES = ("graph", "static")
+GROUPED_EXPERTS = ("grouped_mm", "batched_mm")
+
+
+def length_buckets(max_tokens: int, bucket_tokens: int = BUCKET_TOKENS) -> list[int]:
+    """The visible lengths a graph is captured for: multiples of `bucket_tokens`, the last capped."""
+    if bucket_tokens < 1 or max_tokens < 1:
+        raise ValueError(f"need bucket_tokens >= 1 and max_tokens >= 1, got {bucket_tokens} and {max_tokens}")
+    return [min(b, max_tokens) for b in range(bucket_tokens, max_tokens + bucket_tokens, bucket_tokens)]
+
+
+def bucket_of(visible: int, buckets: list[int]) -> int:
+    """The smallest bucket that holds `visible` positions."""
+    for bucket in buckets:
+        if visible <= bucket:
+            return bucket
+    raise ValueError(f"visible length {visible} exceeds the largest bucket {buckets[-1]}")
+
+
+def capture_blocker(model) -> str | None:
+    """Why the decode forward of `model` cannot be captured where it is, or None when it can."""
+    param = next(model.parameters())
+    if param.device.type != "cuda":
+        return f"the model is on {param.device.type}, not a CUDA device"
+    if torch.cuda.get_device_capability(param.device) < (9, 0):
+        return "torch._grouped_mm reads its offsets to the host below compute capability 9.0"
+    if param.dtype != torch.bfloat16:
+        return f"torch._grouped_mm is host-sync-free in bfloat16 only; the model is {param.dtype}"
+    for _, layer in model.moe_layers():
+        reason = _layer_blocker(layer, param)
+        if reason:
+            return reason
+    return None
+
+
+def _layer_blocker(layer, param: torch.Tensor) -> str | None:
+    if hasattr(layer, "experts_module"):                         # a transformers family (nectar.hf)
+        from nectar.hf.drop import experts_implementation
+
+        impl = experts_implementation(layer.experts_module)
+        if impl not in GROUPED_EXPERTS:
+            return (f"the {impl!r} experts implementation has data-dependent shapes (one_hot, nonzero, a loop "
+                    f"over the experts hit); use grouped_mm")
+        return None
+    from nectar.moe.dispatch import dispatch_path
+
+    probe = torch.empty(1, layer.d_model, device=param.device, dtype=param.dtype)
+    if dispatch_path(probe, layer.experts, True) != "grouped":
+        return "MoE-DistilGPT2's grouped dispatch cannot run these experts here; the loop dispatch reads counts"
+    return None
+
+
+def routing_signature(model) -> tuple:
+    """What a captured graph bakes in about routing: each MoE layer's router object, and whether its
+    price is ∞ (no priced slots: another computation). A price's finite value is device data."""
+    return tuple((id(layer.router), getattr(layer.router, "price", 0.0) == math.inf)
+                 for _, layer in model.moe_layers())
+
+
+@dataclass
+class GraphStats:
+    """How an engine's decode steps ran (the per-policy figures of the serving report)."""
+
+    graphs: bool                     # decode steps replay CUDA graphs
+    capture_s: float = 0.0           # wall seconds spent capturing (warm-ups included), outside every window
+    graphs_captured: int = 0
+    graph_steps: int = 0             # decode steps replayed
+    eager_fallbacks: int = 0         # decode steps run eagerly although graphs were on (routers changed, no graph)
+    shadow_eager_steps: int = 0      # read-only shadow forwards (quality checks): eager by design
+    bucket_tokens: int = BUCKET_TOKENS
+
+
+class StaticInputs:
+    """Device buffers of a decode step's inputs for up to `rows_max` rows, one flat [3·rows_max] long
+    tensor (ids, positions, targets of R rows: its first 3R entries), and a pinned staging copy."""
+
+    def __init__(self, rows_max: int, device: torch.device):
+        on_cuda = device.type == "cuda"
+        self.device_X = torch.zeros(3 * rows_max, dtype=torch.long, device=device)
+        self.host_X = torch.zeros(3 * rows_max, dtype=torch.long, pin_memory=on_cuda)
+        self.copied = torch.cuda.Event() if on_cuda else None
+
+    def views(self, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [R], positions [R], targets [R]): views of the device buffer."""
+        return self.device_X[:rows], self.device_X[rows:2 * rows], self.device_X[2 * rows:3 * rows]
+
+    def load(self, tokens: list[int], positions: list[int], targets: list[int]) -> None:
+        """Host lists → staging → device (one non-blocking copy, ordered before the next replay)."""
+        rows = len(tokens)
+        if self.copied is not None:
+            self.copied.synchronize()                        # the previous copy has left the staging buffer
+        self.host_X[:3 * rows] = torch.tensor(tokens + positions + targets, dtype=torch.long)
+        self.device_X[:3 * rows].copy_(self.host_X[:3 * rows], non_blocking=True)
+        if self.copied is not None:
+            self.copied.record()
+
+
+@dataclass
+class StepOutputs:
+    """A static step's outputs: NLL [R] fp32, argmax [R] long, routing [L·E + L] long (counts, drops)."""
+
+    nll_R: torch.Tensor
+    argmax_R: torch.Tensor
+    routing_X: torch.Tensor
+
+
+class StaticDecodeStep:
+    """The decode step of R rows at visible bucket Vb on the static buffers: eager or captured."""
+
+    def __init__(self, engine: ServingEngine, inputs: StaticInputs, rows: int, bucket: int):
+        self.engine, self.inputs, self.rows, self.bucket = engine, inputs, rows, bucket
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.outputs: StepOutputs | None = None
+
+    def compute(self) -> StepOutputs:
+        """The forward, NLL, argmax and routing counts from the buffers (what a graph captures)."""
+        engine, model = self.engine, self.engine.model
+        ids_R, positions_R, targets_R = self.inputs.views(self.rows)
+        position_ids, mask = engine.cache.for_decode(positions_R, self.bucket)   # [R, 1], [R, 1, 1, Vb]
+        recorder = model.new_recorder(max_sample_tokens=0)
+        with model.recording(recorder):
+            out = model(input_ids=ids_R[:, None], position_ids=position_ids, attention_mask=mask, use_cache=True,
+                        logits_to_keep=1, **{engine._cache_kw: engine.cache})
+        logits_RV = out.logits[:, -1]
+        nll_R = -torch.log_softmax(logits_RV.float(), dim=-1).gather(-1, targets_R[:, None])[:, 0]
+        records = recorder.records
+        routing_X = torch.cat([torch.stack([r.counts_E for r in records]).reshape(-1),
+                               torch.stack([r.dropped for r in records]).reshape(-1).long()])
+        return StepOutputs(nll_R, logits_RV.argmax(-1), routing_X)
+
+    def capture(self, pool, stream: torch.cuda.Stream, warm_up: bool) -> None:
+        """Record the step into a CUDA graph (after one eager run on the capture stream when `warm_up`:
+        lazy initialisations, probes and cached weights must happen outside the graph)."""
+        if warm_up:
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                self.compute()
+            torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+            self.outputs = self.compute()
+        self.graph = graph
+
+    def run(self) -> StepOutputs:
+        if self.graph is None:
+            return self.compute()
+        self.graph.replay()
+        return self.outputs
+
+
+class GraphedServingEngine(ServingEngine):
+    """`ServingEngine` whose decode steps replay CUDA graphs (mode "graph") or run the same static
+    step eagerly (mode "static"); prefill and read-only shadow forwards are the eager engine's."""
+
+    def __init__(self, model, slots: int, max_tokens: int, policy: str = "", mode: str = "graph",
+                 bucket_tokens: int = BUCKET_TOKENS):
+        super().__init__(model, slots, max_tokens, policy)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        self.mode, self.buckets = mode, length_buckets(max_tokens, bucket_tokens)
+        self.inputs = StaticInputs(slots, self.device)
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
+        self.stats = GraphStats(graphs=mode == "graph", bucket_tokens=bucket_tokens)
+        self._warm_rows: set[int] = set()
+        self._signature: tuple | None = None
+        if mode == "graph":
+            self._start_graphs()
+
+    def _start_graphs(self) -> None:
+        for _, layer in self.model.moe_layers():
+            if hasattr(layer, "grouped"):
+                layer.grouped = True                         # MoE-DistilGPT2: the sync-free dispatch
+        reason = capture_blocker(self.model)
+        if reason:
+            raise ValueError(f"cannot capture the decode step: {reason}")
+        self.pool = torch.cuda.graph_pool_handle()
+        self.stream = torch.cuda.Stream(self.device)
+
+    # ------------------------------------------------------------------ capture
+    def capture_all(self) -> float:
+        """Capture every (rows, bucket) this engine can meet; wall seconds (added to capture_s). The
+        warm-ups write keys at position 0 of the slots: call it before any request is prefilled."""
+        return self._timed(lambda: [self._capture(rows, bucket) for rows in range(1, self.cache.slots + 1)
+                                    for bucket in self.buckets])
+
+    def prepare_decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> float:
+        """Capture the step's graph if it is missing (before its telemetry window: a warm-up runs the
+        step itself, which writes what the replay writes again); wall seconds spent."""
+        key = (len(tokens), bucket_of(max(positions) + 1, self.buckets))
+        if self.mode != "graph" or key in self.steps or not self._routers_captured():
+            return 0.0
+        self.inputs.load(tokens, positions, targets)
+        return self._timed(lambda: self._capture(*key))
+
+    def _timed(self, work) -> float:
+        torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        with torch.no_grad():
+            work()
+        torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        self.stats.capture_s += seconds
+        return seconds
+
+    def _capture(self, rows: int, bucket: int) -> None:
+        if (rows, bucket) in self.steps:
+            return
+        if self._signature is None:
+            self._signature = routing_signature(self.model)
+        step = StaticDecodeStep(self, self.inputs, rows, bucket)
+        try:
+            step.capture(self.pool, self.stream, warm_up=rows not in self._warm_rows)
+        except RuntimeError as exc:
+            raise RuntimeError(f"capturing the decode step of {rows} rows at {bucket} positions failed "
+                               f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                               "--cuda-graphs off serves on the eager path") from exc
+        self._warm_rows.add(rows)
+        self.steps[(rows, bucket)] = step
+        self.stats.graphs_captured += 1
+
+    def _routers_captured(self) -> bool:
+        return self._signature is None or self._signature == routing_signature(self.model)
+
+    # ------------------------------------------------------------------ decode
+    def decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> StepResult:
+        """One decode step (see `ServingEngine.decode`): a replay, or the static step eagerly."""
+        if self.cache.read_only:
+            self.stats.shadow_eager_steps += 1
+            return super().decode(tokens, positions, targets)
+        step = self._step(len(tokens), bucket_of(max(positions) + 1, self.buckets))
+        if step is None:
+            self.stats.eager_fallbacks += 1
+            return super().decode(tokens, positions, targets)
+        self.inputs.load(tokens, positions, targets)
+        with torch.no_grad():
+            out = step.run()
+            nll_R, argmax_R = out.nll_R.clone(), out.argmax_R.clone()      # the next replay rewrites them
+        self.stats.graph_steps += step.graph is not None
+        return StepResult(nll_R, argmax_R, self._routing_workload(out.routing_X.tolist(), positions))
+
+    def _step(self, rows: int, bucket: int) -> StaticDecodeStep | None:
+        if self.mode == "static":
+            return self.steps.setdefault((rows, bucket), StaticDecodeStep(self, self.inputs, rows, bucket))
+        return self.steps.get((rows, bucket)) if self._routers_captured() else None
+
+    def _routing_workload(self, routing: list[int], positions: list[int]):
+        """The step's workload from the routing vector [Σ E_l counts, then L drops]."""
+        counts, start = [], 0
+        for _, layer in self.model.moe_layers():
+            counts.append(routing[start:start + layer.num_experts])
+            start += layer.num_experts
+        return self.decode_workload(counts, routing[start:], positions)
+
+    def graph_summary(self) -> dict:
+        return asdict(self.stats)
