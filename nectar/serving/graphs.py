@@ -222,7 +222,6 @@ class GraphedServingEngine(ServingEngine):
         self.inputs = StaticInputs(slots, self.device)
         self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
         self.stats = GraphStats(graphs=mode == "graph", bucket_tokens=bucket_tokens)
-        self._warm_rows: set[int] = set()
         self._signature: tuple | None = None
         if mode == "graph":
             self._start_graphs()
@@ -270,12 +269,11 @@ class GraphedServingEngine(ServingEngine):
             self._signature = routing_signature(self.model)
         step = StaticDecodeStep(self, self.inputs, rows, bucket)
         try:
-            step.capture(self.pool, self.stream, warm_up=rows not in self._warm_rows)
+            step.capture(self.pool, self.stream, warm_up=True)   # every shape: its first kernels run outside the graph
         except RuntimeError as exc:
             raise RuntimeError(f"capturing the decode step of {rows} rows at {bucket} positions failed "
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                "--cuda-graphs off serves on the eager path") from exc
-        self._warm_rows.add(rows)
         self.steps[(rows, bucket)] = step
         self.stats.graphs_captured += 1
 

@@ -185,6 +185,9 @@ def test_shadow_checks_and_swapped_routers_run_eagerly(models, family):
 
 @pytest.mark.parametrize("family,policy", [("gpt2", "nectar"), ("olmoe", "nectar"), ("olmoe", "batch-aware:4")])
 def test_the_serving_loop_on_graphs_serves_what_the_eager_loop_serves(models, family, policy):
+    # the simulator's clock makes both runs see the same batches; a GPU host without simpy (the lent
+    # machines have none: carry its wheel) skips this one
+    pytest.importorskip("simpy", reason="needs the simulator (simpy) for a deterministic clock")
     model = models[family]
     stream = torch.randint(0, model.config.vocab_size, (4000,), generator=torch.Generator().manual_seed(0))
     baseline = f"static-top{model_top_k(model, model.moe_layers()[0][1])}"
