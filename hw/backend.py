@@ -16,13 +16,14 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from hw.cotenant import CoTenant
 from hw.energy_meter import EnergyMeter, Measurement
 from hw.info import device_info
 from hw.nvml_api import NvmlApi
 from hw.sampler import SensorSampler
+from nectar.telemetry.energy import CounterSpan
 from nectar.telemetry.window import TelemetryWindow
 from nectar.telemetry.workload import ChunkWorkload
 
@@ -131,6 +132,17 @@ class NvmlBackend:
                 compute()
         self.last_measurement = handle.measurement
         return measurement_to_window(handle.measurement)
+
+    @contextmanager
+    def step_windows(self) -> Iterator[CounterSpan]:
+        """Windows of a few milliseconds (serving steps): inside the block their edges read instant
+        power alone (the counter costs ~3 ms a read); the counter is read once at each end, into the
+        yielded span (`nectar.telemetry.energy.step_windows`)."""
+        span = CounterSpan()
+        span.t_start_s, span.energy_mJ_start = self.meter.read_counter()
+        with self.meter.light_edges():
+            yield span
+        span.t_end_s, span.energy_mJ_end = self.meter.read_counter()
 
     def lock_clock(self, clock_MHz: float | None) -> None:
         """Refused, always: the lent GPUs' clocks must not be changed (no NVML set function is

@@ -7,6 +7,10 @@ that cross-checks the counter. When the counter cannot be trusted (reset, NaN, n
 stale) the integrated power becomes the estimate and the window says so in `flags`
 ("energy_from_power"); a window shorter than one counter update is flagged "short_window" and
 keeps both numbers, the counter's and the integrated one (`power_energy_J`).
+
+Inside `light_edges()` (windows of a few milliseconds: serving steps) an edge reads instant power
+alone — no counter (~3 ms a query), no slow sensors: such a window's energy is its integrated
+power, and whoever opened the block reads the counter around it (`counter_span`).
 """
 
 from __future__ import annotations
@@ -93,23 +97,44 @@ class EnergyMeter:
         self.max_power_W = max_power_W
         self.counter_bits = counter_bits
         self._open: dict[str, _OpenWindow] = {}
+        self._light = False
 
     # ------------------------------------------------------------------ API
+    @contextmanager
+    def light_edges(self) -> Iterator[None]:
+        """Window edges inside the block read instant power only (see the module docstring)."""
+        before, self._light = self._light, True
+        try:
+            yield
+        finally:
+            self._light = before
+
+    def read_counter(self) -> tuple[float, float | None]:
+        """(time, energy counter mJ) after synchronising the device: one end of a counter span."""
+        self.sync()
+        return self.clock(), self.nvml.total_energy_mJ()
+
+    def _edge(self) -> tuple[float, float | None, SensorSample]:
+        """(time, counter or None, sample) of a window edge, in the edge mode in force."""
+        t_s = self.clock()
+        energy_mJ = None if self._light else self.nvml.total_energy_mJ()
+        return t_s, energy_mJ, read_sample(self.nvml, self.clock, slow_fields=not self._light)
+
     def begin_window(self, name: str) -> None:
         if name in self._open:
             raise ValueError(f"energy window {name!r} is already open; end it first or pick another name")
         self.sync()
-        t_start_s = self.clock()
-        energy_mJ = self.nvml.total_energy_mJ()
-        edge = read_sample(self.nvml, self.clock)
+        t_start_s, energy_mJ, edge = self._edge()
         self._open[name] = _OpenWindow(t_start_s, energy_mJ, edge, self._sampler_errors())
 
     def end_window(self, name: str) -> Measurement:
         opened = self._pop(name)
         self.sync()
-        edge = read_sample(self.nvml, self.clock)
-        t_end_s = self.clock()
-        energy_mJ = self.nvml.total_energy_mJ()
+        if self._light:
+            t_end_s, energy_mJ, edge = self._edge()
+        else:                                   # the sample first, the counter last (as it always was)
+            edge = read_sample(self.nvml, self.clock)
+            t_end_s, energy_mJ = self.clock(), self.nvml.total_energy_mJ()
         samples = [opened.edge_sample, edge]
         if self.sampler is not None:
             samples += self.sampler.samples_between(opened.t_start_s, t_end_s)

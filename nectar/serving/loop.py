@@ -8,7 +8,9 @@ included), counted from the first window, so the same loop serves both backends.
 Energy per step: a decode step is far shorter than one update of the GPU's energy counter, so
 each step's energy is the backend's best short-window estimate (integrated power,
 `window_energy_J`), and the steps of the run are then scaled together so that they add up to what
-the counter measured from the first window's start to the last one's end. Requests' tokens come from the held-out stream: prompt, then the
+the counter measured from the first window's start to the last one's end. On the NVML backend the
+whole run is one `step_windows` block: step edges read instant power alone (the counter costs ~3 ms
+a read, more than a captured decode step) and the counter is read once at each end of the run. Requests' tokens come from the held-out stream: prompt, then the
 reference continuation the decode steps are teacher-forced on (`nectar.serving.engine`).
 
 Before a decode step's window opens the engine may prepare it (`prepare_decode`: the captured path
@@ -26,7 +28,7 @@ from typing import Callable
 import torch
 
 from nectar.serving.engine import ServingEngine, StepResult
-from nectar.telemetry.energy import window_energy_J
+from nectar.telemetry.energy import CounterSpan, step_windows, window_energy_J
 from nectar.serving.metrics import StepRecord
 from nectar.serving.scheduler import RequestRecord, Scheduler
 from nectar.serving.traces import RequestSpec
@@ -101,6 +103,20 @@ class _Greedy:
 def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torch.Tensor, limits: ServeLimits,
           seed: int = 0, controller=None, progress: Callable[[int], None] | None = None) -> PolicyServing:
     """Serve `specs` with the routers installed in `engine.model`; one telemetry window per step."""
+    with step_windows(backend) as span:
+        run = _serve(engine, backend, specs, stream, limits, seed, controller, progress)
+    _match_counter(run.serving.steps, run.windows, span)
+    return run.serving
+
+
+@dataclass
+class _Served:
+    serving: PolicyServing
+    windows: list
+
+
+def _serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torch.Tensor, limits: ServeLimits,
+           seed: int, controller, progress: Callable[[int], None] | None) -> _Served:
     sched = Scheduler(limits.batch_max, limits.prefill_chunk_tokens, limits.max_context_tokens)
     sched.add(specs)
     tokens = request_tokens(stream, sched.requests(), seed)
@@ -156,18 +172,27 @@ def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torc
         if progress is not None:
             progress(sum(r.t_done_s is not None for r in sched.requests()))
     nll_R = torch.cat(nll).double().cpu() if nll else torch.zeros(0, dtype=torch.float64)
-    _match_counter(steps, windows)
-    return PolicyServing(engine.policy, steps, sched.requests(), float(nll_R.sum()), int(nll_R.numel()),
-                         greedy.by_request(), workloads, None if controller is None else controller.summary(),
-                         engine.graph_summary())
+    return _Served(PolicyServing(engine.policy, steps, sched.requests(), float(nll_R.sum()), int(nll_R.numel()),
+                                 greedy.by_request(), workloads, None if controller is None else controller.summary(),
+                                 engine.graph_summary()), windows)
 
 
-def _match_counter(steps: list[StepRecord], windows: list) -> None:
-    """Scale the steps' energies to the counter's reading over the whole run (when it has one)."""
+def _counted_J(windows: list, span: CounterSpan | None) -> float | None:
+    """The counter's energy over the run: the span read around it, else from the first window's
+    start to the last one's end (None when there is no counter)."""
+    if span is not None:
+        return span.energy_J()
     first, last = (windows[0], windows[-1]) if windows else (None, None)
     if first is None or first.energy_mJ_start is None or last.energy_mJ_end is None:
+        return None
+    return (last.energy_mJ_end - first.energy_mJ_start) / 1e3
+
+
+def _match_counter(steps: list[StepRecord], windows: list, span: CounterSpan | None = None) -> None:
+    """Scale the steps' energies to the counter's reading over the whole run (when it has one)."""
+    counted_J = _counted_J(windows, span)
+    if counted_J is None:
         return
-    counted_J = (last.energy_mJ_end - first.energy_mJ_start) / 1e3
     estimated_J = sum(s.energy_J for s in steps)
     if counted_J > 0 and estimated_J > 0:
         for step in steps:

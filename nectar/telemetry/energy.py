@@ -9,14 +9,17 @@ meter, the experiment's accounting and the reconciliation.
 - `counter_or_power_energy`: a window's measured energy as a reader reports it (the counter when
   it can be trusted, else integrated power);
 - `window_energy_J`: the energy a consumer of a finished window uses (accounting, cost model,
-  reconciliation), by one rule with named preferences.
+  reconciliation), by one rule with named preferences;
+- `step_windows` / `CounterSpan`: a block of windows of milliseconds whose edges skip the counter,
+  with the counter read once at each end of the block.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, ContextManager, Sequence
 
 if TYPE_CHECKING:  # pragma: no cover
     from nectar.telemetry.window import TelemetryWindow
@@ -122,3 +125,31 @@ def window_energy_J(window: "TelemetryWindow", prefer: str = "auto") -> float:
         if _usable(value):
             return float(value)
     return math.nan
+
+
+@dataclass
+class CounterSpan:
+    """The energy counter read around a block of short windows (`step_windows`): device synchronised
+    at both ends; None where the block has not ended or the backend has no counter."""
+
+    t_start_s: float | None = None
+    energy_mJ_start: float | None = None
+    t_end_s: float | None = None
+    energy_mJ_end: float | None = None
+
+    def energy_J(self) -> float | None:
+        """The counter's energy over the span (None when a reading is missing, reset or wrapped oddly)."""
+        if self.t_start_s is None or self.t_end_s is None:
+            return None
+        delta = counter_delta(self.energy_mJ_start, self.energy_mJ_end, max(self.t_end_s - self.t_start_s, 0.0))
+        return None if delta.energy_mJ is None else delta.energy_mJ / 1000.0
+
+
+def step_windows(backend) -> ContextManager[CounterSpan | None]:
+    """A block of windows of a few milliseconds each (serving steps), through the backend's optional
+    `step_windows`: the NVML backend's window edges then read instant power alone (the energy
+    counter costs ~3 ms a read) and it reads the counter once at each end of the block, into the
+    yielded CounterSpan; a backend without the capability (the simulator: its windows cost nothing)
+    yields None and measures as always."""
+    method = getattr(backend, "step_windows", None)
+    return nullcontext(None) if method is None else method()

@@ -76,8 +76,9 @@ class TelemetryBackend(Protocol):
     `torch_device`: where the model's forward must run for the telemetry to mean anything.
 
     Optional capabilities, outside the protocol: `cotenant(duty)` (a context manager that heats
-    the GPU) and `lock_clock(clock_MHz)` (cap the SM clock; None releases it), reached through
-    `lock_clock` below. The simulator locks its clock; the NVML backend refuses (the lent GPUs'
+    the GPU), `lock_clock(clock_MHz)` (cap the SM clock; None releases it) and `step_windows()`
+    (light edges for windows of milliseconds), reached through `lock_clock` below and
+    `nectar.telemetry.energy.step_windows`. The simulator locks its clock; the NVML backend refuses (the lent GPUs'
     clocks are never changed).
     """
 

@@ -10,6 +10,7 @@ import pytest
 from tests.hw.fake_nvml import FakeClock, FakeNvml
 from hw.backend import NvmlBackend
 from nectar.plugins import make_backend
+from nectar.telemetry.energy import step_windows
 from nectar.telemetry.window import TelemetryBackend
 from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
 from tests.tolerance import approx
@@ -160,3 +161,29 @@ def test_hw_run_refuses_clock_policies_before_any_work_on_nvml():
         refuse_unlockable_clocks(backend, ["static-top2", "nectar@clock:1300"])
     assert fake.log == calls
     backend.close()
+
+
+def test_step_windows_read_the_counter_only_at_the_ends_of_the_block():
+    """Inside `step_windows` a window's edges read instant power alone; the counter is read once at
+    each end of the block, and the span's energy is the counter's over it."""
+    clock, fake, backend, _ = fake_backend(power_W=200.0)
+    with step_windows(backend) as span:
+        fake.log.clear()
+        windows = [backend.run_chunk(lambda: clock.advance(0.002)) for _ in range(50)]   # 2 ms steps
+        inside = list(fake.log)
+        fake.set_power(400.0)
+        windows.append(backend.idle(0.2))                          # the block ends on a counter tick
+    assert "counter" not in inside and set(inside) == {"power"} and len(inside) == 2 * 50
+    assert all(w.energy_mJ_start is None and "short_window" in w.flags for w in windows[:50])
+    assert [w.energy_J for w in windows[:50]] == [approx(0.4, n=WINDOW_N)] * 50   # integrated power
+    assert span.energy_J() == pytest.approx(fake.true_energy_J(0.0, 0.3), abs=2e-3) == pytest.approx(100.0, abs=2e-3)
+    assert span.t_start_s == 0.0 and span.t_end_s == approx(0.3, n=WINDOW_N)
+    full = backend.run_chunk(lambda: clock.advance(1.0))             # after the block: full edges again
+    assert full.energy_mJ_start is not None and full.gpu_temp_C == 40.0
+
+
+def test_a_backend_without_step_windows_yields_no_span():
+    class Plain:
+        pass
+    with step_windows(Plain()) as span:
+        assert span is None

@@ -98,3 +98,23 @@ def test_repeats_give_one_margin_per_seed_and_an_interval(tiny_model_dir, tmp_pa
     report = json.loads((out / "frontier.json").read_text())
     assert report["repeats"] == 2 and len(report["nectar_margin_per_repeat"]) == 2
     assert "nectar_margin_ci95" in report
+
+
+def test_on_the_nvml_backend_a_run_reads_the_counter_twice_and_its_steps_add_up_to_it(model, stream):
+    """Step windows are light (instant power at the edges: the counter costs ~3 ms a read); the
+    counter is read at the start and end of the run, and the steps are scaled to what it measured."""
+    from hw.backend import NvmlBackend
+    from tests.hw.fake_nvml import FakeClock, FakeNvml
+
+    clock = FakeClock()
+    fake = FakeNvml(clock, 250.0, counter_period_s=1e-3)
+    backend = NvmlBackend(sample_period_s=None, sync=lambda: clock.advance(1e-3), nvml=fake, clock=clock,
+                          sleep=clock.advance)
+    cfg = ServingConfig(TRACE, LIMITS, policies=("static-top2",))
+    run = serve_policy(model, backend, "static-top2", cfg, stream)
+    assert fake.log.count("counter") == 2
+    assert "gpu_temp" not in fake.log                                   # no slow sensors at step edges
+    busy = [s for s in run.steps if s.phase != "idle"]
+    assert busy and all(s.energy_J > 0 for s in busy)
+    counted_J = fake.true_energy_J(0.0, clock())
+    assert sum(s.energy_J for s in run.steps) == pytest.approx(counted_J, rel=0.02)
