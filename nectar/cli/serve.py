@@ -211,10 +211,12 @@ def decode_line(policies: list[dict]) -> str:
     if not all(p.get("graphs") for p in policies):
         note = next((p["graphs_note"] for p in policies if p.get("graphs_note")), None)
         return "decode steps: eager" + (f" ({note})" if note else "")
-    return (f"decode steps: CUDA graphs, {sum(p['graphs_captured'] for p in policies)} captured in "
+    captured = sum(p["graphs_captured"] + p.get("shadow_graphs_captured", 0) for p in policies)
+    return (f"decode steps: CUDA graphs, {captured} captured in "
             f"{sum(p['capture_s'] for p in policies):.1f} s (before each policy's run), "
-            f"{sum(p['eager_fallbacks'] for p in policies)} eager fallbacks, "
-            f"{sum(p['shadow_eager_steps'] for p in policies)} eager shadow checks")
+            f"{sum(p['eager_fallbacks'] for p in policies)} eager fallbacks, shadow checks "
+            f"{sum(p.get('shadow_graph_steps', 0) for p in policies)} replayed / "
+            f"{sum(p['shadow_eager_steps'] for p in policies)} eager")
 
 
 @cli_errors("serve")

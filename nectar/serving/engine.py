@@ -15,7 +15,8 @@ simulator prices: attention pairs, KV positions read, logit rows).
 
 This is the eager path (every step launches the model's kernels from Python). The captured decode
 step, a CUDA graph per batch size and visible-length bucket, is `nectar.serving.graphs`
-(`GraphedServingEngine`, a subclass: prefill and read-only shadow forwards stay here).
+(`GraphedServingEngine`, a subclass: prefill chunks stay here, and read-only shadow forwards
+where it has no shadow graph for them).
 """
 
 from __future__ import annotations

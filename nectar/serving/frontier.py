@@ -5,7 +5,8 @@ per request, TTFT/TPOT percentiles, prefill and decode energy apart), the teache
 of the reference continuations under its routing, the agreement of its greedy tokens with the
 baseline's (static top-k of the model's trained k), and, from the decode steps' workloads, the
 bytes a decode step must read and the achieved fraction of the GPU's memory bandwidth, and how its
-decode steps ran (`graphs`: replayed CUDA graphs, `capture_s`, `eager_fallbacks`; `nectar.serving.graphs`).
+decode steps ran (`graphs`: replayed CUDA graphs, `capture_s`, `eager_fallbacks`, and for NECTAR its
+shadow checks: `shadow_graph_steps` replayed, `shadow_eager_steps` eager; `nectar.serving.graphs`).
 
 Savings and perplexity increases are against the baseline on the same trace, and the hull is
 `nectar.experiment.frontier.frontier_report`'s over the non-adaptive policies. The energy per token
@@ -76,17 +77,18 @@ def serve_policy(model, backend, policy: str, cfg: ServingConfig, stream: torch.
     if is_adaptive(policy):
         controller = ServingController(routers, routers_for(model, cfg.baseline),
                                        replace(cfg.controller, quality_bound=cfg.quality_bound))
-    engine = make_engine(model, cfg, policy)
+    engine = make_engine(model, cfg, policy, shadow_routers=None if controller is None else controller.static)
     return serve(engine, backend, make_trace(cfg.trace), stream, cfg.limits, cfg.seed, controller, progress)
 
 
-def make_engine(model, cfg: ServingConfig, policy: str) -> ServingEngine:
+def make_engine(model, cfg: ServingConfig, policy: str, shadow_routers: list | None = None) -> ServingEngine:
     """The eager engine, or the captured one with every (rows, bucket) graph captured now, with the
-    policy's routers installed and before any request: outside every telemetry window."""
+    policy's routers installed and before any request: outside every telemetry window. With
+    `shadow_routers` (the controller's static routers) the shadow checks get their own graph set."""
     if cfg.decode_path == "eager":
         return ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
     engine = GraphedServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy,
-                                  mode=cfg.decode_path)
+                                  mode=cfg.decode_path, shadow_routers=shadow_routers)
     if cfg.decode_path == "graph":
         engine.capture_all()
     return engine
@@ -135,14 +137,14 @@ def policy_summary(run: PolicyServing, base: PolicyServing, cfg: ServingConfig) 
             "controller": run.controller, **graph_fields(run, cfg)}
 
 
-GRAPH_FIELDS = ("graphs", "capture_s", "eager_fallbacks", "graph_steps", "shadow_eager_steps", "graphs_captured",
-                "graphs_note")
+GRAPH_FIELDS = ("graphs", "capture_s", "eager_fallbacks", "graph_steps", "shadow_graph_steps", "shadow_eager_steps",
+                "graphs_captured", "shadow_graphs_captured", "graphs_note")
 
 
 def graph_fields(run: PolicyServing, cfg: ServingConfig) -> dict:
     """How the policy's decode steps ran (eager engines: graphs False, nothing captured)."""
-    fields = {"graphs": False, "capture_s": 0.0, "eager_fallbacks": 0, "graph_steps": 0, "shadow_eager_steps": 0,
-              "graphs_captured": 0, **run.graphs}
+    fields = {"graphs": False, "capture_s": 0.0, "eager_fallbacks": 0, "graph_steps": 0, "shadow_graph_steps": 0,
+              "shadow_eager_steps": 0, "graphs_captured": 0, "shadow_graphs_captured": 0, **run.graphs}
     return {**{k: fields[k] for k in GRAPH_FIELDS[:-1]}, "graphs_note": cfg.graphs_note}
 
 

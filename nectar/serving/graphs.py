@@ -29,8 +29,14 @@ captured later (`prepare_decode`, before the step's telemetry window opens) adds
 What the controller changes at run time:
 - NECTAR's price λ is a 0-d device tensor the batch routers read
   (`nectar.serving.batch_routers.DevicePrice`): a replay uses the price in force;
-- a shadow forward (the quality check: static routers on a read-only cache) runs eagerly by
-  design (`shadow_eager_steps`);
+- a shadow forward (the quality check: the controller's static routers on a read-only cache)
+  replays a graph of the *shadow set*: an engine given `shadow_routers` captures, in `capture_all`,
+  the same (R, Vb) grid a second time with those routers installed and the cache read-only (each
+  layer's attention gets a copy of the visible rows with the new keys written into it; the real
+  cache buffers are only read). The graph sets are keyed by (routing signature, read-only): a
+  read-only step replays only when the installed routers are exactly the engine's shadow routers
+  (the same objects, held by the engine) (`shadow_graph_steps`); any other read-only step runs
+  eagerly and is counted (`shadow_eager_steps`);
 - any other decode step whose installed routers are not the captured ones (another router
   object, or a price switched to or from ∞), or whose graph was never captured, runs eagerly and
   is counted (`eager_fallbacks`). Prefill chunks are always eager (one request, variable length).
@@ -44,18 +50,20 @@ grouped GEMM over the sorted rows: each touched expert's weights read once) or `
 (capturable, but it gathers weights per token-slot). The `eager` experts implementation
 (one_hot, nonzero and a loop over the experts hit) has data-dependent shapes: not capturable.
 
-Mode "static" runs the same step on the same buffers eagerly (no capture; any device): the tests
-compare it with `ServingEngine.decode` on the CPU.
+Mode "static" runs the same step on the same buffers eagerly (no capture; any device), shadow steps
+under the same router check: the tests compare it with `ServingEngine.decode` on the CPU.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 
+from nectar.experiment.forward import install
 from nectar.serving.engine import ServingEngine, StepResult
 
 BUCKET_TOKENS = 64
@@ -114,8 +122,12 @@ def _layer_blocker(layer, param: torch.Tensor) -> str | None:
 def routing_signature(model) -> tuple:
     """What a captured graph bakes in about routing: each MoE layer's router object, and whether its
     price is ∞ (no priced slots: another computation). A price's finite value is device data."""
-    return tuple((id(layer.router), getattr(layer.router, "price", 0.0) == math.inf)
-                 for _, layer in model.moe_layers())
+    return routers_signature([layer.router for _, layer in model.moe_layers()])
+
+
+def routers_signature(routers: list) -> tuple:
+    """`routing_signature` of a model whose MoE layers hold `routers` (in layer order)."""
+    return tuple((id(router), getattr(router, "price", 0.0) == math.inf) for router in routers)
 
 
 @dataclass
@@ -123,11 +135,13 @@ class GraphStats:
     """How an engine's decode steps ran (the per-policy figures of the serving report)."""
 
     graphs: bool                     # decode steps replay CUDA graphs
-    capture_s: float = 0.0           # wall seconds spent capturing (warm-ups included), outside every window
-    graphs_captured: int = 0
+    capture_s: float = 0.0           # wall seconds spent capturing (warm-ups included, both sets), outside every window
+    graphs_captured: int = 0         # the policy's set
     graph_steps: int = 0             # decode steps replayed
     eager_fallbacks: int = 0         # decode steps run eagerly although graphs were on (routers changed, no graph)
-    shadow_eager_steps: int = 0      # read-only shadow forwards (quality checks): eager by design
+    shadow_graphs_captured: int = 0  # the shadow set (static routers, read-only cache)
+    shadow_graph_steps: int = 0      # read-only shadow forwards (quality checks) replayed
+    shadow_eager_steps: int = 0      # read-only shadow forwards run eagerly (not the shadow routers, no graph)
     bucket_tokens: int = BUCKET_TOKENS
 
 
@@ -211,18 +225,26 @@ class StaticDecodeStep:
 
 class GraphedServingEngine(ServingEngine):
     """`ServingEngine` whose decode steps replay CUDA graphs (mode "graph") or run the same static
-    step eagerly (mode "static"); prefill and read-only shadow forwards are the eager engine's."""
+    step eagerly (mode "static"); prefill chunks are the eager engine's. With `shadow_routers` (one
+    per MoE layer: the controller's static routers) read-only shadow forwards have their own graph
+    set; without, they run eagerly."""
 
     def __init__(self, model, slots: int, max_tokens: int, policy: str = "", mode: str = "graph",
-                 bucket_tokens: int = BUCKET_TOKENS):
+                 bucket_tokens: int = BUCKET_TOKENS, shadow_routers: list | None = None):
         super().__init__(model, slots, max_tokens, policy)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if shadow_routers is not None and len(shadow_routers) != len(model.moe_layers()):
+            raise ValueError(f"{len(shadow_routers)} shadow routers for {len(model.moe_layers())} MoE layers")
         self.mode, self.buckets = mode, length_buckets(max_tokens, bucket_tokens)
         self.inputs = StaticInputs(slots, self.device)
-        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}
+        self.steps: dict[tuple[int, int], StaticDecodeStep] = {}          # the policy's set
+        self.shadow_steps: dict[tuple[int, int], StaticDecodeStep] = {}   # the shadow set (read-only cache)
         self.stats = GraphStats(graphs=mode == "graph", bucket_tokens=bucket_tokens)
         self._signature: tuple | None = None
+        self._captured_routers: list = []        # held, so that the signature's ids stay theirs
+        self.shadow_routers = None if shadow_routers is None else list(shadow_routers)
+        self._shadow_signature = None if shadow_routers is None else routers_signature(self.shadow_routers)
         if mode == "graph":
             self._start_graphs()
 
@@ -238,14 +260,40 @@ class GraphedServingEngine(ServingEngine):
 
     # ------------------------------------------------------------------ capture
     def capture_all(self) -> float:
-        """Capture every (rows, bucket) this engine can meet; wall seconds (added to capture_s). The
-        warm-ups write keys at position 0 of the slots: call it before any request is prefilled."""
-        return self._timed(lambda: [self._capture(rows, bucket) for rows in range(1, self.cache.slots + 1)
-                                    for bucket in self.buckets])
+        """Capture every (rows, bucket) this engine can meet, then the same grid for the shadow (with
+        `shadow_routers`); wall seconds (added to capture_s). The policy's warm-ups write keys at
+        position 0 of the slots (the shadow's write nothing): call it before any request is prefilled."""
+        grid = [(rows, bucket) for rows in range(1, self.cache.slots + 1) for bucket in self.buckets]
+
+        def work():
+            for key in grid:
+                self._capture(*key)
+            if self.shadow_routers is not None:
+                with self.shadow():
+                    for key in grid:
+                        self._capture(*key, shadow=True)
+        return self._timed(work)
+
+    @contextmanager
+    def shadow(self):
+        """The shadow routers installed and the cache read-only (what `ServingController.wrap_decode`
+        sets up for a check); the routers and mode in force before are restored after."""
+        if self.shadow_routers is None:
+            raise ValueError("this engine has no shadow routers")
+        before = [layer.router for _, layer in self.model.moe_layers()]
+        read_only = self.cache.read_only
+        install(self.model, self.shadow_routers)
+        self.cache.read_only = True
+        try:
+            yield
+        finally:
+            self.cache.read_only = read_only
+            install(self.model, before)
 
     def prepare_decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> float:
         """Capture the step's graph if it is missing (before its telemetry window: a warm-up runs the
-        step itself, which writes what the replay writes again); wall seconds spent."""
+        step itself, which writes what the replay writes again); wall seconds spent. The shadow set
+        is captured by `capture_all` only."""
         key = (len(tokens), bucket_of(max(positions) + 1, self.buckets))
         if self.mode != "graph" or key in self.steps or not self._routers_captured():
             return 0.0
@@ -262,45 +310,72 @@ class GraphedServingEngine(ServingEngine):
         self.stats.capture_s += seconds
         return seconds
 
-    def _capture(self, rows: int, bucket: int) -> None:
-        if (rows, bucket) in self.steps:
+    def _capture(self, rows: int, bucket: int, shadow: bool = False) -> None:
+        steps = self.shadow_steps if shadow else self.steps
+        if (rows, bucket) in steps:
             return
-        if self._signature is None:
+        if shadow:
+            if not (self.cache.read_only and self._shadow_installed()):
+                raise RuntimeError("the shadow set is captured with the shadow routers on a read-only cache")
+        elif self._signature is None:
             self._signature = routing_signature(self.model)
+            self._captured_routers = [layer.router for _, layer in self.model.moe_layers()]
         step = StaticDecodeStep(self, self.inputs, rows, bucket)
         try:
             step.capture(self.pool, self.stream, warm_up=True)   # every shape: its first kernels run outside the graph
         except RuntimeError as exc:
-            raise RuntimeError(f"capturing the decode step of {rows} rows at {bucket} positions failed "
+            what = "shadow step (static routers, read-only cache)" if shadow else "decode step"
+            raise RuntimeError(f"capturing the {what} of {rows} rows at {bucket} positions failed "
                                f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
                                "--cuda-graphs off serves on the eager path") from exc
-        self.steps[(rows, bucket)] = step
-        self.stats.graphs_captured += 1
+        steps[(rows, bucket)] = step
+        if shadow:
+            self.stats.shadow_graphs_captured += 1
+        else:
+            self.stats.graphs_captured += 1
 
     def _routers_captured(self) -> bool:
         return self._signature is None or self._signature == routing_signature(self.model)
 
+    def _shadow_installed(self) -> bool:
+        """The installed routers are exactly the shadow routers (the same objects, ∞ prices alike)."""
+        return self._shadow_signature is not None and self._shadow_signature == routing_signature(self.model)
+
     # ------------------------------------------------------------------ decode
     def decode(self, tokens: list[int], positions: list[int], targets: list[int]) -> StepResult:
-        """One decode step (see `ServingEngine.decode`): a replay, or the static step eagerly."""
-        if self.cache.read_only:
-            self.stats.shadow_eager_steps += 1
-            return super().decode(tokens, positions, targets)
-        step = self._step(len(tokens), bucket_of(max(positions) + 1, self.buckets))
+        """One decode step (see `ServingEngine.decode`): a replay, or the static step eagerly. On a
+        read-only cache (a shadow forward) the shadow set's, when the shadow routers are installed."""
+        shadow = self.cache.read_only
+        step = self._step(len(tokens), bucket_of(max(positions) + 1, self.buckets), shadow)
         if step is None:
-            self.stats.eager_fallbacks += 1
+            if shadow:
+                self.stats.shadow_eager_steps += 1
+            else:
+                self.stats.eager_fallbacks += 1
             return super().decode(tokens, positions, targets)
         self.inputs.load(tokens, positions, targets)
         with torch.no_grad():
             out = step.run()
             nll_R, argmax_R = out.nll_R.clone(), out.argmax_R.clone()      # the next replay rewrites them
-        self.stats.graph_steps += step.graph is not None
+        if shadow:
+            self.stats.shadow_graph_steps += step.graph is not None
+        else:
+            self.stats.graph_steps += step.graph is not None
         return StepResult(nll_R, argmax_R, self._routing_workload(out.routing_X.tolist(), positions))
 
-    def _step(self, rows: int, bucket: int) -> StaticDecodeStep | None:
+    def _step(self, rows: int, bucket: int, shadow: bool = False) -> StaticDecodeStep | None:
+        """The step of the graph set keyed by (the installed routers, read-only), or None (eager)."""
+        if shadow:
+            if not self._shadow_installed():
+                return None
+            steps = self.shadow_steps
+        else:
+            if self.mode == "graph" and not self._routers_captured():
+                return None
+            steps = self.steps
         if self.mode == "static":
-            return self.steps.setdefault((rows, bucket), StaticDecodeStep(self, self.inputs, rows, bucket))
-        return self.steps.get((rows, bucket)) if self._routers_captured() else None
+            return steps.setdefault((rows, bucket), StaticDecodeStep(self, self.inputs, rows, bucket))
+        return steps.get((rows, bucket))
 
     def _routing_workload(self, routing: list[int], positions: list[int]):
         """The step's workload from the routing vector [Σ E_l counts, then L drops]."""

@@ -2,8 +2,11 @@
 serving policy of a tiny MoE-DistilGPT2 (grouped dispatch) and a tiny OLMoE (grouped_mm experts),
 bf16: a replay equals the same static step run eagerly exactly (same kernels, same shapes) and the
 eager `ServingEngine.decode` within bf16 rounding (the bucket's masked keys change the attention's
-sums); NECTAR's price set after the capture reaches the replay; shadow checks and swapped routers
-run eagerly and are counted; the serving loop on captured steps serves what the eager loop serves.
+sums); NECTAR's price set after the capture reaches the replay; a replayed shadow check (the
+static routers on the read-only cache) equals the static shadow step exactly and the eager shadow
+within bf16 rounding and leaves the cache byte-identical; shadow checks without the engine's own
+shadow routers and swapped routers run eagerly and are counted; the serving loop on captured
+steps, shadow checks included, serves what the eager loop serves.
 A capture that met a host sync would have failed. Skipped without CUDA (sm90+ for grouped GEMMs)."""
 
 import pytest
@@ -69,12 +72,18 @@ def models():
     return {family: build() for family, build in BUILDERS.items()}
 
 
-def _engines(model, policy):
+def _engines(model, policy, shadow_routers=None):
     install(model, routers_for(model, policy))
-    graph = GraphedServingEngine(model, SLOTS, POSITIONS, policy, mode="graph", bucket_tokens=BUCKET)
+    graph = GraphedServingEngine(model, SLOTS, POSITIONS, policy, mode="graph", bucket_tokens=BUCKET,
+                                 shadow_routers=shadow_routers)
     graph.capture_all()                                          # before any prefill (the warm-ups write slot rows)
-    static = GraphedServingEngine(model, SLOTS, POSITIONS, policy, mode="static", bucket_tokens=BUCKET)
+    static = GraphedServingEngine(model, SLOTS, POSITIONS, policy, mode="static", bucket_tokens=BUCKET,
+                                  shadow_routers=shadow_routers)
     return graph, static, ServingEngine(model, SLOTS, POSITIONS, policy)
+
+
+def _static_routers(model) -> list:
+    return routers_for(model, f"static-top{model_top_k(model, model.moe_layers()[0][1])}")
 
 
 def _sequences(vocab: int, count: int = 4) -> list[torch.Tensor]:
@@ -89,8 +98,9 @@ def _prefill(engines, seq, n, slot):
             engine.prefill(slot, part, start, int(seq[start + len(part)]))
 
 
-def _script(engines, seqs, on_step):
-    """Decode steps with a join, a leave (slot move) and a long join; on_step(results, lengths) each step."""
+def _script(engines, seqs, on_step, before_step=None):
+    """Decode steps with a join, a leave (slot move) and a long join; on_step(results, lengths) each
+    step, before_step(feed, lengths, targets) before it."""
     rows, lengths = [0, 1], [13, 5]
     _prefill(engines, seqs[0], 13, 0)
     _prefill(engines, seqs[1], 5, 1)
@@ -107,6 +117,8 @@ def _script(engines, seqs, on_step):
             rows, lengths = rows + [3], lengths + [33]
         feed = [int(seqs[r][n]) for r, n in zip(rows, lengths)]
         targets = [int(seqs[r][n + 1]) for r, n in zip(rows, lengths)]
+        if before_step is not None:
+            before_step(feed, lengths, targets)
         on_step([engine.decode(feed, lengths, targets) for engine in engines], lengths)
         lengths = [n + 1 for n in lengths]
 
@@ -183,6 +195,71 @@ def test_shadow_checks_and_swapped_routers_run_eagerly(models, family):
     assert (stats["shadow_eager_steps"], stats["eager_fallbacks"], stats["graph_steps"]) == (1, 1, 1)
 
 
+def _cache_bytes(cache) -> list[torch.Tensor]:
+    return [buf.clone().view(torch.uint8) for buf in (*cache.keys, *cache.values)]
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_a_replayed_shadow_equals_the_eager_shadow_and_leaves_the_cache_untouched(models, family):
+    model = models[family]
+    static_routers = _static_routers(model)
+    graph, static, eager = _engines(model, "nectar", static_routers)
+    routers = [layer.router for _, layer in model.moe_layers()]
+    near, rows = [], []
+
+    def shadow(feed, lengths, targets):
+        before = _cache_bytes(graph.cache)
+        results = []
+        for engine in (graph, static):
+            with engine.shadow():
+                results.append(engine.decode(feed, lengths, targets))
+        torch.cuda.synchronize()
+        assert all(torch.equal(a, b) for a, b in zip(before, _cache_bytes(graph.cache)))   # nothing written
+        assert [layer.router for _, layer in model.moe_layers()] == routers and not graph.cache.read_only
+        install(model, static_routers)                               # the eager shadow, as the controller runs it
+        eager.cache.read_only = True
+        e = eager.decode(feed, lengths, targets)
+        eager.cache.read_only = False
+        install(model, routers)
+        g, s = results
+        assert torch.equal(g.nll_R, s.nll_R) and torch.equal(g.argmax_R, s.argmax_R) and _counts(g) == _counts(s)
+        near.extend(((g.nll_R - e.nll_R).abs() <= 0.05 * e.nll_R.abs().clamp_min(1.0)).tolist())
+        rows.extend((g.argmax_R == e.argmax_R).tolist())
+
+    def check(results, lengths):                                     # the step after the shadow: as without it
+        g, s, _ = results
+        assert torch.equal(g.nll_R, s.nll_R) and torch.equal(g.argmax_R, s.argmax_R) and _counts(g) == _counts(s)
+
+    _script((graph, static, eager), _sequences(model.config.vocab_size), check, before_step=shadow)
+    stats = graph.graph_summary()
+    assert (stats["shadow_graph_steps"], stats["shadow_eager_steps"]) == (12, 0)
+    assert (stats["graph_steps"], stats["eager_fallbacks"]) == (12, 0)
+    assert stats["graphs_captured"] == stats["shadow_graphs_captured"] == SLOTS * (POSITIONS // BUCKET)
+    assert sum(near) >= 0.9 * len(near) and sum(rows) >= 0.9 * len(rows)
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_a_shadow_replays_only_with_the_captured_static_routers(models, family):
+    model = models[family]
+    graph, _, _ = _engines(model, "nectar", _static_routers(model))
+    routers = [layer.router for _, layer in model.moe_layers()]
+    graph.prefill(0, [5, 6, 7], 0, 8)
+    before = _cache_bytes(graph.cache)
+    graph.cache.read_only = True
+    graph.decode([8], [3], [9])                                      # the policy's routers, read-only: eager
+    install(model, _static_routers(model))                           # equal static routers, other objects: eager
+    graph.decode([8], [3], [9])
+    graph.cache.read_only = False
+    with graph.shadow():
+        graph.decode([8], [3], [9])                                  # the captured ones: a replay
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, b) for a, b in zip(before, _cache_bytes(graph.cache)))
+    install(model, routers)
+    graph.decode([8], [3], [9])
+    stats = graph.graph_summary()
+    assert (stats["shadow_graph_steps"], stats["shadow_eager_steps"], stats["graph_steps"]) == (1, 2, 1)
+
+
 @pytest.mark.parametrize("family,policy", [("gpt2", "nectar"), ("olmoe", "nectar"), ("olmoe", "batch-aware:4")])
 def test_the_serving_loop_on_graphs_serves_what_the_eager_loop_serves(models, family, policy):
     # the simulator's clock makes both runs see the same batches; a GPU host without simpy (the lent
@@ -199,7 +276,10 @@ def test_the_serving_loop_on_graphs_serves_what_the_eager_loop_serves(models, fa
     decode_steps = sum(s.phase == "decode" for s in graph.steps)
     assert graph.graphs["graphs"] and graph.graphs["eager_fallbacks"] == 0
     assert graph.graphs["graph_steps"] == decode_steps
-    assert (graph.graphs["shadow_eager_steps"] > 0) == (policy == "nectar")
+    # every shadow check replays the shadow set: nothing eager in the run
+    assert graph.graphs["shadow_eager_steps"] == 0 and graph.graphs["eager_fallbacks"] == 0
+    assert (graph.graphs["shadow_graph_steps"] > 0) == (policy == "nectar")
+    assert (graph.graphs["shadow_graphs_captured"] > 0) == (policy == "nectar")
     assert graph.nll_tokens == eager.nll_tokens
     assert graph.nll_sum == pytest.approx(eager.nll_sum, rel=0.02)
     same = sum(a == b for rid, seq in eager.greedy.items() for a, b in zip(seq, graph.greedy[rid]))

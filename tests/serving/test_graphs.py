@@ -2,8 +2,11 @@
 input buffers, exact rows, the visible length rounded up to a bucket and masked) run eagerly gives
 the NLL, greedy tokens and routing counts of `ServingEngine.decode` over a sequence of steps with
 joins, leaves and slot moves (MoE-DistilGPT2 and OLMoE), and reads nothing back to the host inside
-its forward for any serving policy; NECTAR's price is device data; `nectar serve --cuda-graphs on`
-without CUDA stops with one line. The replayed graphs themselves: tests/serving/test_gpu_graphs.py."""
+its forward for any serving policy; NECTAR's price is device data; the shadow step (static routers,
+read-only cache) gives the eager shadow's NLL, leaves the cache byte-identical and runs only with
+the engine's own shadow routers; the serving loop with a controller on the static step serves what
+the eager loop serves; `nectar serve --cuda-graphs on` without CUDA stops with one line. The
+replayed graphs themselves: tests/serving/test_gpu_graphs.py."""
 
 import json
 import math
@@ -19,8 +22,9 @@ from nectar.hf.attach import attach
 from nectar.moe.dispatch import grouped_mm_usable
 from nectar.plugins import make_backend
 from nectar.serving.batch_routers import batch_keep
+from nectar.serving.controller import ServingControllerConfig
 from nectar.serving.engine import ServingEngine
-from nectar.serving.frontier import ServingConfig, routers_for, serve_policy
+from nectar.serving.frontier import ServingConfig, model_top_k, routers_for, serve_policy
 from nectar.serving.graphs import (GraphedServingEngine, StaticDecodeStep, bucket_of, length_buckets,
                                    routing_signature)
 from nectar.serving.policies import serving_router
@@ -160,16 +164,102 @@ def test_length_buckets():
         bucket_of(129, [64, 128])
 
 
+def _cache_bytes(cache) -> list[torch.Tensor]:
+    return [buf.clone().view(torch.uint8) for buf in (*cache.keys, *cache.values)]
+
+
+def _shadow_eager(engine, static_routers, feed, lengths, targets):
+    """What `ServingController.wrap_decode` runs on the eager engine for a check."""
+    before = [layer.router for _, layer in engine.model.moe_layers()]
+    install(engine.model, static_routers)
+    engine.cache.read_only = True
+    try:
+        return engine.decode(feed, lengths, targets)
+    finally:
+        engine.cache.read_only = False
+        install(engine.model, before)
+
+
+@pytest.mark.parametrize("build", [tiny_gpt2_moe, _olmoe])
+def test_the_shadow_step_is_the_eager_shadow_and_leaves_the_cache_as_it_was(build):
+    model = build()
+    routers = routers_for(model, "nectar")
+    static_routers = routers_for(model, f"static-top{model_top_k(model, model.moe_layers()[0][1])}")
+    install(model, routers)
+    seqs = [torch.randint(0, model.config.vocab_size, (60,), generator=torch.Generator().manual_seed(s))
+            for s in range(3)]
+    eager = ServingEngine(model, slots=4, max_tokens=64, policy="nectar")
+    static = GraphedServingEngine(model, slots=4, max_tokens=64, policy="nectar", mode="static", bucket_tokens=BUCKET,
+                                  shadow_routers=static_routers)
+    lengths = [13, 5, 20]
+    for engine in (eager, static):
+        _prefill(engine, seqs, lengths, [0, 1, 2])
+    for step in range(5):                                     # a check before every step, as on check steps
+        feed = [int(s[n]) for s, n in zip(seqs, lengths)]
+        targets = [int(s[n + 1]) for s, n in zip(seqs, lengths)]
+        before = _cache_bytes(static.cache)
+        with static.shadow():
+            got = static.decode(feed, lengths, targets)
+        assert all(torch.equal(a, b) for a, b in zip(before, _cache_bytes(static.cache)))
+        assert [layer.router for _, layer in model.moe_layers()] == routers and not static.cache.read_only
+        want = _shadow_eager(eager, static_routers, feed, lengths, targets)
+        assert torch.equal(got.argmax_R, want.argmax_R)
+        assert_close(got.nll_R, want.nll_R, n=2 * max(lengths) + BUCKET, dtype=torch.float32, scale=10)
+        assert [layer.tokens_per_expert for layer in got.workload.layers] == \
+            [layer.tokens_per_expert for layer in want.workload.layers]
+        _decode_both(eager, static, seqs, lengths)              # the step itself, on the untouched cache
+        lengths = [n + 1 for n in lengths]
+    stats = static.graph_summary()
+    assert (stats["shadow_eager_steps"], stats["shadow_graph_steps"], stats["eager_fallbacks"]) == (0, 0, 0)
+    assert set(static.shadow_steps) == {(3, 32)}                # the static step ran, not the eager engine
+
+
+def test_a_shadow_step_runs_only_with_the_engine_s_own_shadow_routers():
+    model = tiny_gpt2_moe()
+    routers, static_routers = routers_for(model, "nectar"), routers_for(model, "static-top2")
+    install(model, routers)
+    engine = GraphedServingEngine(model, slots=2, max_tokens=64, policy="nectar", mode="static", bucket_tokens=BUCKET,
+                                  shadow_routers=static_routers)
+    engine.prefill(0, [3, 4, 5], 0, 6)
+    engine.cache.read_only = True
+    engine.decode([6], [3], [7])                               # the policy's routers on a read-only cache
+    install(model, routers_for(model, "static-top2"))          # equal routers, other objects
+    engine.decode([6], [3], [7])
+    engine.cache.read_only = False
+    assert engine.graph_summary()["shadow_eager_steps"] == 2 and not engine.shadow_steps
+    with engine.shadow():
+        engine.decode([6], [3], [7])
+    assert engine.graph_summary()["shadow_eager_steps"] == 2 and set(engine.shadow_steps) == {(1, 16)}
+    install(model, routers)
+    with pytest.raises(RuntimeError, match="read-only cache"):
+        engine._capture(1, 16 * 2, shadow=True)                 # never captured outside the shadow's setting
+    plain = GraphedServingEngine(model, slots=2, max_tokens=64, policy="nectar", mode="static", bucket_tokens=BUCKET)
+    plain.prefill(0, [3, 4, 5], 0, 6)
+    plain.cache.read_only = True
+    plain.decode([6], [3], [7])                                # no shadow routers: eager, counted
+    assert plain.graph_summary()["shadow_eager_steps"] == 1
+    with pytest.raises(ValueError, match="shadow routers"):
+        GraphedServingEngine(model, slots=2, max_tokens=64, mode="static", shadow_routers=static_routers[:1])
+
+
 def test_the_serving_loop_on_the_static_step_serves_what_the_eager_engine_serves():
     model, stream = tiny_gpt2_moe(), torch.randint(0, 211, (4000,), generator=torch.Generator().manual_seed(0))
     runs = {}
     for path in ("eager", "static"):
-        cfg = ServingConfig(TRACE, LIMITS, policies=("static-top2", "nectar"), decode_path=path)
+        cfg = ServingConfig(TRACE, LIMITS, policies=("static-top2", "nectar"), decode_path=path,
+                            controller=ServingControllerConfig(window_steps=4, check_every=2))
         runs[path] = serve_policy(model, make_backend("sim", seed=0, price_as="none"), "nectar", cfg, stream)
     eager, static = runs["eager"], runs["static"]
     assert static.nll_tokens == eager.nll_tokens and static.greedy == eager.greedy
     assert static.nll_sum == pytest.approx(eager.nll_sum, rel=1e-5)
-    assert static.graphs["shadow_eager_steps"] > 0 and static.graphs["eager_fallbacks"] == 0
+    # every check ran the static shadow step (none fell back to the eager engine), and moved the price alike
+    assert static.graphs["shadow_eager_steps"] == 0 and static.graphs["eager_fallbacks"] == 0
+    history = [(w["step"], w["price"], w["dppl_checked"]) for w in eager.controller["windows"]]
+    assert len(history) >= 2 and [w["step"] for w in static.controller["windows"]] == [h[0] for h in history]
+    for window, (_, price, dppl) in zip(static.controller["windows"], history):
+        assert window["price"] == pytest.approx(price, rel=1e-5)
+        assert window["dppl_checked"] == pytest.approx(dppl, rel=1e-3, abs=1e-6)
+    assert static.controller["final_price"] == pytest.approx(eager.controller["final_price"], rel=1e-5)
     assert eager.graphs == {"graphs": False, "capture_s": 0.0, "eager_fallbacks": 0}
 
 
