@@ -14,6 +14,15 @@ computes its own (query, key) pairs and also reads the cached K/V positions and 
 ones to the cache; and the LM head runs on `logit_tokens` rows followed by a greedy argmax (one
 read of the logits) instead of the loss over every token.
 
+A decode step on a preset with the `decode_*` fields is a *captured* step (one CUDA graph replay,
+the experts one grouped GEMM over the sorted rows, as `nectar serve` runs it on an sm90 GPU): no
+kernel is launched from the host (launches cost nothing), every kernel reads at
+`decode_bandwidth_efficiency`, and each block adds one fixed `block_latency` of
+`decode_block_latency_s + rows · decode_row_latency_s` — the time of the block's many small
+kernels that its bytes do not explain (fitted on H100 decode steps:
+analysis/reconcile/decode_steps.py). The embedding and head phases add none. Without those fields
+a decode step is priced like any chunk.
+
 This module is the readable definition (lists of `Kernel` records); `sim.pricing` evaluates the
 same formulas vectorised over layers and experts. Experts with no tokens launch nothing and read
 no weights; the MoE formulas below take scalars or numpy arrays alike so both paths share them.
@@ -21,7 +30,7 @@ no weights; the MoE formulas below take scalars or numpy arrays alike so both pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from nectar.telemetry.workload import ChunkWorkload
 from sim.presets import GPUPreset
@@ -41,6 +50,8 @@ class Kernel:
     bytes: float
     launches: int
     kind: int = GEMM  # GEMM | ATTENTION | MEMORY
+    captured: bool = False   # inside a captured decode step: decode bandwidth, no host launches
+    latency_s: float = 0.0   # fixed time (a captured block's latency), not clock-scaled
 
     def compute_s(self, preset: GPUPreset) -> float:
         """Compute time at the max clock."""
@@ -50,11 +61,29 @@ class Kernel:
         return self.flops / (preset.peak_tflops * 1e12 * eff)
 
     def memory_s(self, preset: GPUPreset) -> float:
-        return self.bytes / (preset.mem_bandwidth_GBps * 1e9 * preset.bandwidth_efficiency)
+        return self.bytes / (preset.mem_bandwidth_GBps * 1e9 * bandwidth_efficiency(preset, self.captured))
+
+    def overhead_s(self, preset: GPUPreset) -> float:
+        """Launch overhead (none inside a captured step) plus the fixed latency."""
+        return (0.0 if self.captured else self.launches * preset.launch_overhead_s) + self.latency_s
 
     def time_s(self, preset: GPUPreset, clock_fraction: float = 1.0) -> float:
-        """Roofline time at `clock_fraction` of the max clock, launch overhead included."""
-        return max(self.compute_s(preset) / clock_fraction, self.memory_s(preset)) + self.launches * preset.launch_overhead_s
+        """Roofline time at `clock_fraction` of the max clock, launch overhead and latency included."""
+        return max(self.compute_s(preset) / clock_fraction, self.memory_s(preset)) + self.overhead_s(preset)
+
+
+def is_captured(preset: GPUPreset, phase: str) -> bool:
+    """A decode step on a preset with the captured-decode fields."""
+    return phase == "decode" and preset.captured_decode
+
+
+def bandwidth_efficiency(preset: GPUPreset, captured: bool) -> float:
+    return preset.decode_bandwidth_efficiency if captured else preset.bandwidth_efficiency
+
+
+def block_latency_s(preset: GPUPreset, rows: int) -> float:
+    """A captured decode block's fixed latency for `rows` decode rows."""
+    return preset.decode_block_latency_s + rows * preset.decode_row_latency_s
 
 
 @dataclass(frozen=True)
@@ -162,7 +191,12 @@ def chunk_kernels(workload: ChunkWorkload, preset: GPUPreset) -> list[list[Kerne
     """The kernels of every phase, [P][K]: embed, one block per layer, head."""
     s = shape_of(workload)
     blocks = [attention_block_kernels(s) + moe_kernels(workload, l, preset) for l in range(workload.n_layers)]
-    return [embedding_kernels(s), *blocks, head_kernels(s)]
+    phases = [embedding_kernels(s), *blocks, head_kernels(s)]
+    if not is_captured(preset, workload.phase):
+        return phases
+    latency = Kernel("block_latency", 0.0, 0.0, 0, MEMORY, latency_s=block_latency_s(preset, workload.tokens))
+    phases = [[replace(k, captured=True) for k in ks] for ks in phases]
+    return [phases[0], *(ks + [replace(latency, captured=True)] for ks in phases[1:-1]), phases[-1]]
 
 
 def phase_names(n_layers: int) -> list[str]:

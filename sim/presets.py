@@ -64,6 +64,14 @@ class GPUPreset:
     temperature_period_s: float        # temperature sensor update period
     sensor_noise_W: float              # std of the instant power reading's own noise
     source: str = ""                   # where the numbers come from (data sheet, measurements)
+    # A captured decode step (phase "decode": one CUDA graph, grouped experts; all three or none —
+    # None prices a decode step like any chunk, every kernel launched from the host). In it every
+    # kernel reads at decode_bandwidth_efficiency, launches cost nothing, and each block adds
+    # decode_block_latency_s + rows · decode_row_latency_s (not clock-scaled): the time of its many
+    # small kernels that bytes do not explain (analysis/reconcile/decode_steps.py fits them).
+    decode_bandwidth_efficiency: float | None = None  # fraction of HBM bandwidth a decode step's kernels reach
+    decode_block_latency_s: float | None = None       # fixed time per block of a captured decode step
+    decode_row_latency_s: float | None = None         # extra time per decode row (request) per block
 
     def __post_init__(self) -> None:
         validate(self)
@@ -77,6 +85,11 @@ class GPUPreset:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def captured_decode(self) -> bool:
+        """Whether a decode step is priced as a captured one (the decode_* fields are set)."""
+        return self.decode_block_latency_s is not None
 
     @staticmethod
     def from_dict(data: dict) -> "GPUPreset":
@@ -106,6 +119,8 @@ _NON_NEGATIVE = (
 )
 _FRACTIONS = ("gemm_efficiency", "attention_efficiency", "bandwidth_efficiency", "voltage_floor_fraction")
 _INTEGERS = ("launches_per_expert", "launches_per_light_expert", "memory_total_B", "memory_baseline_B")
+_DECODE = ("decode_bandwidth_efficiency", "decode_block_latency_s", "decode_row_latency_s")  # all or none
+_OPTIONAL = ("initial_temp_C", *_DECODE)
 
 
 def _fail(preset: GPUPreset, field_name: str, why: str) -> None:
@@ -119,7 +134,7 @@ def _check_numbers(p: GPUPreset) -> None:
             if not isinstance(value, str):
                 _fail(p, f.name, "must be a string")
             continue
-        if value is None and f.name == "initial_temp_C":
+        if value is None and f.name in _OPTIONAL:
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             _fail(p, f.name, "must be a finite number")
@@ -135,6 +150,19 @@ def _check_numbers(p: GPUPreset) -> None:
     for name in _FRACTIONS:
         if not 0 < getattr(p, name) <= 1:
             _fail(p, name, "must be in (0, 1]")
+    _check_decode(p)
+
+
+def _check_decode(p: GPUPreset) -> None:
+    """The captured decode step's three fields: all None, or a fraction and two times >= 0."""
+    given = [name for name in _DECODE if getattr(p, name) is not None]
+    if given and len(given) < len(_DECODE):
+        _fail(p, given[0], f"comes with {[n for n in _DECODE if n not in given]} (all three or none)")
+    if given and not 0 < p.decode_bandwidth_efficiency <= 1:
+        _fail(p, "decode_bandwidth_efficiency", "must be in (0, 1]")
+    for name in ("decode_block_latency_s", "decode_row_latency_s") if given else ():
+        if not getattr(p, name) >= 0:
+            _fail(p, name, "must be >= 0")
 
 
 def _check_relations(p: GPUPreset) -> None:

@@ -5,7 +5,9 @@ A chunk's phases are: embed, one block per layer, head. Each block's kernels spl
 shape-only part (norms, projections, attention, residuals: identical in every block, so priced
 once per `sim.kernels.Shape` — serving fields included — and cached across chunks) and the routing-dependent part (router, dispatch, one
 kernel group per expert: a [L, 2+E] table per chunk). A phase's duration at clock fraction s is
-Σ_k max(compute_k / s, memory_k) + launch overhead.
+Σ_k max(compute_k / s, memory_k) + launch overhead; in a captured decode step (`sim.kernels`: a
+preset with the decode_* fields) the memory times use the decode bandwidth, launches cost nothing
+and each block's overhead is its fixed latency instead.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ class ChunkPricer:
         self.preset = preset
         self._flop_rate = np.array([preset.peak_tflops * 1e12 * preset.gemm_efficiency,
                                     preset.peak_tflops * 1e12 * preset.attention_efficiency, np.inf])  # [3]
-        self._byte_rate = preset.mem_bandwidth_GBps * 1e9 * preset.bandwidth_efficiency
         self._fixed = lru_cache(maxsize=16)(self._fixed_table)
+
+    def _byte_rate(self, captured: bool) -> float:
+        return self.preset.mem_bandwidth_GBps * 1e9 * K.bandwidth_efficiency(self.preset, captured)
 
     def _fixed_table(self, shape: K.Shape, n_layers: int) -> tuple[KernelTable, float, float]:
         """The shape-only kernels of every phase, and their total FLOPs and bytes."""
@@ -100,9 +104,13 @@ class ChunkPricer:
         for p, ks in enumerate(phases):
             flops[p, : len(ks)], nbytes[p, : len(ks)] = [k.flops for k in ks], [k.bytes for k in ks]
             kind[p, : len(ks)] = [k.kind for k in ks]
-        launches = np.array([sum(k.launches for k in ks) for ks in phases])  # [P]
-        launch_s = launches * self.preset.launch_overhead_s
-        table = KernelTable(flops / self._flop_rate[kind], nbytes / self._byte_rate, launch_s)
+        captured = K.is_captured(self.preset, shape.phase)
+        if captured:  # no host launches; each block's fixed latency
+            launch_s = np.zeros(len(phases))  # [P]
+            launch_s[1:-1] = K.block_latency_s(self.preset, shape.tokens)
+        else:
+            launch_s = np.array([sum(k.launches for k in ks) for ks in phases]) * self.preset.launch_overhead_s  # [P]
+        table = KernelTable(flops / self._flop_rate[kind], nbytes / self._byte_rate(captured), launch_s)
         return table, float(flops.sum()), float(nbytes.sum())
 
     def _moe_table(self, w: ChunkWorkload) -> tuple[KernelTable, float, float]:
@@ -118,7 +126,9 @@ class ChunkPricer:
         expert_flops, expert_bytes = K.expert_flops_bytes(a.counts, a.flops, a.bytes, a.weight_bytes)  # [L, E]
         flops[:, 2:], nbytes[:, 2:] = expert_flops * runs, expert_bytes * runs
         launches = K.ROUTER_LAUNCHES + K.DISPATCH_LAUNCHES + per_expert.sum(axis=1)  # [L]
-        table = KernelTable(flops / self._flop_rate[K.GEMM], nbytes / self._byte_rate, launches * p.launch_overhead_s)
+        captured = K.is_captured(p, w.phase)
+        launch_s = np.zeros(n_layers) if captured else launches * p.launch_overhead_s  # [L]
+        table = KernelTable(flops / self._flop_rate[K.GEMM], nbytes / self._byte_rate(captured), launch_s)
         return table, float(flops.sum()), float(nbytes.sum())
 
     def price(self, w: ChunkWorkload) -> PricedChunk:

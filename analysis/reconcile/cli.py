@@ -16,6 +16,15 @@ data/traces/h100/ (main, thermal, power, long).
   vs static-top2 simulated beside measured (analysis/reconcile/frontier_replay.py). Writes --out
   (default: sim-vs-gpu-costs.json beside the first RUN_DIR) and a PNG plot of the same name.
 
+- `--decode-steps FILE.json` (no TRACE_DIR): captured serving decode steps measured on a GPU
+  (`benchmarks/decode_step.py`'s JSON), each row rebuilt as the decode-step workloads it timed and
+  priced by the simulator, before and after fitting the preset's three captured-decode constants
+  (decode_bandwidth_efficiency, decode_block_latency_s, decode_row_latency_s) on --calibrate-on's
+  rows (default: the model with the most weight bytes), the other models held out
+  (analysis/reconcile/decode_steps.py). Writes --out (default: sim-vs-gpu-decode.json beside FILE)
+  and a PNG of the same name; --save PATH writes --preset with the fitted constants, only when they
+  lower the held-out error (exit 1 otherwise).
+
 - `--diagnose` (a GPU folder): per segment, each chunk's signed energy error set against what the
   trace records (temperature, power, clock, throttling, window length, tokens/s, position, idle
   time before it, the routing's FFN slots), bias versus scatter, the sensor-noise floor, and
@@ -47,15 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frontier", type=Path, nargs="+", metavar="RUN_DIR", default=None,
                    help="frontier run folders (with frontier.json, trace.csv.gz, cost_table.json) to re-price "
                         "by their own measured cost tables; instead of TRACE_DIR")
+    p.add_argument("--decode-steps", type=Path, metavar="FILE.json", default=None,
+                   help="a decode-step benchmark JSON (benchmarks/decode_step.py) to reconcile and fit the "
+                        "captured-decode constants on; instead of TRACE_DIR")
     p.add_argument("--out", type=Path, default=None,
                    help="the JSON to write: with --frontier its report (default: sim-vs-gpu-costs.json beside the "
-                        "first RUN_DIR; the plot goes beside it as .png); with a GPU folder the by-segment result")
+                        "first RUN_DIR; the plot goes beside it as .png); with --decode-steps its report (default: "
+                        "sim-vs-gpu-decode.json beside FILE, plot beside it); with a GPU folder the by-segment result")
     p.add_argument("--by-segment", action="store_true",
                    help="calibrate on one segment and hold out the others (implied by a GPU folder)")
     p.add_argument("--diagnose", action="store_true",
                    help="with a GPU folder: explain each segment's per-chunk energy error by what the traces record, "
                         "fit corrections on --calibrate-on, and state why a segment misses the energy goal")
-    p.add_argument("--calibrate-on", default="main", help="with --by-segment: the segment to calibrate on")
+    p.add_argument("--calibrate-on", default=None,
+                   help="with --by-segment: the segment to calibrate on (default main); with --decode-steps: the model "
+                        "to fit on (default: the one with the most weight bytes)")
+    p.add_argument("--decode-time", choices=("graph_ms", "replay_ms"), default="graph_ms",
+                   help="with --decode-steps: the measured time to match, the whole captured step (graph_ms) or the "
+                        "replay alone (replay_ms)")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--train-fraction", type=fraction, default=0.6,
                    help="one trace folder: first fraction of the chunks used for calibration")
@@ -177,13 +195,52 @@ def run_frontier(args, argv: list[str] | None) -> int:
     return 0
 
 
+def run_decode_steps(args, argv: list[str] | None) -> int:
+    """--decode-steps: write the sim-vs-gpu decode report and its plot, print the table (or the JSON),
+    and with --save the fitted preset when it lowers the held-out error."""
+    from analysis.reconcile.decode_steps import (default_out, fitted_preset, reconcile_decode_steps, table_text,
+                                                 write_plot)
+    from nectar.experiment.outputs import atomic_write, atomic_write_text, check_out_file
+    from sim.presets import load_preset, save_preset
+
+    out = args.out or default_out(args.decode_steps)
+    plot = out.with_suffix(".png")
+    check_out_file(out, args.overwrite, "--out")
+    check_out_file(plot, args.overwrite, "--out (its plot)")
+    if args.save is not None:
+        check_out_file(args.save, args.overwrite, "--save")
+    preset = load_preset(args.preset or "h100_sxm")
+    report = reconcile_decode_steps(args.decode_steps, preset, args.calibrate_on, args.decode_time)
+    report["command"] = _command(argv)
+    atomic_write_text(out, strict_json(report, indent=1, sort_keys=True) + "\n")
+    write_plot(report, plot)
+    print(strict_json(report, indent=2, sort_keys=True) if args.json else table_text(report))
+    if not args.json:
+        print(f"written: {out} and {plot}")
+    if args.save is None:
+        return 0
+    if not report["improves_held_out"]:
+        print(f"nectar reconcile: the fitted constants do not lower the held-out error "
+              f"({report['held_out_mape_before']:.3g} -> {report['held_out_mape_after']:.3g}); {args.save} not written",
+              file=sys.stderr)
+        return 1
+    fitted = fitted_preset(report, preset, args.save.stem)
+    atomic_write(args.save, lambda tmp: save_preset(fitted, tmp))
+    if not args.json:
+        print(f"preset with the fitted constants saved to {args.save}")
+    return 0
+
+
 @cli_errors("reconcile")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if (args.frontier is None) == (args.trace_dir is None):
-        raise ValueError("give either TRACE_DIR or --frontier RUN_DIR [RUN_DIR ...], not both or neither")
+    sources = [args.trace_dir is not None, args.frontier is not None, args.decode_steps is not None]
+    if sum(sources) != 1:
+        raise ValueError("give either TRACE_DIR or --frontier RUN_DIR [RUN_DIR ...] or --decode-steps FILE.json: exactly one")
     if args.frontier is not None:
         return run_frontier(args, argv)
+    if args.decode_steps is not None:
+        return run_decode_steps(args, argv)
     from analysis.reconcile.calibrate import CalibrationConfig
     from analysis.reconcile.score import load_trace_dir, pick_preset, reconcile
     from analysis.reconcile.segments import is_segment_folder, load_segments, reconcile_by_segment
@@ -204,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     if by_segment:
         segments = load_segments(args.trace_dir)
         base = pick_preset(next(iter(segments.values())), args.preset)
-        result = reconcile_by_segment(segments, base, config, calibrate_on=args.calibrate_on,
+        result = reconcile_by_segment(segments, base, config, calibrate_on=args.calibrate_on or "main",
                                       progress=not args.no_progress, source=str(args.trace_dir))
         if args.diagnose:
             from analysis.reconcile.diagnose import diagnose_reconciliation

@@ -148,8 +148,47 @@ def test_decode_time_grows_with_the_distinct_experts_touched():
     times = [pricer.price(decode_step(contexts, concentrated_counts(16, k))).durations_s(1.0).sum()
              for k in range(2, E + 1)]
     assert all(later > earlier for earlier, later in zip(times, times[1:]))
-    per_expert_s = 3 * D * HIDDEN * DT / (PRESET.mem_bandwidth_GBps * 1e9 * PRESET.bandwidth_efficiency)
-    assert times[-1] - times[0] > 6 * L * per_expert_s  # at least the 6 extra experts' weight reads
+    per_expert_s = 3 * D * HIDDEN * DT / (PRESET.mem_bandwidth_GBps * 1e9 * PRESET.decode_bandwidth_efficiency)
+    # the 6 extra experts' weight reads alone (no launches in a captured step); two sums of the kernels' times
+    assert times[-1] - times[0] == approx(6 * L * per_expert_s, n=4 * L * (E + 12), scale=times[-1])
+
+
+# ------------------------------------------------------------------ the captured decode step
+def test_a_captured_decode_step_launches_nothing_and_pays_a_latency_per_block():
+    """decode_* fields set: bytes at the decode bandwidth, no launch overhead, each block its fixed
+    latency plus one per row; without them the step is priced like any chunk."""
+    assert PRESET.captured_decode
+    step = decode_step([100, 200, 300], concentrated_counts(3, 4))
+    eager = PRESET.replace(decode_bandwidth_efficiency=None, decode_block_latency_s=None, decode_row_latency_s=None)
+    flat = PRESET.replace(bandwidth_efficiency=0.5, decode_bandwidth_efficiency=0.5, launch_overhead_s=1e-5,
+                          decode_block_latency_s=0.0, decode_row_latency_s=0.0)
+    kernels = [k for phase in chunk_kernels(step, eager) for k in phase]
+    launches_s = sum(k.launches for k in kernels) * 1e-5
+    as_chunk = ChunkPricer(flat.replace(decode_block_latency_s=None, decode_row_latency_s=None,
+                                        decode_bandwidth_efficiency=None)).price(step).durations_s(1.0).sum()
+    captured = ChunkPricer(flat).price(step).durations_s(1.0)
+    n = 4 * len(kernels)  # sums over the kernels, each kernel's roofline
+    assert captured.sum() == approx(as_chunk - launches_s, n=n, scale=as_chunk)
+    latency = flat.replace(decode_block_latency_s=2e-4, decode_row_latency_s=3e-6)
+    with_latency = ChunkPricer(latency).price(step).durations_s(1.0)
+    assert (with_latency - captured).tolist() == approx([0.0] + [2e-4 + 3 * 3e-6] * L + [0.0], n=n,
+                                                        scale=with_latency.max())
+    # the eager pricing (57 µs a launch, 8 launches an expert) is several times the captured step
+    assert ChunkPricer(eager).price(step).durations_s(1.0).sum() > 5 * ChunkPricer(PRESET).price(step).durations_s(1.0).sum()
+
+
+def test_a_captured_preset_prices_prefill_and_teacher_forced_chunks_as_before():
+    eager = PRESET.replace(decode_bandwidth_efficiency=None, decode_block_latency_s=None, decode_row_latency_s=None)
+    for w in (prefill_chunk(64, 100), distilgpt2_moe_workload(2, batch=4, seq_len=256, n_layers=2)):
+        assert ChunkPricer(PRESET).price(w).durations_s(1.0).tolist() == ChunkPricer(eager).price(w).durations_s(1.0).tolist()
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"decode_row_latency_s": None}, "decode_"), ({"decode_bandwidth_efficiency": 1.5}, "decode_bandwidth_efficiency"),
+    ({"decode_block_latency_s": -1e-6}, "decode_block_latency_s")])
+def test_captured_decode_fields_come_together_and_in_range(change, field):
+    with pytest.raises(ValueError, match=field):
+        PRESET.replace(**change)
 
 
 def test_pricer_cache_tells_serving_steps_apart():
