@@ -111,12 +111,15 @@ def serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torc
 
 @dataclass
 class _Served:
+    """A run before its steps are scaled to the counter: the result and every window it measured."""
+
     serving: PolicyServing
     windows: list
 
 
 def _serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: torch.Tensor, limits: ServeLimits,
            seed: int, controller, progress: Callable[[int], None] | None) -> _Served:
+    """The continuous-batching loop itself (see `serve`)."""
     sched = Scheduler(limits.batch_max, limits.prefill_chunk_tokens, limits.max_context_tokens)
     sched.add(specs)
     tokens = request_tokens(stream, sched.requests(), seed)
