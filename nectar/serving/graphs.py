@@ -22,8 +22,8 @@ is the visible length (1 + the largest position) rounded up to a multiple of `bu
 (default 64) and capped at the cache's positions; keys beyond a row's own length are masked, so
 the bucket changes which zeros are added, not the result (up to the order of the attention's sums).
 An engine captures every (R, Vb) it can meet ahead of a policy's run (`capture_all`: slots ×
-ceil(max_tokens / bucket_tokens) graphs, one eager warm-up step per R first, all in one memory
-pool: replays never overlap and every output is copied or read before the next replay); a key
+ceil(max_tokens / bucket_tokens) graphs, an eager warm-up step before each capture, all in one
+memory pool: replays never overlap and every output is copied or read before the next replay); a key
 captured later (`prepare_decode`, before the step's telemetry window opens) adds to `capture_s`.
 
 What the controller changes at run time:
@@ -203,14 +203,15 @@ class StaticDecodeStep:
                                torch.stack([r.dropped for r in records]).reshape(-1).long()])
         return StepOutputs(nll_R, logits_RV.argmax(-1), routing_X)
 
-    def capture(self, pool, stream: torch.cuda.Stream, warm_up: bool) -> None:
-        """Record the step into a CUDA graph (after one eager run on the capture stream when `warm_up`:
-        lazy initialisations, probes and cached weights must happen outside the graph)."""
-        if warm_up:
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.compute()
-            torch.cuda.current_stream().wait_stream(stream)
+    def capture(self, pool, stream: torch.cuda.Stream) -> None:
+        """Record the step into a CUDA graph, after one eager run of this very shape on the capture
+        stream: lazy initialisations, probes, cached weights and first kernel loads happen outside
+        the graph (one warm-up per row count was not enough on the H100: a new bucket invalidated a
+        capture)."""
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.compute()
+        torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.outputs = self.compute()
@@ -322,7 +323,7 @@ class GraphedServingEngine(ServingEngine):
             self._captured_routers = [layer.router for _, layer in self.model.moe_layers()]
         step = StaticDecodeStep(self, self.inputs, rows, bucket)
         try:
-            step.capture(self.pool, self.stream, warm_up=True)   # every shape: its first kernels run outside the graph
+            step.capture(self.pool, self.stream)
         except RuntimeError as exc:
             what = "shadow step (static routers, read-only cache)" if shadow else "decode step"
             raise RuntimeError(f"capturing the {what} of {rows} rows at {bucket} positions failed "
