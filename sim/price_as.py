@@ -30,6 +30,11 @@ class TargetShape:
 TARGETS = {
     # DistilGPT2's shape with the project's vocabulary, in bf16: the model `nectar hw-run` trains on the GPU
     "distilgpt2": TargetShape("distilgpt2", d_model=768, n_heads=12, seq_len=1024, batch=32, vocab_size=16384),
+    # OLMoE-1B-7B's width (d 2048, 16 heads, its 50 304-token vocabulary; experts keep their width
+    # relative to d_model, so a small model with experts of d/2 is priced with experts of 1024, as
+    # OLMoE's), at the small model's own depth: the serving steps the H100 preset's captured-decode
+    # constants were fitted on were of this width
+    "olmoe-1b-7b": TargetShape("olmoe-1b-7b", d_model=2048, n_heads=16, seq_len=4096, batch=8, vocab_size=50304),
 }
 
 

@@ -55,3 +55,16 @@ def test_activation_bytes_scale_with_width_and_element_size_weights_with_area():
     got = priced.layers[0].expert_costs[0]
     assert (got.flops, got.bytes, got.weight_bytes) == approx((want.flops, want.bytes, want.weight_bytes), n=6)
     assert priced.dtype_bytes == 2
+
+
+def test_a_decode_step_priced_at_olmoe_width_keeps_its_shape_and_reads_olmoe_sized_experts():
+    """A small OLMoE-style decode step (d 256, experts of 128, fp32) priced as OLMoE-1B-7B: the
+    step's rows and counts stay, each expert's weights become a 2048 → 1024 SwiGLU expert's in bf16."""
+    expert = ExpertCost(flops=6 * 256 * 128, bytes=1e3, weight_bytes=3 * 256 * 128 * 4)
+    layer = LayerWorkload([3, 0, 5, 8], [expert] * 4)
+    step = ChunkWorkload(tokens=16, batch=16, seq_len=1, d_model=256, n_layers=1, n_heads=4, vocab_size=8192,
+                         layers=[layer], phase="decode", kv_read_tokens=900, logit_tokens=16, dtype_bytes=4)
+    big = rescale(step, "olmoe-1b-7b")
+    assert (big.tokens, big.batch, big.seq_len, big.phase, big.kv_read_tokens) == (16, 16, 1, "decode", 900)
+    assert big.layers[0].tokens_per_expert == [3, 0, 5, 8] and big.d_model == 2048
+    assert big.layers[0].expert_costs[0].weight_bytes == approx(3 * 2048 * 1024 * 2, n=6)
