@@ -11,8 +11,8 @@ tokens are the same under every policy, so policies see one stream and their qua
 teacher-forced NLL of the reference continuation under their own routing.
 
 Per step the engine returns device tensors (NLL sum, greedy tokens) and the step's workload (the
-MoE layers' per-expert counts (`recorded_layers`), read once after the forward, with the serving shape fields the
-simulator prices: attention pairs, KV positions read, logit rows).
+MoE layers' per-expert counts (`recorded_layers`), read once after the forward, with the serving
+shape fields the simulator prices: attention pairs, KV positions read, logit rows).
 
 This is the eager path (every step launches the model's kernels from Python). The captured decode
 step, a CUDA graph per batch size and visible-length bucket, is `nectar.serving.graphs`
