@@ -53,12 +53,12 @@ from nectar.cli.serve import hbm_for  # noqa: E402
 from nectar.experiment.forward import install  # noqa: E402
 from nectar.hf.attach import attach  # noqa: E402
 from nectar.hf.train_small import SmallMoERecipe, olmoe_config  # noqa: E402
+from nectar.models.shapes import SHAPES  # noqa: E402
 from nectar.serving.engine import ServingEngine  # noqa: E402
 from nectar.serving.frontier import routers_for, step_bytes  # noqa: E402
 from nectar.serving.graphs import GraphedServingEngine, bucket_of  # noqa: E402
 
-BIG = dict(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_attention_heads=16,
-           num_key_value_heads=16, num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096)
+BIG = SHAPES["olmoe-1b-7b"]   # the one definition of the shape (nectar.models.shapes)
 ROW_SPREAD = 8          # row r starts (r mod 8) positions before the context length
 WARMUP_STEPS = 2        # untimed decode steps before each timed run
 
@@ -85,7 +85,7 @@ class StepRow:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="small,olmoe-1b-7b", help="comma list of small, olmoe-1b-7b")
-    p.add_argument("--big-layers", type=int, default=16, help="layers of the OLMoE-1B-7B shape (16: the real depth)")
+    p.add_argument("--big-layers", type=int, default=BIG.layers, help="layers of the OLMoE-1B-7B shape (16: the real depth)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 8, 16, 32, 64])
     p.add_argument("--policy-batch", type=int, default=16, help="batch of the per-policy rows (0: none)")
     p.add_argument("--ks", type=int, nargs="+", default=[8, 4, 2, 1], help="static top-k of the per-policy rows")
@@ -104,12 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build(name: str, args: argparse.Namespace):
     """The attached random-weight model, on the device, in bf16 (fp32 on a CPU)."""
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from transformers import OlmoeForCausalLM
 
     if name == "small":
         config = olmoe_config(SmallMoERecipe(), vocab_size=16384, eos_token_id=0)
     else:
-        config = OlmoeConfig(**BIG, num_hidden_layers=args.big_layers)
+        config = BIG.with_layers(args.big_layers).olmoe_config()
     config.output_router_logits = False                      # inference: no auxiliary loss in the forward
     torch.manual_seed(0)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32

@@ -6,6 +6,9 @@
 #   serving-<trace>/        `nectar serve --backend nvml` on that model: frontier.json, steps.csv,
 #                           requests.csv and plots, for the bursty and steady traces
 #   suite.log               everything printed
+# DRIVE=olmoe-1b-7b: serve with `--drive-shape olmoe-1b-7b` (energy of a random-weight OLMoE-1B-7B
+# shape driven by the trained model's routing; DRIVE_LAYERS=N for fewer blocks; SERVE_LIMIT_S
+# defaults to 1800 s a trace then: captures and steps cost the big model's time; docs/serving.md).
 # Needs the built corpus (data/corpus/built: `python scripts/build_corpus.py --no-publish`). About
 # TRAIN_S + 4 minutes on an H100/H200. Run from the repository root on the GPU host:
 #   TRAIN_S=150 bash benchmarks/run_serving_suite.sh OUTDIR        (exit status 1 if any step failed)
@@ -14,6 +17,10 @@ OUT=${1:?usage: bash benchmarks/run_serving_suite.sh OUTDIR}
 cd "$(dirname "$0")/.."
 TRAIN_S=${TRAIN_S:-150}
 REQUESTS=${REQUESTS:-48}
+DRIVE_ARGS=()
+[ -n "${DRIVE:-}" ] && DRIVE_ARGS=(--drive-shape "$DRIVE")
+[ -n "${DRIVE:-}" ] && [ -n "${DRIVE_LAYERS:-}" ] && DRIVE_ARGS+=(--drive-layers "$DRIVE_LAYERS")
+SERVE_LIMIT_S=${SERVE_LIMIT_S:-${DRIVE:+1800}}   # driven: every graph is captured for both models
 . benchmarks/suite_steps.sh
 suite_header
 MODEL=${MODEL:-$OUT/olmoe-small}
@@ -22,7 +29,7 @@ MODEL=${MODEL:-$OUT/olmoe-small}
 for trace in ${TRACES:-bursty steady}; do
   step "serve $trace" ${SERVE_LIMIT_S:-200} "$PY" -m nectar serve --backend nvml --model "$MODEL" --trace "$trace" \
     --requests "$REQUESTS" --rate "${RATE:-24}" --batch-max 16 --prompt-median 128 --output-median 64 \
-    --prefill-chunk 256 --out "$OUT/serving-$trace" --overwrite --no-progress \
+    --prefill-chunk 256 --out "$OUT/serving-$trace${DRIVE:+-driven-$DRIVE}" --overwrite --no-progress ${DRIVE_ARGS[@]+"${DRIVE_ARGS[@]}"} \
     --policies "${POLICIES:-static-top8,static-top6,static-top4,static-top2,static-top1,batch-aware:8,batch-price:0.1,batch-price:0.3,top-p:0.5,nectar}"
 done
 rm -f "$MODEL/model.safetensors"   # 20+ MB of weights stay on the GPU host; config, info and logs come back

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from nectar.models.shapes import SHAPES
 from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
 
 
@@ -27,6 +28,8 @@ class TargetShape:
     dtype_bytes: int = 2            # the GPU runs the target in bf16
 
 
+_OLMOE = SHAPES["olmoe-1b-7b"]   # the one definition of the OLMoE-1B-7B shape (nectar.models.shapes)
+
 TARGETS = {
     # DistilGPT2's shape with the project's vocabulary, in bf16: the model `nectar hw-run` trains on the GPU
     "distilgpt2": TargetShape("distilgpt2", d_model=768, n_heads=12, seq_len=1024, batch=32, vocab_size=16384),
@@ -34,7 +37,8 @@ TARGETS = {
     # relative to d_model, so a small model with experts of d/2 is priced with experts of 1024, as
     # OLMoE's), at the small model's own depth: the serving steps the H100 preset's captured-decode
     # constants were fitted on were of this width
-    "olmoe-1b-7b": TargetShape("olmoe-1b-7b", d_model=2048, n_heads=16, seq_len=4096, batch=8, vocab_size=50304),
+    "olmoe-1b-7b": TargetShape(_OLMOE.name, d_model=_OLMOE.hidden, n_heads=_OLMOE.heads, seq_len=_OLMOE.max_positions,
+                               batch=8, vocab_size=_OLMOE.vocab_size),
 }
 
 

@@ -13,6 +13,12 @@ Writes DIR/frontier.json, steps.csv, requests.csv and plots (J/token and TPOT vs
 before each policy's run; nectar.serving.graphs): auto = on when the backend runs the model on a
 CUDA device and the model can be captured there, off otherwise; on = captured or an error; off =
 the eager path.
+--drive-shape olmoe-1b-7b (with --backend nvml): energy at a realistic size. The trained model is
+served as before (its routers are the policies', its logits the quality), and a random-weight
+model of the OLMoE-1B-7B shape (`nectar.models.shapes`; --drive-layers N blocks instead of 16,
+--drive-dtype) runs after it on the same rows and positions, its MoE layer l routing exactly as the
+trained model's layer l mod L did (`nectar.serving.driven`). Energy, time and the workload are the
+step's: both forwards, the big model's expert reads; frontier.json says so (`driven_by`).
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ import sys
 from pathlib import Path
 
 from nectar.cli.common import cli_errors, comma_list, non_negative_int, parser, positive_float, positive_int, strict_json
+from nectar.models.shapes import SHAPES
 
 TRACES = ("steady", "bursty", "ramp")   # spelled out so that --help does not import numpy
 HBM_GBPS = {"H100": 3350.0, "H200": 4800.0}   # published peak memory bandwidth (SXM), GB/s
 GRAPH_CHOICES = ("auto", "on", "off")
+DRIVE_DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "captured; on: required; off: the eager path)")
     p.add_argument("--gpu", default=None, help="simulator GPU preset, name or JSON path (default: h100_sxm)")
     p.add_argument("--price-as", default="auto", help="simulator: price at this width (auto = distilgpt2; none = as it ran)")
+    p.add_argument("--drive-shape", choices=sorted(SHAPES), default=None,
+                   help="also run a random-weight model of this shape, routed as the trained model routes "
+                        "(energy at that size; needs a device backend: --backend nvml)")
+    p.add_argument("--drive-layers", type=positive_int, default=None,
+                   help="blocks of the driven shape (default: the shape's own, 16 for olmoe-1b-7b)")
+    p.add_argument("--drive-dtype", choices=DRIVE_DTYPES, default="auto",
+                   help="dtype of the driven model (auto: the trained model's, bfloat16 on a GPU)")
     p.add_argument("--out", type=Path, default=Path("runs/serve"), help="run directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--json", action="store_true", help="print the frontier report as JSON on stdout")
@@ -79,6 +94,33 @@ def check_cuda_graphs(choice: str, torch_device: str | None = None) -> None:
     if torch_device is not None and not torch_device.startswith("cuda"):
         raise ValueError(f"--cuda-graphs on needs the model on a CUDA device; this backend runs it on {torch_device} "
                          "(use --backend nvml, or --cuda-graphs auto|off)")
+
+
+def check_drive(args, torch_device: str | None = None) -> None:
+    """--drive-* options make sense together, and only where the backend runs the model on a GPU
+    (the simulator runs it on the CPU and prices a larger width with --price-as instead)."""
+    if args.drive_shape is None:
+        if args.drive_layers is not None or args.drive_dtype != "auto":
+            raise ValueError("--drive-layers and --drive-dtype need --drive-shape")
+        return
+    if args.backend == "sim" or (torch_device is not None and not torch_device.startswith("cuda")):
+        raise ValueError(f"--drive-shape runs the {args.drive_shape} shape on the GPU it measures (--backend nvml); "
+                         f"the simulator prices a larger width with --price-as {args.drive_shape}")
+    layers = SHAPES[args.drive_shape].layers
+    if args.drive_layers is not None and args.drive_layers > layers:
+        raise ValueError(f"--drive-layers {args.drive_layers} exceeds the {args.drive_shape} shape's {layers} layers")
+
+
+def drive(model, args):
+    """The served model, driving a random-weight model of --drive-shape when asked."""
+    if args.drive_shape is None:
+        return model
+    import torch
+
+    from nectar.serving.driven import build_driven
+
+    dtype = None if args.drive_dtype == "auto" else getattr(torch, args.drive_dtype)
+    return build_driven(model, SHAPES[args.drive_shape], args.drive_layers, dtype, seed=args.seed)
 
 
 def decode_path(choice: str, model) -> tuple[str, str | None]:
@@ -126,7 +168,8 @@ def run_serving(args, out: Path, command: str) -> dict:
     factory = lambda: make_backend(args.backend, seed=args.seed, preset=args.gpu, price_as=args.price_as)  # noqa: E731
     first = factory()
     check_cuda_graphs(args.cuda_graphs, first.torch_device)
-    model = place_model(demo.model, first.torch_device).eval()
+    check_drive(args, first.torch_device)
+    model = drive(place_model(demo.model, first.torch_device).eval(), args)
     layer = model.moe_layers()[0][1]
     top_k = model_top_k(model, layer)
     positions = getattr(model, "max_positions", None) or model.config.n_positions
@@ -144,6 +187,8 @@ def run_serving(args, out: Path, command: str) -> dict:
         reports.append(serving_report(runs, rep, {"backend": args.backend, "gpu": info.get("gpu")}))
     first.close()
     report = with_repeats(reports)
+    if hasattr(model, "drive_info"):
+        report["driven_by"] = model.drive_info()
     write_serving_outputs(out, report, runs, command)
     return report
 
@@ -204,6 +249,8 @@ def print_report(report: dict) -> None:
         print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.2f} points, "
               f"95 % interval [{100 * lo:+.2f}, {100 * hi:+.2f}]")
     print(decode_line(report["policies"]))
+    if report.get("driven_by"):
+        print(f"driven: {report['driven_by']['note']}")
 
 
 def decode_line(policies: list[dict]) -> str:
@@ -227,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     command = "nectar serve " + " ".join(argv if argv is not None else sys.argv[2:])
     check_cuda_graphs(args.cuda_graphs)
+    check_drive(args)
     out = prepare_out(args.out, args.overwrite, inputs=[args.model or committed_model("cpu-demo")])
     with out as tmp:
         report = run_serving(args, tmp, command)

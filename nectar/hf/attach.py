@@ -4,7 +4,8 @@ Every supported block calls `_, gates, index = self.gate(x)` and then `self.expe
 gates)`. `attach` registers one forward hook on each `gate` (prepended, so transformers' own
 router-logit recorders after it see NECTAR's choice; they read only the logits, which pass
 through untouched). The hook hands the logits [N, E] and the gate's input [N, D] to the layer's
-NECTAR router, realises its decision for the experts module (`nectar.hf.drop`), records it when a
+NECTAR router, hands the decision to the layer's `holder` when it has one (a driven model's leader,
+`nectar.serving.driven`), realises it for the experts module (`nectar.hf.drop`), records it when a
 recorder is set, and returns `(logits, gates, index)`. No parameter, buffer, module or forward
 method is replaced; the experts, shared experts and attention stay the model's own code, so every
 experts implementation (eager, grouped_mm, batched_mm) keeps working, and so does `generate()`.
@@ -57,6 +58,8 @@ def _gate_hook(layer: HFMoELayer, impl_at_attach: str):
         if decision.num_experts != layer.num_experts or decision.experts.shape[0] != logits_NE.shape[0]:
             raise ValueError(f"block {layer.block_index}: the router's decision covers {decision.num_experts} experts "
                              f"and {decision.experts.shape[0]} tokens, not {layer.num_experts} and {logits_NE.shape[0]}")
+        if layer.holder is not None:
+            layer.holder.keep(decision)                                      # a driven model's leader
         index_NK, gates_NK, computed = realise(decision, layer.num_experts, layer.sentinel)
         if layer.recorder is not None:
             layer.recorder.record(layer, x_ND, computed)

@@ -37,6 +37,8 @@ class HFMoELayer:
         self.block_index, self.name, self.block, self.family = block_index, name, block, family
         self.sentinel = sentinel               # unused slots skipped (True) or computed at gate 0
         self.recorder: RoutingRecorder | None = None
+        self.holder = None                     # gets every decision the router makes (`holder.keep(decision)`):
+                                               # a driven model's leader (`nectar.serving.driven`)
         self.shared: SharedExperts = shared_experts_of(block)
         self._router: Router | None = None
         self.router = router

@@ -2,7 +2,8 @@
 
 The engine owns the `SlotCache` and drives the model's own forward (MoE-DistilGPT2 or an attached
 transformers MoE model: anything with `moe_layers`, `new_recorder`, `recording` and
-`workload_from_counts`). Every step is teacher-forced on the request's *reference continuation*:
+`workload_from_counts`; a model with `slot_cache(slots, max_tokens)` builds its own cache:
+`nectar.serving.driven`). Every step is teacher-forced on the request's *reference continuation*:
 a decode step feeds each row the reference token at its position and scores the next reference
 token (its NLL) and the greedy choice (argmax). The step's compute is exactly a generation step's
 (one new token per request through the KV cache; logits for the last position only), its input
@@ -10,8 +11,8 @@ tokens are the same under every policy, so policies see one stream and their qua
 teacher-forced NLL of the reference continuation under their own routing.
 
 Per step the engine returns device tensors (NLL sum, greedy tokens) and the step's workload (the
-MoE layers' per-expert counts, read once after the forward, with the serving shape fields the
-simulator prices: attention pairs, KV positions read, logit rows).
+MoE layers' per-expert counts (`recorded_layers`), read once after the forward, with the serving
+shape fields the simulator prices: attention pairs, KV positions read, logit rows).
 
 This is the eager path (every step launches the model's kernels from Python). The captured decode
 step, a CUDA graph per batch size and visible-length bucket, is `nectar.serving.graphs`
@@ -45,6 +46,13 @@ def _cache_kwarg(model) -> str:
     return "cache" if "cache" in inspect.signature(target.forward).parameters else "past_key_values"
 
 
+def recorded_layers(model) -> list:
+    """The (index, layer) pairs whose routing a step records, in order: the model's MoE layers, or a
+    driven model's big ones (`nectar.serving.driven`: what the GPU reads)."""
+    own = getattr(model, "recorded_layers", None)
+    return own() if callable(own) else model.moe_layers()
+
+
 class ServingEngine:
     """Prefill chunks and decode steps of `model` over a cache of `slots` requests."""
 
@@ -52,7 +60,9 @@ class ServingEngine:
         self.model, self.policy = model, policy
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
-        self.cache = SlotCache(CacheShape.of(model.config), slots, max_tokens, self.dtype, self.device)
+        own = getattr(model, "slot_cache", None)            # a driven model: one cache per model it runs
+        self.cache = own(slots, max_tokens) if callable(own) else \
+            SlotCache(CacheShape.of(model.config), slots, max_tokens, self.dtype, self.device)
         self._cache_kw = _cache_kwarg(model)
 
     def _ids(self, values: list[int]) -> torch.Tensor:

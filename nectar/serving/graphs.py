@@ -64,7 +64,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from nectar.experiment.forward import install
-from nectar.serving.engine import ServingEngine, StepResult
+from nectar.serving.engine import ServingEngine, StepResult, recorded_layers
 
 BUCKET_TOKENS = 64
 MODES = ("graph", "static")
@@ -93,9 +93,11 @@ def capture_blocker(model) -> str | None:
         return f"the model is on {param.device.type}, not a CUDA device"
     if torch.cuda.get_device_capability(param.device) < (9, 0):
         return "torch._grouped_mm reads its offsets to the host below compute capability 9.0"
-    if param.dtype != torch.bfloat16:
-        return f"torch._grouped_mm is host-sync-free in bfloat16 only; the model is {param.dtype}"
-    for _, layer in model.moe_layers():
+    dtype = next((p.dtype for p in model.parameters() if p.dtype != torch.bfloat16), torch.bfloat16)
+    if dtype != torch.bfloat16:
+        return f"torch._grouped_mm is host-sync-free in bfloat16 only; the model has {dtype} weights"
+    layers = {id(layer): layer for _, layer in (*model.moe_layers(), *recorded_layers(model))}
+    for layer in layers.values():
         reason = _layer_blocker(layer, param)
         if reason:
             return reason
@@ -381,7 +383,7 @@ class GraphedServingEngine(ServingEngine):
     def _routing_workload(self, routing: list[int], positions: list[int]):
         """The step's workload from the routing vector [Σ E_l counts, then L drops]."""
         counts, start = [], 0
-        for _, layer in self.model.moe_layers():
+        for _, layer in recorded_layers(self.model):
             counts.append(routing[start:start + layer.num_experts])
             start += layer.num_experts
         return self.decode_workload(counts, routing[start:], positions)
