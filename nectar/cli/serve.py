@@ -97,13 +97,14 @@ def check_cuda_graphs(choice: str, torch_device: str | None = None) -> None:
 
 
 def check_drive(args, torch_device: str | None = None) -> None:
-    """--drive-* options make sense together, and only where the backend runs the model on a GPU
-    (the simulator runs it on the CPU and prices a larger width with --price-as instead)."""
+    """--drive-* options make sense together, and (once the backend's `torch_device` is known) only
+    where it runs the model on a GPU (the simulator runs it on the CPU and prices a larger width with
+    --price-as instead)."""
     if args.drive_shape is None:
         if args.drive_layers is not None or args.drive_dtype != "auto":
             raise ValueError("--drive-layers and --drive-dtype need --drive-shape")
         return
-    if args.backend == "sim" or (torch_device is not None and not torch_device.startswith("cuda")):
+    if torch_device is not None and not torch_device.startswith("cuda"):
         raise ValueError(f"--drive-shape runs the {args.drive_shape} shape on the GPU it measures (--backend nvml); "
                          f"the simulator prices a larger width with --price-as {args.drive_shape}")
     layers = SHAPES[args.drive_shape].layers
