@@ -15,12 +15,10 @@ stable-sorted by key (argsort) and counted per expert (an integer histogram), al
   constant experts a 2-way mixer over all tokens: none of them runs a GEMM.
 - loop path (`loop_dispatch`; CPU, fp64, pools with module experts such as LaCT, or `grouped=False`):
   reads the per-expert counts once (the one host sync), runs every expert on its exact contiguous
-  slice and adds each computed pair into its token (`combine_pairs`): dropped and zero-expert
-  pairs touch no buffer at all. On CPU this is bit-for-bit the computation of the per-expert
+  slice and un-permutes with a gather. On CPU this is bit-for-bit the computation of the per-expert
   modules it replaced.
 
-Both are deterministic: the grouped path combines the K slots of a token in fixed order (gathers,
-no atomics); the loop path adds at most two pairs onto 0 per token (order-free) or sums K in order.
+Both combine the K slots of a token in fixed order (gathers, no atomics): deterministic.
 `reference_dispatch` is the same computation as a per-token Python loop, for tests.
 """
 
@@ -151,54 +149,26 @@ def dispatch_path(x: torch.Tensor, pool: ExpertPool, grouped: bool = True) -> st
 
 def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
                   perm: TokenPermutation | None = None) -> torch.Tensor:
-    """Every expert on its exact slice of the sorted pairs; combine only the pairs it computed.
-
-    Dropped, unused and zero-expert pairs never enter a buffer: the gather, the expert passes and
-    the combine all run over the M pairs some non-zero expert computes, so a slot that is dropped
-    (or sent to a zero expert) saves its share of the data movement, not only its matmuls."""
+    """Every expert on its exact slice of the sorted pairs; un-permute and combine by gathers."""
     perm = permute_by_expert(decision) if perm is None else perm
+    n, num_slots = decision.experts.shape
     counts_host = torch.cat([perm.counts, perm.invalid().view(1)]).tolist()  # the one host sync
     if counts_host.pop():
         raise ValueError(f"decision.experts has active entries outside [0, {len(pool)})")
-    runs = expert_runs(pool, counts_host)
-    if not runs:
-        return x.new_zeros(x.shape)
-    num_slots = decision.experts.shape[1]
-    pairs_M = torch.cat([perm.order[start : start + rows] for _, _, start, rows in runs])  # [M] flat pair ids
-    x_MD = x[pairs_M // num_slots]                                               # [M, D]
+    active = sum(counts_host)
+    x_MD = x[perm.tokens[:active]]                                              # [M, D]
     outputs, start = [], 0
-    for group, j, _, rows in runs:
-        outputs.append(group.forward_expert(j, x_MD[start : start + rows]))
-        start += rows
-    return combine_pairs(torch.cat(outputs, dim=0), pairs_M, decision)
-
-
-def expert_runs(pool: ExpertPool, counts: list[int]) -> list[tuple[ExpertGroup, int, int, int]]:
-    """(group, expert within it, first sorted position, rows) of every expert with rows to compute;
-    zero experts are left out (their output is 0)."""
-    runs, start = [], 0
     for group, first, _ in pool.spans():
         for j in range(group.count):
-            rows = counts[first + j]
-            if rows and not isinstance(group, ZeroGroup):
-                runs.append((group, j, start, rows))
-            start += rows
-    return runs
-
-
-def combine_pairs(y_MD: torch.Tensor, pairs_M: torch.Tensor, decision: RoutingDecision) -> torch.Tensor:
-    """y [N, D] = Σ over the M computed pairs of gate · y_MD row, into each pair's token.
-
-    Deterministic: with K ≤ 2 slots a token gets at most two adds onto 0, whose result does not
-    depend on their order (0 + a + b = 0 + b + a in floating point), so one `index_add_` serves;
-    with more slots the rows go to their [N, K] place (unique indices) and are summed in slot order."""
-    n, num_slots = decision.experts.shape
-    gates_M1 = decision.gates.reshape(-1)[pairs_M].to(y_MD.dtype).unsqueeze(1)  # [M, 1]
-    weighted_MD = y_MD * gates_M1
-    if num_slots <= 2:
-        return y_MD.new_zeros(n, y_MD.shape[1]).index_add_(0, pairs_M // num_slots, weighted_MD)
-    y_PD = y_MD.new_zeros(n * num_slots, y_MD.shape[1]).index_copy_(0, pairs_M, weighted_MD)
-    return y_PD.view(n, num_slots, -1).sum(dim=1)                                # [N, D], fixed order
+            rows = counts_host[first + j]
+            if rows:
+                outputs.append(group.forward_expert(j, x_MD[start : start + rows]))
+                start += rows
+    outputs.append(x.new_zeros(perm.order.numel() - active, x.shape[1]))        # inactive pairs
+    y_PD = torch.cat(outputs, dim=0)                                            # [N*K, D] sorted
+    y_NKD = y_PD[perm.position].view(n, num_slots, x.shape[1])                  # [N, K, D] token-major
+    gates_NK1 = (decision.gates * decision.active).to(y_NKD.dtype).unsqueeze(-1)  # [N, K, 1]
+    return (y_NKD * gates_NK1).sum(dim=1)                                       # [N, D], fixed order
 
 
 # ---------------------------------------------------------------------------------------------

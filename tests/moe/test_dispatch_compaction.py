@@ -115,33 +115,6 @@ def test_capacity_drops_through_a_layer_equal_the_per_token_loop(grouped_on_cpu,
     assert [int(r) for r in gemm_rows] == [rows for rows in gemm_slots_per_group(experts, decision) for _ in range(2)]
 
 
-@pytest.mark.parametrize("k", [1, 2, 3])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_loop_path_moves_only_the_pairs_a_nonzero_expert_computes(monkeypatch, k, seed):
-    """The loop path's buffers hold exactly the active pairs of non-zero experts (dropped, unused and
-    zero-expert pairs never gathered, computed or combined), and the result is the per-token loop."""
-    experts = pool(seed)
-    decision = decision_with_drops(41, k, seed)
-    x = torch.randn(41, D, dtype=torch.float64)
-    experts = experts.double()
-    combined_rows = []
-    original = dispatch_module.combine_pairs
-
-    def spy(y_MD, pairs_M, decision):
-        combined_rows.append(y_MD.shape[0])
-        return original(y_MD, pairs_M, decision)
-
-    monkeypatch.setattr(dispatch_module, "combine_pairs", spy)
-    zero_first = next(first for group, first, _ in experts.spans() if group.kind == "zero")
-    with torch.no_grad():
-        y = dispatch(x, decision, experts, grouped=False)
-        reference = reference_dispatch(x, decision, experts)
-    active = decision.experts[decision.active]
-    assert combined_rows == [int((active != zero_first).sum())]
-    assert int((active == zero_first).sum()) > 0 and combined_rows[0] < decision.experts.numel()
-    torch.testing.assert_close(y, reference, rtol=1e-12, atol=1e-12)
-
-
 def test_loop_path_with_every_slot_dropped_is_zero():
     experts = pool()
     decision = decision_with_drops(9, 2, 0)
