@@ -2,17 +2,40 @@
 
 The routers (`BatchPriceRouter` / `BatchPriceFamilyRouter`) keep a slot on an expert the batch does
 not read yet only when its weight ≥ λ · c_e / m_e. The controller measures the quality this costs
-with ride-along checks and moves λ by dual ascent on the quality bound:
+with ride-along checks and moves λ so that the *run's* quality stays within a budget:
 
 - every `check_every`-th decode step also runs a *shadow* forward of the same rows with static
   routing, inside the same telemetry window (its energy and time are NECTAR's), on the KV cache in
   read-only mode (it attends as the step does and writes nothing). The two NLLs of the next
-  reference tokens give the step's quality gap;
-- after `window_steps` decode steps: d̂ = exp(mean NLL gap per checked token) − 1 over *every*
-  check so far (the bound is on the whole run, and a window's few checked tokens are noisy),
-  log λ ← log λ + η · clip((target − d̂) / bound, −1, 1) with target = `target_share` · bound, λ
-  clipped to [λ_min, λ_max]. Under the bound the price rises (more new experts skipped, less
-  energy); over it, it falls.
+  reference tokens give the step's quality gap (nats, summed over its rows);
+- after `window_steps` decode steps the window's gaps are read (one host read a window) and:
+
+  1. **Budget.** The bound is on the whole run, so the controller keeps the account of the run:
+     spent S = Σ gap over the T tokens checked so far, allowed a·T with a = log1p(`target_share` ·
+     bound) nats per token. The slack a·T − S (negative: a debt) is spread over a horizon
+     H = max(`horizon_tokens`, T) tokens still to come ("about as many again as so far, at least
+     `horizon_tokens`"): the allowance per token for now is a_now = clip(a + slack / H,
+     `floor_share` · a, 2a). The floor is the anti-windup rule: a debt is paid back at most at
+     (1 − `floor_share`) · a per token, at a price that still saves, instead of at the price floor
+     (from where climbing back would take the rest of the run).
+  2. **Cost of the current price.** A *forgetting* estimate of the gap per token, weighted by
+     tokens: every window multiplies the past by exp(−n / `memory_tokens` − |Δ log λ| /
+     `price_memory`) (n: the window's checked tokens, Δ log λ: the last move), so it follows the
+     price in force instead of the run's history (a cumulative estimate remembers an early
+     overshoot for the rest of the run and holds the price at its floor: wind-up), and forgets
+     faster the further the price moved (costs measured at another price are stale).
+  3. **Step.** e = clip((a_now − ĝ) / a, −1, 1); log λ += `raise_step` · e when e > 0 (cost under
+     the allowance), `cut_step` · e when e < 0 (cut faster than raise: quality is the constraint).
+  λ stays in [`min_price`, `max_price`]; the clipped price is the controller's only integrating
+  state, so a saturated price does not wind up: the first window whose error has the other sign
+  moves it off the limit.
+
+Defaults (window 8 steps, check every 4th, steps 0.3 / 0.7, memory 32 tokens and 0.5 in log price)
+were chosen on simulated serving runs at OLMoE-1B-7B width (docs/serving.md) and on
+tests/serving/test_controller.py's plants. A slower raise above the last cut's price (a probe step)
+helped on a heavy-tailed synthetic plant but cost 2–6 points of saving on the serving runs, so it
+is not used.
+
 The gaps are device tensors until the window ends: one host read per window.
 """
 
@@ -29,22 +52,63 @@ from nectar.serving.engine import ServingEngine
 
 @dataclass
 class ServingControllerConfig:
-    quality_bound: float = 0.01
-    target_share: float = 0.7
-    window_steps: int = 16
-    check_every: int = 4
-    step_size: float = 1.0
+    quality_bound: float = 0.01          # the run's perplexity increase bound (relative)
+    target_share: float = 0.7            # share of the bound the budget allows per checked token
+    window_steps: int = 8                # decode steps per price move
+    check_every: int = 4                 # a shadow check every this many decode steps
+    raise_step: float = 0.3              # largest log-price raise per window
+    cut_step: float = 0.7                # largest log-price cut per window
+    memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
+    horizon_tokens: float = 256.0        # slack or debt spread over at least this many checked tokens
+    price_memory: float = 0.5            # ... and with this much |Δ log λ| of price moves
+    floor_share: float = 0.25            # in debt, still allow floor_share · the budget per token
     start_price: float = 0.05
     min_price: float = 1e-4
     max_price: float = 10.0
 
     def validate(self) -> None:
-        if not self.quality_bound > 0 or not 0 < self.target_share <= 1:
-            raise ValueError("quality_bound must be > 0 and target_share in (0, 1]")
+        if not self.quality_bound > 0:
+            raise ValueError(f"quality_bound must be > 0, got {self.quality_bound}")
+        if not 0 < self.target_share <= 1:
+            raise ValueError(f"target_share must be in (0, 1], got {self.target_share}")
         if self.window_steps < 1 or self.check_every < 1:
-            raise ValueError("window_steps and check_every must be >= 1")
+            raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
+        if not (self.raise_step > 0 and self.cut_step > 0):
+            raise ValueError(f"raise_step and cut_step must be > 0, got {self.raise_step}, {self.cut_step}")
+        if not (self.memory_tokens > 0 and self.horizon_tokens > 0):
+            raise ValueError(f"memory_tokens and horizon_tokens must be > 0, got {self.memory_tokens}, {self.horizon_tokens}")
+        if not self.price_memory > 0:
+            raise ValueError(f"price_memory must be > 0, got {self.price_memory}")
+        if not 0 <= self.floor_share < 1:
+            raise ValueError(f"floor_share must be in [0, 1), got {self.floor_share}")
         if not 0 < self.min_price <= self.start_price <= self.max_price:
-            raise ValueError("need 0 < min_price <= start_price <= max_price")
+            raise ValueError(f"need 0 < min_price <= start_price <= max_price, got "
+                             f"{self.min_price}, {self.start_price}, {self.max_price}")
+
+    @property
+    def budget_nats_per_token(self) -> float:
+        """a: the NLL gap per checked token the budget allows, log1p(target_share · bound)."""
+        return math.log1p(self.target_share * self.quality_bound)
+
+
+@dataclass
+class PriceStep:
+    """One window's decision, from the run's account and the forgetting cost estimate (nats/token)."""
+
+    allowance_nats: float      # a_now: what a checked token may cost from now on
+    cost_nats: float           # ĝ: the current price's estimated cost per checked token
+    log_step: float            # the move of log λ
+
+
+def price_step(cfg: ServingControllerConfig, spent_nats: float, checked_tokens: float, cost_nats: float) -> PriceStep:
+    """The controller's law (module docstring, steps 1 and 3), free of state and of torch."""
+    a = cfg.budget_nats_per_token
+    slack_nats = a * checked_tokens - spent_nats
+    horizon = max(cfg.horizon_tokens, checked_tokens)
+    allowance = min(max(a + slack_nats / horizon, cfg.floor_share * a), 2 * a)
+    error = min(max((allowance - cost_nats) / a, -1.0), 1.0)
+    step = cfg.raise_step * error if error > 0 else cfg.cut_step * error
+    return PriceStep(allowance, cost_nats, step)
 
 
 @dataclass
@@ -57,8 +121,11 @@ class ServingController:
     price: float = 0.0
     _steps: int = 0
     _gaps: list = field(default_factory=list)
-    _gap_sum: float = 0.0
+    _gap_sum: float = 0.0            # nats, every check so far (the run's account)
     _gap_tokens: float = 0.0
+    _recent_gap: float = 0.0         # nats, forgetting (token-weighted) sums
+    _recent_tokens: float = 0.0
+    _last_log_step: float = 0.0
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -98,14 +165,25 @@ class ServingController:
             return
         gap_sum, tokens = torch.stack(self._gaps).sum(0).tolist()    # one host read a window
         self._gaps.clear()
-        self._gap_sum, self._gap_tokens = self._gap_sum + gap_sum, self._gap_tokens + tokens
+        self.observe_window(gap_sum, tokens)
+
+    def observe_window(self, gap_nats: float, tokens: float) -> None:
+        """A window's summed gap over its checked tokens (host floats): update the account and move λ."""
+        self._gap_sum, self._gap_tokens = self._gap_sum + gap_nats, self._gap_tokens + tokens
+        keep = math.exp(-tokens / self.config.memory_tokens - abs(self._last_log_step) / self.config.price_memory)
+        self._recent_gap = keep * self._recent_gap + gap_nats
+        self._recent_tokens = keep * self._recent_tokens + tokens
+        cost = self._recent_gap / max(self._recent_tokens, 1e-12)
+        step = price_step(self.config, self._gap_sum, self._gap_tokens, cost)
         c = self.config
-        dppl = math.expm1(self._gap_sum / max(self._gap_tokens, 1.0))
-        error = (c.target_share * c.quality_bound - dppl) / c.quality_bound
-        log_price = math.log(self.price) + c.step_size * min(max(error, -1.0), 1.0)
-        self.price = min(max(math.exp(log_price), c.min_price), c.max_price)
+        before = self.price
+        self.price = min(max(before * math.exp(step.log_step), c.min_price), c.max_price)
+        self._last_log_step = math.log(self.price / before)
         self._set(self.price)
-        self.history.append({"step": self._steps, "dppl_checked": dppl, "price": self.price})
+        self.history.append({"step": self._steps, "price": self.price,
+                             "dppl_checked": math.expm1(self._gap_sum / max(self._gap_tokens, 1.0)),
+                             "dppl_recent": math.expm1(cost), "dppl_allowed_now": math.expm1(step.allowance_nats),
+                             "window_tokens": tokens})
 
     def summary(self) -> dict:
         return {"final_price": self.price, "windows": self.history, "config": self.config.__dict__}

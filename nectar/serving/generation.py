@@ -19,8 +19,8 @@ are cropped off before the step itself runs, so what is generated is the policy'
 generate() has no reference continuation, so a checked step's quality gap is the expected NLL gap
 under the static model's own next-token distribution, Σ_rows KL(p_static ‖ p_policy) — the
 teacher-forced gap `nectar serve` measures when the references are what the static model would
-write. The controller is `nectar serve`'s (`ServingController`: the same dual ascent on the same
-bound, one host read per window of decode steps). Leaving the block restores the model's routers and
+write. The controller is `nectar serve`'s (`ServingController`: the same budgeted price control on the
+same bound, one host read per window of decode steps). Leaving the block restores the model's routers and
 forward, also after an error.
 """
 
