@@ -24,7 +24,9 @@ SERVE_LIMIT_S=${SERVE_LIMIT_S:-${DRIVE:+1800}}   # driven: every graph is captur
 . benchmarks/suite_steps.sh
 suite_header
 MODEL=${MODEL:-$OUT/olmoe-small}
-[ -f "$MODEL/config.json" ] || step train_olmoe $((TRAIN_S + 120)) "$PY" -m nectar.hf.train_small --out "$MODEL" \
+TRAINED=0
+[ -f "$MODEL/config.json" ] || TRAINED=1
+[ "$TRAINED" = 0 ] || step train_olmoe $((TRAIN_S + 120)) "$PY" -m nectar.hf.train_small --out "$MODEL" \
   --device cuda --budget-s "$TRAIN_S" --no-progress
 for trace in ${TRACES:-bursty steady}; do
   step "serve $trace" ${SERVE_LIMIT_S:-200} "$PY" -m nectar serve --backend nvml --model "$MODEL" --trace "$trace" \
@@ -32,5 +34,7 @@ for trace in ${TRACES:-bursty steady}; do
     --prefill-chunk 256 --out "$OUT/serving-$trace${DRIVE:+-driven-$DRIVE}" --overwrite --no-progress ${DRIVE_ARGS[@]+"${DRIVE_ARGS[@]}"} \
     --policies "${POLICIES:-static-top8,static-top6,static-top4,static-top2,static-top1,batch-aware:8,batch-price:0.1,batch-price:0.3,top-p:0.5,nectar}"
 done
-rm -f "$MODEL/model.safetensors"   # 20+ MB of weights stay on the GPU host; config, info and logs come back
+# a model this suite trained keeps its 20+ MB of weights on the GPU host (config, info and logs come back);
+# a MODEL you passed is left as it was
+[ "$TRAINED" = 0 ] || rm -f "$MODEL/model.safetensors"
 exit $status
