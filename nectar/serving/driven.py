@@ -220,12 +220,17 @@ class DrivenModel(nn.Module):
                                            small_layers=len(self.holders))}
 
 
-def check_drivable(small, big) -> None:
-    """ValueError unless `big`'s MoE layers can replay `small`'s decisions expert for expert."""
+def first_moe_layer(small):
+    """The trained model's first MoE layer; ValueError unless it is an attached transformers MoE."""
     if not hasattr(small, "hf") or not small.moe_layers():
         raise ValueError("a driven model needs a trained transformers MoE model (nectar.hf.train_small), "
                          f"got {type(small).__name__}")
-    first = small.moe_layers()[0][1]
+    return small.moe_layers()[0][1]
+
+
+def check_drivable(small, big) -> None:
+    """ValueError unless `big`'s MoE layers can replay `small`'s decisions expert for expert."""
+    first = first_moe_layer(small)
     for _, layer in big.moe_layers():
         if layer.num_experts != first.num_experts:
             raise ValueError(f"the driven shape has {layer.num_experts} experts per layer, the trained model "
@@ -248,10 +253,7 @@ def build_driven(small, shape: MoEShape, layers: int | None = None, dtype: torch
     from nectar.hf.attach import attach
     from nectar.hf.drop import experts_implementation
 
-    if not hasattr(small, "hf") or not small.moe_layers():
-        raise ValueError("--drive-shape needs a trained transformers MoE model (nectar.hf.train_small), "
-                         f"got {type(small).__name__}")
-    first = small.moe_layers()[0][1]
+    first = first_moe_layer(small)
     if (shape.experts, shape.top_k) != (first.num_experts, first.top_k):
         raise ValueError(f"the {shape.name} shape has {shape.experts} experts, top-{shape.top_k}; the trained model "
                          f"{first.num_experts}, top-{first.top_k}: routing is replayed expert for expert, so they "
