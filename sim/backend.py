@@ -26,7 +26,7 @@ import simpy
 
 from nectar.control.schedule import Schedule
 from nectar.telemetry.window import TelemetryWindow
-from nectar.telemetry.workload import ChunkWorkload
+from nectar.telemetry.workload import ChunkWorkload, chained
 from sim.faults import FaultConfig, FaultInjector
 from sim.gpu import GPUState, SimGPU, TraceSegment
 from sim.pricing import ChunkPricer, memory_footprint_B
@@ -156,19 +156,25 @@ class SimBackend:
 
     def run_chunk(self, compute: Callable[[], ChunkWorkload]) -> TelemetryWindow:
         """Run `compute()` (the chunk's forward pass), then price the workload it returns and run
-        it on the simulated GPU. Simulated time starts after the real computation."""
+        it on the simulated GPU (each of its `forwards()` in turn: a serving step's ride-along check
+        is a forward of its own). Simulated time starts after the real computation."""
         self._check_open()
         if not callable(compute):
             raise ValueError("run_chunk needs compute: a zero-argument callable returning the chunk's ChunkWorkload")
         workload = compute()
         if not isinstance(workload, ChunkWorkload):
             raise ValueError(f"compute() must return a ChunkWorkload, got {type(workload).__name__}")
-        workload = self.pricing.apply(workload)
-        priced = self.pricer.price(workload)  # validates the workload first
-        self._mem_used_B = memory_footprint_B(workload, self.preset)
-        window = self._measure(self.gpu.run_chunk(priced))
-        window.workload = workload
+        forwards = [self.pricing.apply(part) for part in workload.forwards()]   # a ride-along check first
+        priced = [self.pricer.price(part) for part in forwards]  # validates the workloads first
+        self._mem_used_B = max(memory_footprint_B(part, self.preset) for part in forwards)
+        window = self._measure(self._back_to_back(priced))
+        window.workload = chained(forwards)
         return window
+
+    def _back_to_back(self, priced: list):
+        """simpy process: the window's forwards one after the other."""
+        for chunk in priced:
+            yield from self.gpu.run_chunk(chunk)
 
     def idle(self, seconds: float) -> TelemetryWindow:
         """Let the GPU idle for `seconds` of simulated time and return that window."""

@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: static-top<k>..1, batch-aware:<k>, batch-price:0.1,0.3,1, top-p:0.5, nectar)")
     p.add_argument("--max-ppl-increase", type=positive_float, default=0.01,
                    help="quality bound: relative perplexity increase vs the baseline (0.01 = 1%%)")
+    p.add_argument("--check-every", type=positive_int, default=None,
+                   help="nectar: a shadow quality check every this many decode steps (default 4)")
+    p.add_argument("--check-rows", type=positive_int, default=None,
+                   help="nectar: rows a check re-runs under static routing, the batch's first ones (default: all)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
@@ -141,6 +145,7 @@ def hbm_for(gpu: str) -> float | None:
 
 
 def _config(args, top_k: int, max_positions: int):
+    from nectar.serving.controller import ServingControllerConfig
     from nectar.serving.frontier import ServingConfig
     from nectar.serving.loop import ServeLimits
     from nectar.serving.traces import LengthDist, TraceConfig
@@ -150,8 +155,10 @@ def _config(args, top_k: int, max_positions: int):
     output = LengthDist(args.output_median, 0.5, min(4, args.output_median), max(args.output_median, context // 4))
     trace = TraceConfig(args.trace, args.requests, args.rate, args.seed, prompt, output)
     policies = tuple(args.policies or default_policies(top_k))
+    checks = {"check_every": args.check_every or ServingControllerConfig.check_every, "check_rows": args.check_rows}
     return ServingConfig(trace, ServeLimits(args.batch_max, args.prefill_chunk, context), policies,
-                         f"static-top{top_k}", args.max_ppl_increase, args.seed)
+                         f"static-top{top_k}", args.max_ppl_increase, args.seed,
+                         controller=ServingControllerConfig(**checks))
 
 
 def run_serving(args, out: Path, command: str) -> dict:

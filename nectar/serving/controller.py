@@ -4,10 +4,13 @@ The routers (`BatchPriceRouter` / `BatchPriceFamilyRouter`) keep a slot on an ex
 not read yet only when its weight ≥ λ · c_e / m_e. The controller measures the quality this costs
 with ride-along checks and moves λ so that the *run's* quality stays within a budget:
 
-- every `check_every`-th decode step also runs a *shadow* forward of the same rows with static
-  routing, inside the same telemetry window (its energy and time are NECTAR's), on the KV cache in
-  read-only mode (it attends as the step does and writes nothing). The two NLLs of the next
-  reference tokens give the step's quality gap (nats, summed over its rows);
+- every `check_every`-th decode step also runs a *shadow* forward of the same rows (or of the
+  batch's first `check_rows`) with static routing, inside the same telemetry window (its energy and
+  time are NECTAR's: the step's workload carries it as `before`, a forward of its own), on the KV
+  cache in read-only mode (it attends as the step does and writes nothing). The two NLLs of the
+  next reference tokens give the step's quality gap (nats, summed over the checked rows). A decode
+  step is weight-bound, so a check of a few rows costs the weights of the experts *they* read
+  rather than of the whole batch's;
 - after `window_steps` decode steps the window's gaps are read (one host read a window) and:
 
   1. **Budget.** The bound is on the whole run, so the controller keeps the account of the run:
@@ -42,7 +45,7 @@ The gaps are device tensors until the window ends: one host read per window.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -56,6 +59,7 @@ class ServingControllerConfig:
     target_share: float = 0.7            # share of the bound the budget allows per checked token
     window_steps: int = 8                # decode steps per price move
     check_every: int = 4                 # a shadow check every this many decode steps
+    check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
     raise_step: float = 0.3              # largest log-price raise per window
     cut_step: float = 0.7                # largest log-price cut per window
     memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
@@ -73,6 +77,8 @@ class ServingControllerConfig:
             raise ValueError(f"target_share must be in (0, 1], got {self.target_share}")
         if self.window_steps < 1 or self.check_every < 1:
             raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
+        if self.check_rows is not None and (isinstance(self.check_rows, bool) or self.check_rows < 1):
+            raise ValueError(f"check_rows must be None (every row) or >= 1, got {self.check_rows!r}")
         if not (self.raise_step > 0 and self.cut_step > 0):
             raise ValueError(f"raise_step and cut_step must be > 0, got {self.raise_step}, {self.cut_step}")
         if not (self.memory_tokens > 0 and self.horizon_tokens > 0):
@@ -142,17 +148,19 @@ class ServingController:
         if self._steps % self.config.check_every:
             return run
 
+        rows = len(feed) if self.config.check_rows is None else min(self.config.check_rows, len(feed))
+
         def checked():
             install(engine.model, self.static)
             engine.cache.read_only = True
-            try:
-                static = engine.decode(feed, positions, targets)
+            try:                                                # rows 0..rows-1 of the batch (cache slots)
+                static = engine.decode(feed[:rows], positions[:rows], targets[:rows])
             finally:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
             result = run()
-            self.add_gap((result.nll_R - static.nll_R).sum(), len(feed))
-            return result
+            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows)
+            return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
 
     def add_gap(self, gap: torch.Tensor, tokens: int) -> None:

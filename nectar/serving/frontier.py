@@ -96,7 +96,10 @@ def make_engine(model, cfg: ServingConfig, policy: str, shadow_routers: list | N
 
 def step_bytes(workload) -> float:
     """Bytes a decode step must read: dense and head weights, the distinct experts' weights, the KV
-    positions it attends to (activations are not counted: they stay in cache at decode sizes)."""
+    positions it attends to (activations are not counted: they stay in cache at decode sizes); a
+    ride-along check's forward (`workload.before`) reads its own."""
+    if workload.before is not None:
+        return sum(step_bytes(part) for part in workload.forwards())
     d, dt = workload.d_model, workload.dtype_bytes
     dense = workload.n_layers * 4 * d * d * dt + workload.vocab_size * d * dt
     experts = sum(c.weight_bytes for layer in workload.layers

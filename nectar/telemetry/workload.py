@@ -6,7 +6,7 @@ store it beside their measurements so that a run can be replayed through the sim
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,9 @@ class ChunkWorkload:
     attention_pairs = Σ(c_b + 1), kv_read_tokens = Σ c_b, logit_tokens = B, phase = "decode".
     Prefill of q tokens after p0 cached ones: tokens = seq_len = q, batch = 1,
     attention_pairs = q·p0 + q(q+1)/2, kv_read_tokens = p0, logit_tokens = 1, phase = "prefill".
+    `before` is another forward that ran earlier in the same telemetry window (a serving step's
+    ride-along quality check): a backend prices or replays `forwards()`, each as its own forward
+    (weights read again, launches paid again), never one merged batch.
     """
 
     tokens: int
@@ -60,6 +63,7 @@ class ChunkWorkload:
     kv_read_tokens: int = 0                # cached K/V positions read per layer
     logit_tokens: int | None = None        # None = every token's logits and the loss
     phase: str = ""                        # "prefill" | "decode" | "" (teacher-forced)
+    before: "ChunkWorkload | None" = None  # a forward run earlier in the same window (a ride-along check)
 
     def query_key_pairs(self) -> float:
         """(query, key) position pairs the attention computes, per head-agnostic unit."""
@@ -75,6 +79,11 @@ class ChunkWorkload:
         """Per-layer per-expert token counts, [L][E]."""
         return [list(layer.tokens_per_expert) for layer in self.layers]
 
+    def forwards(self) -> list["ChunkWorkload"]:
+        """The forwards this window ran, in order, each without `before`."""
+        earlier = [] if self.before is None else self.before.forwards()
+        return [*earlier, replace(self, before=None)]
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -89,8 +98,19 @@ class ChunkWorkload:
             )
             for l in d.get("layers", [])
         ]
-        rest = {k: v for k, v in d.items() if k != "layers"}
-        return ChunkWorkload(layers=layers, **rest)
+        rest = {k: v for k, v in d.items() if k not in ("layers", "before")}
+        before = d.get("before")
+        return ChunkWorkload(layers=layers, before=None if before is None else ChunkWorkload.from_dict(before), **rest)
+
+
+def chained(forwards: list[ChunkWorkload]) -> ChunkWorkload:
+    """The last of `forwards` with the earlier ones as its `before` chain (inverse of `forwards()`)."""
+    if not forwards:
+        raise ValueError("chained needs at least one workload")
+    out = replace(forwards[0], before=None)
+    for w in forwards[1:]:
+        out = replace(w, before=out)
+    return out
 
 
 def _merged_serving_fields(workloads: list[ChunkWorkload]) -> dict:
@@ -106,9 +126,10 @@ def _merged_serving_fields(workloads: list[ChunkWorkload]) -> dict:
 def merge_workloads(workloads: list[ChunkWorkload], policy: str = "") -> ChunkWorkload:
     """One workload for several chunks run back to back (a long calibration window): token
     counts, attention pairs, KV reads and logit rows add up, shapes and expert costs are those of
-    the first chunk."""
+    the first chunk; a workload's `before` forwards are merged in too."""
     if not workloads:
         raise ValueError("merge_workloads needs at least one workload")
+    workloads = [part for w in workloads for part in w.forwards()]
     first = workloads[0]
     if any(len(w.layers) != len(first.layers) for w in workloads):
         raise ValueError("cannot merge workloads with different numbers of layers")

@@ -94,6 +94,33 @@ def test_the_frontier_of_a_serving_run(model, stream):
     assert abs(_decode_s(runs["static-top1"]) / _decode_s(runs["static-top2"]) - 1) < 0.005
 
 
+@pytest.mark.parametrize("check_rows", [None, 1])
+def test_nectars_checks_are_charged_as_forwards_of_their_own(model, stream, check_rows):
+    """Every check_every-th decode step of `nectar` carries its static shadow forward (`before`), whose
+    routing is static top-2's on the same rows (or the first `check_rows`), and the simulator charges
+    it: those steps take about twice the time of the others (this tiny model's captured step is its
+    blocks' fixed latency); the controller counts the rows it checked."""
+    from nectar.serving.controller import ServingControllerConfig
+
+    cfg = ServingConfig(TRACE, LIMITS, policies=("static-top2", "nectar"),
+                        controller=ServingControllerConfig(check_every=3, check_rows=check_rows, window_steps=3))
+    run = serve_policy(model, make_backend("sim", seed=0, price_as="none"), "nectar", cfg, stream)
+    decode = [s for s in run.steps if s.phase == "decode"]
+    checked = [w.before is not None for w in run.workloads]
+    assert checked == [i % 3 == 0 for i in range(len(decode))]
+    rows = [min(w.batch, check_rows or w.batch) for w in run.workloads if w.before is not None]
+    for w, n in zip([w for w in run.workloads if w.before is not None], rows):
+        assert w.before.batch == n and w.before.before is None
+        assert [sum(layer.tokens_per_expert) for layer in w.before.layers] == [2 * n] * len(w.layers)
+    counted = [window["window_tokens"] for window in run.controller["windows"]]
+    assert counted == rows[:len(counted)]                           # a window of 3 steps holds one check
+    seconds = [s.t_end_s - s.t_start_s for s in decode]
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    with_check = mean([t for t, c in zip(seconds, checked) if c])
+    without = mean([t for t, c in zip(seconds, checked) if not c])
+    assert 1.6 < with_check / without < 2.4
+
+
 def test_nectar_serve_writes_its_outputs(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "serve"
     code = serve_main(["--model", str(tiny_model_dir), "--requests", "5", "--rate", "100", "--prompt-median", "8",

@@ -214,3 +214,43 @@ def test_price_as_keeps_a_serving_steps_shape():
     assert (big.tokens, big.batch, big.seq_len, big.d_model) == (3, 3, 1, 768)
     assert (big.attention_pairs, big.kv_read_tokens, big.logit_tokens, big.phase) == (153.0, 150, 3, "decode")
     assert big.expert_counts() == step.expert_counts()
+
+
+# ------------------------------------------------------------------ a ride-along check in the step's window
+def test_a_check_before_a_step_is_priced_as_its_own_forward():
+    """A window whose workload carries `before` (a serving step's shadow check) costs what the two
+    forwards cost run one after the other in two windows: the check reads its weights again; it
+    is not a bigger batch of one forward (which would read the union of experts once)."""
+    from sim.backend import SimBackend
+
+    check = decode_step([40, 41, 42, 43], concentrated_counts(4, 8))
+    step = decode_step([40, 41, 42, 43], concentrated_counts(4, 2))
+
+    def truths(*workloads):
+        """The simulator's true energy and time of each window (a decode step is below the counter's mJ)."""
+        backend = SimBackend(seed=0, preset="h100_sxm")
+        out = []
+        for w in workloads:
+            window = backend.run_chunk(lambda: w)
+            out.append((backend.last_truth.energy_J, window.duration_s, window))
+        return out
+
+    (both_J, both_s, both), = truths(replace(step, before=check))
+    (check_J, check_s, _), (step_J, step_s, _) = truths(check, step)
+    (alone_J, _, _), = truths(step)
+    # integrated over the same segments on both sides (a running total each): a dozen roundings
+    assert both_s == approx(check_s + step_s, n=4 * (L + 2))
+    assert both_J == approx(check_J + step_J, n=4 * (L + 2), scale=both_J)
+    assert both_J > 1.8 * alone_J                                    # the check is not free
+    assert both.workload.forwards() == [check, step]
+    merged = ChunkPricer(PRESET).price(merge_workloads([check, step]))
+    assert sum(ChunkPricer(PRESET).price(w).durations_s(1.0).sum() for w in (check, step)) > \
+        merged.durations_s(1.0).sum()                                # one batch of 8 rows would be cheaper
+
+
+def test_a_chain_of_forwards_round_trips_and_merges_every_forward():
+    check, step = decode_step([7, 9]), decode_step([7, 9], concentrated_counts(2, 3))
+    chained = replace(step, before=check)
+    assert ChunkWorkload.from_dict(chained.to_dict()) == chained
+    assert chained.forwards() == [check, step] and chained.forwards()[1].before is None
+    assert merge_workloads([chained]) == merge_workloads([check, step])
