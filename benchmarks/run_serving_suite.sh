@@ -31,7 +31,7 @@ TRAINED=0
 for trace in ${TRACES:-bursty steady}; do
   step "serve $trace" ${SERVE_LIMIT_S:-200} "$PY" -m nectar serve --backend nvml --model "$MODEL" --trace "$trace" \
     --requests "$REQUESTS" --rate "${RATE:-24}" --batch-max 16 --prompt-median 128 --output-median 64 \
-    --prefill-chunk 256 --out "$OUT/serving-$trace${DRIVE:+-driven-$DRIVE}" --overwrite --no-progress ${DRIVE_ARGS[@]+"${DRIVE_ARGS[@]}"} \
+    --prefill-chunk 256 --out "$OUT/serving-$trace${DRIVE:+-driven-$DRIVE}" --overwrite --no-progress ${DRIVE_ARGS[@]+"${DRIVE_ARGS[@]}"} ${SERVE_ARGS:-} \
     --policies "${POLICIES:-static-top8,static-top6,static-top4,static-top2,static-top1,batch-aware:8,batch-price:0.1,batch-price:0.3,top-p:0.5,nectar}"
 done
 # a model this suite trained keeps its 20+ MB of weights on the GPU host (config, info and logs come back);

@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl-increase", type=positive_float, default=0.01,
                    help="quality bound: relative perplexity increase vs the baseline (0.01 = 1%%)")
     p.add_argument("--check-every", type=positive_int, default=None,
-                   help="nectar: a shadow quality check every this many decode steps (default 4)")
+                   help="nectar: a shadow quality check every this many decode steps (default 16)")
     p.add_argument("--check-rows", type=positive_int, default=None,
                    help="nectar: rows a check re-runs under static routing, the batch's first ones (default: all)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")

@@ -56,6 +56,7 @@ under the same router check: the tests compare it with `ServingEngine.decode` on
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from contextlib import contextmanager
@@ -215,7 +216,7 @@ class StaticDecodeStep:
             self.compute()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
+        with no_collection(), torch.cuda.graph(graph, pool=pool, stream=stream, capture_error_mode="thread_local"):
             self.outputs = self.compute()
         self.graph = graph
 
@@ -224,6 +225,20 @@ class StaticDecodeStep:
             return self.compute()
         self.graph.replay()
         return self.outputs
+
+
+@contextmanager
+def no_collection():
+    """Python's cyclic garbage collector held off: a collection inside a capture can free an
+    earlier engine's graphs and memory (a CUDA call the capturing stream forbids), which
+    invalidates the capture — seen on the H100 when a test's engines were collected mid-capture."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class GraphedServingEngine(ServingEngine):
@@ -267,6 +282,7 @@ class GraphedServingEngine(ServingEngine):
         `shadow_routers`); wall seconds (added to capture_s). The policy's warm-ups write keys at
         position 0 of the slots (the shadow's write nothing): call it before any request is prefilled."""
         grid = [(rows, bucket) for rows in range(1, self.cache.slots + 1) for bucket in self.buckets]
+        gc.collect()                                 # earlier engines' graphs freed now, not during a capture
 
         def work():
             for key in grid:
