@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nectar: a shadow quality check every this many decode steps (default 16)")
     p.add_argument("--check-rows", type=positive_int, default=None,
                    help="nectar: rows a check re-runs under static routing, the batch's first ones (default: all)")
+    p.add_argument("--quality-signal", choices=["checks", "proxy"], default="checks",
+                   help="nectar: price by the checked gaps, or by the routing weight dropped (every token, "
+                        "free) times a slope the checks estimate (nectar/serving/dropped_mass.py)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
@@ -155,7 +158,8 @@ def _config(args, top_k: int, max_positions: int):
     output = LengthDist(args.output_median, 0.5, min(4, args.output_median), max(args.output_median, context // 4))
     trace = TraceConfig(args.trace, args.requests, args.rate, args.seed, prompt, output)
     policies = tuple(args.policies or default_policies(top_k))
-    checks = {"check_every": args.check_every or ServingControllerConfig.check_every, "check_rows": args.check_rows}
+    checks = {"check_every": args.check_every or ServingControllerConfig.check_every, "check_rows": args.check_rows,
+              "quality_signal": args.quality_signal}
     return ServingConfig(trace, ServeLimits(args.batch_max, args.prefill_chunk, context), policies,
                          f"static-top{top_k}", args.max_ppl_increase, args.seed,
                          controller=ServingControllerConfig(**checks))

@@ -61,11 +61,22 @@ def check_price(price: float) -> float:
 
 class DevicePrice:
     """`price` (a host float) mirrored into the 0-d device buffer `price_t` whenever it is set; the
-    router's computation reads `batch_price()`: the tensor, or ∞ (no priced slots)."""
+    router's computation reads `batch_price()`: the tensor, or ∞ (no priced slots). The router also
+    meters what its decisions drop, on the device (`dropped_mass_t`: Σ over routed tokens of the
+    renormalised weight of the slots not kept; `routed_tokens_t`: tokens routed), running totals a
+    controller reads once a window (a free quality proxy: no forward of its own)."""
 
     def _init_price(self, price: float) -> None:
         self.register_buffer("price_t", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("dropped_mass_t", torch.zeros((), dtype=torch.float64), persistent=False)
+        self.register_buffer("routed_tokens_t", torch.zeros((), dtype=torch.float64), persistent=False)
         self.price = price
+
+    def _meter(self, weights_NK: torch.Tensor, keep_NK: torch.Tensor) -> None:
+        """Add this forward's dropped weight and token count to the running totals (in place: a
+        captured step adds at every replay)."""
+        self.dropped_mass_t.add_((weights_NK.double() * (~keep_NK)).sum())
+        self.routed_tokens_t.add_(float(weights_NK.shape[0]))
 
     @property
     def price(self) -> float:
@@ -103,6 +114,7 @@ class BatchPriceRouter(DevicePrice, Router):
         weights_NK = top.values / top.values.sum(-1, keepdim=True)
         ranks_NK = torch.arange(self.k_max, device=logits.device).expand_as(top.indices)
         mask_NK = batch_keep(top.indices, ranks_NK, weights_NK, self.k_max, self.batch_price(), self.cost_E)
+        self._meter(weights_NK, mask_NK)
         return probs_decision(logits, probs_NE, top.indices, mask_NK)
 
 
@@ -119,4 +131,6 @@ class BatchPriceFamilyRouter(DevicePrice, FamilyRouter):
         self._init_price(price)
 
     def keep_slots(self, sel, weights_NK: torch.Tensor) -> torch.Tensor | None:
-        return batch_keep(sel.experts, slot_ranks(weights_NK), weights_NK, self.k_max, self.batch_price(), self.cost_E)
+        keep_NK = batch_keep(sel.experts, slot_ranks(weights_NK), weights_NK, self.k_max, self.batch_price(), self.cost_E)
+        self._meter(weights_NK / weights_NK.sum(-1, keepdim=True), keep_NK)    # weights over the family's K slots
+        return keep_NK

@@ -53,7 +53,11 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from nectar.experiment.forward import install
+from nectar.serving.dropped_mass import DroppedMassAccount, router_totals, step_mass_per_token
 from nectar.serving.engine import ServingEngine
+
+
+QUALITY_SIGNALS = ("checks", "proxy")
 
 
 @dataclass
@@ -63,6 +67,7 @@ class ServingControllerConfig:
     window_steps: int = 8                # decode steps per price move
     check_every: int = 16                # a shadow check every this many decode steps (a window without one moves nothing)
     check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
+    quality_signal: str = "checks"       # "checks": the checked gaps; "proxy": β̂ · dropped mass (dropped_mass.py)
     raise_step: float = 0.3              # largest log-price raise per window
     cut_step: float = 0.7                # largest log-price cut per window
     memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
@@ -80,6 +85,8 @@ class ServingControllerConfig:
             raise ValueError(f"target_share must be in (0, 1], got {self.target_share}")
         if self.window_steps < 1 or self.check_every < 1:
             raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
+        if self.quality_signal not in QUALITY_SIGNALS:
+            raise ValueError(f"quality_signal must be one of {QUALITY_SIGNALS}, got {self.quality_signal!r}")
         if self.check_rows is not None and (isinstance(self.check_rows, bool) or self.check_rows < 1):
             raise ValueError(f"check_rows must be None (every row) or >= 1, got {self.check_rows!r}")
         if not (self.raise_step > 0 and self.cut_step > 0):
@@ -135,12 +142,16 @@ class ServingController:
     _recent_gap: float = 0.0         # nats, forgetting (token-weighted) sums
     _recent_tokens: float = 0.0
     _last_log_step: float = 0.0
+    _account: DroppedMassAccount | None = None   # the proxy's run account (quality_signal "proxy")
+    _totals_at: torch.Tensor | None = None      # [2] device router totals at the last window's end
     history: list = field(default_factory=list)
 
     def __post_init__(self):
         self.config.validate()
         self.price = self.config.start_price
         self._set(self.price)
+        if self.config.quality_signal == "proxy":
+            self._account = DroppedMassAccount(layers=len(self.routers))
 
     def _set(self, price: float) -> None:
         for router in self.routers:
@@ -148,6 +159,8 @@ class ServingController:
 
     def wrap_decode(self, engine: ServingEngine, run, feed, positions, targets):
         """The step's compute, with a shadow static forward first on check steps."""
+        if self._account is not None and self._totals_at is None:
+            self._totals_at = router_totals(self.routers).clone()     # after any capture's warm-ups
         if self._steps % self.config.check_every:
             return run
 
@@ -161,22 +174,48 @@ class ServingController:
             finally:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
+            before = None if self._account is None else router_totals(self.routers)
             result = run()
-            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows)
+            mass = None if before is None else \
+                step_mass_per_token(before, router_totals(self.routers), len(self.routers)) * rows
+            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows, mass)
             return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
 
-    def add_gap(self, gap: torch.Tensor, tokens: int) -> None:
-        """A checked step's summed NLL gap (a 0-d device tensor) over `tokens` rows; read at the window's end."""
-        self._gaps.append(torch.stack([gap.float(), gap.new_tensor(float(tokens), dtype=torch.float32)]))  # [2]
+    def add_gap(self, gap: torch.Tensor, tokens: int, mass: torch.Tensor | None = None) -> None:
+        """A checked step's summed NLL gap (a 0-d device tensor) over `tokens` rows, and the dropped
+        mass of those rows (proxy; 0-d device tensor); read at the window's end."""
+        mass = gap.new_zeros((), dtype=torch.float64) if mass is None else mass
+        self._gaps.append(torch.stack([gap.double(), gap.new_tensor(float(tokens), dtype=torch.float64),
+                                       mass.double()]))                                      # [3]
 
     def after_decode(self, engine: ServingEngine | None = None) -> None:
         self._steps += 1
-        if self._steps % self.config.window_steps or not self._gaps:
+        if self._steps % self.config.window_steps:
             return
-        gap_sum, tokens = torch.stack(self._gaps).sum(0).tolist()    # one host read a window
+        if self._account is not None:
+            return self._observe_proxy()
+        if not self._gaps:
+            return
+        gap_sum, tokens, _ = torch.stack(self._gaps).sum(0).tolist()    # one host read a window
         self._gaps.clear()
         self.observe_window(gap_sum, tokens)
+
+    def _observe_proxy(self) -> None:
+        """Every window (checked or not): the checks' sums and the routers' totals in one host read,
+        then the law on the proxy's account (the checks' own law until there is a slope)."""
+        now = router_totals(self.routers)
+        checks = torch.stack(self._gaps).sum(0) if self._gaps else now.new_zeros(3)
+        gap, tokens, mass, window_mass, window_routed = torch.cat([checks, now - self._totals_at]).tolist()
+        self._totals_at, self._gaps = now, []
+        estimate = self._account.observe(gap, mass, window_mass, window_routed)
+        if estimate is None:
+            if tokens > 0:
+                self.observe_window(gap, tokens)
+            return
+        self._gap_sum, self._gap_tokens = self._gap_sum + gap, self._gap_tokens + tokens
+        self._move(price_step(self.config, estimate.spent_nats, estimate.tokens, estimate.cost_nats), tokens,
+                   slope=estimate.slope)
 
     def observe_window(self, gap_nats: float, tokens: float) -> None:
         """A window's summed gap over its checked tokens (host floats): update the account and move λ."""
@@ -185,16 +224,22 @@ class ServingController:
         self._recent_gap = keep * self._recent_gap + gap_nats
         self._recent_tokens = keep * self._recent_tokens + tokens
         cost = self._recent_gap / max(self._recent_tokens, 1e-12)
-        step = price_step(self.config, self._gap_sum, self._gap_tokens, cost)
+        self._move(price_step(self.config, self._gap_sum, self._gap_tokens, cost), tokens)
+
+    def _move(self, step: PriceStep, tokens: float, slope: float | None = None) -> None:
+        """Apply a window's step to λ (clipped) and record the window."""
         c = self.config
         before = self.price
         self.price = min(max(before * math.exp(step.log_step), c.min_price), c.max_price)
         self._last_log_step = math.log(self.price / before)
         self._set(self.price)
-        self.history.append({"step": self._steps, "price": self.price,
-                             "dppl_checked": math.expm1(self._gap_sum / max(self._gap_tokens, 1.0)),
-                             "dppl_recent": math.expm1(cost), "dppl_allowed_now": math.expm1(step.allowance_nats),
-                             "window_tokens": tokens})
+        record = {"step": self._steps, "price": self.price,
+                  "dppl_checked": math.expm1(self._gap_sum / max(self._gap_tokens, 1.0)),
+                  "dppl_recent": math.expm1(step.cost_nats), "dppl_allowed_now": math.expm1(step.allowance_nats),
+                  "window_tokens": tokens}
+        if slope is not None:
+            record["proxy_slope"] = slope
+        self.history.append(record)
 
     def summary(self) -> dict:
         return {"final_price": self.price, "windows": self.history, "config": self.config.__dict__}
