@@ -58,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="nectar: a shadow quality check every this many decode steps (default 16)")
     p.add_argument("--check-rows", type=positive_int, default=None,
                    help="nectar: rows a check re-runs under static routing, the batch's first ones (default: all)")
-    p.add_argument("--quality-signal", choices=["checks", "proxy"], default="checks",
-                   help="nectar: price by the checked gaps, or by the routing weight dropped (every token, "
-                        "free) times a slope the checks estimate (nectar/serving/dropped_mass.py)")
+    p.add_argument("--quality-signal", choices=["checks", "proxy"], default="proxy",
+                   help="nectar: price by the routing weight dropped (every token, free) times a slope the "
+                        "checks estimate (proxy, nectar/serving/dropped_mass.py), or by the checked gaps alone")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")

@@ -67,7 +67,7 @@ class ServingControllerConfig:
     window_steps: int = 8                # decode steps per price move
     check_every: int = 16                # a shadow check every this many decode steps (a window without one moves nothing)
     check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
-    quality_signal: str = "checks"       # "checks": the checked gaps; "proxy": β̂ · dropped mass (dropped_mass.py)
+    quality_signal: str = "proxy"        # "proxy": β̂ · dropped mass (dropped_mass.py); "checks": the checked gaps
     raise_step: float = 0.3              # largest log-price raise per window
     cut_step: float = 0.7                # largest log-price cut per window
     memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
@@ -159,8 +159,7 @@ class ServingController:
 
     def wrap_decode(self, engine: ServingEngine, run, feed, positions, targets):
         """The step's compute, with a shadow static forward first on check steps."""
-        if self._account is not None and self._totals_at is None:
-            self._totals_at = router_totals(self.routers).clone()     # after any capture's warm-ups
+        self.start_metering()
         if self._steps % self.config.check_every:
             return run
 
@@ -174,13 +173,26 @@ class ServingController:
             finally:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
-            before = None if self._account is None else router_totals(self.routers)
+            before = self.totals_now()
             result = run()
-            mass = None if before is None else \
-                step_mass_per_token(before, router_totals(self.routers), len(self.routers)) * rows
-            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows, mass)
+            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows, self.mass_since(before, rows))
             return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
+
+    def start_metering(self) -> None:
+        """Before the first decode step (after any capture's warm-ups): the proxy's starting totals."""
+        if self._account is not None and self._totals_at is None:
+            self._totals_at = router_totals(self.routers).clone()
+
+    def totals_now(self) -> torch.Tensor | None:
+        """[2] device totals before a checked step's own forward (None without the proxy)."""
+        return None if self._account is None else router_totals(self.routers)
+
+    def mass_since(self, before: torch.Tensor | None, rows: int) -> torch.Tensor | None:
+        """The dropped mass of `rows` checked rows of the forward since `before` (device, 0-d)."""
+        if before is None:
+            return None
+        return step_mass_per_token(before, router_totals(self.routers), len(self.routers)) * rows
 
     def add_gap(self, gap: torch.Tensor, tokens: int, mass: torch.Tensor | None = None) -> None:
         """A checked step's summed NLL gap (a 0-d device tensor) over `tokens` rows, and the dropped

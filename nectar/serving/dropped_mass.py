@@ -11,12 +11,16 @@ run, at whatever price it ran) and prices the run's account and the current wind
 
 The checks then estimate one number for the whole run instead of the cost of the price in force,
 and the proxy follows every move of the price and of the load between checks. A check's mass is
-its step's mass per token times the rows it checked (the step's rows share the price).
+its step's mass per token times the rows it checked (the step's rows share the price). A few
+checked tokens give a noisy β̂ (one window of negative gaps sets it to 0, and the price climbs
+unchecked), so the account prices by an upper bound, β̂ + z · se(β̂), the ratio estimator's
+standard error from the checked windows' residuals, Σ_w (g_w − β̂ m_w)² / (Σ_w m_w)².
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
@@ -48,21 +52,35 @@ class DroppedMassAccount:
     """The run's pooled slope and dropped-mass totals (host floats, updated once a window)."""
 
     layers: int
+    z: float = 1.0                     # the slope priced is β̂ + z · se(β̂)
     min_checked_mass: float = 1e-3     # below this the checks have seen no drops: no slope yet
     gap_nats: float = 0.0              # Σ checked gaps
     checked_mass: float = 0.0          # Σ dropped mass on the checked rows
     run_mass: float = 0.0              # Σ dropped mass per token over every token so far
     run_tokens: float = 0.0
+    checked_windows: list = field(default_factory=list)   # (gap, mass) of every window with checks
 
     def observe(self, gap_nats: float, checked_mass: float, window_mass: float, window_routed: float) -> ProxyEstimate | None:
         """A window's checked gap and mass, and its totals over every routed token (summed over the
         layers); None until the checks have seen enough dropped mass to give a slope."""
         self.gap_nats += gap_nats
         self.checked_mass += checked_mass
+        if checked_mass > 0:
+            self.checked_windows.append((gap_nats, checked_mass))
         tokens = window_routed / self.layers
         self.run_mass += window_mass
         self.run_tokens += tokens
         if self.checked_mass < self.min_checked_mass or tokens <= 0:
             return None
-        slope = max(self.gap_nats / self.checked_mass, 0.0)
+        slope = max(self.slope_estimate() + self.z * self.slope_error(), 0.0)
         return ProxyEstimate(slope * self.run_mass, self.run_tokens, slope * window_mass / tokens, slope)
+
+    def slope_estimate(self) -> float:
+        """β̂: the pooled ratio of checked gaps to checked mass."""
+        return self.gap_nats / self.checked_mass
+
+    def slope_error(self) -> float:
+        """se(β̂) from the checked windows' residuals (0 with a single window: nothing to spread)."""
+        beta = self.slope_estimate()
+        residual = sum((g - beta * m) ** 2 for g, m in self.checked_windows)
+        return math.sqrt(residual) / self.checked_mass

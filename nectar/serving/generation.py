@@ -74,6 +74,7 @@ def _wrapped_forward(forward, model, session: GenerationSession, static: list):
         cache = _cache_of(kwargs)
         if not _is_decode_step(args, kwargs, cache):
             return forward(*args, **kwargs)
+        controller.start_metering()
         checked = session.decode_steps % controller.config.check_every == 0
         if checked:
             length = cache.get_seq_length()
@@ -85,10 +86,12 @@ def _wrapped_forward(forward, model, session: GenerationSession, static: list):
                 if added:
                     cache.crop(-added)                   # the shadow's positions leave the cache
                 install(model, controller.routers)
+        before = controller.totals_now() if checked else None
         out = forward(*args, **kwargs)
         if checked:
             logits_BV = out.logits[:, -1]
-            controller.add_gap(next_token_kl(shadow.logits[:, -1], logits_BV), logits_BV.shape[0])
+            rows = logits_BV.shape[0]
+            controller.add_gap(next_token_kl(shadow.logits[:, -1], logits_BV), rows, controller.mass_since(before, rows))
             session.checks += 1
         session.decode_steps += 1
         controller.after_decode()

@@ -49,7 +49,8 @@ class SpikyPlant(PowerPlant):
 
 
 def controller(**overrides) -> ServingController:
-    return ServingController([], [], ServingControllerConfig(**overrides))
+    """The checks-only law (the plants answer with checked gaps; the proxy needs routers)."""
+    return ServingController([], [], ServingControllerConfig(**{"quality_signal": "checks", **overrides}))
 
 
 def drive(ctl: ServingController, plant, windows: int, tokens: int = 6, cost_scale=lambda w: 1.0):
@@ -173,7 +174,8 @@ def test_one_host_read_per_window_from_device_gaps():
 
 
 @pytest.mark.parametrize("field,value", [("quality_bound", 0.0), ("target_share", 1.5), ("window_steps", 0),
-                                         ("check_every", 0), ("check_rows", 0), ("raise_step", 0.0), ("cut_step", -1.0),
+                                         ("check_every", 0), ("check_rows", 0), ("quality_signal", "vibes"),
+                                         ("raise_step", 0.0), ("cut_step", -1.0),
                                          ("memory_tokens", 0.0), ("horizon_tokens", -1.0), ("price_memory", 0.0), ("floor_share", 1.0),
                                          ("start_price", 100.0), ("min_price", 0.0)])
 def test_bad_config_values_are_named_in_a_one_line_error(field, value):

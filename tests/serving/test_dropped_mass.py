@@ -77,7 +77,11 @@ def test_the_account_recovers_a_linear_slope_and_prices_by_it():
     assert est.spent_nats == approx(beta * (3.0 + 5.0), n=8) and est.tokens == 30
     assert est.cost_nats == approx(beta * 5.0 / 20, n=8)
     est = account.observe(beta * 1.0 + 0.4, 1.0, 0.0, 4 * 10)              # a noisier check: pooled
-    assert est.slope == approx((beta * 3.0 + 0.4) / 3.0, n=8) and est.cost_nats == 0.0
+    pooled = (beta * 3.0 + 0.4) / 3.0
+    residuals = [beta * 2.0 - pooled * 2.0, beta * 1.0 + 0.4 - pooled * 1.0]
+    se = math.sqrt(sum(r * r for r in residuals)) / 3.0                     # the ratio estimator's
+    assert est.slope == approx(pooled + se, n=16) and est.cost_nats == 0.0   # z = 1: the upper bound
+    assert DroppedMassAccount(layers=4, z=0.0, gap_nats=1.0, checked_mass=2.0).slope_estimate() == 0.5
 
 
 def test_a_proxy_run_moves_the_price_every_window(tmp_path):

@@ -76,14 +76,33 @@ def test_the_shadow_check_changes_nothing_that_is_generated():
 
 @pytest.mark.parametrize("bound,direction", [(10.0, 1), (1e-9, -1)])
 def test_the_price_follows_the_bound(bound, direction):
-    """Far under a loose bound the price rises every window; over a tight one it falls."""
+    """Far under a loose bound the price rises every window; over a tight one it falls (the checks'
+    law; the proxy's below)."""
     model, ids = olmoe_and_prompt()
-    config = ServingControllerConfig(quality_bound=bound, window_steps=1, check_every=1, start_price=0.05)
+    config = ServingControllerConfig(quality_bound=bound, window_steps=1, check_every=1, start_price=0.05,
+                                     quality_signal="checks")
     _, session = generate(model, ids, config)
     prices = [config.start_price] + [w["price"] for w in session.controller.history]
     assert len(prices) == NEW_TOKENS                                   # one window per decode step
     steps = [math.copysign(1, b - a) for a, b in zip(prices, prices[1:]) if b != a]
     assert steps and all(s == direction for s in steps)
+
+
+@pytest.mark.parametrize("bound,direction", [(10.0, 1), (1e-9, -1)])
+def test_priced_by_the_proxy_the_price_follows_the_bound(bound, direction):
+    """With the dropped-mass proxy the checks give its slope: under a loose bound the price only
+    rises; under a tight one it ends below where it started (a window that drops nothing reads
+    as free, so it may probe upwards once)."""
+    model, ids = olmoe_and_prompt()
+    config = ServingControllerConfig(quality_bound=bound, window_steps=1, check_every=1, start_price=0.05)
+    _, session = generate(model, ids, config)
+    history = session.controller.history
+    assert any("proxy_slope" in w for w in history)
+    prices = [config.start_price] + [w["price"] for w in history]
+    if direction > 0:
+        assert all(b >= a for a, b in zip(prices, prices[1:])) and prices[-1] > prices[0]
+    else:
+        assert prices[-1] < prices[0]
 
 
 def test_leaving_the_block_restores_routers_and_forward_even_after_an_error():

@@ -103,7 +103,8 @@ def test_nectars_checks_are_charged_as_forwards_of_their_own(model, stream, chec
     from nectar.serving.controller import ServingControllerConfig
 
     cfg = ServingConfig(TRACE, LIMITS, policies=("static-top2", "nectar"),
-                        controller=ServingControllerConfig(check_every=3, check_rows=check_rows, window_steps=3))
+                        controller=ServingControllerConfig(check_every=3, check_rows=check_rows, window_steps=3,
+                                                           quality_signal="checks"))
     run = serve_policy(model, make_backend("sim", seed=0, price_as="none"), "nectar", cfg, stream)
     decode = [s for s in run.steps if s.phase == "decode"]
     checked = [w.before is not None for w in run.workloads]
