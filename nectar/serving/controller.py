@@ -21,6 +21,12 @@ with ride-along checks and moves λ so that the *run's* quality stays within a b
      `floor_share` · a, 2a). The floor is the anti-windup rule: a debt is paid back at most at
      (1 − `floor_share`) · a per token, at a price that still saves, instead of at the price floor
      (from where climbing back would take the rest of the run).
+  With `quality_signal` "proxy" (the default) steps 1 and 2 read the routers' dropped mass
+  instead (`nectar.serving.dropped_mass`): spent = β̂ · the run's dropped mass, the cost of the
+  current price = β̂ · the window's mass per token, where β̂ (an upper bound of the slope, nats per
+  unit of dropped mass) is all the checks estimate; every window moves λ, checked or not. With
+  "checks":
+
   2. **Cost of the current price.** A *forgetting* estimate of the gap per token, weighted by
      tokens: every window multiplies the past by exp(−n / `memory_tokens` − |Δ log λ| /
      `price_memory`) (n: the window's checked tokens, Δ log λ: the last move), so it follows the
@@ -38,9 +44,10 @@ were chosen on simulated serving runs at OLMoE-1B-7B width (docs/serving.md) and
 tests/serving/test_controller.py's plants. A check costs a whole decode step's weight reads (more
 than the ≈ 5 % a price within a 1 % bound saves there), so checks are sparse: every 4th step cost
 NECTAR 20 points in the simulator once checks were charged, every 16th about none; checks of the
-batch's first rows only (`check_rows`) were dearer per token of information (docs/serving.md). A slower raise above the last cut's price (a probe step)
-helped on a heavy-tailed synthetic plant but cost 2–6 points of saving on the serving runs, so it
-is not used.
+batch's first rows only (`check_rows`) were dearer per token of information (docs/serving.md).
+With "checks", a window without a check moves nothing. A slower raise above the last cut's price
+(a probe step) helped on a heavy-tailed synthetic plant but cost 2–6 points of saving on the
+serving runs, so it is not used.
 
 The gaps are device tensors until the window ends: one host read per window.
 """
@@ -65,7 +72,7 @@ class ServingControllerConfig:
     quality_bound: float = 0.01          # the run's perplexity increase bound (relative)
     target_share: float = 0.7            # share of the bound the budget allows per checked token
     window_steps: int = 8                # decode steps per price move
-    check_every: int = 16                # a shadow check every this many decode steps (a window without one moves nothing)
+    check_every: int = 16                # a shadow check every this many decode steps
     check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
     quality_signal: str = "proxy"        # "proxy": β̂ · dropped mass (dropped_mass.py); "checks": the checked gaps
     raise_step: float = 0.3              # largest log-price raise per window
