@@ -56,7 +56,7 @@ class DroppedMassAccount:
     min_checked_mass: float = 1e-3     # below this the checks have seen no drops: no slope yet
     gap_nats: float = 0.0              # Σ checked gaps
     checked_mass: float = 0.0          # Σ dropped mass on the checked rows
-    run_mass: float = 0.0              # Σ dropped mass per token over every token so far
+    run_mass: float = 0.0              # Σ dropped mass (over the layers) of every token so far
     run_tokens: float = 0.0
     checked_windows: list = field(default_factory=list)   # (gap, mass) of every window with checks
 
