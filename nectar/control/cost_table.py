@@ -65,6 +65,8 @@ class CostTable:
     wall_s: float = 0.0             # host wall time of the whole calibration (warm-ups and probe too)
     checks: dict = field(default_factory=dict)   # check routing -> {measured_s, predicted_s, measured_J, predicted_J}
     dispatch_s: dict = field(default_factory=dict)   # dispatch path -> static forward seconds, when both could run
+    expert_raw_s_per_token: list[float] | None = None   # [E] the marginals before experts of one shape were pooled
+    expert_raw_J_per_token: list[float] | None = None
     format: str = FORMAT
 
     def __post_init__(self):

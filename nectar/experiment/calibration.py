@@ -18,9 +18,16 @@ dtype), the static routing's forward is timed in each and the layers keep the fa
 whole run (`dispatch_s` in the table): the dispatch experiments use is the one measured fastest on
 the device at hand, not a default.
 
-Each point runs one un-timed warm-up micro-batch, then as many rows of the calibration batch as
-make a window of about `window_s` (at least one micro-batch, at most the batch), so the whole
-calibration stays near `budget_s` of device time. The dispatch each layer
+Each point runs an un-timed warm-up (one micro-batch, or about `settle_s` of forwards so that a
+power reading that lags the work does not carry the previous point into this one), then as many
+rows of the calibration batch as make a window of about `window_s` (at least one micro-batch, at
+most the batch), so the measured windows stay near `budget_s` of device time.
+
+Experts of one shape (same kind, FLOPs and bytes per token) do the same work, so with `pool_shapes`
+they share one cost: the mean of their measured marginals. On a GPU the marginals of identical
+experts differ by a window's energy noise (±10 % on 0.15 s windows of an H100), which would
+otherwise teach the priced policies a preference that saves nothing; the points keep the raw
+measurements and `expert_raw_*` in the table keeps the unpooled marginals. The dispatch each layer
 uses is the run's own (`layer.grouped`, compiled or not): the table prices the path the run takes.
 """
 
@@ -84,10 +91,14 @@ class CalibrationConfig:
     choose_dispatch: bool = True   # time loop vs grouped dispatch first and keep the faster
     window_s: float | None = None  # one point's window; None: budget spread over the points
     micro_rows: int | None = None  # rows per forward (the run's micro-batch)
+    settle_s: float = 0.0          # un-timed forwards of a point's routing before its window (≥ 1 micro-batch)
+    pool_shapes: bool = True       # experts of one shape share the mean of their measured marginals
 
     def __post_init__(self):
         if not self.budget_s > 0 or (self.window_s is not None and not self.window_s > 0):
             raise ValueError("calibration budget_s and window_s must be > 0")
+        if not self.settle_s >= 0:
+            raise ValueError(f"calibration settle_s must be >= 0, got {self.settle_s}")
 
 
 def supports_calibration(model) -> bool:
@@ -117,6 +128,8 @@ def calibrate(model, backend, batch: torch.Tensor, config: CalibrationConfig | N
     finally:
         install(model, saved)
     table = _table(model, layers, points, time.perf_counter() - started, config.micro_rows or batch.shape[0])
+    if config.pool_shapes:
+        pool_shapes(table, [expert.cost_per_token() for expert in layers[0].experts])
     if not max(table.expert_J_per_token) > 0:
         raise CalibrationError("no expert has a positive measured energy per slot")
     table.dispatch_s = {path: seconds for path, (seconds, _) in dispatch_s.items()}
@@ -161,14 +174,21 @@ def _measure_points(model, backend, batch, config, layers, static_router, on_win
         slots = 1 if name.endswith(":1-slot") else 2
         routers = [static_router(layer) if expert is None else ForcedRouter(num, expert, slots) for layer in layers]
         install(model, routers)
-        forward_chunk(model, batch[:micro], micro, name, max_sample_tokens=0)          # warm-up, not measured
         if rows is None:
+            forward_chunk(model, batch[:micro], micro, name, max_sample_tokens=0)      # compile/warm-up, not measured
             rows = _rows_for_window(model, backend, batch, micro, window_s)
+        settle = _settle_rows(rows, micro, config.settle_s / window_s)
+        forward_chunk(model, batch[:settle], micro, name, max_sample_tokens=0)         # settle, not measured
         point, window = _measure(model, backend, batch[:rows], micro, name)
         if on_window is not None:
             on_window(name, window)
         points.append(point)
     return points
+
+
+def _settle_rows(rows: int, micro: int, fraction: float) -> int:
+    """Rows of a point's un-timed settle: `fraction` of its window's rows, whole micro-batches, ≥ one."""
+    return max(micro, math.ceil(rows * fraction / micro) * micro)
 
 
 def _rows_for_window(model, backend, batch: torch.Tensor, micro: int, window_s: float) -> int:
@@ -237,6 +257,21 @@ def _table(model, layers, points: list[CalibrationPoint], wall_s: float, micro: 
         table.checks[p.name] = {"measured_s": p.duration_s, "predicted_s": predicted_s,
                                 "measured_J": p.energy_J, "predicted_J": predicted_J}
     return table
+
+
+def pool_shapes(table: CostTable, costs: list) -> None:
+    """Give experts of one shape (equal `ExpertCost` descriptors) the mean of their measured
+    marginal time and energy per slot; the unpooled marginals stay in `expert_raw_*`."""
+    table.expert_raw_s_per_token = list(table.expert_s_per_token)
+    table.expert_raw_J_per_token = list(table.expert_J_per_token)
+    groups: dict = {}
+    for e, cost in enumerate(costs):
+        groups.setdefault((cost.kind, cost.flops, cost.bytes, cost.weight_bytes), []).append(e)
+    for members in groups.values():
+        for values in (table.expert_s_per_token, table.expert_J_per_token):
+            mean = sum(values[e] for e in members) / len(members)
+            for e in members:
+                values[e] = mean
 
 
 def _kinds(layer) -> list[str]:

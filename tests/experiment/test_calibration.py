@@ -213,3 +213,48 @@ def test_the_calibration_keeps_the_dispatch_it_measured_fastest(model, batch, mo
     assert all(layer.grouped == (fastest == "grouped") for layer in layers) and table.dispatch == fastest
     for layer in layers:
         layer.grouped = False
+
+
+def test_experts_of_one_shape_share_the_mean_of_their_marginals(model, batch):
+    """Windows whose energy carries ±20 % noise (seeded): the three identical GELU experts get one
+    cost, the mean of their own raw marginals (kept in expert_raw_*); experts of other shapes keep
+    their own; with pooling off the raw marginals are the table's."""
+    class Noisy:
+        def __init__(self):
+            self.sim, self.rng = create(seed=0), torch.Generator().manual_seed(3)
+
+        def run_chunk(self, compute):
+            window = self.sim.run_chunk(compute)
+            factor = 1.0 + 0.4 * (float(torch.rand(1, generator=self.rng)) - 0.5)
+            window.energy_J *= factor
+            window.energy_power_J = None if window.energy_power_J is None else window.energy_power_J * factor
+            return window
+
+    static = lambda layer: policy_router("static-top2", layer)      # noqa: E731
+    pooled = calibrate(model, Noisy(), batch, CalibrationConfig(micro_rows=32), static_router=static)
+    raw = calibrate(model, Noisy(), batch, CalibrationConfig(micro_rows=32, pool_shapes=False), static_router=static)
+    assert raw.expert_raw_J_per_token is None and pooled.expert_raw_J_per_token == raw.expert_J_per_token
+    same = raw.expert_J_per_token[:3]
+    assert max(same) - min(same) > 0.05 * abs(sum(same) / 3)              # the noise is there to pool
+    for values, raws in ((pooled.expert_J_per_token, raw.expert_J_per_token),
+                         (pooled.expert_s_per_token, raw.expert_s_per_token)):
+        assert values[:3] == pytest.approx([sum(raws[:3]) / 3] * 3, rel=1e-12)
+        assert values[3:] == raws[3:]
+
+
+def test_a_settle_runs_the_points_routing_before_its_window(model, batch, monkeypatch):
+    """settle_s adds un-timed forwards of each point's own routing before its window: a fraction
+    settle_s / window_s of the window's rows, whole micro-batches."""
+    import nectar.experiment.calibration as calibration
+
+    calls = []
+    real = calibration.forward_chunk
+    monkeypatch.setattr(calibration, "forward_chunk",
+                        lambda m, rows, micro, name, **kw: calls.append((name, rows.shape[0])) or real(m, rows, micro, name, **kw))
+    config = CalibrationConfig(micro_rows=8, window_s=1.0, settle_s=0.5, choose_dispatch=False)
+    calibrate(model, create(seed=0), batch, config)
+    window_rows = max(r for name, r in calls if name == "drop-all")
+    settles = [r for name, r in calls if name == "expert:1"]
+    assert settles == [max(8, -(-window_rows // 2 // 8) * 8), window_rows]   # settle, then the measured window
+    with pytest.raises(ValueError, match="settle_s"):
+        CalibrationConfig(settle_s=-1)
