@@ -14,11 +14,13 @@ stable-sorted by key (argsort) and counted per expert (an integer histogram), al
   one small matmul, gates [N, G] @ bias [G, D]. Copy experts add gate·x, zero experts nothing,
   constant experts a 2-way mixer over all tokens: none of them runs a GEMM.
 - loop path (`loop_dispatch`; CPU, fp64, pools with module experts such as LaCT, or `grouped=False`):
-  reads the per-expert counts once (the one host sync), runs every expert on its exact contiguous
-  slice and un-permutes with a gather. On CPU this is bit-for-bit the computation of the per-expert
-  modules it replaced.
+  reads the per-expert counts and the active pairs per slot once (the one host sync), runs every
+  expert on its exact contiguous slice and combines slot by slot (`combine_by_slot`): a slot that
+  no token uses (a second slot every token dropped) costs nothing, a slot that few tokens use costs
+  only their rows, so a dropped slot is nearly as cheap as one the decision never had.
 
-Both combine the K slots of a token in fixed order (gathers, no atomics): deterministic.
+Both combine the K slots of a token in fixed order (gathers, and adds whose row indices never
+repeat): deterministic.
 `reference_dispatch` is the same computation as a per-token Python loop, for tests.
 """
 
@@ -152,8 +154,10 @@ def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
     """Every expert on its exact slice of the sorted pairs; un-permute and combine by gathers."""
     perm = permute_by_expert(decision) if perm is None else perm
     n, num_slots = decision.experts.shape
-    counts_host = torch.cat([perm.counts, perm.invalid().view(1)]).tolist()  # the one host sync
-    if counts_host.pop():
+    computed_NK = perm.key.view(n, num_slots) < len(pool)                       # [N, K] slots an expert computes
+    host = torch.cat([perm.counts, perm.invalid().view(1), computed_NK.sum(0)]).tolist()  # the one host sync
+    counts_host, invalid, per_slot = host[:len(pool)], host[len(pool)], host[len(pool) + 1:]
+    if invalid:
         raise ValueError(f"decision.experts has active entries outside [0, {len(pool)})")
     active = sum(counts_host)
     x_MD = x[perm.tokens[:active]]                                              # [M, D]
@@ -164,11 +168,42 @@ def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
             if rows:
                 outputs.append(group.forward_expert(j, x_MD[start : start + rows]))
                 start += rows
-    outputs.append(x.new_zeros(perm.order.numel() - active, x.shape[1]))        # inactive pairs
-    y_PD = torch.cat(outputs, dim=0)                                            # [N*K, D] sorted
-    y_NKD = y_PD[perm.position].view(n, num_slots, x.shape[1])                  # [N, K, D] token-major
-    gates_NK1 = (decision.gates * decision.active).to(y_NKD.dtype).unsqueeze(-1)  # [N, K, 1]
-    return (y_NKD * gates_NK1).sum(dim=1)                                       # [N, D], fixed order
+    outputs.append(x.new_zeros(1, x.shape[1]))                                  # row M: what inactive slots read
+    y_MD = torch.cat(outputs, dim=0)                                            # [M + 1, D] sorted
+    return combine_by_slot(y_MD, perm.position.view(n, num_slots).clamp(max=active), computed_NK,
+                           decision.gates, per_slot)
+
+
+def combine_by_slot(y_MD: torch.Tensor, position_NK: torch.Tensor, computed_NK: torch.Tensor,
+                    gates_NK: torch.Tensor, per_slot: list[int]) -> torch.Tensor:
+    """y [N, D] = Σ_k gates[t, k] · y_MD[position[t, k]], slot by slot in order k = 0, 1, …: slot 0
+    (or the first slot any token uses) as a dense gather; a later slot that no token computes is
+    skipped; one that fewer than half the tokens compute adds only its rows (`index_add_` over
+    distinct tokens: no repeated index, deterministic); else a dense gather. `per_slot` [K]: the
+    tokens computing each slot (host ints); inactive positions point at y_MD's zero row."""
+    n = position_NK.shape[0]
+    weights_NK = (gates_NK * computed_NK).to(y_MD.dtype)                        # [N, K], 0 on inactive slots
+    y_ND = None
+    for k, used in enumerate(per_slot):
+        if y_ND is not None and used == 0:
+            continue
+        if y_ND is None or 2 * used >= n:
+            part_ND = y_MD[position_NK[:, k]] * weights_NK[:, k:k + 1]
+            y_ND = part_ND if y_ND is None else y_ND + part_ND
+            continue
+        tokens_U = _first_true(computed_NK[:, k], used)                         # [U] tokens computing slot k
+        y_ND.index_add_(0, tokens_U, y_MD[position_NK[tokens_U, k]] * weights_NK[tokens_U, k:k + 1])
+    return y_ND if y_ND is not None else y_MD.new_zeros(n, y_MD.shape[1])
+
+
+def _first_true(flag_N: torch.Tensor, count: int) -> torch.Tensor:
+    """[count] long: the indices where flag_N is True, in order, when it is True at exactly `count`
+    places (known on the host): a cumulative sum and a scatter, no host read."""
+    n = flag_N.shape[0]
+    slot_N = torch.where(flag_N, flag_N.long().cumsum(0) - 1, count)            # i-th True → i; False → spare slot
+    out = torch.empty(count + 1, dtype=torch.long, device=flag_N.device)
+    out.scatter_(0, slot_N, torch.arange(n, device=flag_N.device))             # the spare slot is overwritten freely
+    return out[:count]
 
 
 # ---------------------------------------------------------------------------------------------

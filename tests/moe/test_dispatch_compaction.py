@@ -122,3 +122,37 @@ def test_loop_path_with_every_slot_dropped_is_zero():
                            decision.probs, decision.logits)
     with torch.no_grad():
         assert torch.equal(dispatch(torch.randn(9, D), none, experts, grouped=False), torch.zeros(9, D))
+
+
+def _slot_fractions(decision: RoutingDecision, used: list[float], seed: int) -> RoutingDecision:
+    """The decision with slot k ≥ 1 computed by a `used[k-1]` share of the tokens (the rest dropped)."""
+    gen = torch.Generator().manual_seed(seed)
+    dropped = torch.zeros_like(decision.mask)
+    for k, share in enumerate(used, start=1):
+        dropped[:, k] = torch.rand(decision.mask.shape[0], generator=gen) >= share
+    return RoutingDecision(decision.experts, decision.gates, decision.mask, dropped, decision.probs, decision.logits)
+
+
+@pytest.mark.parametrize("used", [[0.0], [0.1], [0.9], [1.0], [0.0, 0.3], [0.2, 1.0]])
+def test_the_loop_combine_by_slot_equals_the_per_token_loop(used):
+    """A later slot that no token, a few tokens, most or all tokens compute (the three branches of
+    combine_by_slot: skipped, index_add_ over its rows, dense gather) — the per-token loop, with one
+    host read per forward whatever the drops."""
+    experts = pool(1)
+    n = 53
+    decision = _slot_fractions(TopKRouter(E, 1 + len(used))(torch.randn(n, E, generator=torch.Generator().manual_seed(4)) * 3),
+                               used, 5)
+    x = torch.randn(n, D)
+    with torch.no_grad(), count_host_reads() as reads:
+        y = dispatch(x, decision, experts, grouped=False)
+    assert sum(reads.values()) == 1
+    with torch.no_grad():
+        assert_close(y, reference_dispatch(x, decision, experts), n=N_PATH)
+
+
+def test_first_true_lists_the_set_flags_in_order():
+    from nectar.moe.dispatch import _first_true
+
+    flag = torch.rand(101, generator=torch.Generator().manual_seed(6)) < 0.2
+    assert torch.equal(_first_true(flag, int(flag.sum())), torch.nonzero(flag).squeeze(1))
+    assert _first_true(torch.zeros(5, dtype=torch.bool), 0).numel() == 0
