@@ -13,6 +13,7 @@ median of the per-round ratios to static-top2 of the same round):
   syncs_per_chunk      CUDA syncs of one micro-batch's forward (set_sync_debug_mode) × micro-batches
   host_reads_per_forward  tensor values read to the host in one forward (any device: the CPU test's count)
   kernels_per_forward  CUDA kernels one micro-batch forward launches (torch.profiler), None off CUDA
+  slots_per_token      (token, expert) pairs computed per token, mean over layers (first micro-batch)
   same_routing_as_top2 whether the policy's decisions select exactly static top-2's (token, expert)
                        pairs on the chunk's first micro-batch (the identical-routing pairs:
                        static-top2, fixed-bias:0, fixed-price:1e9)
@@ -223,6 +224,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "syncs_per_chunk": info[name]["syncs_per_chunk"], "sync_sites": info[name]["sync_sites"],
             "host_reads_per_forward": info[name]["host_reads_per_forward"],
             "kernels_per_forward": info[name]["kernels_per_forward"], "same_routing_as_top2": same,
+            "slots_per_token": statistics.fmean(float(p.sum()) / p.shape[0] for p in info[name]["pairs"]),
             "predicted_speed_vs_top2": info["static-top2"]["predicted_s"] / info[name]["predicted_s"], "round_s": times[name], "round_speed_vs_top2": speed,
             "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch,
                      "compile_router": args.compile_router})
@@ -248,11 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# {env}", flush=True)
     table = measure_cost_table(model, chunk, args, device)
     rows = [{**row, **env} for row in measure_policies(model, chunk, args, device, table)]
-    print(f"{'policy':<18}{'M tok/s':>9}{'vs top2':>9}{'predict':>9}{'energy':>9}{'syncs':>7}{'reads':>7}{'kernels':>9}  same")
+    print(f"{'policy':<18}{'M tok/s':>9}{'vs top2':>9}{'predict':>9}{'energy':>9}{'slots':>7}{'syncs':>7}{'reads':>7}{'kernels':>9}  same")
     for row in rows:
         energy = "" if row["energy_vs_top2"] is None else f"{row['energy_vs_top2']:.3f}"
         print(f"{row['policy']:<18}{row['tokens_per_s'] / 1e6:9.3f}{row['speed_vs_top2']:9.3f}"
-              f"{row['predicted_speed_vs_top2']:9.3f}{energy:>9}"
+              f"{row['predicted_speed_vs_top2']:9.3f}{energy:>9}{row['slots_per_token']:7.2f}"
               f"{str(row['syncs_per_chunk']):>7}{row['host_reads_per_forward']:>7}{str(row['kernels_per_forward']):>9}"
               f"  {row['same_routing_as_top2']}", flush=True)
     write_json(args.json_out, rows)
