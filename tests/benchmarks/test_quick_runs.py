@@ -59,6 +59,18 @@ def test_policy_speed_quick(tmp_path):
     assert all(rows[p]["same_routing_as_top2"] for p in ("static-top2", "fixed-bias:0", "fixed-price:1e9"))
     assert not rows["static-top1"]["same_routing_as_top2"] and not rows["fixed-price:0.5"]["same_routing_as_top2"]
     assert len({r["host_reads_per_forward"] for r in rows.values()}) == 1
+    assert rows["static-top2"]["slots_per_token"] == 2.0 and rows["static-top1"]["slots_per_token"] == 1.0
+
+
+def test_calibration_noise_quick(tmp_path):
+    """One calibration per settle; each row's spread over the identical full experts is a number."""
+    from benchmarks import calibration_noise
+
+    out = tmp_path / "calibration_noise.json"
+    assert calibration_noise.main(["--device", "cpu", "--quick", "--settle-fractions", "0,1", "--json-out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [s["settle_fraction"] for s in report["settings"]] == [0.0, 1.0] and len(report["full_experts"]) == 3
+    assert all(len(s["repeats"]) == 1 and s["median_full_J_cv"] >= 0 for s in report["settings"])
 
 
 def test_fastweight_quick(tmp_path):
