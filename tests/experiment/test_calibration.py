@@ -258,3 +258,23 @@ def test_a_settle_runs_the_points_routing_before_its_window(model, batch, monkey
     assert settles == [max(8, -(-window_rows // 2 // 8) * 8), window_rows]   # settle, then the measured window
     with pytest.raises(ValueError, match="settle_s"):
         CalibrationConfig(settle_s=-1)
+
+
+def test_a_lact_expert_gets_a_measured_row_like_any_other():
+    """A pool with a LaCT fast-weight expert (Algorithm 1) calibrates through the same design points:
+    its row has kind "lact" and the marginal the simulator's own pricing gives its forced forward,
+    so the priced policies start from what its update costs, not from a guess."""
+    torch.manual_seed(0)
+    specs = [{"kind": "gelu", "hidden": 64, "count": 2}, {"kind": "lact", "hidden": 64}, {"kind": "zero"}]
+    config = preset_config("tiny-moe", vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64,
+                           expert_specs=specs, n_experts=0)
+    model = MoEGPT2LMHeadModel(config).eval()
+    batch = torch.randint(0, 300, (64, 64), generator=torch.Generator().manual_seed(1))
+    assert supports_calibration(model)
+    table = calibrate(model, create(seed=0), batch, CalibrationConfig(micro_rows=32),
+                      static_router=lambda layer: policy_router("static-top2", layer))
+    assert table.expert_kinds == ["ffn", "ffn", "lact", "zero"]
+    base_s, tokens = _priced(model, batch, DROP)
+    reference = (_priced(model, batch, 2)[0] - base_s) / (2 * tokens)
+    assert_close(table.expert_s_per_token[2], reference, n=1000, scale=base_s / (2 * tokens), dtype=torch.float64)
+    assert table.relative_costs()[2] == 1.0          # its fast-weight update makes it the costliest here
