@@ -8,6 +8,9 @@ teacher-forced on each request's reference continuation, so every policy sees th
 its quality is the perplexity of those continuations under its routing. Per policy: steady-state
 J per generated token, J per request, TTFT and TPOT p50/p99, tokens/s, prefill and decode energy;
 then NECTAR against the static hull (static top-k, batch-aware re-routing, batch prices, top-p).
+NECTAR's ride-along quality checks run inside its decode steps, so its totals include them; the
+report says what they took (`nectar_guard_share`: their share of its decode energy; per policy
+`checked_steps`, `check_energy_J`, `check_time_s`).
 Writes DIR/frontier.json, steps.csv, requests.csv and plots (J/token and TPOT vs load, frontier).
 --cuda-graphs: decode steps as CUDA graph replays (one per batch size and length bucket, captured
 before each policy's run; nectar.serving.graphs): auto = on when the backend runs the model on a
@@ -231,7 +234,8 @@ def with_repeats(reports: list[dict]) -> dict:
     margins = [r.get("nectar_margin_over_hull") for r in reports]
     return {**reports[0], "repeats": len(reports), "nectar_margin_per_repeat": margins,
             "nectar_saved_per_repeat": [r.get("nectar_saved") for r in reports],
-            "nectar_dppl_per_repeat": [r.get("nectar_dppl") for r in reports], **interval(margins)}
+            "nectar_dppl_per_repeat": [r.get("nectar_dppl") for r in reports],
+            "nectar_guard_share_per_repeat": [r.get("nectar_guard_share") for r in reports], **interval(margins)}
 
 
 def warm_up(model, backend, cfg, stream) -> None:
@@ -256,6 +260,8 @@ def print_report(report: dict) -> None:
     if "nectar_saved" in report:
         print(f"nectar: saved {100 * report['nectar_saved']:.2f} % at {100 * report['nectar_dppl']:+.3f} % ppl; "
               f"margin over the hull: {'n/a' if margin is None else f'{100 * margin:+.2f} points'}")
+    if "nectar_guard_share" in report:
+        print(check_line(report))
     if report.get("nectar_margin_ci95"):
         lo, hi = report["nectar_margin_ci95"]
         print(f"margin over {report['repeats']} repeats: {100 * report['nectar_margin_mean']:+.2f} points, "
@@ -263,6 +269,14 @@ def print_report(report: dict) -> None:
     print(decode_line(report["policies"]))
     if report.get("driven_by"):
         print(f"driven: {report['driven_by']['note']}")
+
+
+def check_line(report: dict) -> str:
+    """What NECTAR's quality checks cost inside its totals (its decode energy and time include them)."""
+    row = next((p for p in report["policies"] if p["name"] == "nectar"), {})
+    return (f"nectar's checks: {row.get('checked_steps', 0)} steps, {row.get('check_energy_J', 0.0):.3g} J "
+            f"= {100 * report['nectar_guard_share']:.2f} % of its decode energy, {row.get('check_time_s', 0.0):.3g} s "
+            "(inside its totals)")
 
 
 def decode_line(policies: list[dict]) -> str:

@@ -118,9 +118,18 @@ def policy_points(summary: dict, chunks: list[dict], temp_cap_C: float | None = 
             saved=1.0 - p["J_per_token"] / base["J_per_token"], dppl=p["perplexity"] / base["perplexity"] - 1.0,
             J_per_token=p["J_per_token"], perplexity=p["perplexity"], mean_power_W=p["mean_power_W"],
             max_temp_C=p["max_temp_C"], pause_share=p.get("pause_share", 0.0),
-            guard_share=p.get("guard_energy_J", 0.0) / p["energy_J"] if p["energy_J"] else 0.0,
+            guard_share=guard_share(p),
             limits=check_limits(records, temp_cap_C, budget)))
     return points
+
+
+def guard_share(policy: dict) -> float:
+    """The quality checks' share of a policy's energy: the summary's own `guard_share` when it states
+    one (a serving run: the checks' share of the decode energy, `nectar.serving.metrics`), else its
+    checks' energy over its energy (checks included)."""
+    if "guard_share" in policy:
+        return policy["guard_share"]
+    return policy.get("guard_energy_J", 0.0) / policy["energy_J"] if policy["energy_J"] else 0.0
 
 
 def frontier_report(summary: dict, chunks: list[dict], workload: str, temp_cap_C: float | None = None,

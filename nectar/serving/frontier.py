@@ -8,6 +8,11 @@ bytes a decode step must read and the achieved fraction of the GPU's memory band
 decode steps ran (`graphs`: replayed CUDA graphs, `capture_s`, `eager_fallbacks`, and for NECTAR its
 shadow checks: `shadow_graph_steps` replayed, `shadow_eager_steps` eager; `nectar.serving.graphs`).
 
+What NECTAR's ride-along quality checks cost inside its totals: per policy `checked_steps`,
+`check_energy_J` and `check_time_s` (0 for a policy without checks), each checked step's energy and
+duration times the check's share of the step's predicted bytes (`nectar.serving.step_cost`), and
+`guard_share` = check_energy_J / decode_J (the report's `nectar_guard_share` for NECTAR).
+
 Savings and perplexity increases are against the baseline on the same trace, and the hull is
 `nectar.experiment.frontier.frontier_report`'s over the non-adaptive policies. The energy per token
 the frontier compares is the steady-state one (decode steps with a full batch) when every policy
@@ -30,6 +35,7 @@ from nectar.serving.graphs import GraphedServingEngine
 from nectar.serving.loop import PolicyServing, ServeLimits, serve
 from nectar.serving.metrics import summarize
 from nectar.serving.policies import is_adaptive, serving_router
+from nectar.serving.step_cost import step_bytes
 from nectar.serving.traces import TraceConfig, make_trace
 
 
@@ -94,20 +100,6 @@ def make_engine(model, cfg: ServingConfig, policy: str, shadow_routers: list | N
     return engine
 
 
-def step_bytes(workload) -> float:
-    """Bytes a decode step must read: dense and head weights, the distinct experts' weights, the KV
-    positions it attends to (activations are not counted: they stay in cache at decode sizes); a
-    ride-along check's forward (`workload.before`) reads its own."""
-    if workload.before is not None:
-        return sum(step_bytes(part) for part in workload.forwards())
-    d, dt = workload.d_model, workload.dtype_bytes
-    dense = workload.n_layers * 4 * d * d * dt + workload.vocab_size * d * dt
-    experts = sum(c.weight_bytes for layer in workload.layers
-                  for n, c in zip(layer.tokens_per_expert, layer.expert_costs) if n > 0)
-    kv = workload.n_layers * 2 * (workload.kv_read_tokens + workload.tokens) * d * dt
-    return float(dense + experts + kv)
-
-
 def hbm_fraction(run: PolicyServing, total_bytes: float, hbm_GBps: float | None) -> float | None:
     """Achieved share of the memory bandwidth over the decode steps: Σ bytes ÷ (Σ time · bandwidth)."""
     decode = [s for s in run.steps if s.phase == "decode"]
@@ -140,6 +132,8 @@ def policy_summary(run: PolicyServing, base: PolicyServing, cfg: ServingConfig) 
             "controller": run.controller, **graph_fields(run, cfg)}
 
 
+CHECK_FIELDS = ("checked_steps", "check_energy_J", "check_time_s")   # NECTAR's checks inside its totals (metrics)
+
 GRAPH_FIELDS = ("graphs", "capture_s", "eager_fallbacks", "graph_steps", "shadow_graph_steps", "shadow_eager_steps",
                 "graphs_captured", "shadow_graphs_captured", "graphs_note")
 
@@ -167,5 +161,5 @@ def serving_report(runs: dict[str, PolicyServing], cfg: ServingConfig, backend_i
         row.update({k: policies[row["name"]][k] for k in (
             "tpot_p50_s", "tpot_p99_s", "ttft_p50_s", "ttft_p99_s", "J_per_request", "prefill_J", "decode_J",
             "tokens_per_s", "mean_batch", "greedy_agreement", "hbm_fraction", "mean_step_bytes", "controller",
-            *GRAPH_FIELDS)})
+            *CHECK_FIELDS, *GRAPH_FIELDS)})
     return report

@@ -17,7 +17,10 @@ Before a decode step's window opens the engine may prepare it (`prepare_decode`:
 captures a graph it lacks there: in no step's window, though the clock runs on; `capture_s`).
 The adaptive policy (`nectar`) gets its controller's `after_decode` call after every decode step;
 the controller may run a ride-along quality check inside that step's window (its energy and time
-count in the policy's totals) and move the routers' price once per window of decode steps.
+count in the policy's totals) and move the routers' price once per window of decode steps. Such a
+step's record says which share of its window was the check's (`StepRecord.check_share`: the check's
+share of the step's predicted bytes, from the workload the window covers; `nectar.serving.step_cost`),
+so the report can say what the checks cost inside those totals.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from nectar.serving.engine import ServingEngine, StepResult
 from nectar.telemetry.energy import CounterSpan, step_windows, window_energy_J
 from nectar.serving.metrics import StepRecord
 from nectar.serving.scheduler import RequestRecord, Scheduler
+from nectar.serving.step_cost import check_share
 from nectar.serving.traces import RequestSpec
 
 
@@ -128,17 +132,20 @@ def _serve(engine: ServingEngine, backend, specs: list[RequestSpec], stream: tor
     workloads, windows = [], []
     now_s, origin = 0.0, None
 
-    def record(win, phase: str, rows: list[int], generated: int, tokens_in: int) -> None:
+    def record(win, phase: str, rows: list[int], generated: int, tokens_in: int, workload=None) -> None:
         nonlocal now_s, origin
         origin = win.t_start_s if origin is None else origin
         windows.append(win)
+        share = check_share(workload) if phase == "decode" else 0.0
         steps.append(StepRecord(phase, win.t_start_s - origin, win.t_end_s - origin, window_energy_J(win),
-                                len(rows) if phase == "decode" else 0, tokens_in, generated, rows))
+                                len(rows) if phase == "decode" else 0, tokens_in, generated, rows, share))
         now_s = win.t_end_s - origin
 
     def window(phase: str, run: Callable[[], StepResult], rows: list[int], generated: int, tokens_in: int) -> StepResult:
         held: dict = {}
-        record(backend.run_chunk(lambda: held.setdefault("r", run()).workload), phase, rows, generated, tokens_in)
+        win = backend.run_chunk(lambda: held.setdefault("r", run()).workload)
+        accounted = getattr(win, "workload", None) or held["r"].workload     # as the backend accounted it
+        record(win, phase, rows, generated, tokens_in, accounted)
         return held["r"]
 
     while not sched.done():

@@ -16,6 +16,11 @@ those and the scheduler's `RequestRecord`s into `ServingMetrics`:
   (output_tokens - 1).
 - tokens_per_s: generated tokens / (last step's t_end - first step's t_start), idle included.
 - mean_batch: mean decode batch over decode steps (each step counts once).
+- checked_steps: decode steps that carried NECTAR's ride-along quality check (0 for a policy
+  without checks); check_energy_J / check_time_s: the checks' part of those steps, each step's
+  energy and duration times its `check_share` (the check's share of the step's predicted bytes,
+  `nectar.serving.step_cost.check_share`); they are inside decode_J and the decode time, not on top.
+- guard_share: check_energy_J / decode_J, the checks' share of the decode energy (0 without checks).
 Percentiles use numpy's default (linear) method; a percentile over no requests is NaN.
 """
 
@@ -39,7 +44,9 @@ class StepRecord:
 
     batch: decode rows (0 for prefill and idle); tokens: tokens computed (chunk length, or the decode
     batch); generated: tokens generated (the batch for decode, 1 for a last prefill chunk, else 0);
-    request_ids: the prefilled request, or the decode rows in slot order, or [] when idle."""
+    request_ids: the prefilled request, or the decode rows in slot order, or [] when idle;
+    check_share: the share of the step's window that was a ride-along quality check's forward (a
+    decode step's, `nectar.serving.step_cost.check_share`; 0 for a step without one)."""
 
     phase: str
     t_start_s: float
@@ -49,6 +56,18 @@ class StepRecord:
     tokens: int = 0
     generated: int = 0
     request_ids: list[int] = field(default_factory=list)
+    check_share: float = 0.0
+
+    @property
+    def check_energy_J(self) -> float:
+        """The check's part of the step's energy (the step's energy as it stands: after the run's
+        steps are scaled to the energy counter, `nectar.serving.loop`)."""
+        return self.check_share * self.energy_J
+
+    @property
+    def check_s(self) -> float:
+        """The check's part of the step's duration."""
+        return self.check_share * (self.t_end_s - self.t_start_s)
 
     def validate(self) -> None:
         if self.phase not in PHASES:
@@ -61,6 +80,8 @@ class StepRecord:
             raise ValueError(f"a prefill step needs one request id, batch 0 and generated 0 or 1, got {self}")
         if self.phase == "idle" and (self.request_ids or self.tokens or self.generated or self.batch):
             raise ValueError(f"an idle step computes nothing, got {self}")
+        if not 0.0 <= self.check_share < 1.0 or (self.check_share and self.phase != "decode"):
+            raise ValueError(f"check_share must be in [0, 1), and 0 except on a decode step, got {self}")
 
 
 @dataclass
@@ -84,6 +105,10 @@ class ServingMetrics:
     n_requests: int
     batch_max: int
     full_fraction: float
+    checked_steps: int = 0
+    check_energy_J: float = 0.0
+    check_time_s: float = 0.0
+    guard_share: float = 0.0
     flags: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -138,6 +163,8 @@ def summarize(steps: Sequence[StepRecord], requests: Sequence[RequestRecord], ba
     shares = attribute_energy(steps)
     span_s = max((s.t_end_s for s in steps), default=0.0) - min((s.t_start_s for s in steps), default=0.0)
     ttft, tpot = _percentiles(ttfts_s(requests)), _percentiles(tpots_s(requests))
+    checked = [s for s in decode if s.check_share > 0]
+    check_J = float(sum(s.check_energy_J for s in checked))
     return ServingMetrics(
         steady_J_per_token=_ratio(sum(s.energy_J for s in steady), sum(s.generated for s in steady)),
         J_per_token=_ratio(busy_J, generated),
@@ -147,4 +174,7 @@ def summarize(steps: Sequence[StepRecord], requests: Sequence[RequestRecord], ba
         tokens_per_s=_ratio(generated, span_s),
         mean_batch=float(np.mean([s.batch for s in decode])) if decode else math.nan,
         steady_steps=len(steady), generated_tokens=int(generated), n_requests=len(requests),
-        batch_max=batch_max, full_fraction=full_fraction, flags=[] if steady else [NO_STEADY])
+        batch_max=batch_max, full_fraction=full_fraction, checked_steps=len(checked), check_energy_J=check_J,
+        check_time_s=float(sum(s.check_s for s in checked)),
+        guard_share=check_J / _energy(steps, "decode") if _energy(steps, "decode") > 0 else 0.0,
+        flags=[] if steady else [NO_STEADY])

@@ -1,5 +1,8 @@
 """What a serving run writes: the frontier JSON, per-step and per-request CSVs, and three plots.
 
+steps.csv has one row per step (`nectar.serving.metrics.StepRecord`), with `check_share`: the share
+of a decode step's window that was NECTAR's ride-along check (0 on every other step).
+
 Plots: J per generated token against the decode batch (the load), time per decode step against
 the decode batch (TPOT as the load moves), and the frontier (savings vs perplexity increase, the
 static hull). Files are written inside the run's temporary folder (`OutputDir`), which replaces
@@ -25,11 +28,12 @@ from nectar.serving.loop import PolicyServing  # noqa: E402
 def write_steps_csv(path: Path, runs: dict[str, PolicyServing]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["policy", "phase", "t_start_s", "t_end_s", "energy_J", "batch", "tokens", "generated"])
+        writer.writerow(["policy", "phase", "t_start_s", "t_end_s", "energy_J", "batch", "tokens", "generated",
+                         "check_share"])
         for name, run in runs.items():
             for s in run.steps:
                 writer.writerow([name, s.phase, f"{s.t_start_s:.6f}", f"{s.t_end_s:.6f}", f"{s.energy_J:.6f}",
-                                 s.batch, s.tokens, s.generated])
+                                 s.batch, s.tokens, s.generated, f"{s.check_share:.6f}"])
 
 
 def write_requests_csv(path: Path, runs: dict[str, PolicyServing]) -> None:
