@@ -29,6 +29,7 @@ import numpy as np
 
 from nectar.experiment.summary import record_rows
 from nectar.telemetry.trace import TraceRow, write_meta, write_trace
+from nectar.telemetry.workload import widest_ffn_flops
 
 if TYPE_CHECKING:  # pragma: no cover
     from nectar.experiment.runner import PolicyRun
@@ -216,8 +217,8 @@ def expert_labels(runs: list["PolicyRun"]) -> list[str]:
         for row in run.trace:
             if row.workload is not None and row.workload.layers:
                 layer = max(row.workload.layers, key=lambda l: len(l.expert_costs))
-                top = max((c.flops for c in layer.expert_costs), default=0.0) or 1.0
-                return [_expert_label(c.kind, c.flops / top) for c in layer.expert_costs]
+                top = widest_ffn_flops(layer.expert_costs) if layer.expert_costs else 1.0
+                return [_expert_label(c.kind, c.flops / (top or 1.0)) for c in layer.expert_costs]
     return []
 
 

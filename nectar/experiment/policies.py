@@ -41,6 +41,7 @@ from nectar.control.fast_router import FastWeightRouterNet
 from nectar.experiment.clocks import split_clock
 from nectar.moe.router import Router
 from nectar.moe.static_routers import CheapStaticRouter, MixedTrainingRouter, TopKRouter, TopPRouter
+from nectar.telemetry.workload import widest_ffn_flops
 
 NECTAR_VARIANTS = ("nectar", "nectar:prior", "nectar:frozen", "nectar:fast", "nectar:dual", "nectar:noscale",
                    "nectar:nodrop")
@@ -123,10 +124,13 @@ def check_policies(names: list[str]) -> list[str]:
 
 
 def cheap_experts(layer, cheap_fraction: float = 0.5) -> list[int]:
-    """Indices of experts whose FLOPs per token are ≤ cheap_fraction × the layer's maximum."""
-    flops = [expert.cost_per_token().flops for expert in layer.experts]
-    top = max(flops)
-    return [i for i, f in enumerate(flops) if f <= cheap_fraction * top]
+    """Indices of experts whose FLOPs per token are ≤ cheap_fraction × the widest FFN expert's (an
+    expert of another kind — a LaCT expert, several times an FFN's FLOPs — neither is cheap nor
+    makes the FFNs cheap; a pool without FFN experts measures against its costliest expert)."""
+    costs = [expert.cost_per_token() for expert in layer.experts]
+    top = widest_ffn_flops(costs)
+    return [i for i, c in enumerate(costs) if c.flops <= cheap_fraction * top]
+
 
 
 def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, seed: int = 0,

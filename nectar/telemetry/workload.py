@@ -20,6 +20,13 @@ class ExpertCost:
     kind: str = "ffn"  # "ffn" | "zero" | "copy" | "constant" | "lact"
 
 
+def widest_ffn_flops(costs: "list[ExpertCost]") -> float:
+    """FLOPs per token of the widest "ffn" expert among `costs`, else the largest of all (the scale
+    "cheap" and "narrow" are measured against: a LaCT expert is costlier than an FFN but not wider)."""
+    ffn = [c.flops for c in costs if c.kind == "ffn"]
+    return max(ffn or [c.flops for c in costs])
+
+
 @dataclass
 class LayerWorkload:
     """One MoE (or dense) block's feed-forward work for the chunk."""

@@ -98,3 +98,24 @@ def test_clock_sweep_option_and_the_lock_of_a_backend_without_one():
 
     with pytest.raises(ValueError, match="cannot lock its SM clock"):
         lock_clock(NoClock(), 1300.0)
+
+
+def test_a_lact_expert_makes_no_ffn_cheap_and_is_not_cheap_itself():
+    """Cheap is measured against the widest FFN expert: a LaCT expert several times an FFN's FLOPs
+    neither turns the full FFNs into "cheap" experts (the bug the LaCT-expert frontier showed) nor
+    counts as cheap; the narrow FFN, zero and copy stay cheap; the plot labels follow the same scale."""
+    from nectar.experiment.outputs import _expert_label
+    from nectar.experiment.policies import cheap_experts
+    from nectar.telemetry.workload import widest_ffn_flops
+
+    torch.manual_seed(0)
+    specs = [{"kind": "gelu", "hidden": 64, "count": 2}, {"kind": "gelu", "hidden": 16}, {"kind": "lact", "hidden": 64},
+             {"kind": "zero"}, {"kind": "copy"}]
+    config = preset_config("tiny-moe", vocab_size=300, n_layer=2, n_embd=32, n_head=2, n_inner=64, n_positions=64,
+                           expert_specs=specs, n_experts=0)
+    layer = MoEGPT2LMHeadModel(config).moe_layers()[0][1]
+    costs = [expert.cost_per_token() for expert in layer.experts]
+    assert costs[3].kind == "lact" and costs[3].flops > 2 * costs[0].flops        # the LaCT expert is the costliest
+    assert cheap_experts(layer) == [2, 4, 5]
+    top = widest_ffn_flops(costs)
+    assert [_expert_label(c.kind, c.flops / top) for c in costs] == ["full", "full", "narrow (25 %)", "lact", "zero", "copy"]
