@@ -95,10 +95,12 @@ class CostTable:
         return seconds, joules
 
     def relative_costs(self, floor: float = 0.0) -> torch.Tensor:
-        """[E] float64 energy per slot normalised to the costliest expert; a measured cost below
-        `floor` (noise around a free expert) is held at `floor`."""
+        """[E] float64 energy per slot normalised to the costliest FFN expert (the costliest of any
+        kind when there is no FFN: a LaCT expert reads > 1 and leaves the fixed-price grid alone); a
+        measured cost below `floor` (noise around a free expert) is held at `floor`."""
         c_E = torch.tensor(self.expert_J_per_token, dtype=torch.float64).clamp_min(floor)
-        top = float(c_E.max())
+        ffn = [c for c, kind in zip(c_E.tolist(), self.expert_kinds) if kind == "ffn"]
+        top = max(ffn) if ffn else float(c_E.max())
         if not top > 0:
             raise ValueError("cost table: no expert has a positive measured energy per slot")
         return c_E / top

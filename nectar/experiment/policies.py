@@ -168,9 +168,10 @@ def policy_router(policy: str | PolicySpec, layer, temperature: float = 1.0, see
 
 
 def prior_costs(layer) -> torch.Tensor:
-    """[E] float64 the FLOP prior's per-token expert costs, normalised to the costliest expert."""
-    flops = torch.tensor([float(expert.cost_per_token().flops) for expert in layer.experts], dtype=torch.float64)
-    return flops / flops.max()
+    """[E] float64 the FLOP prior's per-token expert costs, normalised to the widest FFN expert (so a
+    costlier expert of another kind, a LaCT expert, reads > 1 and leaves the fixed-price grid alone)."""
+    costs = [expert.cost_per_token() for expert in layer.experts]
+    return torch.tensor([c.flops for c in costs], dtype=torch.float64) / widest_ffn_flops(costs)
 
 
 def cheap_bias(num_experts: int, cheap: list[int], value: float) -> torch.Tensor:

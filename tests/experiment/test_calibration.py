@@ -277,4 +277,4 @@ def test_a_lact_expert_gets_a_measured_row_like_any_other():
     base_s, tokens = _priced(model, batch, DROP)
     reference = (_priced(model, batch, 2)[0] - base_s) / (2 * tokens)
     assert_close(table.expert_s_per_token[2], reference, n=1000, scale=base_s / (2 * tokens), dtype=torch.float64)
-    assert table.relative_costs()[2] == 1.0          # its fast-weight update makes it the costliest here
+    assert table.relative_costs()[2] > 1.0 == max(table.relative_costs()[:2])   # costlier than an FFN, which sets the scale
