@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="quality bound: relative perplexity increase vs the baseline (0.01 = 1%%)")
     p.add_argument("--check-every", type=positive_int, default=None,
                    help="nectar: a shadow quality check every this many decode steps (default 16)")
+    p.add_argument("--check-backoff", type=positive_int, default=None,
+                   help="nectar, proxy: once the checks agree on the slope, space them out to "
+                        "check-every × up to this (1: a check every check-every steps; default 8)")
     p.add_argument("--check-rows", type=positive_int, default=None,
                    help="nectar: rows a check re-runs under static routing, the batch's first ones (default: all)")
     p.add_argument("--quality-signal", choices=["checks", "proxy"], default="proxy",
@@ -162,7 +165,7 @@ def _config(args, top_k: int, max_positions: int):
     trace = TraceConfig(args.trace, args.requests, args.rate, args.seed, prompt, output)
     policies = tuple(args.policies or default_policies(top_k))
     checks = {"check_every": args.check_every or ServingControllerConfig.check_every, "check_rows": args.check_rows,
-              "quality_signal": args.quality_signal}
+              "quality_signal": args.quality_signal, "check_backoff": args.check_backoff or ServingControllerConfig.check_backoff}
     return ServingConfig(trace, ServeLimits(args.batch_max, args.prefill_chunk, context), policies,
                          f"static-top{top_k}", args.max_ppl_increase, args.seed,
                          controller=ServingControllerConfig(**checks))

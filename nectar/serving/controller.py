@@ -45,7 +45,9 @@ tests/serving/test_controller.py's plants. A check costs a whole decode step's w
 than the ≈ 5 % a price within a 1 % bound saves there), so checks are sparse: every 4th step cost
 NECTAR 20 points in the simulator once checks were charged, every 16th about none; checks of the
 batch's first rows only (`check_rows`) were dearer per token of information (docs/serving.md).
-With "checks", a window without a check moves nothing. A slower raise above the last cut's price
+With "proxy", checks thin out once they agree on the slope (`check_backoff`: the interval doubles
+each window while se(β̂) ≤ `settled_rse` · β̂, up to `check_every` · `check_backoff`, and falls back
+to `check_every` when they stop agreeing). With "checks", a window without a check moves nothing. A slower raise above the last cut's price
 (a probe step) helped on a heavy-tailed synthetic plant but cost 2–6 points of saving on the
 serving runs, so it is not used.
 
@@ -75,6 +77,8 @@ class ServingControllerConfig:
     check_every: int = 16                # a shadow check every this many decode steps
     check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
     quality_signal: str = "proxy"        # "proxy": β̂ · dropped mass (dropped_mass.py); "checks": the checked gaps
+    check_backoff: int = 8               # proxy: a settled slope spaces checks out to check_every × up to this
+    settled_rse: float = 0.25            # ... settled: se(β̂) ≤ this × β̂ over ≥ 3 checked windows
     raise_step: float = 0.3              # largest log-price raise per window
     cut_step: float = 0.7                # largest log-price cut per window
     memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
@@ -92,6 +96,8 @@ class ServingControllerConfig:
             raise ValueError(f"target_share must be in (0, 1], got {self.target_share}")
         if self.window_steps < 1 or self.check_every < 1:
             raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
+        if isinstance(self.check_backoff, bool) or self.check_backoff < 1 or not self.settled_rse > 0:
+            raise ValueError(f"check_backoff must be >= 1 and settled_rse > 0, got {self.check_backoff}, {self.settled_rse}")
         if self.quality_signal not in QUALITY_SIGNALS:
             raise ValueError(f"quality_signal must be one of {QUALITY_SIGNALS}, got {self.quality_signal!r}")
         if self.check_rows is not None and (isinstance(self.check_rows, bool) or self.check_rows < 1):
@@ -151,11 +157,14 @@ class ServingController:
     _last_log_step: float = 0.0
     _account: DroppedMassAccount | None = None   # the proxy's run account (quality_signal "proxy")
     _totals_at: torch.Tensor | None = None      # [2] device router totals at the last window's end
+    _interval: int = 0                          # decode steps from one check to the next
+    _next_check: int = 0                        # the decode step of the next check
     history: list = field(default_factory=list)
 
     def __post_init__(self):
         self.config.validate()
         self.price = self.config.start_price
+        self._interval = self.config.check_every
         self._set(self.price)
         if self.config.quality_signal == "proxy":
             self._account = DroppedMassAccount(layers=len(self.routers))
@@ -167,7 +176,7 @@ class ServingController:
     def wrap_decode(self, engine: ServingEngine, run, feed, positions, targets):
         """The step's compute, with a shadow static forward first on check steps."""
         self.start_metering()
-        if self._steps % self.config.check_every:
+        if not self.check_due():
             return run
 
         rows = len(feed) if self.config.check_rows is None else min(self.config.check_rows, len(feed))
@@ -185,6 +194,24 @@ class ServingController:
             self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows, self.mass_since(before, rows))
             return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
+
+    def check_due(self) -> bool:
+        """Whether the decode step about to run carries a check (then the next one is scheduled)."""
+        if self._steps < self._next_check:
+            return False
+        self._next_check = self._steps + self._interval
+        return True
+
+    def _space_checks(self) -> None:
+        """Proxy: while the slope is settled (se ≤ settled_rse · β̂ over ≥ 3 checked windows) each
+        window doubles the check interval, up to check_every · check_backoff; otherwise it goes back
+        to check_every and the next check is brought forward. The slope is all the checks estimate;
+        once the checks agree on it, more of them buy little and cost a whole step each."""
+        c, acc = self.config, self._account
+        beta = acc.slope_estimate() if acc.checked_mass > 0 else 0.0
+        settled = len(acc.checked_windows) >= 3 and beta > 0 and acc.slope_error() <= c.settled_rse * beta
+        self._interval = min(2 * self._interval, c.check_every * c.check_backoff) if settled else c.check_every
+        self._next_check = min(self._next_check, self._steps + self._interval)
 
     def start_metering(self) -> None:
         """Before the first decode step (after any capture's warm-ups): the proxy's starting totals."""
@@ -233,6 +260,7 @@ class ServingController:
                 self.observe_window(gap, tokens)
             return
         self._gap_sum, self._gap_tokens = self._gap_sum + gap, self._gap_tokens + tokens
+        self._space_checks()
         self._move(price_step(self.config, estimate.spent_nats, estimate.tokens, estimate.cost_nats), tokens,
                    slope=estimate.slope)
 
@@ -257,7 +285,7 @@ class ServingController:
                   "dppl_recent": math.expm1(step.cost_nats), "dppl_allowed_now": math.expm1(step.allowance_nats),
                   "window_tokens": tokens}
         if slope is not None:
-            record["proxy_slope"] = slope
+            record["proxy_slope"], record["check_interval"] = slope, self._interval
         self.history.append(record)
 
     def summary(self) -> dict:
