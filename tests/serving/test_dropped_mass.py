@@ -102,3 +102,37 @@ def test_a_proxy_run_moves_the_price_every_window(tmp_path):
     assert with_slope and all(w["proxy_slope"] >= 0 for w in with_slope)
     assert len(windows) > decode_steps // 4                # windows without a check move the price too
     assert all(0 < w["price"] <= config.max_price for w in windows)
+
+
+def _schedule(controller, windows: list[tuple[float, float]], window_steps: int) -> list[int]:
+    """Drive the check schedule: each window of `window_steps` decode steps feeds the account one
+    (gap, mass) pair (the checks' readings) and re-spaces the checks; returns the checked steps."""
+    checked = []
+    for gap, mass in windows:
+        for _ in range(window_steps):
+            if controller.check_due():
+                checked.append(controller._steps)
+            controller._steps += 1
+        controller._account.observe(gap, mass, 1.0, 10.0)
+        controller._space_checks()
+    return checked
+
+
+def test_checks_thin_out_while_they_agree_on_the_slope_and_come_back_when_they_do_not():
+    from nectar.serving.controller import ServingController, ServingControllerConfig
+
+    class Router:
+        price = 0.0
+
+    config = ServingControllerConfig(check_every=4, window_steps=4, check_backoff=8)
+    controller = ServingController([Router()], [Router()], config)
+    agreeing = [(0.8 * m, m) for m in (1.0, 2.0, 1.5, 1.0, 2.0, 1.0, 1.5, 2.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)]
+    checked = _schedule(controller, agreeing, 4)
+    gaps = [b - a for a, b in zip(checked, checked[1:])]
+    assert gaps[:3] == [4, 4, 4]                          # three checked windows before the slope counts
+    assert gaps == sorted(gaps) and max(gaps) == 32 and set(gaps) <= {4, 8, 16, 32}   # doubling, capped at 4 × 8
+    assert len(checked) < len(agreeing)                   # fewer checks than windows
+    _schedule(controller, [(40.0, 1.0)], 4)               # a check far off the slope
+    assert controller._interval == 4 and controller._next_check <= controller._steps + 4
+    fixed = ServingController([Router()], [Router()], ServingControllerConfig(check_every=4, window_steps=4, check_backoff=1))
+    assert _schedule(fixed, agreeing, 4) == list(range(0, 4 * len(agreeing), 4))   # backoff 1: every 4th step
