@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward_chunk import DTYPES, build_model  # noqa: E402
 from benchmarks.policy_speed import telemetry_backend  # noqa: E402
-from benchmarks.timing import environment, write_json  # noqa: E402
+from benchmarks.timing import check_device_and_sizes, environment, write_json  # noqa: E402
 from nectar.experiment.calibration import CalibrationConfig, calibrate  # noqa: E402
 from nectar.experiment.policies import policy_router  # noqa: E402
 
@@ -55,11 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.micro_batch, args.seq_len, args.vocab, args.repeats = 8, 4, 32, 256, 1
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    for name in ("rows", "micro_batch", "seq_len", "vocab", "repeats"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_device_and_sizes(parser, args, ("rows", "micro_batch", "seq_len", "vocab", "repeats"))
     try:
         args.settle_fractions = [float(f) for f in args.settle_fractions.split(",") if f.strip()]
     except ValueError:

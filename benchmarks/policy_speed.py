@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.forward_chunk import DTYPES, build_model, count_host_syncs  # noqa: E402
-from benchmarks.timing import environment, synchronize, write_json  # noqa: E402
+from benchmarks.timing import check_device_and_sizes, environment, synchronize, write_json  # noqa: E402
 from nectar.control.cost_table import CostTable  # noqa: E402
 from nectar.experiment.calibration import CalibrationConfig, calibrate  # noqa: E402
 from nectar.experiment.forward import forward_chunk, install  # noqa: E402
@@ -72,11 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.rows, args.micro_batch, args.seq_len, args.vocab, args.rounds = 4, 2, 32, 256, 2
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error("--device cuda requested but CUDA is not available")
-    for name in ("rows", "micro_batch", "seq_len", "vocab", "rounds"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    check_device_and_sizes(parser, args, ("rows", "micro_batch", "seq_len", "vocab", "rounds"))
     if args.rows % args.micro_batch:
         parser.error("--rows must be a multiple of --micro-batch")
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]

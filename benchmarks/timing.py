@@ -79,3 +79,13 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (torch.dtype, torch.device, Path)):
         return str(value)
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def check_device_and_sizes(parser, args, sizes: tuple[str, ...]) -> None:
+    """parser.error (a clear one-line exit) when --device asks for CUDA that is absent, or one of
+    the integer options `sizes` (attribute names) is below 1."""
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda requested but CUDA is not available")
+    for name in sizes:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1")
