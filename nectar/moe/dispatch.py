@@ -151,7 +151,7 @@ def dispatch_path(x: torch.Tensor, pool: ExpertPool, grouped: bool = True) -> st
 
 def loop_dispatch(x: torch.Tensor, decision: RoutingDecision, pool: ExpertPool,
                   perm: TokenPermutation | None = None) -> torch.Tensor:
-    """Every expert on its exact slice of the sorted pairs; un-permute and combine by gathers."""
+    """Every expert on its exact slice of the sorted pairs; then `combine_by_slot`."""
     perm = permute_by_expert(decision) if perm is None else perm
     n, num_slots = decision.experts.shape
     computed_NK = perm.key.view(n, num_slots) < len(pool)                       # [N, K] slots an expert computes
