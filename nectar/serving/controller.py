@@ -79,7 +79,6 @@ class ServingControllerConfig:
     quality_signal: str = "proxy"        # "proxy": β̂ · dropped mass (dropped_mass.py); "checks": the checked gaps
     check_backoff: int = 8               # proxy: a settled slope spaces checks out to check_every × up to this
     settled_rse: float = 0.25            # ... settled: se(β̂) ≤ this × β̂ over ≥ 3 checked windows
-    check_min_share: float = 0.5         # a due check waits (≤ one interval) for a batch ≥ this × the largest seen
     raise_step: float = 0.3              # largest log-price raise per window
     cut_step: float = 0.7                # largest log-price cut per window
     memory_tokens: float = 32.0          # the cost estimate forgets with this many checked tokens
@@ -97,8 +96,6 @@ class ServingControllerConfig:
             raise ValueError(f"target_share must be in (0, 1], got {self.target_share}")
         if self.window_steps < 1 or self.check_every < 1:
             raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
-        if not 0 <= self.check_min_share <= 1:
-            raise ValueError(f"check_min_share must be in [0, 1], got {self.check_min_share}")
         if isinstance(self.check_backoff, bool) or self.check_backoff < 1 or not self.settled_rse > 0:
             raise ValueError(f"check_backoff must be >= 1 and settled_rse > 0, got {self.check_backoff}, {self.settled_rse}")
         if self.quality_signal not in QUALITY_SIGNALS:
@@ -162,7 +159,6 @@ class ServingController:
     _totals_at: torch.Tensor | None = None      # [2] device router totals at the last window's end
     _interval: int = 0                          # decode steps from one check to the next
     _next_check: int = 0                        # the decode step of the next check
-    _max_rows: int = 0                          # the largest decode batch seen so far
     history: list = field(default_factory=list)
 
     def __post_init__(self):
@@ -180,7 +176,7 @@ class ServingController:
     def wrap_decode(self, engine: ServingEngine, run, feed, positions, targets):
         """The step's compute, with a shadow static forward first on check steps."""
         self.start_metering()
-        if not self.check_due(len(feed)):
+        if not self.check_due():
             return run
 
         rows = len(feed) if self.config.check_rows is None else min(self.config.check_rows, len(feed))
@@ -199,16 +195,9 @@ class ServingController:
             return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
 
-    def check_due(self, rows: int) -> bool:
-        """Whether the decode step about to run, of `rows` rows, carries a check (then the next one
-        is scheduled). A due check waits for a batch of at least `check_min_share` × the largest
-        seen so far, for at most one interval: a check costs about a step whatever its rows (the
-        step reads the weights), so a fuller batch buys more checked tokens for the same energy."""
-        self._max_rows = max(self._max_rows, rows)
+    def check_due(self) -> bool:
+        """Whether the decode step about to run carries a check (then the next one is scheduled)."""
         if self._steps < self._next_check:
-            return False
-        overdue = self._steps >= self._next_check + self._interval
-        if rows < self.config.check_min_share * self._max_rows and not overdue:
             return False
         self._next_check = self._steps + self._interval
         return True

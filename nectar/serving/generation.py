@@ -75,7 +75,7 @@ def _wrapped_forward(forward, model, session: GenerationSession, static: list):
         if not _is_decode_step(args, kwargs, cache):
             return forward(*args, **kwargs)
         controller.start_metering()
-        checked = controller.check_due(int(kwargs.get("input_ids", args[0] if args else None).shape[0]))
+        checked = controller.check_due()
         if checked:
             length = cache.get_seq_length()
             install(model, static)

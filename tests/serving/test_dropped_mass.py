@@ -110,7 +110,7 @@ def _schedule(controller, windows: list[tuple[float, float]], window_steps: int)
     checked = []
     for gap, mass in windows:
         for _ in range(window_steps):
-            if controller.check_due(1):
+            if controller.check_due():
                 checked.append(controller._steps)
             controller._steps += 1
         controller._account.observe(gap, mass, 1.0, 10.0)
@@ -136,28 +136,3 @@ def test_checks_thin_out_while_they_agree_on_the_slope_and_come_back_when_they_d
     assert controller._interval == 4 and controller._next_check <= controller._steps + 4
     fixed = ServingController([Router()], [Router()], ServingControllerConfig(check_every=4, window_steps=4, check_backoff=1))
     assert _schedule(fixed, agreeing, 4) == list(range(0, 4 * len(agreeing), 4))   # backoff 1: every 4th step
-
-
-def test_a_due_check_waits_for_a_fuller_batch_but_not_past_one_interval():
-    """Batches of 8 then 1 row: a check falling due at a 1-row step waits for the next step of
-    ≥ 4 rows (check_min_share 0.5 of the largest seen), or runs anyway once one interval overdue."""
-    from nectar.serving.controller import ServingController, ServingControllerConfig
-
-    class Router:
-        price = 0.0
-
-    def checked_steps(rows_per_step, share):
-        controller = ServingController([Router()], [Router()],
-                                       ServingControllerConfig(check_every=4, check_min_share=share))
-        steps = []
-        for rows in rows_per_step:
-            if controller.check_due(rows):
-                steps.append(controller._steps)
-            controller._steps += 1
-        return steps
-
-    rows = [8, 1, 1, 1, 1, 1, 6, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
-    assert checked_steps(rows, 0.0) == [0, 4, 8, 12, 16]         # every 4th step, whatever its batch
-    assert checked_steps(rows, 0.5) == [0, 6, 14]                 # due at 4: waits for the 6-row step; due at 10: overdue at 14
-    with pytest.raises(ValueError, match="check_min_share"):
-        ServingControllerConfig(check_min_share=1.5).validate()
