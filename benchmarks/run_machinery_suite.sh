@@ -4,17 +4,19 @@
 #   policy_speed_<d>.json every policy on the same chunk, dispatch d = grouped, loop, compiled
 #                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
 #   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
+#   calibration_noise.json  the cost calibration's spread over identical experts, with and without a settle
 #   suite.log             everything printed
-# About 7 minutes on an H100/H200 (SKIP_COMPILED=1: about 5, without the compiled row); each step has its own time limit, so one that overruns leaves
+# About 8 minutes on an H100/H200 (SKIP_COMPILED=1: about 5, without the compiled row); each step has its own time limit, so one that overruns leaves
 # the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
 cd "$(dirname "$0")/.."
-POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,nectar
+# fixed-price:0.005 drops nearly every second slot: against static-top1, what a dropped slot still costs
+POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,fixed-price:0.005,nectar
 . benchmarks/suite_steps.sh
 suite_header
-step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py
+step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py
 for d in grouped loop; do
   step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
     --policies "$POLICIES" --json-out "$OUT/policy_speed_$d.json"
@@ -25,5 +27,7 @@ done
 step moe_layer 100 "$PY" benchmarks/moe_layer.py --device cuda --dtype bfloat16 --tokens 32768 131072 --kinds swiglu gelu \
   --experts 8 --top-k 2 --d-model 768 --hidden 3072 --compile --compile-tokens 32768 131072 --energy-seconds 1.0 \
   --energy-tokens 32768 --json-out "$OUT/moe_layer.json"
+step calibration_noise 90 "$PY" benchmarks/calibration_noise.py --device cuda --repeats 2 --settle-fractions 0,0.75 \
+  --json-out "$OUT/calibration_noise.json"
 date | tee -a "$LOG"
 exit $status
