@@ -87,8 +87,9 @@ class WallClock(FakeClock):
 
 def test_energy_through_the_nvml_backend_over_a_fake_device(tiny_dirs):
     """The real NvmlBackend (energy meter, windows, the one energy rule) over a 300 W fake GPU: every
-    model's J/token × tokens/s is the device's 300 W."""
-    cfg = lact_energy.MeasureConfig(seq_len=32, chunk_rows=4, micro_batch=2, seconds=0.2, rounds=2, warmup_s=0.0)
+    model's J/token × tokens/s is the device's 300 W. A short warm-up takes each model's first-call
+    costs (a fresh clone's CI once saw a first 0.2 s window last over 0.5 s without one)."""
+    cfg = lact_energy.MeasureConfig(seq_len=32, chunk_rows=4, micro_batch=2, seconds=0.1, rounds=2, warmup_s=0.05)
     models = [lact_energy.load_model(d, cfg, "cpu", torch.float32) for d in tiny_dirs]
     backend = NvmlBackend(sample_period_s=None, sync=lambda: None, nvml=FakeNvml(WallClock(), 300.0))
     try:
