@@ -12,7 +12,6 @@ import json
 import math
 
 import pytest
-import torch
 
 from nectar.cli.serve import main as serve_main
 from nectar.serving.controller import ServingControllerConfig
@@ -22,7 +21,6 @@ from nectar.serving.metrics import StepRecord, summarize
 from nectar.serving.step_cost import check_share
 from nectar.serving.traces import LengthDist, TraceConfig
 from nectar.telemetry.workload import ChunkWorkload, ExpertCost, LayerWorkload
-from tests.serving.models import tiny_gpt2_moe
 from tests.tolerance import approx
 
 TRACE = TraceConfig("bursty", n_requests=8, rate_rps=200.0, seed=3, prompt=LengthDist(12, 0.5, 4, 30),
@@ -45,16 +43,6 @@ def _check_part(w: ChunkWorkload) -> float:
     """The check's share of a checked step: its forward's bytes over both forwards'."""
     check, own = _bytes_read(w.before), _bytes_read(w)       # `before` has no `before` of its own here
     return check / (check + own)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_gpt2_moe()
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return torch.randint(0, 211, (4000,), generator=torch.Generator().manual_seed(0))
 
 
 def _serve(model, stream, check_every: int):

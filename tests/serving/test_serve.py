@@ -15,22 +15,11 @@ from nectar.serving.loop import ServeLimits, request_tokens
 from nectar.serving.scheduler import Scheduler
 from nectar.serving.traces import LengthDist, TraceConfig, make_trace
 from sim.presets import load_preset
-from tests.serving.models import tiny_gpt2_moe
 from tests.tolerance import approx
 
 TRACE = TraceConfig("bursty", n_requests=8, rate_rps=200.0, seed=3, prompt=LengthDist(12, 0.5, 4, 30),
                     output=LengthDist(6, 0.5, 2, 12))
 LIMITS = ServeLimits(batch_max=3, prefill_chunk_tokens=8, max_context_tokens=64)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_gpt2_moe()
-
-
-@pytest.fixture(scope="module")
-def stream():
-    return torch.randint(0, 211, (4000,), generator=torch.Generator().manual_seed(0))
 
 
 def _uncached_nll(model, stream, policy: str) -> float:
