@@ -5,7 +5,11 @@
     predicts the held-out part to within the noise;
 (b) the closed-form RC response to a constant-power step (and two steps) vs the window-by-window
     integration, gaps included;
-(c) unusable input: one-line errors, exit status 2, nothing written.
+(c) unusable input: one-line errors, exit status 2, nothing written;
+(d) the two-node (die + sink) model: its exact window-by-window integration against a fine-step
+    ODE solution (scipy.integrate.solve_ivp), recovery of a known two-node truth with the sink
+    held at the truth, and that neither its online fit nor its sink prior reads a held-out
+    temperature of the segment predicted.
 """
 
 from __future__ import annotations
@@ -170,3 +174,130 @@ def test_cli_writes_json_on_a_synthetic_trace(tmp_path):
     assert seg["windows_fitted"] + seg["windows_held_out"] == len(w)
     assert seg["held_out"]["rmse_C"] < 1.0          # whole-degree readings: ≈ 0.3 °C of quantisation
     assert report["command"].startswith("python -m analysis.reconcile.thermal_fit")
+
+
+# ---------------------------------------------------------------------------- (d) two-node
+TWO = tf.TwoNodeParams(ambient_C=35.0, die_resistance_C_per_W=0.02, die_time_constant_s=0.15,
+                       sink_resistance_C_per_W=0.015, sink_time_constant_s=60.0)
+
+
+def test_two_node_integrator_matches_fine_step_ode():
+    from scipy.integrate import solve_ivp
+
+    dur = np.array([0.4, 0.05, 1.3, 0.7, 5.0, 0.2, 20.0])
+    power = np.array([600.0, 120.0, 450.0, 80.0, 520.0, 300.0, 150.0])
+    die0, sink0 = 9.0, 4.0
+    got = tf.integrate_two_node(TWO, dur, power, die0, sink0)
+    edges = np.concatenate([[0.0], np.cumsum(dur)])
+
+    def rhs(t, y):
+        p = power[min(np.searchsorted(edges, t, side="right") - 1, len(power) - 1)]
+        return [(TWO.die_resistance_C_per_W * p - y[0]) / TWO.die_time_constant_s,
+                (TWO.sink_resistance_C_per_W * p - y[1]) / TWO.sink_time_constant_s]
+
+    y, want = [die0, sink0], []
+    for k in range(len(dur)):        # one solve per constant-power interval: no step straddles a jump
+        sol = solve_ivp(rhs, (edges[k], edges[k + 1]), y, method="LSODA", rtol=1e-10, atol=1e-10,
+                        max_step=0.01)
+        y = sol.y[:, -1]
+        want.append(TWO.ambient_C + y.sum())
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
+def test_two_node_closed_form_step_and_start():
+    w = tf.Windows(np.array([0.0, 1.0]), np.array([1.0, 31.0]), np.array([500.0, 200.0]), np.array([50.0, 0.0]))
+    got = tf.predict_readings(TWO, w, gap_power_W=None)
+    t0 = 50.0 + tf.TEMP_READING_OFFSET_C
+    die0, sink0 = tf.two_node_start(TWO, t0, 500.0)
+    assert die0 == pytest.approx(0.02 * 500.0) and sink0 == pytest.approx(t0 - 35.0 - 10.0)
+    die = 0.02 * 200 + (die0 - 0.02 * 200) * math.exp(-30.0 / 0.15)
+    sink = 0.015 * 200 + (sink0 - 0.015 * 200) * math.exp(-30.0 / 60.0)
+    assert got[1] == pytest.approx(35.0 + die + sink - tf.TEMP_READING_OFFSET_C, abs=1e-12)
+
+
+def two_node_windows(seed: int = 4, duration_s: float = 120.0, noise_C: float = 0.2) -> tf.Windows:
+    """Chunks as in synthetic_windows, the truth a two-node model (no leakage), the sink
+    starting 3 °C below its steady state at the mean power (a slow creep up)."""
+    rng = np.random.default_rng(seed)
+    t, die, sink = 0.0, TWO.die_resistance_C_per_W * 400.0, TWO.sink_resistance_C_per_W * 400.0 - 3.0
+    starts, ends, powers, temps = [], [], [], []
+    while t < duration_s:
+        idle = rng.random() < 0.12
+        dt = 1.5 if idle else float(rng.uniform(0.3, 1.0))
+        p = 80.0 if idle else float(rng.uniform(250.0, 650.0))
+        (temp,) = tf.integrate_two_node(TWO, np.array([dt]), np.array([p]), die, sink)
+        die = TWO.die_resistance_C_per_W * p + (die - TWO.die_resistance_C_per_W * p) * math.exp(-dt / TWO.die_time_constant_s)
+        sink = temp - TWO.ambient_C - die
+        starts.append(t)
+        ends.append(t + dt)
+        powers.append(p)
+        temps.append(temp - tf.TEMP_READING_OFFSET_C + float(rng.normal(0.0, noise_C)))
+        t += dt
+    return tf.Windows(np.array(starts), np.array(ends), np.array(powers), np.array(temps))
+
+
+def _true_sink_prior() -> tf.SinkPrior:
+    return tf.SinkPrior(TWO.sink_time_constant_s, TWO.sink_resistance_C_per_W, 0.0, ("truth",))
+
+
+def test_two_node_fit_with_true_sink_predicts_to_the_noise():
+    w = two_node_windows()
+    fit = tf.fit_segment(w, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False, model="two-node",
+                         sink=_true_sink_prior(), compare=True)
+    assert fit.params.ambient_C == pytest.approx(TWO.ambient_C, abs=1.0)
+    assert fit.params.die_resistance_C_per_W == pytest.approx(TWO.die_resistance_C_per_W, rel=0.1)
+    assert fit.held_out.rmse_C <= 1.3 * 0.2
+    assert fit.comparison.model == "one-node" and fit.comparison.held_out.rmse_C > fit.held_out.rmse_C
+    d = fit.to_dict()
+    assert d["model"] == "two-node" and d["sink_prior"]["sources"] == ["truth"]
+    assert d["fitted_parameters"] == ["ambient_C", "die_resistance_C_per_W", "die_time_constant_s"]
+
+
+def test_two_node_prediction_reads_no_held_out_temperature():
+    w = two_node_windows(seed=5)
+    fit = tf.fit_segment(w, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False, model="two-node",
+                         sink=_true_sink_prior())
+    scrambled = tf.Windows(w.t_start_s, w.t_end_s, w.power_W,
+                           np.where(np.arange(len(w)) < fit.windows_fitted, w.temp_C, 99.0))
+    again = tf.fit_segment(scrambled, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False, model="two-node",
+                           sink=_true_sink_prior())
+    assert np.array_equal(again.predicted_C, fit.predicted_C)
+
+
+def test_sink_prior_leaves_the_predicted_segment_out():
+    shape = (len(tf.SINK_TAU_GRID_S), len(tf.SINK_R_GRID_C_PER_W))
+    other = np.ones(shape)
+    other[2, 3] = 0.5
+    own = np.ones(shape)
+    own[0, 0] = 0.0                      # the segment's own (held-out) data would pick another point
+    prior = tf.sink_prior({"gpu/a": own, "gpu/b": other}, exclude="gpu/a")
+    assert (prior.sink_time_constant_s, prior.sink_resistance_C_per_W) == (tf.SINK_TAU_GRID_S[2],
+                                                                             tf.SINK_R_GRID_C_PER_W[3])
+    assert prior.sources == ("gpu/b",)
+    with pytest.raises(tf.ThermalFitError, match="other segment"):
+        tf.sink_prior({"gpu/a": own}, exclude="gpu/a")
+
+
+def _write_segment(folder, w: tf.Windows) -> None:
+    folder.mkdir(parents=True)
+    rows = [TraceRow(_window(float(a), float(b), float(p), float(np.floor(t + 0.5))), kind="chunk", policy="p",
+                     chunk_index=i) for i, (a, b, p, t) in enumerate(zip(w.t_start_s, w.t_end_s, w.power_W, w.temp_C))]
+    write_trace(folder / "trace.csv.gz", rows)
+    write_meta(folder, backend="test", gpu_name="NVIDIA H200")
+
+
+def test_run_two_node_reads_no_held_out_temperature_of_the_segment_predicted(tmp_path):
+    """Whole pipeline (sink prior from the other segments + online fit): scrambling segment a's
+    held-out readings changes nothing of a's prediction."""
+    a, b = two_node_windows(seed=6, duration_s=50.0), two_node_windows(seed=7, duration_s=50.0)
+    _write_segment(tmp_path / "gpu" / "a", a)
+    _write_segment(tmp_path / "gpu" / "b", b)
+    first = tf.run(tmp_path / "gpu", preset="h200_sxm", model="two-node", whole_segment=False, compare=False)
+    fit_a = first["_fits"][0]
+    scrambled = tf.Windows(a.t_start_s, a.t_end_s, a.power_W,
+                           np.where(np.arange(len(a)) < fit_a.windows_fitted, a.temp_C, 99.0))
+    _write_segment(tmp_path / "gpu2" / "a", scrambled)
+    _write_segment(tmp_path / "gpu2" / "b", b)
+    second = tf.run(tmp_path / "gpu2", preset="h200_sxm", model="two-node", whole_segment=False, compare=False)
+    assert fit_a.sink_prior.sources == ("gpu/b",)
+    assert np.array_equal(second["_fits"][0].predicted_C, fit_a.predicted_C)
