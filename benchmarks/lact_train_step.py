@@ -23,16 +23,19 @@ from that check; the work timed is the same).
 
 Stages: `--stage moe` (default; the upcycled MoE with the recipe's training router and auxiliary
 loss: the stage of issue 28's 130 k vs 383 k tokens/s) or `--stage dense` (the dense parent).
+`--layer`: also rows of scope "layer" (the others are "model"): forward + backward of the first
+hybrid attention layer alone on random hidden states, per variant (what the options change).
 `--small`: 2 layers (else the preset's 6), batch 1 (else the recipe's 64): a CPU-sized run with
 the recipe's widths, heads, window and chunk. `--profile N`: after timing, the N most expensive
-ops of one training step of each hybrid variant (torch.profiler; CUDA kernel time on cuda).
+ops of one training step of each hybrid variant (torch.profiler; CUDA kernel time on cuda),
+printed and written beside the JSON (`<json-out>.profile.txt`).
 
-  PYTHONPATH=. python benchmarks/lact_train_step.py --device cuda --json-out lact_train_step.json
+  PYTHONPATH=. python benchmarks/lact_train_step.py --device cuda --budget-s 80 --json-out lact_train_step.json
   PYTHONPATH=. python benchmarks/lact_train_step.py --device cpu --small --json-out /tmp/lts.json
 
-The JSON is a list of rows {recipe, variant, stage, train_tokens_per_s, forward_tokens_per_s,
-ms_per_step, forward_ms, batch, seq_len, n_layer, loss, loss_diff_vs_reference, compiled,
-device, torch, cuda}.
+The JSON is a list of rows {recipe, variant, scope, stage, train_tokens_per_s, forward_tokens_per_s,
+ms_per_step, forward_ms, batch, seq_len, n_layer, dtype, loss, loss_diff_vs_reference, compiled,
+rounds, device, torch, cuda}.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ from nectar.train.routing import AdaptiveTrainingRouter  # noqa: E402
 from nectar.train.recipes import RECIPES, install_training_router, stage_config, upcycle  # noqa: E402
 
 VOCAB_SIZE = 16384  # the corpus tokenizer's (docs/results/h100/lact/nectar_model.*.json)
-DEFAULT_RECIPES = ("distilgpt2", "distilgpt2-lact-attn", "distilgpt2-lact-expert")
+DEFAULT_RECIPES = ("distilgpt2", "distilgpt2-lact-expert", "distilgpt2-lact-attn")  # the slowest last
 VARIANTS = {  # name -> set_speed_options arguments
     "reference": dict(lean=False, cast_inputs=False, compile_branch=False),
     "lean": dict(lean=True, cast_inputs=False, compile_branch=False),
@@ -75,6 +78,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-layer", type=int, default=None, help="blocks (default: the preset's, --small 2)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="after this many seconds of the run, no further timing round starts (each variant "
+                             "keeps at least one); rows record the rounds they got")
+    parser.add_argument("--layer", action="store_true", help="also time one hybrid layer alone per variant")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest ops per variant")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=0)
@@ -169,25 +176,29 @@ def timed(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def time_variants(model, variants: list[str], functions, args) -> dict[str, tuple[float, float]]:
-    """variant -> (median s per training step, median s per forward): `--warmup` calls of each,
-    then `--repeats` rounds that time one call of every variant in turn (drift hits all alike)."""
+def time_variants(model, variants: list[str], functions, args) -> dict[str, tuple[float, float, int]]:
+    """variant -> (median s per training step, median s per forward, rounds): `--warmup` calls of
+    each, then `--repeats` rounds (fewer past `--budget-s`, at least one) that time one call of
+    every variant in turn (drift hits all alike)."""
     samples = {variant: ([], []) for variant in variants}
     for variant in variants:
         hybrid_attention.set_speed_options(model, **VARIANTS[variant])
         for _ in range(args.warmup):
             for fn in functions:
                 fn()
-    for _ in range(args.repeats):
+    for round_index in range(args.repeats):
+        if round_index and args.budget_s is not None and time.perf_counter() - args.start_s > args.budget_s:
+            print(f"  --budget-s {args.budget_s:g} reached: {round_index} round(s)", flush=True)
+            break
         for variant in variants:
             hybrid_attention.set_speed_options(model, **VARIANTS[variant])
             for fn, times in zip(functions, samples[variant]):
                 times.append(timed(fn, args.device))
-    return {variant: (median(train), median(forward)) for variant, (train, forward) in samples.items()}
+    return {variant: (median(train), median(forward), len(train)) for variant, (train, forward) in samples.items()}
 
 
-def profile_step(model, ids, cfg, aux, optimizer, args, label: str) -> None:
-    """Print the `--profile` costliest ops of one training step."""
+def profile_step(model, ids, cfg, aux, optimizer, args, label: str) -> str:
+    """The `--profile` costliest ops of one training step, as a printed table (also returned)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = args.device.startswith("cuda")
@@ -195,10 +206,57 @@ def profile_step(model, ids, cfg, aux, optimizer, args, label: str) -> None:
     loop._step(model, model, ids, cfg, aux, optimizer)
     with profile(activities=activities) as prof:
         loop._step(model, model, ids, cfg, aux, optimizer)
-        if cuda:
-            torch.cuda.synchronize()
-    sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
-    print(f"--- profile {label}\n{prof.key_averages().table(sort_by=sort, row_limit=args.profile)}", flush=True)
+        synchronize(args.device)
+    averages = prof.key_averages()
+    table = None
+    for sort in (("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)):
+        try:
+            table = averages.table(sort_by=sort, row_limit=args.profile)
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    text = f"--- profile {label}\n{table or averages.table(row_limit=args.profile)}\n"
+    print(text, flush=True)
+    return text
+
+
+def layer_functions(layer, args, dtype: str):
+    """(forward + backward, no-grad forward) of one hybrid attention layer on random hidden states
+    [B, T, D] under the recipe's autocast: the part the speed options change, without the rest."""
+    gen = torch.Generator().manual_seed(args.seed + 2)
+    hidden = torch.randn(args.batch, args.seq_len, layer.embed_dim, generator=gen).to(args.device)  # [B, T, D]
+    hidden.requires_grad_(True)
+    probe = torch.randn(hidden.shape, generator=gen).to(args.device)  # [B, T, D]
+
+    def train_step():
+        layer.train()
+        with loop.autocast(args.device, dtype):
+            out, _ = layer(hidden)
+        (out.float() * probe).sum().backward()
+
+    @torch.no_grad()
+    def forward():
+        with loop.autocast(args.device, dtype):
+            layer(hidden)
+
+    return train_step, forward
+
+
+def layer_rows(model, recipe_name: str, variants: list[str], cfg, args, env: dict) -> list[dict]:
+    """`--layer`: rows (scope "layer") of the first hybrid layer alone, per variant."""
+    layer = next(m for m in model.modules() if isinstance(m, hybrid_attention.HybridLaCTAttention))
+    timings = time_variants(model, variants, layer_functions(layer, args, cfg.dtype), args)
+    tokens, rows = args.batch * args.seq_len, []
+    for variant in variants:
+        step_s, forward_s, rounds = timings[variant]
+        rows.append(dict(recipe=recipe_name, variant=variant, scope="layer", stage=args.stage,
+                         train_tokens_per_s=tokens / step_s, forward_tokens_per_s=tokens / forward_s,
+                         ms_per_step=step_s * 1e3, forward_ms=forward_s * 1e3, batch=args.batch,
+                         seq_len=args.seq_len, dtype=cfg.dtype, rounds=rounds, **env))
+        print(f"{recipe_name + ' (1 layer)':24s} {variant:18s} fwd+bwd {rows[-1]['train_tokens_per_s']:10.0f} tok/s "
+              f"({rows[-1]['ms_per_step']:8.1f} ms)  forward {rows[-1]['forward_tokens_per_s']:10.0f} tok/s",
+              flush=True)
+    return rows
 
 
 def run_recipe(recipe_name: str, args, env: dict) -> list[dict]:
@@ -214,20 +272,22 @@ def run_recipe(recipe_name: str, args, env: dict) -> list[dict]:
     tokens = ids.numel()
     rows = []
     for variant in variants:
-        step_s, forward_s = timings[variant]
+        step_s, forward_s, rounds = timings[variant]
         compiled = VARIANTS[variant]["compile_branch"] and hybrid_attention._COMPILED.get("fn") is not None
-        row = dict(recipe=recipe_name, variant=variant, stage=args.stage, train_tokens_per_s=tokens / step_s,
+        row = dict(recipe=recipe_name, variant=variant, scope="model", stage=args.stage, train_tokens_per_s=tokens / step_s,
                    forward_tokens_per_s=tokens / forward_s, ms_per_step=step_s * 1e3, forward_ms=forward_s * 1e3,
                    batch=args.batch, seq_len=args.seq_len, n_layer=model.config.n_layer, dtype=cfg.dtype,
                    loss=losses[variant], loss_diff_vs_reference=losses[variant] - losses[variants[0]],
-                   compiled=bool(compiled), **env)
+                   compiled=bool(compiled), rounds=rounds, **env)
         print(f"{recipe_name:24s} {variant:18s} train {row['train_tokens_per_s']:10.0f} tok/s "
               f"({row['ms_per_step']:8.1f} ms/step)  forward {row['forward_tokens_per_s']:10.0f} tok/s  "
               f"loss {row['loss']:.5f} (Δ {row['loss_diff_vs_reference']:+.1e})", flush=True)
         rows.append(row)
     for variant in variants if args.profile and len(variants) > 1 else ():
         hybrid_attention.set_speed_options(model, **VARIANTS[variant])
-        profile_step(model, ids, cfg, aux, optimizer, args, f"{recipe_name} {variant}")
+        args.profiles.append(profile_step(model, ids, cfg, aux, optimizer, args, f"{recipe_name} {variant}"))
+    if args.layer and len(variants) > 1:
+        rows.extend(layer_rows(model, recipe_name, variants, cfg, args, env))
     return rows
 
 
@@ -239,11 +299,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         torch.backends.cuda.matmul.allow_tf32 = True  # as nectar.train.recipes.train_demo_model
         torch.backends.cudnn.allow_tf32 = True
     env = environment(args.device)
-    start = time.perf_counter()
-    rows = []
+    start = args.start_s = time.perf_counter()
+    rows, args.profiles = [], []
     for recipe_name in args.recipes:
         rows.extend(run_recipe(recipe_name, args, env))
         write_json(args.json_out, rows)
+    if args.json_out and args.profiles:
+        Path(str(args.json_out) + ".profile.txt").write_text("".join(args.profiles))
     print(f"lact_train_step: {time.perf_counter() - start:.1f} s on {env['device']}", flush=True)
     return rows
 
