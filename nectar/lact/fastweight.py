@@ -19,6 +19,14 @@ row_blocks=(2, 1))`), weight norm is per row, so the result is the unfused algor
 Everything computes in the dtype of its inputs (fp64 in, fp64 out; bf16 matmuls accumulate in
 fp32 in cuBLAS); mixed precision is the caller's choice.
 
+Lean variant (`swiglu_fast_weight(..., lean=True)`, what the hybrid attention layer uses): the same
+sums with fewer element-wise kernels forward and backward, for autograd training —
+`swiglu_apply_lean`, `swiglu_chunk_update_lean`, `fast_weight_step_lean`: gate and up come apart
+by `chunk` (backward: one cat, where two slices each zero-fill a full-width gradient), silu′ as one
+addcmul σ + silu(g)(1 − σ) instead of four kernels, and the weight norm multiplies by one per-row
+factor. Equal to the default path up to rounding
+(tests/lact/test_fastweight.py runs both against the token-loop reference).
+
 `swiglu_fast_weight(..., backend="triton")` runs the same stream with the element-wise work fused
 into Triton matmul kernels (`nectar.lact.fastweight_triton`: CUDA, bf16/fp16, forward only);
 `backend="auto"` takes that path where it can and this module's torch code elsewhere.
@@ -107,6 +115,37 @@ def swiglu_chunk_update_fused(
     return dw02, dw1
 
 
+def swiglu_apply_lean(x: torch.Tensor, w02: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """`swiglu_apply_fused` with gate and up split by `chunk` (its backward is one cat, not two
+    zero-filled slice gradients): x [B, L, dk] -> [B, L, dv]."""
+    gate, up = torch.bmm(x, w02.transpose(1, 2)).chunk(2, dim=-1)  # [B, L, dh] each
+    return torch.bmm(F.silu(gate) * up, w1.transpose(1, 2))  # [B, L, dv]
+
+
+def swiglu_chunk_update_lean(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w02: torch.Tensor,
+    w1: torch.Tensor,
+    lr0: torch.Tensor,
+    lr1: torch.Tensor,
+    lr2: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`swiglu_chunk_update_fused` in fewer element-wise kernels: gate and up split by `chunk`, silu′(g)
+    as one addcmul σ + silu(g)(1 − σ) (the fused `aten.silu_backward` has no double backward).
+    Returns (dW02 [B, 2dh, dk], dW1 [B, dv, dh])."""
+    gate, up = torch.bmm(k, w02.transpose(1, 2)).chunk(2, dim=-1)  # [B, l, dh] each
+    sigma = torch.sigmoid(gate)  # [B, l, dh]
+    gate_act = gate * sigma  # silu(g)  [B, l, dh]
+    silu_slope = torch.addcmul(sigma, gate_act, 1 - sigma)  # silu′(g) = σ + silu(g)(1 − σ)  [B, l, dh]
+    dhidden = torch.bmm(v, w1)  # [B, l, dh]  (rows of W1ᵀ v)
+    dgate = dhidden * up * silu_slope * lr0  # lr0 · dhid ⊙ h ⊙ silu′(g)  [B, l, dh]
+    dup = dhidden * gate_act * lr2  # lr2 · dhid ⊙ silu(g)  [B, l, dh]
+    dw1 = torch.bmm((v * lr1).transpose(1, 2), gate_act * up)  # [B, dv, dh]
+    dw02 = torch.bmm(torch.cat([dgate, dup], dim=-1).transpose(1, 2), k)  # [B, 2dh, dk]
+    return dw02, dw1
+
+
 def row_norms(w: torch.Tensor) -> torch.Tensor:
     """Norm of every row (over the last dimension): w [..., r, c] -> [..., r, 1]."""
     return w.norm(dim=-1, keepdim=True)
@@ -148,6 +187,30 @@ def fast_weight_step(
     return tuple(new_weights), accumulated
 
 
+def fast_weight_step_lean(
+    weights: Sequence[torch.Tensor],
+    deltas: Sequence[torch.Tensor],
+    previous_deltas: Sequence[torch.Tensor] | None = None,
+    momentum_gate: torch.Tensor | float | None = None,
+    use_muon: bool = False,
+    target_norms: Sequence[torch.Tensor] | None = None,
+    scale: float = 1.0,
+    row_blocks: Sequence[int] | None = None,
+) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+    """`fast_weight_step` with the weight norm as one multiply by target / (‖row‖ + eps), computed
+    on the [..., r, 1] norms, instead of a divide and a multiply over the whole weight."""
+    if len(weights) != len(deltas):
+        raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
+    steps, accumulated = momentum_steps(deltas, previous_deltas, momentum_gate, use_muon, scale, row_blocks)
+    new_weights = []
+    for index, (w, step) in enumerate(zip(weights, steps)):
+        updated = w + step  # [..., r, c]
+        if target_norms is not None:
+            updated = updated * (target_norms[index] / (row_norms(updated) + WEIGHT_NORM_EPS))  # × [..., r, 1]
+        new_weights.append(updated)
+    return tuple(new_weights), accumulated
+
+
 def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:
     if q.ndim != 3 or k.shape != q.shape or v.ndim != 3 or v.shape[:2] != q.shape[:2]:
         raise ValueError(f"expected q, k [B, L, dk] and v [B, L, dv]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -184,6 +247,7 @@ def swiglu_fast_weight(
     weight_norm: bool = True,
     causal: bool = True,
     backend: str = "torch",
+    lean: bool = False,
 ) -> tuple[torch.Tensor, Weights]:
     """Run a stream through chunk-wise updated SwiGLU fast weights.
 
@@ -196,9 +260,10 @@ def swiglu_fast_weight(
 
     backend: "torch" (this module), "triton" (fused Triton kernels, `nectar.lact.fastweight_triton`:
     CUDA, bf16/fp16, no autograd; raises where it cannot run) or "auto" (Triton where it can run).
+    lean: the torch path's lean functions (module doc; same sums, fewer element-wise kernels).
     """
     _check_kernel_inputs(q, k, v, w0, w1, w2, (lr0, lr1, lr2), chunk_size, momentum)
-    apply, update, step = _chunk_functions(backend, (q, k, v, w0, w1, w2, lr0, lr1, lr2))
+    apply, update, step = _chunk_functions(backend, (q, k, v, w0, w1, w2, lr0, lr1, lr2), lean)
     dh = w0.shape[1]
     weights: tuple[torch.Tensor, ...] = (torch.cat([w0, w2], dim=1), w1)  # (W02 [B, 2dh, dk], W1 [B, dv, dh])
     target_norms = tuple(row_norms(w) for w in weights) if weight_norm else None  # [B, rows, 1] each
@@ -221,16 +286,19 @@ def swiglu_fast_weight(
 BACKENDS = ("torch", "triton", "auto")
 
 
-def _chunk_functions(backend: str, tensors: Sequence[torch.Tensor]):
-    """(apply, update, step) of one chunk for `swiglu_fast_weight`'s backend."""
+def _chunk_functions(backend: str, tensors: Sequence[torch.Tensor], lean: bool = False):
+    """(apply, update, step) of one chunk for `swiglu_fast_weight`'s backend (lean: the torch path's
+    lean functions)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    torch_path = ((swiglu_apply_lean, swiglu_chunk_update_lean, fast_weight_step_lean) if lean
+                  else (swiglu_apply_fused, swiglu_chunk_update_fused, fast_weight_step))
     if backend == "torch":
-        return swiglu_apply_fused, swiglu_chunk_update_fused, fast_weight_step
+        return torch_path
     from nectar.lact import fastweight_triton
 
     if backend == "auto" and not fastweight_triton.supported(*tensors):
-        return swiglu_apply_fused, swiglu_chunk_update_fused, fast_weight_step
+        return torch_path
     fastweight_triton.require(*tensors)
     return (fastweight_triton.swiglu_apply_fused, fastweight_triton.swiglu_chunk_update_fused,
             fastweight_triton.fast_weight_step)

@@ -16,6 +16,20 @@ With the default gain 0 the layer starts as plain sliding-window GPT-2 attention
 model keeps its behaviour, and equals GPT-2 exactly when the window covers the sequence) and the
 gain is learned. Transformers' weight init resets norms to 1 but leaves the gain alone.
 
+Speed options (implementation only; config attributes, defaults in brackets; `set_speed_options`
+changes them on a built model):
+- lact_lean [True]: the fast-weight stream through `swiglu_fast_weight(..., lean=True)` (same
+  sums, fewer element-wise kernels forward and backward) and the q/k affine as one addcmul;
+- lact_cast_inputs [False]: the stream's q, k and learning rates cast once to v's dtype (under
+  bf16 autocast: bf16, where otherwise q and k are cast at every bmm and the fp32 rates promote
+  the update's element-wise products to fp32; one more bf16 rounding of the rates), and the TTT
+  RMSNorm's weight to its input's dtype (rms_norm's fused kernel instead of the mixed-dtype
+  fallback); a no-op in fp32;
+- lact_compile [False]: the LaCT branch (`lact_memory`, a free function so that the six layers
+  share one graph) under torch.compile, falling back to eager with a warning when compiling fails
+  (e.g. no C++ compiler on a CPU host). A failure inside the compiled backward is not caught.
+tests/lact/test_speed_options.py checks each against the reference path (all off).
+
 Limits: no KV cache. The layer accepts and ignores `past_key_values` / `use_cache` and never
 writes to the cache, so generation must run with `use_cache=False` (every step recomputes the
 whole prefix). Padding masks from the model are applied to the window attention; padded tokens
@@ -25,6 +39,8 @@ still write into the fast weights (pad on the right, or not at all). No cross-at
 from __future__ import annotations
 
 import math
+import warnings
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -98,6 +114,92 @@ def visibility_from_hf_mask(attention_mask: torch.Tensor | None, length: int) ->
     return attention_mask > torch.finfo(attention_mask.dtype).min / 2
 
 
+class LaCTParams(NamedTuple):
+    """The LaCT branch's parameters, as `lact_memory` takes them."""
+
+    qk_affine: torch.Tensor  # [scale|offset, q|k, D]
+    lr_weight: torch.Tensor  # [3Hf, D]
+    lr_bias: torch.Tensor  # [3Hf]
+    momentum_weight: torch.Tensor | None  # [Hf, D]
+    momentum_bias: torch.Tensor | None  # [Hf]
+    w0: torch.Tensor  # [Hf, dh, dk]
+    w1: torch.Tensor  # [Hf, dv, dh]
+    w2: torch.Tensor  # [Hf, dh, dk]
+    norm_weight: torch.Tensor  # [dk]
+    gain: torch.Tensor  # [Hf, 1, 1]
+
+
+class LaCTSettings(NamedTuple):
+    """The LaCT branch's static settings (hashable: torch.compile specialises on them)."""
+
+    heads: int
+    chunk_size: int
+    base_lr_logit: float
+    norm_eps: float
+    use_muon: bool
+    lean: bool
+    cast_inputs: bool
+
+
+def fold_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, T, Hf·d] -> [B·Hf, T, d]."""
+    batch, length, _ = t.shape
+    return t.view(batch, length, heads, -1).transpose(1, 2).reshape(batch * heads, length, -1)
+
+
+def _feature(t: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, lean: bool) -> torch.Tensor:
+    """silu(t · scale + offset): t [B, T, D], scale and offset [D]."""
+    return F.silu(torch.addcmul(offset, t, scale) if lean else t * scale + offset)
+
+
+def lact_memory(x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: LaCTParams,
+                s: LaCTSettings) -> torch.Tensor:
+    """The LaCT branch of the layer: x, q, k, v [B, T, D] -> gained, normed fast-weight output [B, T, D]."""
+    batch, length, d_model = x.shape
+    scale, offset = p.qk_affine[0], p.qk_affine[1]  # [2, D] each
+    fast_q = F.normalize(fold_heads(_feature(q, scale[0], offset[0], s.lean), s.heads), dim=-1, eps=1e-5)  # [B·Hf, T, dk]
+    fast_k = F.normalize(fold_heads(_feature(k, scale[1], offset[1], s.lean), s.heads), dim=-1, eps=1e-5)  # [B·Hf, T, dk]
+    fast_v = fold_heads(F.silu(v), s.heads)  # [B·Hf, T, dv]
+    lrs = F.softplus(F.linear(x, p.lr_weight, p.lr_bias) + s.base_lr_logit)  # [B, T, 3·Hf]
+    lr0, lr1, lr2 = fold_heads(lrs, s.heads).chunk(3, dim=-1)  # [B·Hf, T, 1] each
+    momentum = None
+    if p.momentum_weight is not None:
+        momentum = fold_heads(torch.sigmoid(F.linear(x, p.momentum_weight, p.momentum_bias)), s.heads)  # [B·Hf, T, 1]
+    if s.cast_inputs:
+        fast_q, fast_k, lr0, lr1, lr2 = (t.to(fast_v.dtype) for t in (fast_q, fast_k, lr0, lr1, lr2))
+    weights = [w.repeat(batch, 1, 1) for w in (p.w0, p.w1, p.w2)]  # [B·Hf, rows, cols]
+    fast_out, _ = swiglu_fast_weight(fast_q, fast_k, fast_v, *weights, lr0, lr1, lr2, s.chunk_size,
+                                     use_muon=s.use_muon, momentum=momentum, causal=True, lean=s.lean)  # [B·Hf, T, dv]
+    norm_weight = p.norm_weight.to(fast_out.dtype) if s.cast_inputs else p.norm_weight  # [dv] (same dtype: fused)
+    normed = F.rms_norm(fast_out, (fast_out.shape[-1],), norm_weight, s.norm_eps)  # [B·Hf, T, dv]
+    gained = normed.view(batch, s.heads, length, -1) * p.gain  # [B, Hf, T, dv]
+    return gained.transpose(1, 2).reshape(batch, length, d_model)  # [B, T, D]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_lact_memory():
+    """torch.compile(lact_memory), made once per process (None after a failure: eager from then on)."""
+    if "fn" not in _COMPILED:
+        _COMPILED["fn"] = torch.compile(lact_memory, dynamic=False)
+    return _COMPILED["fn"]
+
+
+def run_lact_memory(compile_branch: bool, *args) -> torch.Tensor:
+    """lact_memory(*args), compiled when asked and compiling works (else eager, with one warning)."""
+    fn = compiled_lact_memory() if compile_branch else None
+    if fn is None:
+        return lact_memory(*args)
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001  torch.compile raises many types (backend, missing compiler)
+        _COMPILED["fn"] = None
+        warnings.warn(f"lact_compile: torch.compile failed ({str(exc).splitlines()[0][:200]}); running eager",
+                      RuntimeWarning, stacklevel=2)
+        return lact_memory(*args)
+
+
 class HybridLaCTAttention(GPT2Attention):
     """GPT-2 attention with a sliding window plus a LaCT fast-weight branch (see module doc)."""
 
@@ -125,6 +227,19 @@ class HybridLaCTAttention(GPT2Attention):
         self.w2 = nn.Parameter(torch.randn(hf, dh, dk) / math.sqrt(dk))  # [Hf, dh, dk]
         self.ttt_norm = nn.RMSNorm(dk, eps=1e-6)
         self.ttt_gain = nn.Parameter(torch.full((hf, 1, 1), float(getattr(config, "lact_ttt_gain_init", 0.0))))  # [Hf, 1, 1]
+        self.set_speed_options(lean=bool(getattr(config, "lact_lean", True)),
+                               cast_inputs=bool(getattr(config, "lact_cast_inputs", False)),
+                               compile_branch=bool(getattr(config, "lact_compile", False)))
+
+    def set_speed_options(self, lean: bool | None = None, cast_inputs: bool | None = None,
+                          compile_branch: bool | None = None) -> None:
+        """Change the implementation options (module doc); None keeps an option as it is."""
+        if lean is not None:
+            self.lean = lean
+        if cast_inputs is not None:
+            self.cast_inputs = cast_inputs
+        if compile_branch is not None:
+            self.compile_branch = compile_branch
 
     def _check_config(self, d_model: int, base_lr: float, inter_multi: float) -> None:
         if self.window < 1 or self.lact_chunk_size < 1:
@@ -162,22 +277,21 @@ class HybridLaCTAttention(GPT2Attention):
                                        allowed=visible, dropout_p=dropout)  # [B, H, T, hd]
         return out.transpose(1, 2).reshape(q.shape)  # [B, T, D]
 
-    def _fold_heads(self, t: torch.Tensor) -> torch.Tensor:
-        """[B, T, Hf·d] -> [B·Hf, T, d]."""
-        batch, length, _ = t.shape
-        return t.view(batch, length, self.lact_heads, -1).transpose(1, 2).reshape(batch * self.lact_heads, length, -1)
-
     def _lact_branch(self, x, q, k, v) -> torch.Tensor:
-        batch, length, d_model = x.shape
-        scale, offset = self.qk_affine[0], self.qk_affine[1]  # [2, D] each
-        fast_q = F.normalize(self._fold_heads(F.silu(q * scale[0] + offset[0])), dim=-1, eps=1e-5)  # [B·Hf, T, dk]
-        fast_k = F.normalize(self._fold_heads(F.silu(k * scale[1] + offset[1])), dim=-1, eps=1e-5)  # [B·Hf, T, dk]
-        fast_v = self._fold_heads(F.silu(v))  # [B·Hf, T, dv]
-        lrs = F.softplus(self.lr_proj(x) + self.base_lr_logit)  # [B, T, 3·Hf]
-        lr0, lr1, lr2 = self._fold_heads(lrs).chunk(3, dim=-1)  # [B·Hf, T, 1] each
-        momentum = None if self.momentum_proj is None else self._fold_heads(torch.sigmoid(self.momentum_proj(x)))  # [B·Hf, T, 1]
-        weights = [w.repeat(batch, 1, 1) for w in (self.w0, self.w1, self.w2)]  # [B·Hf, rows, cols]
-        fast_out, _ = swiglu_fast_weight(fast_q, fast_k, fast_v, *weights, lr0, lr1, lr2, self.lact_chunk_size,
-                                         use_muon=self.use_muon, momentum=momentum, causal=True)  # [B·Hf, T, dv]
-        normed = self.ttt_norm(fast_out).view(batch, self.lact_heads, length, -1) * self.ttt_gain  # [B, Hf, T, dv]
-        return normed.transpose(1, 2).reshape(batch, length, d_model)  # [B, T, D]
+        """x, q, k, v [B, T, D] -> the LaCT branch's output [B, T, D] (`lact_memory`)."""
+        momentum = self.momentum_proj
+        params = LaCTParams(self.qk_affine, self.lr_proj.weight, self.lr_proj.bias,
+                            None if momentum is None else momentum.weight, None if momentum is None else momentum.bias,
+                            self.w0, self.w1, self.w2, self.ttt_norm.weight, self.ttt_gain)
+        settings = LaCTSettings(self.lact_heads, self.lact_chunk_size, self.base_lr_logit, self.ttt_norm.eps,
+                                self.use_muon, self.lean, self.cast_inputs)
+        return run_lact_memory(self.compile_branch, x, q, k, v, params, settings)
+
+
+def set_speed_options(model: nn.Module, **options) -> int:
+    """`HybridLaCTAttention.set_speed_options(**options)` on every hybrid layer of `model`; returns
+    how many layers there were."""
+    layers = [m for m in model.modules() if isinstance(m, HybridLaCTAttention)]
+    for layer in layers:
+        layer.set_speed_options(**options)
+    return len(layers)

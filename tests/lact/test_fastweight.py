@@ -19,6 +19,8 @@ from nectar.lact.fastweight import (
     row_norms,
     swiglu_apply,
     swiglu_chunk_update,
+    swiglu_chunk_update_fused,
+    swiglu_chunk_update_lean,
     swiglu_fast_weight,
     zeropower_via_newtonschulz5,
 )
@@ -123,6 +125,21 @@ def test_hand_gradients_equal_autograd_of_inner_loss():
         assert_close(deltas[j], -grad, n=k.shape[-1] + v.shape[-1] + k.shape[1], what=f"d{name}")
 
 
+def test_lean_update_equals_autograd_of_inner_loss():
+    inputs, _ = make_inputs(batch=3, length=9, dk=5, dv=4, dh=7, seed=4)
+    k, v, lrs = inputs["k"], inputs["v"], [inputs[f"lr{j}"] for j in range(3)]
+    w02 = torch.cat([inputs["w0"], inputs["w2"]], dim=1)  # [B, 2dh, dk]
+    dw02, dw1 = swiglu_chunk_update_lean(k, v, w02, inputs["w1"], *lrs)
+    want02, want1 = swiglu_chunk_update_fused(k, v, w02, inputs["w1"], *lrs)
+    n = k.shape[-1] + v.shape[-1] + k.shape[1]  # as above: dk, dv and the chunk's tokens
+    assert_close(dw02, want02, n=n, what="dW02")
+    assert_close(dw1, want1, n=n, what="dW1")
+    leaves = [inputs[name].clone().requires_grad_(True) for name in ("w0", "w1", "w2")]
+    inner_loss = -(lrs[0] * swiglu_apply(k, *leaves) * v).sum()  # −Σ η0 ⟨f_W(k), v⟩
+    (grad0,) = torch.autograd.grad(inner_loss, leaves[0])
+    assert_close(dw02[:, : inputs["w0"].shape[1]], -grad0, n=n, what="dW0 against autograd")
+
+
 SHAPES = [  # (batch, length, dk, dv, dh, chunk): partial last chunk, single chunk, tall and wide matrices
     (2, 11, 4, 5, 6, 4),
     (1, 7, 6, 3, 4, 3),
@@ -135,11 +152,13 @@ SHAPES = [  # (batch, length, dk, dv, dh, chunk): partial last chunk, single chu
 @pytest.mark.parametrize("with_momentum", [False, True])
 @pytest.mark.parametrize("weight_norm", [False, True])
 @pytest.mark.parametrize("causal", [True, False])
-def test_kernel_matches_token_loop_reference(shape, use_muon, with_momentum, weight_norm, causal):
+@pytest.mark.parametrize("lean", [False, True])
+def test_kernel_matches_token_loop_reference(shape, use_muon, with_momentum, weight_norm, causal, lean):
     batch, length, dk, dv, dh, chunk = shape
     inputs, momentum = make_inputs(batch, length, dk, dv, dh, seed=sum(shape), with_momentum=with_momentum)
     out, weights = swiglu_fast_weight(
-        **inputs, chunk_size=chunk, use_muon=use_muon, momentum=momentum, weight_norm=weight_norm, causal=causal
+        **inputs, chunk_size=chunk, use_muon=use_muon, momentum=momentum, weight_norm=weight_norm, causal=causal,
+        lean=lean,
     )
     ref_out, ref_weights = reference_fast_weight(inputs, chunk, use_muon, momentum, weight_norm, causal)
     # n: the stream's tokens (chained chunk sums) and the apply's reductions; Muon (the kernel's
