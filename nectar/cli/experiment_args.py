@@ -18,6 +18,7 @@ from nectar.cli.common import non_negative_int, positive_float, positive_int
 MAX_PPL_INCREASE = 0.01      # GuardConfig.max_ppl_increase
 BUDGET_USE = 0.9             # GuardConfig.budget_use
 SHADOW_SHARE = 1 / 64        # ControllerConfig.shadow_share
+SHADOW_AGREE = 1 / 3         # ControllerConfig.shadow_agree
 
 
 def schedule(text: str):
@@ -55,6 +56,9 @@ def add_controller_args(p: argparse.ArgumentParser) -> None:
                         "0.3 for NECTAR's router, 10 for a transformers MoE's adaptive k)")
     g.add_argument("--shadow-share", type=positive_float, default=SHADOW_SHARE,
                    help="share of the stream's sequences re-run under static routing for the paired quality check")
+    g.add_argument("--shadow-agree", type=positive_float, default=SHADOW_AGREE,
+                   help="checks thin out (up to 8x) while each one's measured perplexity cost is within this "
+                        "multiple of the target of what the sensitivity model predicted (default 1/3)")
     g.add_argument("--temp-cap", type=float, default=None, help="hold the GPU below this temperature, °C (20-100)")
     g.add_argument("--power-budget", type=schedule, default=None,
                    help="hold mean power below this, W, or a schedule 'seconds:W,…' starting at 0")
@@ -155,7 +159,8 @@ def controller_config(args):
 
     limits = LimitConfig(temp_cap_C=args.temp_cap, power_budget=args.power_budget)
     guard = GuardConfig(max_ppl_increase=args.max_ppl_increase, budget_use=args.budget_use, price_init=args.price)
-    return ControllerConfig(shadow_share=args.shadow_share, seed=args.seed, limits=limits, guard=guard)
+    return ControllerConfig(shadow_share=args.shadow_share, shadow_agree=args.shadow_agree, seed=args.seed,
+                            limits=limits, guard=guard)
 
 
 def configs(args, policies: list[str], interleave: bool | None = None):

@@ -52,6 +52,7 @@ class ControllerConfig:
     frozen_after: int = 8
     shadow_share: float = 1 / 64       # share of the stream's sequences re-run under static routing
     shadow_backoff: int = 8            # checks thin out up to this factor while they keep confirming the model
+    shadow_agree: float = 1 / 3        # a check confirms it when |measured − predicted| < this × the target ΔNLL
     fast_lr: float = 0.5               # fast-weight router network: step size (relative), momentum, Muon
     fast_momentum: float = 0.5
     fast_muon: bool = True
@@ -68,6 +69,8 @@ class ControllerConfig:
             raise ValueError(f"shadow_share must be in (0, 1], got {self.shadow_share}")
         if self.shadow_backoff < 1:
             raise ValueError(f"shadow_backoff must be >= 1, got {self.shadow_backoff}")
+        if not (self.shadow_agree > 0 and math.isfinite(self.shadow_agree)):
+            raise ValueError(f"shadow_agree must be a finite number > 0, got {self.shadow_agree}")
 
     def step_config(self) -> StepConfig:
         """The settings a router's step at a price uses."""
@@ -196,12 +199,13 @@ class NectarController:
 
     def _schedule_next(self, observation: ChunkObservation, check: QualityCheck | None, predicted: float) -> None:
         """After a check: while the measured increase agrees with the sensitivity model's prediction
-        (within a third of the target) and no fallback is needed, checks thin out (×2, at most
+        (within `shadow_agree` × the target) and no fallback is needed, checks thin out (×2, at most
         `shadow_backoff`); a surprise — a domain shift, a new limit — brings them back at once."""
         if check is None:
             return
         target = self.config.guard.target_delta_nll
-        agrees = math.isfinite(predicted) and abs(check.delta_nll - predicted) < target / 3 and not self.guard.fallback
+        agrees = (math.isfinite(predicted) and abs(check.delta_nll - predicted) < self.config.shadow_agree * target
+                  and not self.guard.fallback)
         self.backoff = min(self.config.shadow_backoff, 2 * self.backoff) if agrees else 1
         per_chunk = self.config.shadow_share * max(observation.nll_rows.numel(), 1)
         every = 1 if per_chunk >= 1 or not self.guard.measured else math.ceil(1 / per_chunk)

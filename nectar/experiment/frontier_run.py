@@ -155,7 +155,7 @@ def interval(margins: list) -> dict:
 def settings(cfg: RunConfig) -> dict:
     c = cfg.controller
     return {"tokens": cfg.tokens, "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "seed": cfg.seed,
-            "shadow_share": c.shadow_share, "price_init": c.guard.price_init, "budget_use": c.guard.budget_use,
+            "shadow_share": c.shadow_share, "shadow_agree": c.shadow_agree, "price_init": c.guard.price_init, "budget_use": c.guard.budget_use,
             "sensitivity": c.guard.sensitivity, "cost_learning": c.cost_learning}
 
 

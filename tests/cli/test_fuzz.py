@@ -208,6 +208,7 @@ RUN_CASES = [
     Case("run-tokens-not-a-multiple", ["run", "--tokens", "5000"], 2, r"--tokens 5000 is not a multiple .* use 4096 or 8192"),
     Case("run-chunk-not-multiple-of-seq", ["run", "--chunk-tokens", "1000"], 2, r"--chunk-tokens 1000 is not a multiple of --seq-len 256"),
     Case("run-shadow-share-zero", ["run", "--shadow-share", "0"], 2, r"--shadow-share: must be a positive number"),
+    Case("run-shadow-agree-nan", ["run", "--shadow-agree", "nan"], 2, r"--shadow-agree: must be a positive number"),
     Case("run-budget-use-above-one", ["run", "--budget-use", "1.5"], 2, r"--budget-use must lie in \(0, 1\]"),
     Case("run-unknown-policy", ["run", "--policies", "static-top2,bogus"], 2, r"--policies: unknown policy 'bogus'"),
     Case("run-bad-policy-value", ["run", "--policies", "static-top2,top-p:2"], 2, r"top-p takes a value in \[0, 1\]"),

@@ -76,6 +76,7 @@ def test_spelled_out_defaults_agree_with_the_code():
     assert experiment_args.BUDGET_USE == GuardConfig.budget_use
     assert GuardConfig.price_init is None        # --price's default: the router family's start price
     assert experiment_args.SHADOW_SHARE == ControllerConfig.shadow_share
+    assert experiment_args.SHADOW_AGREE == ControllerConfig.shadow_agree
     assert frontier.WORKLOADS == workloads.WORKLOADS
     assert set(hw_run.GPU_WORKLOADS) <= set(workloads.WORKLOADS)
     for name in policy_lists.STATIC_FRONTIER:

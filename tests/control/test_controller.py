@@ -236,6 +236,31 @@ def test_checks_thin_out_while_they_confirm_the_model_and_return_on_a_surprise()
     assert after and after[1] - after[0] == 1        # a surprise: the next chunk is checked again
 
 
+def _check_gaps(shadow_agree: float, noise_share: float) -> list[int]:
+    """Chunks between checks when every check measures 0.2 · deviation plus an alternating error of
+    ± noise_share × the target ΔNLL (a noisy check that is right on average)."""
+    ctl, router = _controller(guard=GuardConfig(price_lr=0.0, fast_memory=1.0), shadow_backoff=8,
+                              shadow_agree=shadow_agree)
+    logits = torch.randn(256, 4, generator=torch.Generator().manual_seed(3))
+    noise = noise_share * ctl.config.guard.target_delta_nll
+    checked = []
+    for i in range(40):
+        check = _check(0.2 * deviation_kl(router, logits) + (noise if len(checked) % 2 else -noise))
+        at = ctl.chunks
+        ctl.after_chunk(_observe([2, 2, 2, 2], logits), _window(), lambda rows, c=check, at=at: checked.append(at) or c(rows))
+    return [b - a for a, b in zip(checked, checked[1:])]
+
+
+def test_shadow_agree_sets_how_far_a_noisy_check_may_miss_and_still_thin_the_checks():
+    """Checks ± 0.3 × the target off (the fast estimate follows the last check, so each misses the
+    prediction by about 0.6 × the target): a tolerance of a third of the target takes them for
+    surprises (never more than 2 chunks apart); the whole target lets them back off to every 8th."""
+    assert max(_check_gaps(1 / 3, 0.3)) <= 2
+    assert max(_check_gaps(1.0, 0.3)) == 8
+    with pytest.raises(ValueError, match="shadow_agree"):
+        ControllerConfig(shadow_agree=0.0)
+
+
 def test_bad_controller_options():
     for bad in (dict(cost_learning="oracle"), dict(shadow_share=0.0)):
         with pytest.raises(ValueError):
