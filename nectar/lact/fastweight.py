@@ -35,6 +35,7 @@ into Triton matmul kernels (`nectar.lact.fastweight_triton`: CUDA, bf16/fp16, fo
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -156,6 +157,12 @@ def renormalize_rows(w: torch.Tensor, target_norms: torch.Tensor, eps: float = W
     return w / (row_norms(w) + eps) * target_norms
 
 
+def rescale_rows(w: torch.Tensor, target_norms: torch.Tensor, eps: float = WEIGHT_NORM_EPS) -> torch.Tensor:
+    """`renormalize_rows` as one multiply of w [..., r, c] by target / (‖row‖ + eps), computed on the
+    [..., r, 1] norms."""
+    return w * (target_norms / (row_norms(w) + eps))
+
+
 def fast_weight_step(
     weights: Sequence[torch.Tensor],
     deltas: Sequence[torch.Tensor],
@@ -165,6 +172,7 @@ def fast_weight_step(
     target_norms: Sequence[torch.Tensor] | None = None,
     scale: float = 1.0,
     row_blocks: Sequence[int] | None = None,
+    lean: bool = False,
 ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
     """One optimizer step of matrix fast weights, in LaCT's order.
 
@@ -177,38 +185,19 @@ def fast_weight_step(
     deltas), the latter to pass as `previous_deltas` at the next chunk.
 
     `row_blocks[i]` (default 1) splits weight i into that many equal row blocks that Muon
-    orthogonalises separately (the fused [W0; W2] passes 2).
+    orthogonalises separately (the fused [W0; W2] passes 2). `lean`: the weight norm as one multiply
+    (`rescale_rows`) instead of a divide and a multiply over the whole weight.
     """
     if len(weights) != len(deltas):
         raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
     steps, accumulated = momentum_steps(deltas, previous_deltas, momentum_gate, use_muon, scale, row_blocks)
-    new_weights = [w + step if target_norms is None else renormalize_rows(w + step, target_norms[index])
+    renorm = rescale_rows if lean else renormalize_rows
+    new_weights = [w + step if target_norms is None else renorm(w + step, target_norms[index])
                    for index, (w, step) in enumerate(zip(weights, steps))]
     return tuple(new_weights), accumulated
 
 
-def fast_weight_step_lean(
-    weights: Sequence[torch.Tensor],
-    deltas: Sequence[torch.Tensor],
-    previous_deltas: Sequence[torch.Tensor] | None = None,
-    momentum_gate: torch.Tensor | float | None = None,
-    use_muon: bool = False,
-    target_norms: Sequence[torch.Tensor] | None = None,
-    scale: float = 1.0,
-    row_blocks: Sequence[int] | None = None,
-) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-    """`fast_weight_step` with the weight norm as one multiply by target / (‖row‖ + eps), computed
-    on the [..., r, 1] norms, instead of a divide and a multiply over the whole weight."""
-    if len(weights) != len(deltas):
-        raise ValueError(f"got {len(weights)} weights but {len(deltas)} deltas")
-    steps, accumulated = momentum_steps(deltas, previous_deltas, momentum_gate, use_muon, scale, row_blocks)
-    new_weights = []
-    for index, (w, step) in enumerate(zip(weights, steps)):
-        updated = w + step  # [..., r, c]
-        if target_norms is not None:
-            updated = updated * (target_norms[index] / (row_norms(updated) + WEIGHT_NORM_EPS))  # × [..., r, 1]
-        new_weights.append(updated)
-    return tuple(new_weights), accumulated
+fast_weight_step_lean = partial(fast_weight_step, lean=True)
 
 
 def _check_kernel_inputs(q, k, v, w0, w1, w2, lrs, chunk_size, momentum) -> None:
