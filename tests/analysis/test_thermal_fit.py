@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from analysis.reconcile import thermal_fit as tf
+from analysis.reconcile import thermal_model as tm
 from nectar.telemetry.trace import TraceRow, write_meta, write_trace
 from nectar.telemetry.window import TelemetryWindow
 from sim.presets import load_preset
@@ -31,7 +32,7 @@ LEAK_W_PER_C, LEAK_REF_C = 0.8, 30.0
 NOISE_C = 0.2
 
 
-def synthetic_windows(seed: int = 0, duration_s: float = 90.0, noise_C: float = NOISE_C) -> tf.Windows:
+def synthetic_windows(seed: int = 0, duration_s: float = 90.0, noise_C: float = NOISE_C) -> tm.Windows:
     """Chunks of 0.3–1.0 s at 250–650 W (dynamic power) with occasional 1.5 s idle windows at 80 W,
     no gaps; mean power per window = exact energy / duration (leakage included), reading at the
     end = true temperature − 0.5 + N(0, noise)."""
@@ -47,9 +48,9 @@ def synthetic_windows(seed: int = 0, duration_s: float = 90.0, noise_C: float = 
         starts.append(t)
         ends.append(t + dt)
         powers.append((end_energy - energy) / dt)
-        temps.append(end_temp - tf.TEMP_READING_OFFSET_C + float(rng.normal(0.0, noise_C)))
+        temps.append(end_temp - tm.TEMP_READING_OFFSET_C + float(rng.normal(0.0, noise_C)))
         t, temp, energy = t + dt, end_temp, end_energy
-    return tf.Windows(np.array(starts), np.array(ends), np.array(powers), np.array(temps))
+    return tm.Windows(np.array(starts), np.array(ends), np.array(powers), np.array(temps))
 
 
 # ---------------------------------------------------------------------------- (a) recovery
@@ -84,42 +85,42 @@ def test_fit_without_noise_is_nearly_exact_and_preset_tau_is_worse():
 def test_prediction_reads_no_held_out_temperature():
     w = synthetic_windows(seed=2)
     fit = tf.fit_segment(w, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False)
-    scrambled = tf.Windows(w.t_start_s, w.t_end_s, w.power_W,
+    scrambled = tm.Windows(w.t_start_s, w.t_end_s, w.power_W,
                            np.where(np.arange(len(w)) < fit.windows_fitted, w.temp_C, 99.0))
     again = tf.fit_segment(scrambled, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False)
     assert np.array_equal(again.predicted_C, fit.predicted_C)
 
 
 # ---------------------------------------------------------------------------- (b) closed form
-def _closed_form(t_s, temp0_C, power_W, p: tf.Params):
+def _closed_form(t_s, temp0_C, power_W, p: tm.Params):
     steady = p.ambient_C + power_W * p.resistance_C_per_W
     return steady + (temp0_C - steady) * np.exp(-np.asarray(t_s) / p.time_constant_s)
 
 
 def test_constant_power_step_matches_closed_form_with_gaps():
-    p = tf.Params(ambient_C=30.0, resistance_C_per_W=0.05, time_constant_s=4.0)
+    p = tm.Params(ambient_C=30.0, resistance_C_per_W=0.05, time_constant_s=4.0)
     starts = np.array([0.0, 0.5, 1.3, 2.0, 3.7, 6.0])
     ends = np.array([0.5, 1.2, 2.0, 3.5, 5.9, 9.0])           # gaps of 0.1, 0.2, 0.1 s
-    w = tf.Windows(starts, ends, np.full(6, 400.0), np.full(6, 45.0))
-    got = tf.predict_readings(p, w, gap_power_W=400.0)
-    t0 = 45.0 + tf.TEMP_READING_OFFSET_C                       # the anchor: window 0's reading + 0.5 at its end
-    want = _closed_form(ends - ends[0], t0, 400.0, p) - tf.TEMP_READING_OFFSET_C
+    w = tm.Windows(starts, ends, np.full(6, 400.0), np.full(6, 45.0))
+    got = tm.predict_readings(p, w, gap_power_W=400.0)
+    t0 = 45.0 + tm.TEMP_READING_OFFSET_C                       # the anchor: window 0's reading + 0.5 at its end
+    want = _closed_form(ends - ends[0], t0, 400.0, p) - tm.TEMP_READING_OFFSET_C
     assert got[0] == 45.0
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12 * 80)
-    hold = tf.predict_readings(p, w, gap_power_W=None)          # same power held over the gaps
+    hold = tm.predict_readings(p, w, gap_power_W=None)          # same power held over the gaps
     np.testing.assert_allclose(hold, want, rtol=0, atol=1e-12 * 80)
 
 
 def test_two_steps_and_idle_gap_match_closed_form():
-    p = tf.Params(ambient_C=25.0, resistance_C_per_W=0.04, time_constant_s=2.0)
-    w = tf.Windows(np.array([0.0, 1.0, 4.0]), np.array([1.0, 3.0, 5.0]), np.array([500.0, 500.0, 300.0]),
+    p = tm.Params(ambient_C=25.0, resistance_C_per_W=0.04, time_constant_s=2.0)
+    w = tm.Windows(np.array([0.0, 1.0, 4.0]), np.array([1.0, 3.0, 5.0]), np.array([500.0, 500.0, 300.0]),
                    np.full(3, 40.0))
-    got = tf.predict_readings(p, w, gap_power_W=100.0)         # 1 s gap at 100 W between windows 1 and 2
-    t0 = 40.0 + tf.TEMP_READING_OFFSET_C
+    got = tm.predict_readings(p, w, gap_power_W=100.0)         # 1 s gap at 100 W between windows 1 and 2
+    t0 = 40.0 + tm.TEMP_READING_OFFSET_C
     at_3 = _closed_form(2.0, t0, 500.0, p)
     at_4 = _closed_form(1.0, at_3, 100.0, p)
     at_5 = _closed_form(1.0, at_4, 300.0, p)
-    np.testing.assert_allclose(got[1:], np.array([at_3, at_5]) - tf.TEMP_READING_OFFSET_C, rtol=0, atol=1e-12 * 60)
+    np.testing.assert_allclose(got[1:], np.array([at_3, at_5]) - tm.TEMP_READING_OFFSET_C, rtol=0, atol=1e-12 * 60)
 
 
 # ---------------------------------------------------------------------------- (c) bad input
@@ -130,16 +131,16 @@ def _window(t0, t1, power, temp):
 
 def test_bad_input_errors():
     good = [_window(i, i + 0.9, 400.0, 55.0) for i in range(40)]
-    with pytest.raises(tf.ThermalFitError, match="no window has a temperature"):
-        tf.windows_from_rows([_window(i, i + 0.9, 400.0, math.nan) for i in range(5)])
-    with pytest.raises(tf.ThermalFitError, match="non-finite temp_C"):
-        tf.windows_from_rows(good[:3] + [_window(3, 3.9, 400.0, math.nan)] + good[4:])
-    with pytest.raises(tf.ThermalFitError, match="non-finite power_W"):
-        tf.windows_from_rows(good[:3] + [_window(3, 3.9, math.nan, 55.0)] + good[4:])
-    with pytest.raises(tf.ThermalFitError, match="overlap"):
-        tf.windows_from_rows(good + [_window(0.2, 0.5, 400.0, 55.0)])
-    long_windows = tf.windows_from_rows([_window(20.0 * i, 20.0 * i + 19.0, 400.0, 55.0) for i in range(5)])
-    with pytest.raises(tf.ThermalFitError, match="at least 3"):
+    with pytest.raises(tm.ThermalFitError, match="no window has a temperature"):
+        tm.windows_from_rows([_window(i, i + 0.9, 400.0, math.nan) for i in range(5)])
+    with pytest.raises(tm.ThermalFitError, match="non-finite temp_C"):
+        tm.windows_from_rows(good[:3] + [_window(3, 3.9, 400.0, math.nan)] + good[4:])
+    with pytest.raises(tm.ThermalFitError, match="non-finite power_W"):
+        tm.windows_from_rows(good[:3] + [_window(3, 3.9, math.nan, 55.0)] + good[4:])
+    with pytest.raises(tm.ThermalFitError, match="overlap"):
+        tm.windows_from_rows(good + [_window(0.2, 0.5, 400.0, 55.0)])
+    long_windows = tm.windows_from_rows([_window(20.0 * i, 20.0 * i + 19.0, 400.0, 55.0) for i in range(5)])
+    with pytest.raises(tm.ThermalFitError, match="at least 3"):
         tf.fit_segment(long_windows, load_preset("h200_sxm"), fit_s=30.0)
 
 
@@ -177,7 +178,7 @@ def test_cli_writes_json_on_a_synthetic_trace(tmp_path):
 
 
 # ---------------------------------------------------------------------------- (d) two-node
-TWO = tf.TwoNodeParams(ambient_C=35.0, die_resistance_C_per_W=0.02, die_time_constant_s=0.15,
+TWO = tm.TwoNodeParams(ambient_C=35.0, die_resistance_C_per_W=0.02, die_time_constant_s=0.15,
                        sink_resistance_C_per_W=0.015, sink_time_constant_s=60.0)
 
 
@@ -187,7 +188,7 @@ def test_two_node_integrator_matches_fine_step_ode():
     dur = np.array([0.4, 0.05, 1.3, 0.7, 5.0, 0.2, 20.0])
     power = np.array([600.0, 120.0, 450.0, 80.0, 520.0, 300.0, 150.0])
     die0, sink0 = 9.0, 4.0
-    got = tf.integrate_two_node(TWO, dur, power, die0, sink0)
+    got = tm.integrate_two_node(TWO, dur, power, die0, sink0)
     edges = np.concatenate([[0.0], np.cumsum(dur)])
 
     def rhs(t, y):
@@ -205,17 +206,17 @@ def test_two_node_integrator_matches_fine_step_ode():
 
 
 def test_two_node_closed_form_step_and_start():
-    w = tf.Windows(np.array([0.0, 1.0]), np.array([1.0, 31.0]), np.array([500.0, 200.0]), np.array([50.0, 0.0]))
-    got = tf.predict_readings(TWO, w, gap_power_W=None)
-    t0 = 50.0 + tf.TEMP_READING_OFFSET_C
-    die0, sink0 = tf.two_node_start(TWO, t0, 500.0)
+    w = tm.Windows(np.array([0.0, 1.0]), np.array([1.0, 31.0]), np.array([500.0, 200.0]), np.array([50.0, 0.0]))
+    got = tm.predict_readings(TWO, w, gap_power_W=None)
+    t0 = 50.0 + tm.TEMP_READING_OFFSET_C
+    die0, sink0 = tm.two_node_start(TWO, t0, 500.0)
     assert die0 == pytest.approx(0.02 * 500.0) and sink0 == pytest.approx(t0 - 35.0 - 10.0)
     die = 0.02 * 200 + (die0 - 0.02 * 200) * math.exp(-30.0 / 0.15)
     sink = 0.015 * 200 + (sink0 - 0.015 * 200) * math.exp(-30.0 / 60.0)
-    assert got[1] == pytest.approx(35.0 + die + sink - tf.TEMP_READING_OFFSET_C, abs=1e-12)
+    assert got[1] == pytest.approx(35.0 + die + sink - tm.TEMP_READING_OFFSET_C, abs=1e-12)
 
 
-def two_node_windows(seed: int = 4, duration_s: float = 120.0, noise_C: float = 0.2) -> tf.Windows:
+def two_node_windows(seed: int = 4, duration_s: float = 120.0, noise_C: float = 0.2) -> tm.Windows:
     """Chunks as in synthetic_windows, the truth a two-node model (no leakage), the sink
     starting 3 °C below its steady state at the mean power (a slow creep up)."""
     rng = np.random.default_rng(seed)
@@ -225,15 +226,15 @@ def two_node_windows(seed: int = 4, duration_s: float = 120.0, noise_C: float = 
         idle = rng.random() < 0.12
         dt = 1.5 if idle else float(rng.uniform(0.3, 1.0))
         p = 80.0 if idle else float(rng.uniform(250.0, 650.0))
-        (temp,) = tf.integrate_two_node(TWO, np.array([dt]), np.array([p]), die, sink)
+        (temp,) = tm.integrate_two_node(TWO, np.array([dt]), np.array([p]), die, sink)
         die = TWO.die_resistance_C_per_W * p + (die - TWO.die_resistance_C_per_W * p) * math.exp(-dt / TWO.die_time_constant_s)
         sink = temp - TWO.ambient_C - die
         starts.append(t)
         ends.append(t + dt)
         powers.append(p)
-        temps.append(temp - tf.TEMP_READING_OFFSET_C + float(rng.normal(0.0, noise_C)))
+        temps.append(temp - tm.TEMP_READING_OFFSET_C + float(rng.normal(0.0, noise_C)))
         t += dt
-    return tf.Windows(np.array(starts), np.array(ends), np.array(powers), np.array(temps))
+    return tm.Windows(np.array(starts), np.array(ends), np.array(powers), np.array(temps))
 
 
 def _true_sink_prior() -> tf.SinkPrior:
@@ -257,7 +258,7 @@ def test_two_node_prediction_reads_no_held_out_temperature():
     w = two_node_windows(seed=5)
     fit = tf.fit_segment(w, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False, model="two-node",
                          sink=_true_sink_prior())
-    scrambled = tf.Windows(w.t_start_s, w.t_end_s, w.power_W,
+    scrambled = tm.Windows(w.t_start_s, w.t_end_s, w.power_W,
                            np.where(np.arange(len(w)) < fit.windows_fitted, w.temp_C, 99.0))
     again = tf.fit_segment(scrambled, load_preset("h200_sxm"), fit_s=30.0, whole_segment=False, model="two-node",
                            sink=_true_sink_prior())
@@ -274,11 +275,11 @@ def test_sink_prior_leaves_the_predicted_segment_out():
     assert (prior.sink_time_constant_s, prior.sink_resistance_C_per_W) == (tf.SINK_TAU_GRID_S[2],
                                                                              tf.SINK_R_GRID_C_PER_W[3])
     assert prior.sources == ("gpu/b",)
-    with pytest.raises(tf.ThermalFitError, match="other segment"):
+    with pytest.raises(tm.ThermalFitError, match="other segment"):
         tf.sink_prior({"gpu/a": own}, exclude="gpu/a")
 
 
-def _write_segment(folder, w: tf.Windows) -> None:
+def _write_segment(folder, w: tm.Windows) -> None:
     folder.mkdir(parents=True)
     rows = [TraceRow(_window(float(a), float(b), float(p), float(np.floor(t + 0.5))), kind="chunk", policy="p",
                      chunk_index=i) for i, (a, b, p, t) in enumerate(zip(w.t_start_s, w.t_end_s, w.power_W, w.temp_C))]
@@ -294,7 +295,7 @@ def test_run_two_node_reads_no_held_out_temperature_of_the_segment_predicted(tmp
     _write_segment(tmp_path / "gpu" / "b", b)
     first = tf.run(tmp_path / "gpu", preset="h200_sxm", model="two-node", whole_segment=False, compare=False)
     fit_a = first["_fits"][0]
-    scrambled = tf.Windows(a.t_start_s, a.t_end_s, a.power_W,
+    scrambled = tm.Windows(a.t_start_s, a.t_end_s, a.power_W,
                            np.where(np.arange(len(a)) < fit_a.windows_fitted, a.temp_C, 99.0))
     _write_segment(tmp_path / "gpu2" / "a", scrambled)
     _write_segment(tmp_path / "gpu2" / "b", b)
