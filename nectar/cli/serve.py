@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-signal", choices=["checks", "proxy"], default="proxy",
                    help="nectar: price by the routing weight dropped (every token, free) times a slope the "
                         "checks estimate (proxy, nectar/serving/dropped_mass.py), or by the checked gaps alone")
+    p.add_argument("--check-gap", choices=["nll", "kl"], default="nll",
+                   help="nectar: a checked row's quality gap — the NLL increase of its next reference token (nll), "
+                        "or the vocabulary KL(static ‖ routed) of its next-token distribution (kl: no sampling noise)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="trace and request-window seed")
     p.add_argument("--repeats", type=positive_int, default=1,
                    help="serve every policy this many times (seeds seed, seed+1, …); the margin gets a 95%% interval")
@@ -165,7 +168,8 @@ def _config(args, top_k: int, max_positions: int):
     trace = TraceConfig(args.trace, args.requests, args.rate, args.seed, prompt, output)
     policies = tuple(args.policies or default_policies(top_k))
     checks = {"check_every": args.check_every or ServingControllerConfig.check_every, "check_rows": args.check_rows,
-              "quality_signal": args.quality_signal, "check_backoff": args.check_backoff or ServingControllerConfig.check_backoff}
+              "quality_signal": args.quality_signal, "check_gap": args.check_gap,
+              "check_backoff": args.check_backoff or ServingControllerConfig.check_backoff}
     return ServingConfig(trace, ServeLimits(args.batch_max, args.prefill_chunk, context), policies,
                          f"static-top{top_k}", args.max_ppl_increase, args.seed,
                          controller=ServingControllerConfig(**checks))

@@ -67,6 +67,7 @@ from nectar.serving.engine import ServingEngine
 
 
 QUALITY_SIGNALS = ("checks", "proxy")
+CHECK_GAPS = ("nll", "kl")
 
 
 @dataclass
@@ -77,6 +78,7 @@ class ServingControllerConfig:
     check_every: int = 16                # a shadow check every this many decode steps
     check_rows: int | None = None        # rows the check re-runs (the batch's first ones); None = all
     quality_signal: str = "proxy"        # "proxy": β̂ · dropped mass (dropped_mass.py); "checks": the checked gaps
+    check_gap: str = "nll"               # a checked row's gap: "nll" of its next reference token, or "kl" (check_gap_R)
     check_backoff: int = 8               # proxy: a settled slope spaces checks out to check_every × up to this
     settled_rse: float = 0.25            # ... settled: se(β̂) ≤ this × β̂ over ≥ 3 checked windows
     raise_step: float = 0.3              # largest log-price raise per window
@@ -98,6 +100,8 @@ class ServingControllerConfig:
             raise ValueError(f"window_steps and check_every must be >= 1, got {self.window_steps}, {self.check_every}")
         if isinstance(self.check_backoff, bool) or self.check_backoff < 1 or not self.settled_rse > 0:
             raise ValueError(f"check_backoff must be >= 1 and settled_rse > 0, got {self.check_backoff}, {self.settled_rse}")
+        if self.check_gap not in CHECK_GAPS:
+            raise ValueError(f"check_gap must be one of {CHECK_GAPS}, got {self.check_gap!r}")
         if self.quality_signal not in QUALITY_SIGNALS:
             raise ValueError(f"quality_signal must be one of {QUALITY_SIGNALS}, got {self.quality_signal!r}")
         if self.check_rows is not None and (isinstance(self.check_rows, bool) or self.check_rows < 1):
@@ -118,6 +122,27 @@ class ServingControllerConfig:
     def budget_nats_per_token(self) -> float:
         """a: the NLL gap per checked token the budget allows, log1p(target_share · bound)."""
         return math.log1p(self.target_share * self.quality_bound)
+
+
+def check_gap_R(kind: str, routed, static, rows: int) -> torch.Tensor:
+    """[rows] the quality gap of each checked row (nats; device), from the routed step's result and
+    the static shadow's (StepResult, rows 0..rows−1):
+    - "nll": NLL of the row's next reference token under the routing minus under static routing — an
+      unbiased paired sample of the reference's NLL increase, one token's worth of it;
+    - "kl": KL(p_static ‖ p_routed) over the vocabulary — the expected increase if the next token
+      followed the static model's own distribution. No sampling noise from the token drawn, so the
+      slope it gives settles after a few checks; it measures divergence from static routing, not the
+      reference's NLL, so the run's own Δppl (the frontier's) stays the judge of the bound."""
+    if kind == "nll":
+        return routed.nll_R[:rows] - static.nll_R
+    if routed.logp_RV is None or static.logp_RV is None:
+        raise RuntimeError("check_gap 'kl' needs the steps' log-probs (ServingEngine.keep_logp)")
+    return vocab_kl_R(static.logp_RV, routed.logp_RV[:rows])
+
+
+def vocab_kl_R(logp_static_RV: torch.Tensor, logp_policy_RV: torch.Tensor) -> torch.Tensor:
+    """[R] KL(p_static ‖ p_policy) of each row's next-token distribution, from log-probs [R, V]."""
+    return (logp_static_RV.exp() * (logp_static_RV - logp_policy_RV)).sum(-1)
 
 
 @dataclass
@@ -182,6 +207,7 @@ class ServingController:
         rows = len(feed) if self.config.check_rows is None else min(self.config.check_rows, len(feed))
 
         def checked():
+            engine.keep_logp = self.config.check_gap == "kl"   # this step's log-probs, for a KL gap
             install(engine.model, self.static)
             engine.cache.read_only = True
             try:                                                # rows 0..rows-1 of the batch (cache slots)
@@ -190,8 +216,11 @@ class ServingController:
                 engine.cache.read_only = False
                 install(engine.model, self.routers)
             before = self.totals_now()
-            result = run()
-            self.add_gap((result.nll_R[:rows] - static.nll_R).sum(), rows, self.mass_since(before, rows))
+            try:
+                result = run()
+            finally:
+                engine.keep_logp = False
+            self.add_gap(check_gap_R(self.config.check_gap, result, static, rows).sum(), rows, self.mass_since(before, rows))
             return replace(result, workload=replace(result.workload, before=static.workload))  # both forwards are NECTAR's
         return checked
 

@@ -38,6 +38,7 @@ class StepResult:
     nll_R: torch.Tensor        # [R] fp32 NLL of each row's next reference token (device)
     argmax_R: torch.Tensor     # [R] long greedy token of each row (device)
     workload: ChunkWorkload
+    logp_RV: torch.Tensor | None = None   # [R, V] fp32 next-token log-probs (device), when the engine keeps them
 
 
 def _cache_kwarg(model) -> str:
@@ -58,6 +59,7 @@ class ServingEngine:
 
     def __init__(self, model, slots: int, max_tokens: int, policy: str = ""):
         self.model, self.policy = model, policy
+        self.keep_logp = False       # StepResult.logp_RV for decode steps (a controller's vocabulary-KL check)
         params = next(model.parameters())
         self.device, self.dtype = params.device, params.dtype
         own = getattr(model, "slot_cache", None)            # a driven model: one cache per model it runs
@@ -79,7 +81,7 @@ class ServingEngine:
     def _result(self, logits_RV: torch.Tensor, targets: list[int], workload: ChunkWorkload) -> StepResult:
         logp_RV = torch.log_softmax(logits_RV.float(), dim=-1)
         nll_R = -logp_RV.gather(-1, self._ids(targets)[:, None])[:, 0]
-        return StepResult(nll_R, logits_RV.argmax(-1), workload)
+        return StepResult(nll_R, logits_RV.argmax(-1), workload, logp_RV if self.keep_logp else None)
 
     def prefill(self, slot: int, tokens: list[int], start: int, target: int) -> StepResult:
         """Prompt tokens `tokens` at positions start.. of `slot`; `target` is the reference token

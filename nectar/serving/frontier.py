@@ -94,7 +94,8 @@ def make_engine(model, cfg: ServingConfig, policy: str, shadow_routers: list | N
     if cfg.decode_path == "eager":
         return ServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy)
     engine = GraphedServingEngine(model, cfg.limits.batch_max, cfg.limits.max_context_tokens, policy,
-                                  mode=cfg.decode_path, shadow_routers=shadow_routers)
+                                  mode=cfg.decode_path, shadow_routers=shadow_routers,
+                                  step_logp=shadow_routers is not None and cfg.controller.check_gap == "kl")
     if cfg.decode_path == "graph":
         engine.capture_all()
     return engine

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from nectar.experiment.forward import install
-from nectar.serving.controller import ServingController, ServingControllerConfig
+from nectar.serving.controller import ServingController, ServingControllerConfig, vocab_kl_R
 from nectar.serving.frontier import model_top_k, routers_for
 
 
@@ -50,9 +50,8 @@ class GenerationSession:
 
 def next_token_kl(static_logits_BV: torch.Tensor, policy_logits_BV: torch.Tensor) -> torch.Tensor:
     """Σ_rows KL(p_static ‖ p_policy) of two next-token logits [B, V] (a 0-d fp32 device tensor)."""
-    log_s = torch.log_softmax(static_logits_BV.float(), dim=-1)
-    log_p = torch.log_softmax(policy_logits_BV.float(), dim=-1)
-    return (log_s.exp() * (log_s - log_p)).sum()
+    return vocab_kl_R(torch.log_softmax(static_logits_BV.float(), dim=-1),
+                      torch.log_softmax(policy_logits_BV.float(), dim=-1)).sum()
 
 
 def _cache_of(kwargs: dict):

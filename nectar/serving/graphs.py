@@ -175,11 +175,14 @@ class StaticInputs:
 
 @dataclass
 class StepOutputs:
-    """A static step's outputs: NLL [R] fp32, argmax [R] long, routing [L·E + L] long (counts, drops)."""
+    """A static step's outputs: NLL [R] fp32, argmax [R] long, routing [L·E + L] long (counts, drops),
+    and with the engine's `step_logp` the next-token log-probs [R, V] fp32 (else None: a captured
+    graph keeps its outputs alive, R·V floats each)."""
 
     nll_R: torch.Tensor
     argmax_R: torch.Tensor
     routing_X: torch.Tensor
+    logp_RV: torch.Tensor | None = None
 
 
 class StaticDecodeStep:
@@ -200,11 +203,12 @@ class StaticDecodeStep:
             out = model(input_ids=ids_R[:, None], position_ids=position_ids, attention_mask=mask, use_cache=True,
                         logits_to_keep=1, **{engine._cache_kw: engine.cache})
         logits_RV = out.logits[:, -1]
-        nll_R = -torch.log_softmax(logits_RV.float(), dim=-1).gather(-1, targets_R[:, None])[:, 0]
+        logp_RV = torch.log_softmax(logits_RV.float(), dim=-1)                      # [R, V]
+        nll_R = -logp_RV.gather(-1, targets_R[:, None])[:, 0]
         records = recorder.records
         routing_X = torch.cat([torch.stack([r.counts_E for r in records]).reshape(-1),
                                torch.stack([r.dropped for r in records]).reshape(-1).long()])
-        return StepOutputs(nll_R, logits_RV.argmax(-1), routing_X)
+        return StepOutputs(nll_R, logits_RV.argmax(-1), routing_X, logp_RV if engine.step_logp else None)
 
     def capture(self, pool, stream: torch.cuda.Stream) -> None:
         """Record the step into a CUDA graph, after one eager run of this very shape on the capture
@@ -245,11 +249,13 @@ class GraphedServingEngine(ServingEngine):
     """`ServingEngine` whose decode steps replay CUDA graphs (mode "graph") or run the same static
     step eagerly (mode "static"); prefill chunks are the eager engine's. With `shadow_routers` (one
     per MoE layer: the controller's static routers) read-only shadow forwards have their own graph
-    set; without, they run eagerly."""
+    set; without, they run eagerly. `step_logp`: the static steps output their log-probs too (a
+    controller's vocabulary-KL checks read them; `ServingEngine.keep_logp`)."""
 
     def __init__(self, model, slots: int, max_tokens: int, policy: str = "", mode: str = "graph",
-                 bucket_tokens: int = BUCKET_TOKENS, shadow_routers: list | None = None):
+                 bucket_tokens: int = BUCKET_TOKENS, shadow_routers: list | None = None, step_logp: bool = False):
         super().__init__(model, slots, max_tokens, policy)
+        self.step_logp = step_logp
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if shadow_routers is not None and len(shadow_routers) != len(model.moe_layers()):
@@ -376,11 +382,12 @@ class GraphedServingEngine(ServingEngine):
         with torch.no_grad():
             out = step.run()
             nll_R, argmax_R = out.nll_R.clone(), out.argmax_R.clone()      # the next replay rewrites them
+            logp_RV = out.logp_RV.clone() if self.keep_logp and out.logp_RV is not None else None
         if shadow:
             self.stats.shadow_graph_steps += step.graph is not None
         else:
             self.stats.graph_steps += step.graph is not None
-        return StepResult(nll_R, argmax_R, self._routing_workload(out.routing_X.tolist(), positions))
+        return StepResult(nll_R, argmax_R, self._routing_workload(out.routing_X.tolist(), positions), logp_RV)
 
     def _step(self, rows: int, bucket: int, shadow: bool = False) -> StaticDecodeStep | None:
         """The step of the graph set keyed by (the installed routers, read-only), or None (eager)."""

@@ -174,7 +174,7 @@ def test_one_host_read_per_window_from_device_gaps():
 
 
 @pytest.mark.parametrize("field,value", [("quality_bound", 0.0), ("target_share", 1.5), ("window_steps", 0),
-                                         ("check_every", 0), ("check_rows", 0), ("quality_signal", "vibes"),
+                                         ("check_every", 0), ("check_rows", 0), ("quality_signal", "vibes"), ("check_gap", "js"),
                                          ("raise_step", 0.0), ("cut_step", -1.0),
                                          ("memory_tokens", 0.0), ("horizon_tokens", -1.0), ("price_memory", 0.0), ("floor_share", 1.0),
                                          ("start_price", 100.0), ("min_price", 0.0)])

@@ -91,6 +91,30 @@ def test_the_static_step_equals_the_eager_decode_through_joins_leaves_and_moves(
     assert {bucket for _, bucket in static.steps} == {16, 32, 48}
 
 
+def test_the_static_step_returns_the_eager_log_probs_only_when_kept():
+    """With step_logp the static step's log-probs equal the eager engine's (both with keep_logp);
+    without keep_logp, or without step_logp, a step carries none."""
+    model = tiny_gpt2_moe()
+    install(model, routers_for(model, "static-top2"))
+    gen = torch.Generator().manual_seed(4)
+    seqs = [torch.randint(0, model.config.vocab_size, (40,), generator=gen) for _ in range(2)]
+    lengths = [11, 6]
+    eager = ServingEngine(model, slots=2, max_tokens=64, policy="static-top2")
+    static = GraphedServingEngine(model, slots=2, max_tokens=64, policy="static-top2", mode="static",
+                                  bucket_tokens=BUCKET, step_logp=True)
+    plain = GraphedServingEngine(model, slots=2, max_tokens=64, policy="static-top2", mode="static", bucket_tokens=BUCKET)
+    feed = [int(s[n]) for s, n in zip(seqs, lengths)]
+    targets = [int(s[n + 1]) for s, n in zip(seqs, lengths)]
+    for engine in (eager, static, plain):
+        _prefill(engine, seqs, lengths, [0, 1])
+        assert engine.decode(feed, lengths, targets).logp_RV is None          # keep_logp is off by default
+        engine.keep_logp = True
+    want, got = eager.decode(feed, lengths, targets), static.decode(feed, lengths, targets)
+    assert_close(got.logp_RV, want.logp_RV, n=2 * max(lengths) + BUCKET, dtype=torch.float32, scale=10)
+    assert torch.equal(-got.logp_RV.gather(-1, torch.tensor(targets)[:, None])[:, 0], got.nll_R)
+    assert plain.decode(feed, lengths, targets).logp_RV is None               # not captured without step_logp
+
+
 @pytest.fixture
 def grouped_on_cpu(monkeypatch):
     """MoE-DistilGPT2's grouped (GPU) dispatch on the CPU, where it is off by default."""
