@@ -13,7 +13,15 @@ median of the per-round ratios to static-top2 of the same round):
   syncs_per_chunk      CUDA syncs of one micro-batch's forward (set_sync_debug_mode) × micro-batches
   host_reads_per_forward  tensor values read to the host in one forward (any device: the CPU test's count)
   kernels_per_forward  CUDA kernels one micro-batch forward launches (torch.profiler), None off CUDA
+  kernel_gpu_us_per_forward  their summed device time (µs; kernels may overlap, so not wall time)
+  kernels_vs_top2      the kernels whose launches or device time differ most from static-top2's
+                       (policy minus top-2): where an identical-routing gap is spent
   slots_per_token      (token, expert) pairs computed per token, mean over layers (first micro-batch)
+  chunk_forward        whether the timed forward was the experiment's (`--chunk-forward`) or the bare model's
+  fused_router         whether the routers ran as one kernel (nectar.moe.fused_router; on CUDA with
+                       Triton unless NECTAR_FUSED_ROUTER=0) or on their torch paths
+  (policy `drop-all`: NECTAR's router dropping every second slot, i.e. static top-1's routing through
+   the drop path; compare it with static-top1)
   same_routing_as_top2 whether the policy's decisions select exactly static top-2's (token, expert)
                        pairs on the chunk's first micro-batch (the identical-routing pairs:
                        static-top2, fixed-bias:0, fixed-price:1e9)
@@ -46,7 +54,9 @@ from nectar.experiment.calibration import CalibrationConfig, calibrate  # noqa: 
 from nectar.experiment.forward import forward_chunk, install  # noqa: E402
 from nectar.experiment.host_reads import count_host_reads  # noqa: E402
 from nectar.experiment.policies import policy_router  # noqa: E402
+from nectar.moe import fused_router  # noqa: E402
 
+DROP_ALL = "drop-all"
 POLICIES = ("static-top2", "fixed-bias:0", "fixed-price:1e9", "static-top1", "static-cheap", "top-p:0.5",
             "fixed-price:0.5", "fixed-price:1", "fixed-price:2", "nectar")
 
@@ -66,6 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "grouped with gate → router → dispatch under torch.compile)")
     parser.add_argument("--compile-router", action="store_true",
                         help="gate → router under torch.compile, the dispatch as --dispatch says (MoELayer.compile_router)")
+    parser.add_argument("--chunk-forward", action="store_true",
+                        help="time the experiment's chunk forward (nectar.experiment.forward.forward_chunk: the "
+                             "routing recorder, sampled logits and inputs, per-row NLL, one host read a chunk) "
+                             "instead of the bare model forward")
     parser.add_argument("--calibration-s", type=float, default=2.0, help="the cost calibration's time budget")
     parser.add_argument("--quick", action="store_true", help="tiny model and chunk for a smoke test")
     parser.add_argument("--json-out", default=None)
@@ -101,8 +115,9 @@ class EnergyCounter:
         return None if self.handle is None else self._nvml.nvmlDeviceGetTotalEnergyConsumption(self.handle) / 1e3
 
 
-def kernels_per_forward(fn, device: torch.device) -> int | None:
-    """CUDA kernels launched by one fn() (torch.profiler)."""
+def kernel_profile(fn, device: torch.device) -> dict | None:
+    """CUDA kernels of one fn() (torch.profiler): {"count", "gpu_us" (their summed device time),
+    "by_name": {kernel name: [launches, device µs]}}; None off CUDA."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
@@ -111,7 +126,29 @@ def kernels_per_forward(fn, device: torch.device) -> int | None:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         synchronize(device)
-    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    by_name: dict[str, list] = {}
+    for event in prof.events():
+        if event.device_type == torch.autograd.DeviceType.CUDA:
+            entry = by_name.setdefault(event.name[:120], [0, 0.0])
+            entry[0] += 1
+            entry[1] += event.device_time_total
+    return {"count": sum(n for n, _ in by_name.values()), "gpu_us": sum(t for _, t in by_name.values()),
+            "by_name": by_name}
+
+
+def kernel_difference(profile: dict | None, reference: dict | None, top: int = 12) -> list[dict]:
+    """The kernels whose device time differs most between a policy's profile and the reference's:
+    [{"kernel", "launches", "gpu_us"} as policy minus reference], largest absolute difference first."""
+    if profile is None or reference is None:
+        return []
+    names = set(profile["by_name"]) | set(reference["by_name"])
+    rows = []
+    for name in names:
+        n, t = profile["by_name"].get(name, (0, 0.0))
+        n0, t0 = reference["by_name"].get(name, (0, 0.0))
+        if n != n0 or abs(t - t0) > 0:
+            rows.append({"kernel": name, "launches": n - n0, "gpu_us": round(t - t0, 1)})
+    return sorted(rows, key=lambda r: -abs(r["gpu_us"]))[:top]
 
 
 def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -159,16 +196,33 @@ def predicted_seconds(model, table: CostTable, ids: torch.Tensor, policy: str) -
     return table.predict([counts[i] for i, _ in model.moe_layers()], ids.numel(), slots_per_token=slots)[0]
 
 
+def bench_router(name: str, layer):
+    """A policy's router; `drop-all` (this benchmark's own) is NECTAR's router with an infinite drop
+    scale: static top-1's routing through the drop path (the identical-routing pair of static-top1,
+    as fixed-price:1e9 is static-top2's)."""
+    if name != DROP_ALL:
+        return policy_router(name, layer)
+    router = policy_router("fixed-price:1e9", layer)
+    router.adapt(drop_scale=torch.full((layer.num_experts,), float("inf")))
+    return router
+
+
 def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, table: CostTable) -> list[dict]:
     micro = list(chunk.split(args.micro_batch))
-    routers = {name: [policy_router(name, layer) for _, layer in model.moe_layers()] for name in args.policies}
+    routers = {name: [bench_router(name, layer) for _, layer in model.moe_layers()] for name in args.policies}
     meter = EnergyCounter(device)
 
     def forward(ids):
+        if args.chunk_forward:       # the experiment's path: recorder, sampled logits, per-row NLL
+            forward_chunk(model, ids, args.micro_batch)
+            return
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
 
     def run_chunk():
+        if args.chunk_forward:
+            forward_chunk(model, chunk, args.micro_batch)
+            return
         for ids in micro:
             forward(ids)
 
@@ -186,7 +240,7 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
         info[name] = {"host_reads_per_forward": sum(reads.values()),
                       "syncs_per_chunk": None if syncs is None else syncs["count"] * len(micro),
                       "sync_sites": None if syncs is None else syncs["sites"],
-                      "kernels_per_forward": kernels_per_forward(lambda: forward(micro[0]), device),
+                      "kernels": kernel_profile(lambda: forward(micro[0]), device),
                       "predicted_s": predicted_seconds(model, table, micro[0], name), "pairs": pairs}
     times = {name: [] for name in args.policies}
     energy = {name: [] for name in args.policies}
@@ -219,12 +273,29 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "energy_vs_top2": statistics.median(e_ratio) if e_ratio else None,
             "syncs_per_chunk": info[name]["syncs_per_chunk"], "sync_sites": info[name]["sync_sites"],
             "host_reads_per_forward": info[name]["host_reads_per_forward"],
-            "kernels_per_forward": info[name]["kernels_per_forward"], "same_routing_as_top2": same,
+            "kernels_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["count"],
+            "kernel_gpu_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["gpu_us"],
+            "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
+            "same_routing_as_top2": same,
             "slots_per_token": statistics.fmean(float(p.sum()) / p.shape[0] for p in info[name]["pairs"]),
             "predicted_speed_vs_top2": info["static-top2"]["predicted_s"] / info[name]["predicted_s"], "round_s": times[name], "round_speed_vs_top2": speed,
             "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch,
+            "fused_router": fused_router.runs_on(args.device), "chunk_forward": args.chunk_forward,
                      "compile_router": args.compile_router})
     return rows
+
+
+def print_kernel_differences(rows: list[dict]) -> None:
+    """Per policy (on CUDA): its kernels' device time against static-top2's, and the largest differences."""
+    top2 = next(r for r in rows if r["policy"] == "static-top2")
+    for row in rows:
+        if row["policy"] == "static-top2" or row["kernel_gpu_us_per_forward"] is None:
+            continue
+        extra = row["kernel_gpu_us_per_forward"] - top2["kernel_gpu_us_per_forward"]
+        print(f"# {row['policy']}: kernels {row['kernels_per_forward'] - top2['kernels_per_forward']:+d}, "
+              f"device time {extra:+.0f} µs a forward vs static-top2", flush=True)
+        for diff in row["kernels_vs_top2"][:6]:
+            print(f"#   {diff['gpu_us']:+9.1f} µs {diff['launches']:+4d}×  {diff['kernel']}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['predicted_speed_vs_top2']:9.3f}{energy:>9}{row['slots_per_token']:7.2f}"
               f"{str(row['syncs_per_chunk']):>7}{row['host_reads_per_forward']:>7}{str(row['kernels_per_forward']):>9}"
               f"  {row['same_routing_as_top2']}", flush=True)
+    print_kernel_differences(rows)
     write_json(args.json_out, rows)
     if args.json_out:
         table_path = table.save(Path(args.json_out).with_suffix(".cost_table.json"))

@@ -38,6 +38,7 @@ from nectar.control.energy_pricing import (Candidates, bias_step, energy_price_t
 from nectar.control.fast_router import FastWeightRouterNet
 from nectar.control.priced import PriceStep, PriceTable, StepConfig
 from nectar.control.routing_proxy import dropped_mass_kl
+from nectar.moe import fused_router
 from nectar.moe.router import Router, RoutingDecision, gate_probs, probs_decision
 from nectar.moe.static_routers import check_cheap
 
@@ -200,6 +201,9 @@ class EnergyAwareRouter(Router):
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         """One fp32 softmax and one static top-k serve the gates, the drop rule, the forced top-1
         and the static candidates; nothing waits for the host."""
+        fused = self._fused_decision(logits, inputs)                             # one kernel on a GPU
+        if fused is not None:
+            return fused
         probs_NE = gate_probs(logits.float(), self.temperature)                  # [N, E] fp32
         if self.fallback:
             experts = logits.topk(self.fallback_k, dim=-1).indices             # [N, k]
@@ -210,6 +214,24 @@ class EnergyAwareRouter(Router):
         rest = scores.scatter(-1, top1_N1, float("-inf")).topk(self.extra_slots, dim=-1).indices
         experts = torch.cat([top1_N1, rest], dim=-1)                              # [N, 1 + extra]
         return probs_decision(logits, probs_NE.to(logits.dtype), experts, self.kept_slots(probs_NE, experts))
+
+    def _fused_decision(self, logits: torch.Tensor, inputs: torch.Tensor | None) -> RoutingDecision | None:
+        """The decision from `nectar.moe.fused_router` where it applies (fallback: static top-k;
+        else static-or-cheap with one extra slot and no token-dependent part), None elsewhere."""
+        if not fused_router.fusable(logits, self.temperature):
+            return None
+        if self.fallback:
+            if self.fallback_k > fused_router.MAX_K:
+                return None
+            decision = fused_router.topk_decision(logits, self.fallback_k, None, renormalize=True)
+        elif self.candidates == "static-or-cheap" and self.extra_slots == 1 \
+                and not (self.fast_net is not None and inputs is not None):
+            decision = fused_router.energy_decision(logits, self.bias, self.cheap_mask,
+                                                    self.drop_scale if self.drop else None)
+        else:
+            return None
+        experts, gates, mask, probs = decision
+        return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
 
     def kept_slots(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with

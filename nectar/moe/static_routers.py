@@ -23,6 +23,7 @@ import math
 
 import torch
 
+from nectar.moe import fused_router
 from nectar.moe.router import (Router, RoutingDecision, check_logits, check_positive_int, chosen_gates,
                                gate_decision, stable_softmax)
 
@@ -52,6 +53,10 @@ class TopKRouter(Router):
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
+        if self.k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
+            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.topk_decision(
+                logits, self.k, self.selection_bias, self.renormalize)     # one kernel on a GPU
+            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
         probs_NE, experts_NK = self.select(logits)
         mask_NK = torch.ones_like(experts_NK, dtype=torch.bool)
         gates_NK = chosen_gates(probs_NE, experts_NK, None, self.renormalize)
@@ -175,6 +180,9 @@ class CheapStaticRouter(Router):
         return 1 + self.extra_slots
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
+        if self.extra_slots == 1 and fused_router.fusable(logits, self.temperature):
+            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.cheap_decision(logits, self.cheap_mask)
+            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
         scores = logits + self.cheap_mask.to(logits.dtype)                    # [N, E]
         return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
 

@@ -136,3 +136,29 @@ def test_hf_expert_share_quick(tmp_path):
     assert row["tokens"] == 16 and row["plain_s"] > 0 and row["top8_s"] > 0 and row["top1_s"] > 0
     # the benchmark's own formula: a difference of two times (terms of size ≤ 8/7 after ÷ 7 · 8 / top8), ÷, ×, ÷
     assert row["expert_share"] == approx((row["top8_s"] - row["top1_s"]) / 7 * 8 / row["top8_s"], n=4, scale=16 / 7)
+
+
+def test_policy_speed_kernel_difference_is_policy_minus_reference():
+    from benchmarks.policy_speed import kernel_difference
+
+    reference = {"count": 3, "gpu_us": 30.0, "by_name": {"gemm": [2, 20.0], "topk": [1, 10.0]}}
+    policy = {"count": 5, "gpu_us": 52.0, "by_name": {"gemm": [2, 20.0], "topk": [3, 30.0], "scatter": [1, 2.0]}}
+    rows = kernel_difference(policy, reference)
+    assert rows == [{"kernel": "topk", "launches": 2, "gpu_us": 20.0}, {"kernel": "scatter", "launches": 1, "gpu_us": 2.0}]
+    assert kernel_difference(None, reference) == []
+
+
+def test_policy_speed_drop_all_is_static_top1_through_the_drop_path(tmp_path):
+    """`drop-all` routes exactly as static-top1 does (one slot a token), through NECTAR's router;
+    `--chunk-forward` times the experiment's chunk forward."""
+    from benchmarks import policy_speed
+
+    out = tmp_path / "ps.json"
+    assert policy_speed.main(["--device", "cpu", "--quick", "--chunk-forward", "--policies",
+                              "static-top2,static-top1,drop-all", "--json-out", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    assert rows["drop-all"]["slots_per_token"] == rows["static-top1"]["slots_per_token"] == 1.0
+    from nectar.moe import fused_router
+
+    assert rows["drop-all"]["chunk_forward"] is True
+    assert rows["drop-all"]["fused_router"] == fused_router.runs_on("cpu")
