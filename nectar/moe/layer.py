@@ -14,7 +14,8 @@ tokens 0.62× vs 0.58× dense, SwiGLU); `layer.grouped = True` takes the grouped
 router → grouped dispatch through `torch.compile` (0.91× dense for SwiGLU at 32K tokens on the
 H200; optional, and it turns the grouped path on). `layer.compile_router()` compiles gate → router
 alone and leaves the dispatch as it is (the loop path keeps its eager per-expert GEMMs; the router's
-dozen small element-wise kernels fuse into a few).
+dozen small element-wise kernels fuse into a few). Without compile, the routers themselves take one
+Triton kernel a decision on a GPU where they can (`nectar.moe.fused_router`).
 
 While a `RoutingRecorder` is set (`layer.recorder`, for the length of one chunk: see
 `MoEGPT2LMHeadModel.recording`), every forward adds its counts and a sample of its logits and
