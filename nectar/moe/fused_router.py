@@ -11,7 +11,8 @@ row in registers, one Triton program per block of tokens:
   static top-1 first, then the better by (logits + bias) of the static second choice and the best
   cheap expert (not the top-1) by the logits, and with `drop` the rule −log(1 − w) < d[e] that
   drops slot 2 (w its share of the two static gates, fp32);
-- `cheap_decision`: the static top-1 and the best cheap expert (`CheapStaticRouter`, one extra slot).
+- `cheap_decision`: the static top-1 and the best cheap expert (`CheapStaticRouter`, one extra slot);
+- `top_p_decision`: top-p with at most k <= 4 experts (`TopPRouter`).
 
 Both write the static softmax probs (fp32 softmax, stored in the logits' dtype) and the gates
 (probs gathered at the chosen experts, times the slot mask, renormalised — each step rounded to
@@ -28,6 +29,7 @@ path when `fusable` says no. tests/moe/test_fused_router.py compares both paths.
 from __future__ import annotations
 
 import os
+import struct
 
 import torch
 
@@ -87,7 +89,27 @@ def cheap_decision(logits: torch.Tensor, cheap_mask: torch.Tensor):
     return _launch(logits, 2, mode=2, bias=None, cheap=cheap_mask, drop=None, renormalize=True)
 
 
-def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True):
+def top_p_decision(logits: torch.Tensor, p: float, k: int, selection_bias: torch.Tensor, renormalize: bool):
+    """(experts [N, k], gates [N, k], mask [N, k], probs [N, E]) of `TopPRouter` with max_k = k <= 4:
+    experts in descending softmax(logits + selection bias), a slot used while the mass before it
+    (the rounded cumulative sum, as torch's) is below p (p rounded to the logits' dtype, as torch
+    compares a tensor with a Python number); slot 0 always."""
+    if not 1 <= k <= min(MAX_K, logits.shape[1]):
+        raise ValueError(f"the fused router takes 1 <= k <= {MAX_K}, got {k}")
+    return _launch(logits, k, mode=3, bias=selection_bias, renormalize=renormalize, p=rounded_scalar(p, logits.dtype))
+
+
+def rounded_scalar(value: float, dtype: torch.dtype) -> float:
+    """`value` rounded to `dtype` (nearest, ties to even), in Python: no tensor, nothing read back."""
+    if dtype == torch.float16:
+        return struct.unpack("e", struct.pack("e", value))[0]
+    single = struct.unpack("I", struct.pack("f", value))[0]
+    if dtype == torch.bfloat16:
+        single = (single + 0x7FFF + ((single >> 16) & 1)) & 0xFFFF0000
+    return struct.unpack("f", struct.pack("I", single))[0]
+
+
+def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.0):
     logits = logits.contiguous()
     n, e = logits.shape
     device = logits.device
@@ -101,7 +123,7 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True):
     block_n = max(1, min(128, 4096 // block_e))
     _route_kernel[(triton.cdiv(n, block_n),)](
         logits, vector(bias, 0.0), vector(cheap, 0.0), vector(drop, 0.0),
-        experts, gates, mask.view(torch.uint8), probs, n,
+        experts, gates, mask.view(torch.uint8), probs, n, float(p),
         E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
         RENORMALIZE=renormalize, ROUND=_round_code(logits.dtype))
     return experts, gates, mask, probs
@@ -115,9 +137,13 @@ if triton is not None:
 
     @triton.jit
     def _rounded(x, ROUND: tl.constexpr):
-        """x (fp32) rounded to the logits' dtype and back: what torch's low-precision op stores."""
+        """x (fp32) rounded to the logits' dtype and back: what torch's low-precision op stores.
+        bf16: round to nearest even on the bits (the same on a GPU and in Triton's interpreter,
+        whose own conversion truncates)."""
         if ROUND == 1:
-            return x.to(tl.bfloat16).to(tl.float32)
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+            return tl.where(x == x, bits.to(tl.float32, bitcast=True), x)     # NaN stays NaN
         if ROUND == 2:
             return x.to(tl.float16).to(tl.float32)
         return x
@@ -134,7 +160,7 @@ if triton is not None:
         return tl.sum(tl.where(cols[None, :] == index[:, None], values, 0.0), axis=1)
 
     @triton.jit
-    def _route_kernel(logits_ptr, bias_ptr, cheap_ptr, drop_ptr, experts_ptr, gates_ptr, mask_ptr, probs_ptr, N,
+    def _route_kernel(logits_ptr, bias_ptr, cheap_ptr, drop_ptr, experts_ptr, gates_ptr, mask_ptr, probs_ptr, N, P,
                       E: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_N: tl.constexpr, K: tl.constexpr,
                       MODE: tl.constexpr, DROP: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)                 # [BN]
@@ -171,6 +197,33 @@ if triton is not None:
                     gate = _rounded(gate / tl.maximum(total, 1.1754943508222875e-38), ROUND)
                 tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
                 tl.store(mask_ptr + rows * K + slot, tl.full([BLOCK_N], 1, tl.uint8), mask=row_ok)
+        elif MODE == 3:
+            # top-p over softmax(scores + selection bias), rounded as torch stores it; the mass before a
+            # slot is the rounded running sum minus the slot's own value, compared with P
+            sel_x = tl.where(col_ok[None, :], scores, float("-inf"))
+            sel_e = tl.exp(sel_x - tl.max(sel_x, axis=1)[:, None])
+            sel = tl.where(col_ok[None, :], _rounded(sel_e / tl.sum(sel_e, axis=1)[:, None], ROUND), -1.0)
+            left = sel
+            running = tl.zeros([BLOCK_N], dtype=tl.float32)
+            total = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for slot in tl.static_range(K):
+                pick = _argmax_low(left, cols, BLOCK_E)
+                value = _pick(sel, cols, pick)
+                left = tl.where(cols[None, :] == pick[:, None], -2.0, left)
+                running += value
+                before = _rounded(_rounded(running, ROUND) - value, ROUND)
+                used = (before < P) | (slot == 0)
+                gate = tl.where(used, _pick(p_low, cols, pick), 0.0)
+                total += gate
+                tl.store(experts_ptr + rows * K + slot, pick.to(tl.int64), mask=row_ok)
+                tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
+                tl.store(mask_ptr + rows * K + slot, used.to(tl.uint8), mask=row_ok)
+            if RENORMALIZE:
+                total = tl.maximum(_rounded(total, ROUND), 1.1754943508222875e-38)
+                for slot in tl.static_range(K):
+                    gate = tl.load(gates_ptr + rows * K + slot, mask=row_ok, other=0.0).to(tl.float32)
+                    tl.store(gates_ptr + rows * K + slot, _rounded(gate / total, ROUND).to(gates_ptr.dtype.element_ty),
+                             mask=row_ok)
         else:
             # the energy-aware router: static top-1, then the better of the static second choice and
             # the best cheap expert by the adapted scores; the drop rule on slot 2

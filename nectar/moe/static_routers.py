@@ -132,6 +132,10 @@ class TopPRouter(Router):
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
+        if self.max_k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
+            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.top_p_decision(
+                logits, self.p, self.max_k, self.selection_bias, self.renormalize)   # one kernel on a GPU
+            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
         scores_NE = logits / self.temperature
         probs_NE = stable_softmax(scores_NE)
         selection_NE = stable_softmax((scores_NE + self.selection_bias.to(scores_NE.dtype)).detach())

@@ -12,7 +12,7 @@ import torch
 
 from nectar.control.energy_router import EnergyAwareRouter
 from nectar.moe import fused_router
-from nectar.moe.static_routers import CheapStaticRouter, TopKRouter
+from nectar.moe.static_routers import CheapStaticRouter, TopKRouter, TopPRouter
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RUNS = fused_router.triton is not None and (DEVICE == "cuda" or fused_router.INTERPRET)
@@ -96,6 +96,18 @@ def test_cheap_router_matches_its_torch_path(monkeypatch, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("p, max_k", [(0.5, 2), (0.8, 2), (0.9, 4)])
+def test_top_p_matches_its_torch_path(monkeypatch, dtype, p, max_k):
+    router = TopPRouter(8, p=p, max_k=max_k).to(DEVICE)
+    router.selection_bias = torch.linspace(0.3, -0.2, 8, device=DEVICE)
+    logits = distinct_logits(211, 8, dtype, seed=6) * 3                 # sharper: some rows stop at one expert
+    fused, reference = both_paths(monkeypatch, router, logits)
+    assert_same_decision(fused, reference, dtype)
+    assert 0 < int(reference.mask[:, 1].sum()) < logits.shape[0]   # p both stops and goes on
+
+
+@needs_kernel
 def test_energy_router_fallback_is_static_top_k(monkeypatch):
     router = EnergyAwareRouter(8, cheap_experts=[7], drop=True, fallback_k=2).to(DEVICE)
     router.adapt(bias=torch.full((8,), -3.0), fallback=True)
@@ -142,3 +154,9 @@ def test_topk_decision_rejects_k_out_of_range():
         pytest.skip("the kernel does not run here")
     with pytest.raises(ValueError, match="1 <= k <= 4"):
         fused_router.topk_decision(torch.randn(3, 8, device=DEVICE), 5, None, renormalize=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("value", [0.5, 0.8, 0.9, 1 / 3, 0.662109375, 1.0])
+def test_rounded_scalar_is_torchs_rounding(dtype, value):
+    assert fused_router.rounded_scalar(value, dtype) == torch.tensor(value, dtype=dtype).item()
