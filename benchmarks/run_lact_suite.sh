@@ -16,6 +16,8 @@
 # `python scripts/build_corpus.py --no-publish`, carried to the GPU host). About 470 s on an H100 with
 # the defaults. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   TRAIN_S=100 bash benchmarks/run_lact_suite.sh OUTDIR        (exit status 1 if any step failed)
+# LACT_COMPILE=on|off overrides the hybrid LaCT recipe's compiled branch (on in the recipe: compiling
+# costs ~42 s on an H100 and pays from ~120 s of training; off for shorter budgets).
 # DEVICE, TRAIN_ARGS and ENERGY_ARGS (extra options of `nectar train` and lact_energy.py) exist for
 # a CPU smoke run: DEVICE=cpu ENERGY_ARGS="--backend sim" TRAIN_ARGS="--batch 1 --eval-tokens 2048" ...
 set -u -o pipefail
@@ -42,9 +44,11 @@ for recipe in $RECIPES; do
   if [ "$limit" -lt $(( TRAIN_S + 30 )) ]; then
     echo "=== train $recipe: skipped, ${room} s left before the energy step" | tee -a "$LOG"; status=1; continue
   fi
+  lact=()
+  case "$recipe" in *lact-attn) [ -n "${LACT_COMPILE:-}" ] && lact=(--lact-compile "$LACT_COMPILE") ;; esac
   # shellcheck disable=SC2086  # TRAIN_ARGS is a list of options
   step "train $recipe" "$limit" "$PY" -m nectar train --recipe "$recipe" --device "$DEVICE" --time-budget-s "$TRAIN_S" \
-    --out "$MODELS/$recipe" --overwrite --no-progress ${TRAIN_ARGS:-}
+    --out "$MODELS/$recipe" --overwrite --no-progress ${lact[@]+"${lact[@]}"} ${TRAIN_ARGS:-}
   [ -f "$MODELS/$recipe/nectar_model.json" ] && cp "$MODELS/$recipe/nectar_model.json" "$OUT/nectar_model.$recipe.json"
 done
 

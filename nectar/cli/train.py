@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda or cuda:N")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="autocast dtype (default: bfloat16 on CUDA, else float32)")
     p.add_argument("--compile", action="store_true", help="torch.compile the dense stage (falls back to eager)")
+    p.add_argument("--lact-compile", choices=("on", "off"), default=None,
+                   help="a hybrid LaCT recipe's compiled LaCT branch (default: the recipe's; distilgpt2-lact-attn: on; "
+                        "on an H100 compiling costs ~42 s and pays from ~120 s of training)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="training seed")
     p.add_argument("--vocab-size", type=positive_int, default=None,
                    help=f"train a BPE of this many ids on the training text (>= {MIN_VOCAB_SIZE}) instead of using "
@@ -161,6 +164,10 @@ def make_recipe(args: argparse.Namespace, expert_specs: list[dict] | None):
         changes["time_budget_s"] = args.time_budget_s
     if args.compile:
         changes["compile"] = True
+    if args.lact_compile is not None:
+        if recipe.dense.get("attention_type") != "hybrid_lact":
+            raise ValueError("--lact-compile applies to a hybrid LaCT recipe only (e.g. distilgpt2-lact-attn)")
+        changes["dense"] = {**recipe.dense, "lact_compile": args.lact_compile == "on"}
     return replace(recipe, **changes)
 
 

@@ -193,3 +193,17 @@ def test_the_lact_recipes_train_end_to_end_on_cpu(variant):
     assert all(math.isfinite(v) for v in demo.info["moe"]["heldout_ppl"].values())
     by_position = demo.info["moe"]["heldout_ppl_by_position"]                 # halves of the 32 positions
     assert set(by_position) == {"1-16", "16-32"} and all(math.isfinite(v) for v in by_position.values())
+
+
+def test_lact_compile_option_sets_the_hybrid_recipes_branch_and_refuses_others():
+    from nectar.cli.train import make_recipe, parse_args
+
+    args, specs = parse_args(["--recipe", "distilgpt2-lact-attn", "--lact-compile", "off"])
+    assert make_recipe(args, specs).dense["lact_compile"] is False
+    args, specs = parse_args(["--recipe", "distilgpt2-lact-attn"])
+    assert make_recipe(args, specs).dense["lact_compile"] is True          # the recipe's own setting
+    args, specs = parse_args(["--recipe", "cpu-demo-lact-attn", "--lact-compile", "on"])
+    assert make_recipe(args, specs).dense["lact_compile"] is True
+    args, specs = parse_args(["--recipe", "distilgpt2", "--lact-compile", "on"])
+    with pytest.raises(ValueError, match="hybrid LaCT recipe only"):
+        make_recipe(args, specs)
