@@ -45,7 +45,7 @@ OVERRIDES = {"steps_dense": "dense_steps", "steps_moe": "moe_steps", "batch": "b
              "compute_coef": "compute_coef", "compute_costs": "compute_costs",
              "compute_temperature": "compute_temperature", "cheap_prob": "cheap_prob", "single_prob": "single_prob",
              "router_lr_scale": "router_lr_scale", "eval_tokens": "eval_tokens", "corpus": "corpus",
-             "dense_share": "dense_share"}
+             "dense_share": "dense_share", "warmup_share": "warmup_share"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"wall-clock budget of both training stages; the lr schedule follows it {RECIPE_DEFAULT}")
     p.add_argument("--dense-share", type=positive_float, default=None,
                    help=f"share of the time budget for the dense stage, in (0, 1) {RECIPE_DEFAULT}")
+    p.add_argument("--warmup-share", type=positive_float, default=None,
+                   help="end each stage's warm-up also at this share of the stage's progress (time or steps), "
+                        "so that a slower model is not held in a warm-up counted in steps (default: steps only)")
     p.add_argument("--batch", type=positive_int, default=None, help=f"sequences per step {RECIPE_DEFAULT}")
     p.add_argument("--seq-len", type=positive_int, default=None,
                    help=f"tokens per sequence, at most the model's positions {RECIPE_DEFAULT}")
@@ -144,6 +147,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[dict] |
         parser.error(f"--threads must be >= 1, got {args.threads}")
     if args.vocab_size is not None and args.vocab_size < MIN_VOCAB_SIZE:
         parser.error(f"--vocab-size must be >= {MIN_VOCAB_SIZE} (256 bytes + eos), got {args.vocab_size}")
+    if args.warmup_share is not None and args.warmup_share > 1:
+        parser.error(f"--warmup-share must lie in (0, 1], got {args.warmup_share}")
     if args.dense_share is not None and not 0 < args.dense_share < 1:
         parser.error(f"--dense-share must lie in (0, 1), got {args.dense_share}")
     for name in ("cheap_prob", "single_prob"):

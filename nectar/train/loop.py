@@ -49,6 +49,7 @@ class TrainConfig:
     seq_len: int = 128
     lr: float = 3e-3
     warmup_steps: int = 20
+    warmup_share: float | None = None   # the warm-up also ends at this share of the stage (schedule.py)
     lr_floor: float = 0.1         # final lr / peak lr of the cosine decay
     weight_decay: float = 0.01    # on matrices (dim >= 2) only
     betas: tuple[float, float] = (0.9, 0.95)
@@ -206,7 +207,7 @@ def train_lm(model: GPT2LMHeadModel, train_ids: torch.Tensor, cfg: TrainConfig, 
     model.to(cfg.device).train()
     clock = StageClock(cfg.steps, deadline)
     optimizer = make_optimizer(model, cfg)
-    schedule = CosineSchedule(min(cfg.warmup_steps, cfg.steps or cfg.warmup_steps), cfg.lr_floor)
+    schedule = CosineSchedule(min(cfg.warmup_steps, cfg.steps or cfg.warmup_steps), cfg.lr_floor, cfg.warmup_share)
     batches = iter_batches(train_ids, cfg.batch, cfg.seq_len, seed=cfg.seed, skip=cfg.skip_batches)
     forward = maybe_compile(model, cfg.compile)
     result, pending = TrainResult(steps=0, compiled=cfg.compile), []

@@ -77,6 +77,7 @@ class ModelRecipe:
     seq_len: int = 256
     lr: float = 3e-3
     warmup_steps: int = 20
+    warmup_share: float | None = None               # both stages' warm-up also ends at this share of the stage
     weight_decay: float = 0.01
     lr_floor: float = 0.1
     moe_lr_scale: float = 1.0
@@ -210,7 +211,7 @@ def stage_config(recipe: ModelRecipe, moe: bool, device: str, dtype: str, seed: 
                  skip_batches: int = 0) -> loop.TrainConfig:
     common = dict(batch=recipe.batch, seq_len=recipe.seq_len, weight_decay=recipe.weight_decay,
                   lr_floor=recipe.lr_floor, device=device, dtype=dtype, seed=seed, progress=progress,
-                  log_every=recipe.log_every)
+                  log_every=recipe.log_every, warmup_share=recipe.warmup_share)
     if not moe:
         return loop.TrainConfig(steps=recipe.dense_steps, lr=recipe.lr, warmup_steps=recipe.warmup_steps,
                                 compile=recipe.compile, **common)

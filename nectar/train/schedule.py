@@ -8,6 +8,9 @@ whether its step count or its deadline comes first:
     progress p = max(step / steps, elapsed / budget)        (terms without a limit are left out)
     lr(step, p) = peak · min(1, (step + 1) / warmup) · (floor + (1 − floor) · ½ (1 + cos π p))
 
+With a `warmup_share` s the warm-up also ends by progress: min(1, max((step + 1) / warmup, p / s)),
+so that at equal time a slower model (fewer steps) is not held in a warm-up counted in steps.
+
 The stage ends when p ≥ 1. Reading the clock is a host call only (no device synchronisation).
 """
 
@@ -55,13 +58,18 @@ class StageClock:
 class CosineSchedule:
     warmup_steps: int = 0
     floor: float = 0.1          # final lr / peak lr
+    warmup_share: float | None = None   # the warm-up also ends at this share of the stage's progress
 
     def __post_init__(self) -> None:
         if self.warmup_steps < 0 or not 0.0 <= self.floor <= 1.0:
             raise ValueError(f"warmup_steps must be >= 0 and floor in [0, 1], got {self.warmup_steps}, {self.floor}")
+        if self.warmup_share is not None and not 0.0 < self.warmup_share <= 1.0:
+            raise ValueError(f"warmup_share must lie in (0, 1], got {self.warmup_share}")
 
     def factor(self, step: int, progress: float) -> float:
         """lr / peak lr at `step` (0-based) and stage progress `progress`."""
         warm = min(1.0, (step + 1) / self.warmup_steps) if self.warmup_steps else 1.0
         p = min(max(progress, 0.0), 1.0)
+        if self.warmup_share is not None:
+            warm = min(1.0, max(warm, p / self.warmup_share))
         return warm * (self.floor + (1.0 - self.floor) * 0.5 * (1.0 + math.cos(math.pi * p)))

@@ -207,3 +207,15 @@ def test_lact_compile_option_sets_the_hybrid_recipes_branch_and_refuses_others()
     args, specs = parse_args(["--recipe", "distilgpt2", "--lact-compile", "on"])
     with pytest.raises(ValueError, match="hybrid LaCT recipe only"):
         make_recipe(args, specs)
+
+
+def test_warmup_share_option_reaches_both_stages_configs():
+    from nectar.cli.train import make_recipe, parse_args
+    from nectar.train.recipes import stage_config
+
+    args, specs = parse_args(["--recipe", "distilgpt2-lact-attn", "--warmup-share", "0.1"])
+    recipe = make_recipe(args, specs)
+    assert recipe.warmup_share == 0.1
+    assert {stage_config(recipe, moe=m, device="cpu", dtype="float32", seed=0, progress=False).warmup_share for m in (False, True)} == {0.1}
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "distilgpt2", "--warmup-share", "1.5"])

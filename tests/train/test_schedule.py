@@ -33,3 +33,17 @@ def test_stage_progress_by_steps_time_or_both():
     assert both.time_limited(10, now=11.0) and not both.time_limited(100, now=11.0)
     with pytest.raises(ValueError, match="step count or a time budget"):
         StageClock()
+
+
+def test_warmup_share_ends_the_warmup_by_progress_too():
+    plain = CosineSchedule(warmup_steps=100, floor=0.1)
+    shared = CosineSchedule(warmup_steps=100, floor=0.1, warmup_share=0.1)
+    cosine = lambda p: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))  # noqa: E731
+    # a slow stage: step 9 (10 % of the steps' warm-up) at 30 % of its time
+    assert plain.factor(9, 0.3) == pytest.approx(0.1 * cosine(0.3))
+    assert shared.factor(9, 0.3) == pytest.approx(cosine(0.3))
+    # early in the stage both ramp; the share's ramp takes over where it is further along
+    assert shared.factor(0, 0.05) == pytest.approx(0.5 * cosine(0.05))
+    assert shared.factor(60, 0.05) == pytest.approx(0.61 * cosine(0.05))
+    with pytest.raises(ValueError, match="warmup_share"):
+        CosineSchedule(warmup_steps=10, warmup_share=0.0)
