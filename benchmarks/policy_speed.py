@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "grouped with gate → router → dispatch under torch.compile)")
     parser.add_argument("--compile-router", action="store_true",
                         help="gate → router under torch.compile, the dispatch as --dispatch says (MoELayer.compile_router)")
+    parser.add_argument("--model", default=None,
+                        help="a saved experiment model folder (`nectar hw-run --save-model DIR`) instead of random "
+                             "weights; the chunk is its held-out stream")
     parser.add_argument("--chunk-forward", action="store_true",
                         help="time the experiment's chunk forward (nectar.experiment.forward.forward_chunk: the "
                              "routing recorder, sampled logits and inputs, per-row NLL, one host read a chunk) "
@@ -298,10 +301,30 @@ def print_kernel_differences(rows: list[dict]) -> None:
             print(f"#   {diff['gpu_us']:+9.1f} µs {diff['launches']:+4d}×  {diff['kernel']}", flush=True)
 
 
+def model_and_chunk(args, device: torch.device):
+    """(model, chunk [rows, seq_len]): the random-weight experiment shape and random token ids, or a
+    saved experiment model (`--model DIR`: `nectar hw-run --save-model DIR`) and its own held-out
+    stream (its trained routing on real text: how loaded the experts really are)."""
+    if args.model is None:
+        gen = torch.Generator().manual_seed(0)
+        chunk = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=gen)
+        return build_model(args.vocab, args.dtype, device, tiny=args.quick), chunk.to(device)
+    from nectar.train.saved_model import load_demo_model
+
+    try:
+        demo = load_demo_model(Path(args.model))
+    except ValueError as exc:
+        raise SystemExit(f"policy_speed: {exc}") from None
+    stream = demo.heldout_ids
+    needed = args.rows * args.seq_len
+    stream = stream.repeat(-(-needed // stream.numel()))[:needed]               # cycled when short
+    return demo.model.to(device, args.dtype).eval(), stream.view(args.rows, args.seq_len).to(device)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
-    model = build_model(args.vocab, args.dtype, device, tiny=args.quick)
+    model, chunk = model_and_chunk(args, device)
     for _, layer in model.moe_layers():
         layer.grouped = args.dispatch in ("grouped", "compiled")
         if args.dispatch == "compiled":
@@ -310,10 +333,8 @@ def main(argv: list[str] | None = None) -> int:
             layer.compile_router(True)
     if args.dispatch == "compiled" or args.compile_router:
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 8 * len(args.policies))
-    gen = torch.Generator().manual_seed(0)
-    chunk = torch.randint(0, args.vocab, (args.rows, args.seq_len), generator=gen).to(device)
     env = {**environment(device), "dtype": str(args.dtype).replace("torch.", ""), "rows": args.rows,
-           "micro_batch": args.micro_batch, "seq_len": args.seq_len, "rounds": args.rounds}
+           "micro_batch": args.micro_batch, "seq_len": args.seq_len, "rounds": args.rounds, "model": args.model}
     print(f"# {env}", flush=True)
     table = measure_cost_table(model, chunk, args, device)
     rows = [{**row, **env} for row in measure_policies(model, chunk, args, device, table)]

@@ -162,3 +162,16 @@ def test_policy_speed_drop_all_is_static_top1_through_the_drop_path(tmp_path):
 
     assert rows["drop-all"]["chunk_forward"] is True
     assert rows["drop-all"]["fused_router"] == fused_router.runs_on("cpu")
+
+
+def test_policy_speed_runs_a_saved_model_on_its_heldout_stream(tmp_path):
+    from benchmarks import policy_speed
+
+    out = tmp_path / "ps.json"
+    assert policy_speed.main(["--device", "cpu", "--model", str(REPO / "data" / "models" / "cpu-demo"), "--rows", "2",
+                              "--micro-batch", "1", "--seq-len", "64", "--rounds", "1", "--policies",
+                              "static-top2,drop-all", "--json-out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["model"] for r in rows] == [str(REPO / "data" / "models" / "cpu-demo")] * 2
+    with pytest.raises(SystemExit, match="policy_speed: .*does not exist"):
+        policy_speed.main(["--device", "cpu", "--quick", "--model", str(tmp_path / "missing")])
