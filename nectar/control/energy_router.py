@@ -230,8 +230,7 @@ class EnergyAwareRouter(Router):
                                                     self.drop_scale if self.drop else None)
         else:
             return None
-        experts, gates, mask, probs = decision
-        return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
+        return None if decision is None else fused_router.as_decision(decision, logits)
 
     def kept_slots(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with

@@ -14,6 +14,9 @@ row in registers, one Triton program per block of tokens:
 - `cheap_decision`: the static top-1 and the best cheap expert (`CheapStaticRouter`, one extra slot);
 - `top_p_decision`: top-p with at most k <= 4 experts (`TopPRouter`).
 
+Each returns (experts, gates, mask, probs), or None when the kernel could not run (`as_decision`
+makes the RoutingDecision).
+
 Both write the static softmax probs (fp32 softmax, stored in the logits' dtype) and the gates
 (probs gathered at the chosen experts, times the slot mask, renormalised — each step rounded to
 the logits' dtype as torch does). Ties between equal scores go to the lower expert index (the
@@ -23,15 +26,19 @@ scores are rounded to the logits' dtype after every operation torch performs in 
 The fused path applies only where it can be exact: temperature 1, no gradient wanted through the
 logits (inference), not under torch.compile, on CUDA (or a CPU under TRITON_INTERPRET=1, for tests),
 and with Triton installed; `NECTAR_FUSED_ROUTER=0` turns it off. Callers fall back to their torch
-path when `fusable` says no. tests/moe/test_fused_router.py compares both paths.
+path when `fusable` says no, or when a decision function returns None: a kernel variant that fails
+to compile or run the first time turns the fused path off for the process, with one warning. tests/moe/test_fused_router.py compares both paths.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import warnings
 
 import torch
+
+from nectar.moe.router import RoutingDecision
 
 try:  # Triton ships with CUDA builds of torch; a CPU install may lack it
     import triton
@@ -54,7 +61,8 @@ def runs_on(device: torch.device | str) -> bool:
     """Whether routers on `device` take the fused kernel (where `fusable` allows): Triton installed,
     the switch on, and CUDA (or a CPU under TRITON_INTERPRET=1)."""
     device = torch.device(device)
-    return triton is not None and enabled() and (device.type == "cuda" or (INTERPRET and device.type == "cpu"))
+    return (triton is not None and enabled() and not _FAILED
+            and (device.type == "cuda" or (INTERPRET and device.type == "cpu")))
 
 
 def fusable(logits: torch.Tensor, temperature: float) -> bool:
@@ -66,6 +74,12 @@ def fusable(logits: torch.Tensor, temperature: float) -> bool:
     if torch.is_grad_enabled() and logits.requires_grad:
         return False
     return not torch.compiler.is_compiling()
+
+
+def as_decision(fused: tuple, logits: torch.Tensor):
+    """A RoutingDecision of a decision function's (experts, gates, mask, probs); nothing dropped."""
+    experts, gates, mask, probs = fused
+    return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
 
 
 def topk_decision(logits: torch.Tensor, k: int, selection_bias: torch.Tensor, renormalize: bool):
@@ -121,12 +135,39 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
                               else v.to(device=device, dtype=torch.float32).contiguous())
     block_e = triton.next_power_of_2(e)
     block_n = max(1, min(128, 4096 // block_e))
-    _route_kernel[(triton.cdiv(n, block_n),)](
-        logits, vector(bias, 0.0), vector(cheap, 0.0), vector(drop, 0.0),
-        experts, gates, mask.view(torch.uint8), probs, n, float(p),
-        E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
-        RENORMALIZE=renormalize, ROUND=_round_code(logits.dtype))
+    constants = dict(E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
+                     RENORMALIZE=renormalize, ROUND=_round_code(logits.dtype))
+    variant = (device.type, *constants.values())
+
+    def launch():
+        _route_kernel[(triton.cdiv(n, block_n),)](
+            logits, vector(bias, 0.0), vector(cheap, 0.0), vector(drop, 0.0),
+            experts, gates, mask.view(torch.uint8), probs, n, float(p), **constants)
+
+    if variant in _PROVEN:
+        launch()
+    elif not _first_launch(launch, variant):
+        return None
     return experts, gates, mask, probs
+
+
+_PROVEN: set[tuple] = set()      # kernel variants that compiled and ran once
+_FAILED: list[str] = []          # why the fused path is off for this process, if it is
+
+
+def _first_launch(launch, variant: tuple) -> bool:
+    """Compile and run a variant for the first time; if that fails (a Triton that cannot build it),
+    warn once and turn the fused path off for this process, so that every router falls back to its
+    torch path and nothing is lost. Once a variant has run, its errors propagate as any kernel's."""
+    try:
+        launch()
+    except Exception as exc:  # noqa: BLE001  Triton's compile and launch errors have no common type
+        _FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        warnings.warn(f"fused router off (the routers take their torch paths): {_FAILED[-1]}", RuntimeWarning,
+                      stacklevel=4)
+        return False
+    _PROVEN.add(variant)
+    return True
 
 
 def _round_code(dtype: torch.dtype) -> int:

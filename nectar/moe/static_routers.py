@@ -54,9 +54,9 @@ class TopKRouter(Router):
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
         if self.k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
-            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.topk_decision(
-                logits, self.k, self.selection_bias, self.renormalize)     # one kernel on a GPU
-            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
+            fused = fused_router.topk_decision(logits, self.k, self.selection_bias, self.renormalize)  # one kernel
+            if fused is not None:
+                return fused_router.as_decision(fused, logits)
         probs_NE, experts_NK = self.select(logits)
         mask_NK = torch.ones_like(experts_NK, dtype=torch.bool)
         gates_NK = chosen_gates(probs_NE, experts_NK, None, self.renormalize)
@@ -133,9 +133,9 @@ class TopPRouter(Router):
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         check_logits(logits, self.num_experts)
         if self.max_k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
-            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.top_p_decision(
-                logits, self.p, self.max_k, self.selection_bias, self.renormalize)   # one kernel on a GPU
-            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
+            fused = fused_router.top_p_decision(logits, self.p, self.max_k, self.selection_bias, self.renormalize)
+            if fused is not None:                                                      # one kernel on a GPU
+                return fused_router.as_decision(fused, logits)
         scores_NE = logits / self.temperature
         probs_NE = stable_softmax(scores_NE)
         selection_NE = stable_softmax((scores_NE + self.selection_bias.to(scores_NE.dtype)).detach())
@@ -185,8 +185,9 @@ class CheapStaticRouter(Router):
 
     def forward(self, logits: torch.Tensor, inputs: torch.Tensor | None = None) -> RoutingDecision:
         if self.extra_slots == 1 and fused_router.fusable(logits, self.temperature):
-            experts_NK, gates_NK, mask_NK, probs_NE = fused_router.cheap_decision(logits, self.cheap_mask)
-            return RoutingDecision(experts_NK, gates_NK, mask_NK, torch.zeros_like(mask_NK), probs_NE, logits)
+            fused = fused_router.cheap_decision(logits, self.cheap_mask)               # one kernel on a GPU
+            if fused is not None:
+                return fused_router.as_decision(fused, logits)
         scores = logits + self.cheap_mask.to(logits.dtype)                    # [N, E]
         return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
 

@@ -160,3 +160,28 @@ def test_topk_decision_rejects_k_out_of_range():
 @pytest.mark.parametrize("value", [0.5, 0.8, 0.9, 1 / 3, 0.662109375, 1.0])
 def test_rounded_scalar_is_torchs_rounding(dtype, value):
     assert fused_router.rounded_scalar(value, dtype) == torch.tensor(value, dtype=dtype).item()
+
+
+@needs_kernel
+def test_a_kernel_that_fails_to_build_turns_the_fused_path_off_and_loses_nothing(monkeypatch):
+    """The first launch of a variant fails (a Triton that cannot compile it): one warning, the
+    router's torch path answers, and the fused path stays off."""
+    class Broken:
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                raise RuntimeError("cannot compile\nmore")
+            return run
+
+    monkeypatch.setattr(fused_router, "_route_kernel", Broken())
+    monkeypatch.setattr(fused_router, "_PROVEN", set())
+    monkeypatch.setattr(fused_router, "_FAILED", [])
+    router = TopKRouter(8, 2).to(DEVICE)
+    logits = distinct_logits(33, 8, torch.float32)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fused router off .*cannot compile"):
+        decision = router(logits)
+    monkeypatch.setenv("NECTAR_FUSED_ROUTER", "0")
+    with torch.no_grad():
+        reference = router(logits)
+    assert torch.equal(decision.experts, reference.experts) and torch.equal(decision.gates, reference.gates)
+    monkeypatch.delenv("NECTAR_FUSED_ROUTER")
+    assert not fused_router.fusable(logits, 1.0)
