@@ -220,81 +220,100 @@ if triton is not None:
         tl.store(probs_ptr + rows[:, None] * E + cols[None, :], p.to(probs_ptr.dtype.element_ty), mask=inside)
         p_low = _rounded(p, ROUND)
         if MODE == 0:
-            # static top-k of the (biased) scores, in order
-            left = scores
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for slot in tl.static_range(K):
-                pick = _argmax_low(left, cols, BLOCK_E)
-                left = tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
-                tl.store(experts_ptr + rows * K + slot, pick.to(tl.int64), mask=row_ok)
-                total += _pick(p_low, cols, pick)
-            total = _rounded(total, ROUND)
-            left = scores
-            for slot in tl.static_range(K):
-                pick = _argmax_low(left, cols, BLOCK_E)
-                left = tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
-                gate = _pick(p_low, cols, pick)
-                if RENORMALIZE:
-                    gate = _rounded(gate / tl.maximum(total, 1.1754943508222875e-38), ROUND)
-                tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(mask_ptr + rows * K + slot, tl.full([BLOCK_N], 1, tl.uint8), mask=row_ok)
+            _topk_slots(scores, p_low, cols, rows, row_ok, experts_ptr, gates_ptr, mask_ptr,
+                        BLOCK_N, BLOCK_E, K, RENORMALIZE, ROUND)
         elif MODE == 3:
-            # top-p over softmax(scores + selection bias), rounded as torch stores it; the mass before a
-            # slot is the rounded running sum minus the slot's own value, compared with P
-            sel_x = tl.where(col_ok[None, :], scores, float("-inf"))
-            sel_e = tl.exp(sel_x - tl.max(sel_x, axis=1)[:, None])
-            sel = tl.where(col_ok[None, :], _rounded(sel_e / tl.sum(sel_e, axis=1)[:, None], ROUND), -1.0)
-            left = sel
-            running = tl.zeros([BLOCK_N], dtype=tl.float32)
-            total = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for slot in tl.static_range(K):
-                pick = _argmax_low(left, cols, BLOCK_E)
-                value = _pick(sel, cols, pick)
-                left = tl.where(cols[None, :] == pick[:, None], -2.0, left)
-                running += value
-                before = _rounded(_rounded(running, ROUND) - value, ROUND)
-                used = (before < P) | (slot == 0)
-                gate = tl.where(used, _pick(p_low, cols, pick), 0.0)
-                total += gate
-                tl.store(experts_ptr + rows * K + slot, pick.to(tl.int64), mask=row_ok)
-                tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
-                tl.store(mask_ptr + rows * K + slot, used.to(tl.uint8), mask=row_ok)
-            if RENORMALIZE:
-                total = tl.maximum(_rounded(total, ROUND), 1.1754943508222875e-38)
-                for slot in tl.static_range(K):
-                    gate = tl.load(gates_ptr + rows * K + slot, mask=row_ok, other=0.0).to(tl.float32)
-                    tl.store(gates_ptr + rows * K + slot, _rounded(gate / total, ROUND).to(gates_ptr.dtype.element_ty),
-                             mask=row_ok)
+            _top_p_slots(scores, p_low, cols, col_ok, rows, row_ok, experts_ptr, gates_ptr, mask_ptr, P,
+                         BLOCK_N, BLOCK_E, K, RENORMALIZE, ROUND)
         else:
-            # the energy-aware router: static top-1, then the better of the static second choice and
-            # the best cheap expert by the adapted scores; the drop rule on slot 2
-            first = _argmax_low(x, cols, BLOCK_E)
-            not_first = cols[None, :] != first[:, None]
-            second = _argmax_low(tl.where(not_first, x, float("-inf")), cols, BLOCK_E)
-            cheap = tl.load(cheap_ptr + cols, mask=col_ok, other=float("-inf"))
-            best_cheap = _argmax_low(tl.where(not_first, x + cheap[None, :], float("-inf")), cols, BLOCK_E)
-            s_second = _pick(scores, cols, second)
-            s_cheap = _pick(scores, cols, best_cheap)
-            tie = tl.minimum(second, best_cheap)
-            rest = tl.where(s_cheap > s_second, best_cheap, tl.where(s_cheap == s_second, tie, second))
-            if MODE == 2:
-                rest = best_cheap                                                  # CheapStaticRouter
-            q0 = _pick(p, cols, first)
-            q1 = _pick(p, cols, rest)
-            keep = tl.full([BLOCK_N], 1, tl.int1)
-            if DROP:
-                share = tl.minimum(q1 / tl.maximum(q0 + q1, 1e-30), 1.0 - 1e-7)
-                # −log1p(−w): the series below 1e-4 (fp32-exact there), the log above
-                cost = tl.where(share < 1e-4, share + 0.5 * share * share + share * share * share / 3.0,
-                                -tl.log(1.0 - share))
-                scale = tl.load(drop_ptr + rest, mask=row_ok, other=0.0)
-                keep = cost >= scale
-            g0 = _rounded(q0, ROUND)
-            g1 = tl.where(keep, _rounded(q1, ROUND), 0.0)
-            total = tl.maximum(_rounded(g0 + g1, ROUND), 1.1754943508222875e-38)
-            tl.store(experts_ptr + rows * 2, first.to(tl.int64), mask=row_ok)
-            tl.store(experts_ptr + rows * 2 + 1, rest.to(tl.int64), mask=row_ok)
-            tl.store(gates_ptr + rows * 2, _rounded(g0 / total, ROUND).to(gates_ptr.dtype.element_ty), mask=row_ok)
-            tl.store(gates_ptr + rows * 2 + 1, _rounded(g1 / total, ROUND).to(gates_ptr.dtype.element_ty), mask=row_ok)
-            tl.store(mask_ptr + rows * 2, tl.full([BLOCK_N], 1, tl.uint8), mask=row_ok)
-            tl.store(mask_ptr + rows * 2 + 1, keep.to(tl.uint8), mask=row_ok)
+            _two_slots(x, scores, p, cols, col_ok, rows, row_ok, cheap_ptr, drop_ptr, experts_ptr, gates_ptr, mask_ptr,
+                       BLOCK_N, BLOCK_E, MODE, DROP, ROUND)
+
+    @triton.jit
+    def _topk_slots(scores, p_low, cols, rows, row_ok, experts_ptr, gates_ptr, mask_ptr, BLOCK_N: tl.constexpr,
+                    BLOCK_E: tl.constexpr, K: tl.constexpr, RENORMALIZE: tl.constexpr, ROUND: tl.constexpr):
+        """Static top-k of the (biased) scores, in order; gates renormalised over the k slots."""
+        left = scores
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for slot in tl.static_range(K):
+            pick = _argmax_low(left, cols, BLOCK_E)
+            left = tl.where(cols[None, :] == pick[:, None], float("-inf"), left)
+            gate = _pick(p_low, cols, pick)
+            total += gate
+            tl.store(experts_ptr + rows * K + slot, pick.to(tl.int64), mask=row_ok)
+            tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(mask_ptr + rows * K + slot, tl.full([BLOCK_N], 1, tl.uint8), mask=row_ok)
+        if RENORMALIZE:
+            _renormalize(gates_ptr, rows, row_ok, total, K, ROUND)
+
+    @triton.jit
+    def _top_p_slots(scores, p_low, cols, col_ok, rows, row_ok, experts_ptr, gates_ptr, mask_ptr, P,
+                     BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, K: tl.constexpr, RENORMALIZE: tl.constexpr,
+                     ROUND: tl.constexpr):
+        """Top-p over softmax(scores), rounded as torch stores it: a slot is used while the mass
+        before it (the rounded running sum minus the slot's own value) is below P; slot 0 always."""
+        sel_e = tl.exp(scores - tl.max(scores, axis=1)[:, None])
+        sel = tl.where(col_ok[None, :], _rounded(sel_e / tl.sum(sel_e, axis=1)[:, None], ROUND), -1.0)
+        left = sel
+        running = tl.zeros([BLOCK_N], dtype=tl.float32)
+        total = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for slot in tl.static_range(K):
+            pick = _argmax_low(left, cols, BLOCK_E)
+            value = _pick(sel, cols, pick)
+            left = tl.where(cols[None, :] == pick[:, None], -2.0, left)
+            running += value
+            before = _rounded(_rounded(running, ROUND) - value, ROUND)
+            used = (before < P) | (slot == 0)
+            gate = tl.where(used, _pick(p_low, cols, pick), 0.0)
+            total += gate
+            tl.store(experts_ptr + rows * K + slot, pick.to(tl.int64), mask=row_ok)
+            tl.store(gates_ptr + rows * K + slot, gate.to(gates_ptr.dtype.element_ty), mask=row_ok)
+            tl.store(mask_ptr + rows * K + slot, used.to(tl.uint8), mask=row_ok)
+        if RENORMALIZE:
+            _renormalize(gates_ptr, rows, row_ok, total, K, ROUND)
+
+    @triton.jit
+    def _renormalize(gates_ptr, rows, row_ok, total, K: tl.constexpr, ROUND: tl.constexpr):
+        """Stored gates divided by their (rounded) sum `total` [BN], as torch's renormalisation."""
+        total = tl.maximum(_rounded(total, ROUND), 1.1754943508222875e-38)
+        for slot in tl.static_range(K):
+            gate = tl.load(gates_ptr + rows * K + slot, mask=row_ok, other=0.0).to(tl.float32)
+            tl.store(gates_ptr + rows * K + slot, _rounded(gate / total, ROUND).to(gates_ptr.dtype.element_ty),
+                     mask=row_ok)
+
+    @triton.jit
+    def _two_slots(x, scores, p, cols, col_ok, rows, row_ok, cheap_ptr, drop_ptr, experts_ptr, gates_ptr, mask_ptr,
+                   BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, MODE: tl.constexpr, DROP: tl.constexpr,
+                   ROUND: tl.constexpr):
+        """The static top-1, then (MODE 1, the energy-aware router) the better by the adapted scores of
+        the static second choice and the best cheap expert, or (MODE 2, static-cheap) the best cheap
+        expert; with DROP the rule −log(1 − w) < d[e] drops slot 2."""
+        first = _argmax_low(x, cols, BLOCK_E)
+        not_first = cols[None, :] != first[:, None]
+        second = _argmax_low(tl.where(not_first, x, float("-inf")), cols, BLOCK_E)
+        cheap = tl.load(cheap_ptr + cols, mask=col_ok, other=float("-inf"))
+        best_cheap = _argmax_low(tl.where(not_first, x + cheap[None, :], float("-inf")), cols, BLOCK_E)
+        s_second = _pick(scores, cols, second)
+        s_cheap = _pick(scores, cols, best_cheap)
+        tie = tl.minimum(second, best_cheap)
+        rest = tl.where(s_cheap > s_second, best_cheap, tl.where(s_cheap == s_second, tie, second))
+        if MODE == 2:
+            rest = best_cheap
+        q0 = _pick(p, cols, first)
+        q1 = _pick(p, cols, rest)
+        keep = tl.full([BLOCK_N], 1, tl.int1)
+        if DROP:
+            share = tl.minimum(q1 / tl.maximum(q0 + q1, 1e-30), 1.0 - 1e-7)
+            # −log1p(−w): the series below 1e-4 (fp32-exact there), the log above
+            cost = tl.where(share < 1e-4, share + 0.5 * share * share + share * share * share / 3.0,
+                            -tl.log(1.0 - share))
+            keep = cost >= tl.load(drop_ptr + rest, mask=row_ok, other=0.0)
+        g0 = _rounded(q0, ROUND)
+        g1 = tl.where(keep, _rounded(q1, ROUND), 0.0)
+        total = tl.maximum(_rounded(g0 + g1, ROUND), 1.1754943508222875e-38)
+        tl.store(experts_ptr + rows * 2, first.to(tl.int64), mask=row_ok)
+        tl.store(experts_ptr + rows * 2 + 1, rest.to(tl.int64), mask=row_ok)
+        tl.store(gates_ptr + rows * 2, _rounded(g0 / total, ROUND).to(gates_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(gates_ptr + rows * 2 + 1, _rounded(g1 / total, ROUND).to(gates_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(mask_ptr + rows * 2, tl.full([BLOCK_N], 1, tl.uint8), mask=row_ok)
+        tl.store(mask_ptr + rows * 2 + 1, keep.to(tl.uint8), mask=row_ok)
