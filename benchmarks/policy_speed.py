@@ -14,6 +14,8 @@ median of the per-round ratios to static-top2 of the same round):
   host_reads_per_forward  tensor values read to the host in one forward (any device: the CPU test's count)
   kernels_per_forward  CUDA kernels one micro-batch forward launches (torch.profiler), None off CUDA
   kernel_gpu_us_per_forward  their summed device time (µs; kernels may overlap, so not wall time)
+  forward_wall_us      the wall time of one micro-batch forward in the timed rounds (median chunk / micro-
+                       batches): well above the kernels' time, the forward is host-bound
   kernels_vs_top2      the kernels whose launches or device time differ most from static-top2's
                        (policy minus top-2): where an identical-routing gap is spent
   slots_per_token      (token, expert) pairs computed per token, mean over layers (first micro-batch)
@@ -278,6 +280,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "host_reads_per_forward": info[name]["host_reads_per_forward"],
             "kernels_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["count"],
             "kernel_gpu_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["gpu_us"],
+            "forward_wall_us": seconds * 1e6 * args.micro_batch / args.rows,
             "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
             "same_routing_as_top2": same,
             "slots_per_token": statistics.fmean(float(p.sum()) / p.shape[0] for p in info[name]["pairs"]),
@@ -289,10 +292,15 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
 
 
 def print_kernel_differences(rows: list[dict]) -> None:
-    """Per policy (on CUDA): its kernels' device time against static-top2's, and the largest differences."""
+    """Per policy (on CUDA): kernel time against wall time a forward, its kernels' device time against
+    static-top2's, and the largest differences."""
     top2 = next(r for r in rows if r["policy"] == "static-top2")
     for row in rows:
-        if row["policy"] == "static-top2" or row["kernel_gpu_us_per_forward"] is None:
+        if row["kernel_gpu_us_per_forward"] is None:
+            continue
+        print(f"# {row['policy']}: {row['kernel_gpu_us_per_forward'] / 1e3:.2f} ms of kernels in "
+              f"{row['forward_wall_us'] / 1e3:.2f} ms a forward", flush=True)
+        if row["policy"] == "static-top2":
             continue
         extra = row["kernel_gpu_us_per_forward"] - top2["kernel_gpu_us_per_forward"]
         print(f"# {row['policy']}: kernels {row['kernels_per_forward'] - top2['kernels_per_forward']:+d}, "

@@ -158,6 +158,7 @@ def test_policy_speed_drop_all_is_static_top1_through_the_drop_path(tmp_path):
                               "static-top2,static-top1,drop-all", "--json-out", str(out)]) == 0
     rows = {r["policy"]: r for r in json.loads(out.read_text())}
     assert rows["drop-all"]["slots_per_token"] == rows["static-top1"]["slots_per_token"] == 1.0
+    assert all(r["forward_wall_us"] > 0 for r in rows.values())
     from nectar.moe import fused_router
 
     assert rows["drop-all"]["chunk_forward"] is True
