@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The machinery measurements of one GPU (issue "NECTAR's machinery at the hardware's speed"), into OUTDIR:
 #   (suite.log)           the sync test: every policy's MoE layers under torch.cuda.set_sync_debug_mode("error")
+#   policy_speed_chunk.json  the experiment's chunk forward, static-top1 against drop-all (its routing
+#                         through NECTAR's drop path); MODEL=DIR: a saved model on its held-out stream
 #   policy_speed_<d>.json every policy on the same chunk, dispatch d = grouped, loop, compiled
 #                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
 #   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
 #   calibration_noise.json  the cost calibration's spread over identical experts, with and without a settle
 #   suite.log             everything printed
-# About 8 minutes on an H100/H200 (SKIP_COMPILED=1: about 5, without the compiled row); each step has its own time limit, so one that overruns leaves
+# About 10 minutes on an H100/H200 (SKIP_COMPILED=1: about 7, without the compiled row); each step has its own time limit, so one that overruns leaves
 # the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
@@ -16,7 +18,13 @@ cd "$(dirname "$0")/.."
 POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,fixed-price:0.005,nectar
 . benchmarks/suite_steps.sh
 suite_header
-step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py
+step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py \
+  tests/moe/test_fused_router.py
+# the experiment's chunk forward (recorder, NLL) with drop-all = static top-1's routing through NECTAR's drop
+# path; MODEL=DIR (`nectar hw-run --save-model DIR`) runs a trained model on its held-out stream
+step "policy_speed chunk" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch loop --rounds 3 --chunk-forward \
+  --policies static-top2,static-top1,drop-all,static-cheap,nectar ${MODEL:+--model "$MODEL"} \
+  --json-out "$OUT/policy_speed_chunk.json"
 for d in grouped loop; do
   step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
     --policies "$POLICIES" --json-out "$OUT/policy_speed_$d.json"
