@@ -221,16 +221,11 @@ class EnergyAwareRouter(Router):
         if not fused_router.fusable(logits, self.temperature):
             return None
         if self.fallback:
-            if self.fallback_k > fused_router.MAX_K:
-                return None
-            decision = fused_router.topk_decision(logits, self.fallback_k, None, renormalize=True)
-        elif self.candidates == "static-or-cheap" and self.extra_slots == 1 \
-                and not (self.fast_net is not None and inputs is not None):
-            decision = fused_router.energy_decision(logits, self.bias, self.cheap_mask,
-                                                    self.drop_scale if self.drop else None)
-        else:
+            return (fused_router.topk_decision(logits, self.fallback_k, None, renormalize=True)
+                    if self.fallback_k <= fused_router.MAX_K else None)
+        if self.candidates != "static-or-cheap" or self.extra_slots != 1 or (self.fast_net is not None and inputs is not None):
             return None
-        return None if decision is None else fused_router.as_decision(decision, logits)
+        return fused_router.energy_decision(logits, self.bias, self.cheap_mask, self.drop_scale if self.drop else None)
 
     def kept_slots(self, probs_NE: torch.Tensor, experts: torch.Tensor) -> torch.Tensor | None:
         """[N, K] bool: the slots a token uses (None: all, for a router without `drop`); with

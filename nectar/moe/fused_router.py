@@ -14,8 +14,7 @@ row in registers, one Triton program per block of tokens:
 - `cheap_decision`: the static top-1 and the best cheap expert (`CheapStaticRouter`, one extra slot);
 - `top_p_decision`: top-p with at most k <= 4 experts (`TopPRouter`).
 
-Each returns (experts, gates, mask, probs), or None when the kernel could not run (`as_decision`
-makes the RoutingDecision).
+Each returns the RoutingDecision (nothing dropped), or None when the kernel could not run.
 
 Both write the static softmax probs (fp32 softmax, stored in the logits' dtype) and the gates
 (probs gathered at the chosen experts, times the slot mask, renormalised — each step rounded to
@@ -76,14 +75,8 @@ def fusable(logits: torch.Tensor, temperature: float) -> bool:
     return not torch.compiler.is_compiling()
 
 
-def as_decision(fused: tuple, logits: torch.Tensor):
-    """A RoutingDecision of a decision function's (experts, gates, mask, probs); nothing dropped."""
-    experts, gates, mask, probs = fused
-    return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
-
-
 def topk_decision(logits: torch.Tensor, k: int, selection_bias: torch.Tensor, renormalize: bool):
-    """(experts [N, k] long, gates [N, k], mask [N, k] bool, probs [N, E]) of static top-k."""
+    """Static top-k's decision (experts [N, k], gates, mask, probs [N, E]), or None."""
     if not 1 <= k <= min(MAX_K, logits.shape[1]):
         raise ValueError(f"the fused router takes 1 <= k <= {MAX_K}, got {k}")
     return _launch(logits, k, mode=0, bias=selection_bias, renormalize=renormalize)
@@ -91,20 +84,18 @@ def topk_decision(logits: torch.Tensor, k: int, selection_bias: torch.Tensor, re
 
 def energy_decision(logits: torch.Tensor, bias: torch.Tensor, cheap_mask: torch.Tensor,
                     drop_scale: torch.Tensor | None):
-    """(experts [N, 2], gates [N, 2], mask [N, 2], probs [N, E]) of the energy-aware router's
-    static-or-cheap rule; `cheap_mask` [E] 0 on cheap experts, -inf elsewhere; `drop_scale` [E]
+    """The energy-aware router's static-or-cheap decision (K = 2), or None; `cheap_mask` [E] 0 on cheap experts, -inf elsewhere; `drop_scale` [E]
     or None (never drop)."""
     return _launch(logits, 2, mode=1, bias=bias, cheap=cheap_mask, drop=drop_scale, renormalize=True)
 
 
 def cheap_decision(logits: torch.Tensor, cheap_mask: torch.Tensor):
-    """(experts [N, 2], gates [N, 2], mask [N, 2], probs [N, E]) of `CheapStaticRouter` with one
-    extra slot: the static top-1, then the best cheap expert (not the top-1) by the logits."""
+    """`CheapStaticRouter`'s decision with one extra slot, or None: the static top-1, then the best cheap expert (not the top-1) by the logits."""
     return _launch(logits, 2, mode=2, bias=None, cheap=cheap_mask, drop=None, renormalize=True)
 
 
 def top_p_decision(logits: torch.Tensor, p: float, k: int, selection_bias: torch.Tensor, renormalize: bool):
-    """(experts [N, k], gates [N, k], mask [N, k], probs [N, E]) of `TopPRouter` with max_k = k <= 4:
+    """`TopPRouter`'s decision with max_k = k <= 4, or None:
     experts in descending softmax(logits + selection bias), a slot used while the mass before it
     (the rounded cumulative sum, as torch's) is below p (p rounded to the logits' dtype, as torch
     compares a tensor with a Python number); slot 0 always."""
@@ -131,8 +122,8 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
     gates = torch.empty(n, k, dtype=logits.dtype, device=device)
     mask = torch.empty(n, k, dtype=torch.bool, device=device)
     probs = torch.empty(n, e, dtype=logits.dtype, device=device)
-    vector = lambda v, fill: (torch.full((e,), fill, device=device) if v is None  # noqa: E731
-                              else v.to(device=device, dtype=torch.float32).contiguous())
+    zeros = _zeros(e, device)                   # for a vector the caller has not got (or the kernel does not read)
+    vector = lambda v: zeros if v is None else v.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
     block_e = triton.next_power_of_2(e)
     block_n = max(1, min(128, 4096 // block_e))
     constants = dict(E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
@@ -141,14 +132,25 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
 
     def launch():
         _route_kernel[(triton.cdiv(n, block_n),)](
-            logits, vector(bias, 0.0), vector(cheap, 0.0), vector(drop, 0.0),
+            logits, vector(bias), vector(cheap), vector(drop),
             experts, gates, mask.view(torch.uint8), probs, n, float(p), **constants)
 
     if variant in _PROVEN:
         launch()
     elif not _first_launch(launch, variant):
         return None
-    return experts, gates, mask, probs
+    return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
+
+
+_ZEROS: dict[tuple, torch.Tensor] = {}
+
+
+def _zeros(e: int, device: torch.device) -> torch.Tensor:
+    """[e] fp32 zeros on `device`, made once (no fill kernel a forward)."""
+    key = (e, str(device))
+    if key not in _ZEROS:
+        _ZEROS[key] = torch.zeros(e, device=device)
+    return _ZEROS[key]
 
 
 _PROVEN: set[tuple] = set()      # kernel variants that compiled and ran once

@@ -56,7 +56,7 @@ class TopKRouter(Router):
         if self.k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
             fused = fused_router.topk_decision(logits, self.k, self.selection_bias, self.renormalize)  # one kernel
             if fused is not None:
-                return fused_router.as_decision(fused, logits)
+                return fused
         probs_NE, experts_NK = self.select(logits)
         mask_NK = torch.ones_like(experts_NK, dtype=torch.bool)
         gates_NK = chosen_gates(probs_NE, experts_NK, None, self.renormalize)
@@ -135,7 +135,7 @@ class TopPRouter(Router):
         if self.max_k <= fused_router.MAX_K and fused_router.fusable(logits, self.temperature):
             fused = fused_router.top_p_decision(logits, self.p, self.max_k, self.selection_bias, self.renormalize)
             if fused is not None:                                                      # one kernel on a GPU
-                return fused_router.as_decision(fused, logits)
+                return fused
         scores_NE = logits / self.temperature
         probs_NE = stable_softmax(scores_NE)
         selection_NE = stable_softmax((scores_NE + self.selection_bias.to(scores_NE.dtype)).detach())
@@ -187,7 +187,7 @@ class CheapStaticRouter(Router):
         if self.extra_slots == 1 and fused_router.fusable(logits, self.temperature):
             fused = fused_router.cheap_decision(logits, self.cheap_mask)               # one kernel on a GPU
             if fused is not None:
-                return fused_router.as_decision(fused, logits)
+                return fused
         scores = logits + self.cheap_mask.to(logits.dtype)                    # [N, E]
         return gate_decision(logits, static_top1_plus(scores, logits, self.extra_slots), self.temperature)
 

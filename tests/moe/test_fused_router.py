@@ -130,7 +130,7 @@ def test_never_dropping_energy_router_routes_as_static_top2():
 @needs_kernel
 def test_ties_go_to_the_lower_expert():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]], device=DEVICE)
-    experts, _, _, _ = fused_router.topk_decision(logits, 3, torch.zeros(4, device=DEVICE), renormalize=True)
+    experts = fused_router.topk_decision(logits, 3, torch.zeros(4, device=DEVICE), renormalize=True).experts
     assert experts.tolist() == [[1, 2, 0], [0, 1, 2]]
 
 
