@@ -18,8 +18,15 @@ median of the per-round ratios to static-top2 of the same round):
                        batches): well above the kernels' time, the forward is host-bound
   kernels_vs_top2      the kernels whose launches or device time differ most from static-top2's
                        (policy minus top-2): where an identical-routing gap is spent
+  host_us_per_forward  the torch ops' summed self host time in the profiled forward (µs; the profiler
+                       inflates it, so compare policies, not wall times)
+  host_ops_vs_top2     the host ops whose calls or self host time differ most from static-top2's
   slots_per_token      (token, expert) pairs computed per token, mean over layers (first micro-batch)
   chunk_forward        whether the timed forward was the experiment's (`--chunk-forward`) or the bare model's
+  graphs               whether the policy's timed forwards were CUDA-graph replays (`--graphs`, grouped
+                       dispatch; False where the capture failed: then timed eagerly)
+  telemetry            how a timed chunk was read: `counter` (NVML's energy counter at its edges) or
+                       `backend` (inside the telemetry backend's window, sampler thread on, as hw-run)
   fused_router         whether the routers ran as one kernel (nectar.moe.fused_router; on CUDA with
                        Triton unless NECTAR_FUSED_ROUTER=0) or on their torch paths
   (policy `drop-all`: NECTAR's router dropping every second slot, i.e. static top-1's routing through
@@ -57,6 +64,7 @@ from nectar.experiment.forward import forward_chunk, install  # noqa: E402
 from nectar.experiment.host_reads import count_host_reads  # noqa: E402
 from nectar.experiment.policies import policy_router  # noqa: E402
 from nectar.moe import fused_router  # noqa: E402
+from nectar.telemetry.energy import window_energy_J  # noqa: E402
 
 DROP_ALL = "drop-all"
 POLICIES = ("static-top2", "fixed-bias:0", "fixed-price:1e9", "static-top1", "static-cheap", "top-p:0.5",
@@ -78,6 +86,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "grouped with gate → router → dispatch under torch.compile)")
     parser.add_argument("--compile-router", action="store_true",
                         help="gate → router under torch.compile, the dispatch as --dispatch says (MoELayer.compile_router)")
+    parser.add_argument("--graphs", action="store_true",
+                        help="time each policy's micro-batch forward as a captured CUDA graph (needs CUDA and "
+                             "--dispatch grouped, the sync-free path; not with --chunk-forward, whose recorder "
+                             "keeps host-side state); kernels, syncs and reads are still those of the eager forward")
     parser.add_argument("--model", default=None,
                         help="a saved experiment model folder (`nectar hw-run --save-model DIR`) instead of random "
                              "weights; the chunk is its held-out stream")
@@ -85,6 +97,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="time the experiment's chunk forward (nectar.experiment.forward.forward_chunk: the "
                              "routing recorder, sampled logits and inputs, per-row NLL, one host read a chunk) "
                              "instead of the bare model forward")
+    parser.add_argument("--telemetry", choices=["counter", "backend"], default="counter",
+                        help="counter: a timed chunk is read by NVML's energy counter at its edges; backend: it "
+                             "runs inside the telemetry backend's window as the experiments run it (hw-run's "
+                             "sampler thread on; the simulator on the CPU)")
     parser.add_argument("--calibration-s", type=float, default=2.0, help="the cost calibration's time budget")
     parser.add_argument("--quick", action="store_true", help="tiny model and chunk for a smoke test")
     parser.add_argument("--json-out", default=None)
@@ -94,6 +110,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     check_device_and_sizes(parser, args, ("rows", "micro_batch", "seq_len", "vocab", "rounds"))
     if args.rows % args.micro_batch:
         parser.error("--rows must be a multiple of --micro-batch")
+    if args.graphs and (args.chunk_forward or args.dispatch != "grouped" or not args.device.startswith("cuda")):
+        parser.error("--graphs needs CUDA and --dispatch grouped, and not --chunk-forward")
+    if args.telemetry == "backend" and not args.chunk_forward:
+        parser.error("--telemetry backend times the experiment's chunk: it needs --chunk-forward")
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     if "static-top2" not in args.policies:
         parser.error("--policies must include static-top2 (the reference)")
@@ -121,14 +141,15 @@ class EnergyCounter:
 
 
 def kernel_profile(fn, device: torch.device) -> dict | None:
-    """CUDA kernels of one fn() (torch.profiler): {"count", "gpu_us" (their summed device time),
-    "by_name": {kernel name: [launches, device µs]}}; None off CUDA."""
+    """CUDA kernels and host ops of one fn() (torch.profiler): {"count", "gpu_us" (the kernels' summed
+    device time), "by_name": {kernel name: [launches, device µs]}, "host_by_name": {op name: [calls,
+    self host µs]}, "host_us" (the ops' summed self host time)}; None off CUDA."""
     if device.type != "cuda":
         return None
     from torch.profiler import ProfilerActivity, profile
 
     synchronize(device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         synchronize(device)
     by_name: dict[str, list] = {}
@@ -137,23 +158,28 @@ def kernel_profile(fn, device: torch.device) -> dict | None:
             entry = by_name.setdefault(event.name[:120], [0, 0.0])
             entry[0] += 1
             entry[1] += event.device_time_total
+    host = {avg.key[:120]: [avg.count, avg.self_cpu_time_total] for avg in prof.key_averages()
+            if avg.self_cpu_time_total > 0}
     return {"count": sum(n for n, _ in by_name.values()), "gpu_us": sum(t for _, t in by_name.values()),
-            "by_name": by_name}
+            "by_name": by_name, "host_by_name": host, "host_us": sum(t for _, t in host.values())}
 
 
-def kernel_difference(profile: dict | None, reference: dict | None, top: int = 12) -> list[dict]:
-    """The kernels whose device time differs most between a policy's profile and the reference's:
-    [{"kernel", "launches", "gpu_us"} as policy minus reference], largest absolute difference first."""
+def kernel_difference(profile: dict | None, reference: dict | None, top: int = 12, field: str = "by_name") -> list[dict]:
+    """The kernels (`field="host_by_name"`: host ops) whose device (host) time differs most between a
+    policy's profile and the reference's: [{"kernel", "launches", "gpu_us" (host ops: "host_us")} as
+    policy minus reference],
+    largest absolute difference first."""
     if profile is None or reference is None:
         return []
-    names = set(profile["by_name"]) | set(reference["by_name"])
+    names = set(profile[field]) | set(reference[field])
+    unit = "gpu_us" if field == "by_name" else "host_us"
     rows = []
     for name in names:
-        n, t = profile["by_name"].get(name, (0, 0.0))
-        n0, t0 = reference["by_name"].get(name, (0, 0.0))
+        n, t = profile[field].get(name, (0, 0.0))
+        n0, t0 = reference[field].get(name, (0, 0.0))
         if n != n0 or abs(t - t0) > 0:
-            rows.append({"kernel": name, "launches": n - n0, "gpu_us": round(t - t0, 1)})
-    return sorted(rows, key=lambda r: -abs(r["gpu_us"]))[:top]
+            rows.append({"kernel": name, "launches": n - n0, unit: round(t - t0, 1)})
+    return sorted(rows, key=lambda r: -abs(r[unit]))[:top]
 
 
 def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -167,6 +193,61 @@ def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
         chosen.scatter_(-1, d.experts.long(), d.active)
         pairs.append(chosen.cpu())
     return pairs
+
+
+class GraphedForward:
+    """One policy's forward of a micro-batch [b, T] captured once as a CUDA graph (the grouped dispatch
+    and the routers wait for nothing, so the capture holds the whole forward) and replayed on each
+    micro-batch's ids: the forward without any host launch cost."""
+
+    def __init__(self, model, example: torch.Tensor):
+        self.ids = example.clone()                                      # [b, T] the graph's input
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.no_grad():                  # warm-up off the capture stream
+            for _ in range(2):
+                model(input_ids=self.ids, use_cache=False)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(self.graph):
+            self.logits = model(input_ids=self.ids, use_cache=False).logits   # [b, T, V] kept by the graph
+
+    def __call__(self, ids: torch.Tensor) -> None:
+        self.ids.copy_(ids)
+        self.graph.replay()
+
+
+class CounterTimer:
+    """(seconds, joules or None) of one fn(): wall clock between device syncs, NVML's energy counter."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.meter = device, EnergyCounter(device)
+
+    def measure(self, fn) -> tuple[float, float | None]:
+        synchronize(self.device)
+        j0, t0 = self.meter.joules(), time.perf_counter()
+        fn()
+        synchronize(self.device)
+        t1, j1 = time.perf_counter(), self.meter.joules()
+        return t1 - t0, None if j0 is None else j1 - j0
+
+    def close(self) -> None:
+        pass
+
+
+class BackendTimer:
+    """(seconds, joules) of one fn() (returning the chunk's workload) run inside the telemetry backend's
+    window, as an experiment's chunk runs (on CUDA: NVML with its sampler thread)."""
+
+    def __init__(self, device: torch.device):
+        self.backend = telemetry_backend(device)
+
+    def measure(self, fn) -> tuple[float, float | None]:
+        window = self.backend.run_chunk(fn)
+        return window.duration_s, window_energy_J(window)
+
+    def close(self) -> None:
+        self.backend.close()
 
 
 def telemetry_backend(device: torch.device):
@@ -215,7 +296,6 @@ def bench_router(name: str, layer):
 def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, table: CostTable) -> list[dict]:
     micro = list(chunk.split(args.micro_batch))
     routers = {name: [bench_router(name, layer) for _, layer in model.moe_layers()] for name in args.policies}
-    meter = EnergyCounter(device)
 
     def forward(ids):
         if args.chunk_forward:       # the experiment's path: recorder, sampled logits, per-row NLL
@@ -224,18 +304,21 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
 
-    def run_chunk():
+    graphs: dict[str, GraphedForward] = {}      # --graphs: each policy's captured forward
+
+    def run_chunk(name: str):
         if args.chunk_forward:
-            forward_chunk(model, chunk, args.micro_batch)
-            return
+            return forward_chunk(model, chunk, args.micro_batch).workload
+        step = graphs.get(name, forward)
         for ids in micro:
-            forward(ids)
+            step(ids)
+        return None
 
     static = {}
     info = {}
     for name in args.policies:
         install(model, routers[name])
-        run_chunk()                                                   # warm-up
+        run_chunk(name)                                               # warm-up
         pairs = selected_pairs(model, micro[0])
         if name == "static-top2":
             static = pairs
@@ -247,20 +330,26 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
                       "sync_sites": None if syncs is None else syncs["sites"],
                       "kernels": kernel_profile(lambda: forward(micro[0]), device),
                       "predicted_s": predicted_seconds(model, table, micro[0], name), "pairs": pairs}
+        if args.graphs:
+            try:
+                graphs[name] = GraphedForward(model, micro[0])
+            except RuntimeError as exc:                              # e.g. a host sync inside the forward
+                print(f"# {name}: no CUDA graph ({str(exc).splitlines()[0]}); timed eagerly", flush=True)
+        info[name]["graphed"] = name in graphs
     times = {name: [] for name in args.policies}
     energy = {name: [] for name in args.policies}
-    for r in range(args.rounds):
-        order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
-        for name in order:
-            install(model, routers[name])
-            synchronize(device)
-            j0, t0 = meter.joules(), time.perf_counter()
-            run_chunk()
-            synchronize(device)
-            t1, j1 = time.perf_counter(), meter.joules()
-            times[name].append(t1 - t0)
-            energy[name].append(None if j0 is None else j1 - j0)
-        print(f"# round {r + 1}/{args.rounds} done", flush=True)
+    timer = BackendTimer(device) if args.telemetry == "backend" else CounterTimer(device)
+    try:
+        for r in range(args.rounds):
+            order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
+            for name in order:
+                install(model, routers[name])
+                seconds, joules = timer.measure(lambda: run_chunk(name))
+                times[name].append(seconds)
+                energy[name].append(joules)
+            print(f"# round {r + 1}/{args.rounds} done", flush=True)
+    finally:
+        timer.close()
     return _rows(args, chunk.numel(), times, energy, info, static)
 
 
@@ -282,12 +371,15 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "kernel_gpu_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["gpu_us"],
             "forward_wall_us": seconds * 1e6 * args.micro_batch / args.rows,
             "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
+            "host_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["host_us"],
+            "host_ops_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"],
+                                                  field="host_by_name"),
             "same_routing_as_top2": same,
             "slots_per_token": statistics.fmean(float(p.sum()) / p.shape[0] for p in info[name]["pairs"]),
             "predicted_speed_vs_top2": info["static-top2"]["predicted_s"] / info[name]["predicted_s"], "round_s": times[name], "round_speed_vs_top2": speed,
             "round_J": energy[name] if has_energy else None, "dispatch": args.dispatch,
             "fused_router": fused_router.runs_on(args.device), "chunk_forward": args.chunk_forward,
-                     "compile_router": args.compile_router})
+            "telemetry": args.telemetry, "graphs": info[name]["graphed"], "compile_router": args.compile_router})
     return rows
 
 
@@ -298,7 +390,8 @@ def print_kernel_differences(rows: list[dict]) -> None:
     for row in rows:
         if row["kernel_gpu_us_per_forward"] is None:
             continue
-        print(f"# {row['policy']}: {row['kernel_gpu_us_per_forward'] / 1e3:.2f} ms of kernels in "
+        print(f"# {row['policy']}: {row['kernel_gpu_us_per_forward'] / 1e3:.2f} ms of kernels and "
+              f"{row['host_us_per_forward'] / 1e3:.2f} ms of host ops (profiled) in "
               f"{row['forward_wall_us'] / 1e3:.2f} ms a forward", flush=True)
         if row["policy"] == "static-top2":
             continue
@@ -307,6 +400,10 @@ def print_kernel_differences(rows: list[dict]) -> None:
               f"device time {extra:+.0f} µs a forward vs static-top2", flush=True)
         for diff in row["kernels_vs_top2"][:6]:
             print(f"#   {diff['gpu_us']:+9.1f} µs {diff['launches']:+4d}×  {diff['kernel']}", flush=True)
+        extra = row["host_us_per_forward"] - top2["host_us_per_forward"]
+        print(f"# {row['policy']}: host ops {extra:+.0f} µs a forward vs static-top2", flush=True)
+        for diff in row["host_ops_vs_top2"][:6]:
+            print(f"#   {diff['host_us']:+9.1f} µs {diff['launches']:+4d}×  {diff['kernel']}", flush=True)
 
 
 def model_and_chunk(args, device: torch.device):

@@ -163,6 +163,22 @@ def test_policy_speed_drop_all_is_static_top1_through_the_drop_path(tmp_path):
 
     assert rows["drop-all"]["chunk_forward"] is True
     assert rows["drop-all"]["fused_router"] == fused_router.runs_on("cpu")
+    assert rows["drop-all"]["telemetry"] == "counter"
+
+
+def test_policy_speed_times_chunks_in_the_backends_window(tmp_path):
+    """`--telemetry backend` runs each timed chunk inside the telemetry backend's window (the simulator
+    on the CPU: every round then has an energy), and needs the experiment's chunk forward."""
+    from benchmarks import policy_speed
+
+    out = tmp_path / "ps.json"
+    assert policy_speed.main(["--device", "cpu", "--quick", "--chunk-forward", "--telemetry", "backend", "--policies",
+                              "static-top2,drop-all", "--json-out", str(out)]) == 0
+    rows = {r["policy"]: r for r in json.loads(out.read_text())}
+    assert rows["drop-all"]["telemetry"] == "backend"
+    assert all(j > 0 for r in rows.values() for j in r["round_J"]) and len(rows["drop-all"]["round_J"]) == 2
+    with pytest.raises(SystemExit):
+        policy_speed.parse_args(["--device", "cpu", "--quick", "--telemetry", "backend"])
 
 
 def test_policy_speed_runs_a_saved_model_on_its_heldout_stream(tmp_path):
