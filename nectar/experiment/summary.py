@@ -70,13 +70,17 @@ def start_price(runs: list["PolicyRun"], given: float | None) -> float | None:
 
 
 def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **extra) -> dict:
-    """The run's summary in the schema of `nectar run --json` (plus the run's settings)."""
+    """The run's summary in the schema of `nectar run --json` (plus the run's settings and, at its end,
+    the fused router's status: whether any variant turned it off mid-run)."""
+    from nectar.moe import fused_router
+
     limits, guard = cfg.controller.limits, cfg.controller.guard
     budget = None if limits.power_budget is None else limits.power_budget.describe()
     return {"backend": backend, "seed": cfg.seed, **runs[0].backend.info(),
             "chunk_tokens": cfg.chunk_tokens, "seq_len": cfg.seq_len, "price_init": start_price(runs, guard.price_init),
             "temp_cap_C": limits.temp_cap_C, "power_budget_W": budget,
-            "max_ppl_increase": guard.max_ppl_increase, "calibration": calibration_summary(runs), **extra,
+            "max_ppl_increase": guard.max_ppl_increase, "calibration": calibration_summary(runs),
+            "fused_router": fused_router.status(), **extra,
             "policies": summarise(runs)}
 
 

@@ -64,6 +64,12 @@ def runs_on(device: torch.device | str) -> bool:
             and (device.type == "cuda" or (INTERPRET and device.type == "cpu")))
 
 
+def status() -> dict:
+    """What a run records of the fused path: Triton present, the switch, and why the path turned
+    itself off in this process (empty while it is on)."""
+    return {"triton": triton is not None, "switch_on": enabled(), "failed": list(_FAILED)}
+
+
 def fusable(logits: torch.Tensor, temperature: float) -> bool:
     """Whether the fused kernel may compute this decision (see the module docstring)."""
     if temperature != 1.0 or logits.dtype not in DTYPES or not runs_on(logits.device):

@@ -22,6 +22,7 @@ def test_run_writes_summary_outputs_and_is_deterministic(tiny_model_dir, tmp_pat
     b = _run(tiny_model_dir, tmp_path / "b")
     assert a == b
     assert a["backend"] == "sim" and "H100" in a["gpu"]
+    assert a["fused_router"]["failed"] == []     # the run says whether its routers stayed on one path
     assert set(a["policies"]) == {"static-top2", "static-top1", "static-cheap", "nectar"}
     keys = {"tokens", "energy_J", "duration_s", "J_per_token", "mean_power_W", "max_temp_C", "perplexity",
             "routing_agreement", "fallback_chunks"}

@@ -185,3 +185,13 @@ def test_a_kernel_that_fails_to_build_turns_the_fused_path_off_and_loses_nothing
     assert torch.equal(decision.experts, reference.experts) and torch.equal(decision.gates, reference.gates)
     monkeypatch.delenv("NECTAR_FUSED_ROUTER")
     assert not fused_router.fusable(logits, 1.0)
+    assert fused_router.status()["failed"] == ["RuntimeError: cannot compile"]
+
+
+def test_status_says_why_the_fused_path_is_off(monkeypatch):
+    """A run's summary records `status()`: the switch, Triton, and every reason the path turned off."""
+    monkeypatch.setattr(fused_router, "_FAILED", [])
+    monkeypatch.setenv("NECTAR_FUSED_ROUTER", "0")
+    assert fused_router.status() == {"triton": fused_router.triton is not None, "switch_on": False, "failed": []}
+    monkeypatch.setattr(fused_router, "_FAILED", ["RuntimeError: x"])
+    assert fused_router.status()["failed"] == ["RuntimeError: x"]
