@@ -26,7 +26,9 @@ The fused path applies only where it can be exact: temperature 1, no gradient wa
 logits (inference), not under torch.compile, on CUDA (or a CPU under TRITON_INTERPRET=1, for tests),
 and with Triton installed; `NECTAR_FUSED_ROUTER=0` turns it off. Callers fall back to their torch
 path when `fusable` says no, or when a decision function returns None: a kernel variant that fails
-to compile or run the first time turns the fused path off for the process, with one warning. tests/moe/test_fused_router.py compares both paths.
+to compile or run the first time stays on the torch path for the process, with one warning (the
+other variants stay fused; `status()` lists the failures, and a run's summary.json records it).
+tests/moe/test_fused_router.py compares both paths.
 """
 
 from __future__ import annotations
@@ -60,14 +62,15 @@ def runs_on(device: torch.device | str) -> bool:
     """Whether routers on `device` take the fused kernel (where `fusable` allows): Triton installed,
     the switch on, and CUDA (or a CPU under TRITON_INTERPRET=1)."""
     device = torch.device(device)
-    return (triton is not None and enabled() and not _FAILED
+    return (triton is not None and enabled()
             and (device.type == "cuda" or (INTERPRET and device.type == "cpu")))
 
 
 def status() -> dict:
-    """What a run records of the fused path: Triton present, the switch, and why the path turned
-    itself off in this process (empty while it is on)."""
-    return {"triton": triton is not None, "switch_on": enabled(), "failed": list(_FAILED)}
+    """What a run records of the fused path: Triton present, the switch, and the kernel variants that
+    failed their first launch in this process, with why (those decisions took the torch path)."""
+    return {"triton": triton is not None, "switch_on": enabled(),
+            "failed": [f"{variant}: {why}" for variant, why in _FAILED.items()]}
 
 
 def fusable(logits: torch.Tensor, temperature: float) -> bool:
@@ -143,7 +146,7 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
 
     if variant in _PROVEN:
         launch()
-    elif not _first_launch(launch, variant):
+    elif variant in _FAILED or not _first_launch(launch, variant):
         return None
     return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
 
@@ -160,19 +163,19 @@ def _zeros(e: int, device: torch.device) -> torch.Tensor:
 
 
 _PROVEN: set[tuple] = set()      # kernel variants that compiled and ran once
-_FAILED: list[str] = []          # why the fused path is off for this process, if it is
+_FAILED: dict[tuple, str] = {}   # variants whose first launch failed, and why (torch path from then on)
 
 
 def _first_launch(launch, variant: tuple) -> bool:
     """Compile and run a variant for the first time; if that fails (a Triton that cannot build it),
-    warn once and turn the fused path off for this process, so that every router falls back to its
-    torch path and nothing is lost. Once a variant has run, its errors propagate as any kernel's."""
+    warn once and keep that variant on its routers' torch paths for this process (the other variants
+    stay fused), so that nothing is lost. Once a variant has run, its errors propagate as any kernel's."""
     try:
         launch()
     except Exception as exc:  # noqa: BLE001  Triton's compile and launch errors have no common type
-        _FAILED.append(f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
-        warnings.warn(f"fused router off (the routers take their torch paths): {_FAILED[-1]}", RuntimeWarning,
-                      stacklevel=4)
+        _FAILED[variant] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        warnings.warn(f"fused router variant {variant} off (its routers take their torch paths): {_FAILED[variant]}",
+                      RuntimeWarning, stacklevel=4)
         return False
     _PROVEN.add(variant)
     return True

@@ -163,35 +163,42 @@ def test_rounded_scalar_is_torchs_rounding(dtype, value):
 
 
 @needs_kernel
-def test_a_kernel_that_fails_to_build_turns_the_fused_path_off_and_loses_nothing(monkeypatch):
+def test_a_kernel_that_fails_to_build_stays_on_the_torch_path_and_loses_nothing(monkeypatch):
     """The first launch of a variant fails (a Triton that cannot compile it): one warning, the
-    router's torch path answers, and the fused path stays off."""
-    class Broken:
+    router's torch path answers, that variant is not tried again, and other variants stay fused."""
+    launch = fused_router._route_kernel
+
+    class BrokenTopK:
         def __getitem__(self, grid):
             def run(*args, **kwargs):
-                raise RuntimeError("cannot compile\nmore")
+                if kwargs["MODE"] == 0 and kwargs["K"] == 2:
+                    raise RuntimeError("cannot compile\nmore")
+                return launch[grid](*args, **kwargs)
             return run
 
-    monkeypatch.setattr(fused_router, "_route_kernel", Broken())
+    monkeypatch.setattr(fused_router, "_route_kernel", BrokenTopK())
     monkeypatch.setattr(fused_router, "_PROVEN", set())
-    monkeypatch.setattr(fused_router, "_FAILED", [])
+    monkeypatch.setattr(fused_router, "_FAILED", {})
     router = TopKRouter(8, 2).to(DEVICE)
     logits = distinct_logits(33, 8, torch.float32)
-    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fused router off .*cannot compile"):
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="fused router variant .* off .*cannot compile"):
         decision = router(logits)
     monkeypatch.setenv("NECTAR_FUSED_ROUTER", "0")
     with torch.no_grad():
         reference = router(logits)
     assert torch.equal(decision.experts, reference.experts) and torch.equal(decision.gates, reference.gates)
     monkeypatch.delenv("NECTAR_FUSED_ROUTER")
-    assert not fused_router.fusable(logits, 1.0)
-    assert fused_router.status()["failed"] == ["RuntimeError: cannot compile"]
+    [failure] = fused_router.status()["failed"]
+    assert failure.endswith("RuntimeError: cannot compile")
+    with torch.no_grad():
+        assert fused_router.topk_decision(logits, 2, None, renormalize=True) is None   # not tried again
+        assert fused_router.topk_decision(logits, 1, None, renormalize=True) is not None  # another variant runs
 
 
 def test_status_says_why_the_fused_path_is_off(monkeypatch):
     """A run's summary records `status()`: the switch, Triton, and every reason the path turned off."""
-    monkeypatch.setattr(fused_router, "_FAILED", [])
+    monkeypatch.setattr(fused_router, "_FAILED", {})
     monkeypatch.setenv("NECTAR_FUSED_ROUTER", "0")
     assert fused_router.status() == {"triton": fused_router.triton is not None, "switch_on": False, "failed": []}
-    monkeypatch.setattr(fused_router, "_FAILED", ["RuntimeError: x"])
-    assert fused_router.status()["failed"] == ["RuntimeError: x"]
+    monkeypatch.setattr(fused_router, "_FAILED", {("cuda", 8): "RuntimeError: x"})
+    assert fused_router.status()["failed"] == ["('cuda', 8): RuntimeError: x"]
