@@ -3,19 +3,26 @@
 #   (suite.log)           the sync test: every policy's MoE layers under torch.cuda.set_sync_debug_mode("error")
 #   policy_speed_chunk.json  the experiment's chunk forward, static-top1 against drop-all (its routing
 #                         through NECTAR's drop path); MODEL=DIR: a saved model on its held-out stream
+#   policy_speed_chunk_backend.json  the same, each chunk timed inside the telemetry backend's window
+#                         (NVML with its sampler thread, as hw-run times a chunk)
+#   policy_speed_chunk_mb128.json    the same with 128-row micro-batches (half the forwards a chunk:
+#                         whether the cheap routings are host-bound)
+#   policy_speed_graphs.json  the bare forward, grouped dispatch, replayed as captured CUDA graphs
 #   policy_speed_<d>.json every policy on the same chunk, dispatch d = grouped, loop, compiled
 #                         (+ policy_speed_<d>.cost_table.json: the calibration it predicts from)
 #   moe_layer.json        the MoE layer against a dense FFN of equal active FLOPs (32 K / 128 K tokens)
 #   calibration_noise.json  the cost calibration's spread over identical experts, with and without a settle
 #   suite.log             everything printed
-# About 10 minutes on an H100/H200 (SKIP_COMPILED=1: about 7, without the compiled row); each step has its own time limit, so one that overruns leaves
-# the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
+# About 14 minutes on an H100/H200 (SKIP_COMPILED=1: about 11, without the compiled row; CHUNK_ONLY=1:
+# about 6, the sync test and the four chunk and graph rows alone); each step has its own time limit, so
+# one that overruns leaves the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
 cd "$(dirname "$0")/.."
 # fixed-price:0.005 drops nearly every second slot: against static-top1, what a dropped slot still costs
 POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p:0.5,fixed-price:1,fixed-price:0.005,nectar
+CHUNK_POLICIES=static-top2,static-top1,drop-all,static-cheap,fixed-bias:3,top-p:0.5,nectar
 . benchmarks/suite_steps.sh
 suite_header
 step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py \
@@ -23,8 +30,16 @@ step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_syn
 # the experiment's chunk forward (recorder, NLL) with drop-all = static top-1's routing through NECTAR's drop
 # path; MODEL=DIR (`nectar hw-run --save-model DIR`) runs a trained model on its held-out stream
 step "policy_speed chunk" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch loop --rounds 3 --chunk-forward \
-  --policies static-top2,static-top1,drop-all,static-cheap,nectar ${MODEL:+--model "$MODEL"} \
-  --json-out "$OUT/policy_speed_chunk.json"
+  --policies $CHUNK_POLICIES ${MODEL:+--model "$MODEL"} --json-out "$OUT/policy_speed_chunk.json"
+step "policy_speed chunk backend" 100 "$PY" benchmarks/policy_speed.py --device cuda --dispatch loop --rounds 3 \
+  --chunk-forward --telemetry backend --policies $CHUNK_POLICIES ${MODEL:+--model "$MODEL"} \
+  --json-out "$OUT/policy_speed_chunk_backend.json"
+step "policy_speed chunk mb128" 100 "$PY" benchmarks/policy_speed.py --device cuda --dispatch loop --rounds 3 \
+  --chunk-forward --micro-batch 128 --policies $CHUNK_POLICIES ${MODEL:+--model "$MODEL"} \
+  --json-out "$OUT/policy_speed_chunk_mb128.json"
+step "policy_speed graphs" 100 "$PY" benchmarks/policy_speed.py --device cuda --dispatch grouped --graphs --rounds 3 \
+  --policies $CHUNK_POLICIES ${MODEL:+--model "$MODEL"} --json-out "$OUT/policy_speed_graphs.json"
+if [ "${CHUNK_ONLY:-0}" = 1 ]; then date | tee -a "$LOG"; exit $status; fi
 for d in grouped loop; do
   step "policy_speed $d" 110 "$PY" benchmarks/policy_speed.py --device cuda --dispatch "$d" --rounds 4 \
     --policies "$POLICIES" --json-out "$OUT/policy_speed_$d.json"
