@@ -18,6 +18,8 @@ median of the per-round ratios to static-top2 of the same round):
                        batches): well above the kernels' time, the forward is host-bound
   kernels_vs_top2      the kernels whose launches or device time differ most from static-top2's
                        (policy minus top-2): where an identical-routing gap is spent
+  allocator_in_rounds  the CUDA caching allocator's cudaMalloc / cudaFree calls and cache-flushing retries
+                       (each a device-wide sync) over the policy's timed chunks ({} off CUDA)
   host_us_per_forward  the torch ops' summed self host time in the profiled forward (µs; the profiler
                        inflates it, so compare policies, not wall times)
   host_ops_vs_top2     the host ops whose calls or self host time differ most from static-top2's
@@ -217,6 +219,18 @@ class GraphedForward:
         self.graph.replay()
 
 
+ALLOCATOR_KEYS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def allocator_counts(device: torch.device) -> dict[str, int]:
+    """The CUDA caching allocator's monotone counters (cudaMalloc and cudaFree calls, allocations that
+    had to free the cache and retry — each a device-wide sync); {} off CUDA."""
+    if device.type != "cuda":
+        return {}
+    stats = torch.cuda.memory_stats(device)
+    return {key: int(stats.get(key, 0)) for key in ALLOCATOR_KEYS}
+
+
 class CounterTimer:
     """(seconds, joules or None) of one fn(): wall clock between device syncs, NVML's energy counter."""
 
@@ -339,14 +353,19 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
     times = {name: [] for name in args.policies}
     energy = {name: [] for name in args.policies}
     timer = BackendTimer(device) if args.telemetry == "backend" else CounterTimer(device)
+    allocator = {name: {} for name in args.policies}
     try:
         for r in range(args.rounds):
             order = args.policies[r % len(args.policies):] + args.policies[:r % len(args.policies)]
             for name in order:
                 install(model, routers[name])
-                seconds, joules = timer.measure(lambda: run_chunk(name))
+                before = allocator_counts(device)
+                seconds, joules = timer.measure(lambda: run_chunk(name))  # noqa: B023  (called at once)
                 times[name].append(seconds)
                 energy[name].append(joules)
+                for key, value in allocator_counts(device).items():
+                    allocator[name][key] = allocator[name].get(key, 0) + value - before[key]
+                info[name]["allocator"] = allocator[name]
             print(f"# round {r + 1}/{args.rounds} done", flush=True)
     finally:
         timer.close()
@@ -371,6 +390,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "kernel_gpu_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["gpu_us"],
             "forward_wall_us": seconds * 1e6 * args.micro_batch / args.rows,
             "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
+            "allocator_in_rounds": info[name].get("allocator", {}),
             "host_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["host_us"],
             "host_ops_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"],
                                                   field="host_by_name"),
@@ -390,6 +410,8 @@ def print_kernel_differences(rows: list[dict]) -> None:
     for row in rows:
         if row["kernel_gpu_us_per_forward"] is None:
             continue
+        if any(row["allocator_in_rounds"].values()):
+            print(f"# {row['policy']}: allocator in the timed chunks {row['allocator_in_rounds']}", flush=True)
         print(f"# {row['policy']}: {row['kernel_gpu_us_per_forward'] / 1e3:.2f} ms of kernels and "
               f"{row['host_us_per_forward'] / 1e3:.2f} ms of host ops (profiled) in "
               f"{row['forward_wall_us'] / 1e3:.2f} ms a forward", flush=True)
