@@ -19,6 +19,9 @@ Per policy, over the same windows (its chunks, and its pauses if any):
     gpu_dppl   the run's perplexity increase vs static-top2 (frontier.json)
     sim_dppl   the same: the replay prices the GPU's own routing decisions, it does not re-decide
                them, so the perplexity is the run's
+    gpu_ns_per_token / sim_ns_per_token  the policy's chunk windows' time per token, measured and as
+               the simulator priced it from the table; time_error = sim / gpu − 1 (the machinery
+               issue's goal: every policy's speed within 3 % of what the measured table predicts)
 
 tokens = stream chunks × chunk_tokens (NECTAR's ride-along check rows are inside its windows and
 its energy, not its tokens, as in the run's accounting). Written as JSON with a plot beside it.
@@ -43,6 +46,7 @@ FORMAT = "nectar-sim-vs-gpu/1"
 BASELINE = "static-top2"
 OUT_NAME = "sim-vs-gpu-costs.json"
 GOAL_POINTS = 2.0          # issue goal: every policy's saving within ±2 points of the GPU's
+GOAL_TIME = 0.03           # machinery issue's goal: every policy's speed within 3 % of the table's prediction
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ class SavingRow:
     chunks: int
     gpu_mJ_per_token: float
     sim_mJ_per_token: float
+    gpu_ns_per_token: float = math.nan
+    sim_ns_per_token: float = math.nan
+
+    @property
+    def time_error(self) -> float:
+        """Simulated over measured time per token, minus 1 (+0.10: the table prices it 10 % slower)."""
+        return self.sim_ns_per_token / self.gpu_ns_per_token - 1.0
 
     @property
     def gap_points(self) -> float | None:
@@ -75,7 +86,7 @@ class SavingRow:
         return 100.0 * (self.sim_saved - self.gpu_saved)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "gap_points": self.gap_points}
+        return {**asdict(self), "gap_points": self.gap_points, "time_error": self.time_error}
 
 
 def _require(run_dir: Path, name: str, why: str) -> Path:
@@ -115,16 +126,20 @@ def replay_run(run: FrontierRun, preset: GPUPreset) -> list[ReplayRow]:
 
 
 def _policy_energies(run: FrontierRun, replayed: Sequence[ReplayRow]) -> dict[str, list[float]]:
-    """policy -> [stream chunks, measured J, simulated J] over its chunk and pause windows."""
+    """policy -> [stream chunks, measured J, simulated J, measured chunk s, simulated chunk s] over its
+    chunk and pause windows (the times over its chunk windows only)."""
     totals: dict[str, list[float]] = {}
     for r in replayed:
         row = run.trace.rows[r.index]
         if r.kind not in ("chunk", "idle") or row.policy in ("", "idle"):
             continue
-        entry = totals.setdefault(row.policy, [0, 0.0, 0.0])
-        entry[0] += r.kind == "chunk"
+        entry = totals.setdefault(row.policy, [0, 0.0, 0.0, 0.0, 0.0])
+        chunk = r.kind == "chunk"
+        entry[0] += chunk
         entry[1] += window_energy_J(row.window)
         entry[2] += r.sim_energy_J
+        entry[3] += row.window.duration_s if chunk else 0.0
+        entry[4] += r.sim_duration_s if chunk else 0.0
     return totals
 
 
@@ -133,16 +148,17 @@ def saving_rows(run: FrontierRun, replayed: Sequence[ReplayRow]) -> list[SavingR
     totals = _policy_energies(run, replayed)
     if BASELINE not in totals:
         raise ValueError(f"{run.path}: the trace has no {BASELINE} windows, the baseline every saving is measured against")
-    per_token = {p: (chunks * run.chunk_tokens, gpu / (chunks * run.chunk_tokens), sim / (chunks * run.chunk_tokens))
-                 for p, (chunks, gpu, sim) in totals.items() if chunks}
-    _, gpu_base, sim_base = per_token[BASELINE]
+    per_token = {p: [value / (chunks * run.chunk_tokens) for value in (gpu, sim, gpu_s, sim_s)]
+                 for p, (chunks, gpu, sim, gpu_s, sim_s) in totals.items() if chunks}
+    gpu_base, sim_base = per_token[BASELINE][:2]
     dppl = {p["name"]: p.get("dppl") for p in run.report.get("policies", [])}
     workload = run.report.get("workload", "")
     rows = []
-    for policy, (tokens, gpu, sim) in per_token.items():
+    for policy, (gpu, sim, gpu_s, sim_s) in per_token.items():
         base = policy == BASELINE
         rows.append(SavingRow(workload, policy, None if base else 1.0 - gpu / gpu_base, None if base else 1.0 - sim / sim_base,
-                              dppl.get(policy), dppl.get(policy), int(totals[policy][0]), 1e3 * gpu, 1e3 * sim))
+                              dppl.get(policy), dppl.get(policy), int(totals[policy][0]), 1e3 * gpu, 1e3 * sim,
+                              1e9 * gpu_s, 1e9 * sim_s))
     return rows
 
 
@@ -159,9 +175,12 @@ def verdict(rows: Sequence[SavingRow]) -> dict:
         by_workload.setdefault(r.workload, []).append(r)
     same_ranking = all(_ranks([r.gpu_saved for r in rs]) == _ranks([r.sim_saved for r in rs]) for rs in by_workload.values())
     gaps = [abs(r.gap_points) for r in scored]
+    times = [abs(r.time_error) for r in rows if math.isfinite(r.time_error)]
     return {"max_abs_gap_points": max(gaps) if gaps else None,
             "within_2_points": sum(g <= GOAL_POINTS for g in gaps), "policies_scored": len(gaps),
-            "ranking_identical": same_ranking}
+            "ranking_identical": same_ranking,
+            "time_within_3_percent": sum(t <= GOAL_TIME for t in times), "time_rows": len(times),
+            "max_abs_time_error": max(times) if times else None}
 
 
 def reconcile_frontier(run_dirs: Sequence[str | Path], preset: str | Path | GPUPreset | None = None) -> dict:
@@ -194,15 +213,18 @@ def table_warnings(run: FrontierRun) -> list[str]:
 
 # ---------------------------------------------------------------------------- output
 def table_text(report: dict) -> str:
-    lines = [f"{'workload':<14}{'policy':<16}{'gpu saved':>10}{'sim saved':>10}{'gap':>8}{'gpu dppl':>10}"]
+    lines = [f"{'workload':<14}{'policy':<16}{'gpu saved':>10}{'sim saved':>10}{'gap':>8}{'gpu dppl':>10}"
+             f"{'gpu ns/tok':>11}{'sim ns/tok':>11}{'time err':>9}"]
     for r in report["rows"]:
-        if r["gap_points"] is None:
-            continue
-        lines.append(f"{r['workload']:<14}{r['policy']:<16}{100 * r['gpu_saved']:>9.1f}%{100 * r['sim_saved']:>9.1f}%"
-                     f"{r['gap_points']:>+8.1f}{100 * (r['gpu_dppl'] or 0):>+9.2f}%")
+        saved = ("" if r["gap_points"] is None else
+                 f"{100 * r['gpu_saved']:>9.1f}%{100 * r['sim_saved']:>9.1f}%{r['gap_points']:>+8.1f}")
+        lines.append(f"{r['workload']:<14}{r['policy']:<16}{saved:>28}{100 * (r['gpu_dppl'] or 0):>+9.2f}%"
+                     f"{r['gpu_ns_per_token']:>11.1f}{r['sim_ns_per_token']:>11.1f}{100 * r['time_error']:>+8.1f}%")
     g = report["goals"]
     lines.append(f"within {GOAL_POINTS:g} points: {g['within_2_points']}/{g['policies_scored']} policies "
-                 f"(worst {g['max_abs_gap_points'] or 0:.1f}); ranking identical: {'yes' if g['ranking_identical'] else 'no'}")
+                 f"(worst {g['max_abs_gap_points'] or 0:.1f}); ranking identical: {'yes' if g['ranking_identical'] else 'no'}; "
+                 f"time within {100 * GOAL_TIME:g} %: {g['time_within_3_percent']}/{g['time_rows']} "
+                 f"(worst {100 * (g['max_abs_time_error'] or 0):.1f} %)")
     lines += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(lines)
 

@@ -59,6 +59,24 @@ def test_replaying_a_table_priced_run_gives_back_its_own_savings(run):
     assert report["warnings"] == []
 
 
+def test_time_per_token_is_the_chunk_windows_and_the_same_simulator_prices_it_alike(run):
+    """gpu_ns_per_token is the run's own chunk time over its tokens (chunks.csv, recomputed here); the
+    replay by the same table and simulator gives the same time, so every row is within the 3 % goal."""
+    import csv
+
+    out, preset = run
+    report = reconcile_frontier([out], preset=preset)
+    rows = {r["policy"]: r for r in report["rows"]}
+    chunks = [c for c in csv.DictReader((out / "chunks.csv").open()) if c["policy"] == "static-top1"]
+    seconds = sum(float(c["t_end_s"]) - float(c["t_start_s"]) for c in chunks)
+    assert rows["static-top1"]["gpu_ns_per_token"] == approx(1e9 * seconds / (3 * 1024), n=16, scale=3e4)
+    for r in rows.values():
+        assert r["time_error"] == approx(r["sim_ns_per_token"] / r["gpu_ns_per_token"] - 1.0, n=4, scale=1.0)
+        assert abs(r["time_error"]) < 1e-9            # one simulator, one table: the same durations
+    goals = report["goals"]
+    assert goals["time_within_3_percent"] == goals["time_rows"] == len(rows)
+
+
 def test_cli_writes_the_report_and_plot_beside_the_run(run, capsys):
     out, preset = run
     assert reconcile_main(["--frontier", str(out), "--preset", str(preset)]) == 0
