@@ -169,8 +169,7 @@ def kernel_profile(fn, device: torch.device) -> dict | None:
 def kernel_difference(profile: dict | None, reference: dict | None, top: int = 12, field: str = "by_name") -> list[dict]:
     """The kernels (`field="host_by_name"`: host ops) whose device (host) time differs most between a
     policy's profile and the reference's: [{"kernel", "launches", "gpu_us" (host ops: "host_us")} as
-    policy minus reference],
-    largest absolute difference first."""
+    policy minus reference], largest absolute difference first."""
     if profile is None or reference is None:
         return []
     names = set(profile[field]) | set(reference[field])
@@ -365,10 +364,11 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
                 energy[name].append(joules)
                 for key, value in allocator_counts(device).items():
                     allocator[name][key] = allocator[name].get(key, 0) + value - before[key]
-                info[name]["allocator"] = allocator[name]
             print(f"# round {r + 1}/{args.rounds} done", flush=True)
     finally:
         timer.close()
+    for name in args.policies:
+        info[name]["allocator"] = allocator[name]
     return _rows(args, chunk.numel(), times, energy, info, static)
 
 

@@ -71,7 +71,7 @@ def start_price(runs: list["PolicyRun"], given: float | None) -> float | None:
 
 def build_summary(runs: list["PolicyRun"], cfg: "RunConfig", backend: str, **extra) -> dict:
     """The run's summary in the schema of `nectar run --json` (plus the run's settings and, at its end,
-    the fused router's status: whether any variant turned it off mid-run)."""
+    the fused router's status: the kernel variants that failed and left their routers on the torch path)."""
     from nectar.moe import fused_router
 
     limits, guard = cfg.controller.limits, cfg.controller.guard

@@ -127,17 +127,19 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
     logits = logits.contiguous()
     n, e = logits.shape
     device = logits.device
+    block_e = triton.next_power_of_2(e)
+    block_n = max(1, min(128, 4096 // block_e))
+    constants = dict(E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
+                     RENORMALIZE=renormalize, ROUND=_round_code(logits.dtype))
+    variant = (device.type, *constants.values())
+    if variant in _FAILED:                      # its first launch failed: the caller's torch path answers
+        return None
     experts = torch.empty(n, k, dtype=torch.long, device=device)
     gates = torch.empty(n, k, dtype=logits.dtype, device=device)
     mask = torch.empty(n, k, dtype=torch.bool, device=device)
     probs = torch.empty(n, e, dtype=logits.dtype, device=device)
     zeros = _zeros(e, device)                   # for a vector the caller has not got (or the kernel does not read)
     vector = lambda v: zeros if v is None else v.to(device=device, dtype=torch.float32).contiguous()  # noqa: E731
-    block_e = triton.next_power_of_2(e)
-    block_n = max(1, min(128, 4096 // block_e))
-    constants = dict(E=e, BLOCK_E=block_e, BLOCK_N=block_n, K=k, MODE=mode, DROP=drop is not None,
-                     RENORMALIZE=renormalize, ROUND=_round_code(logits.dtype))
-    variant = (device.type, *constants.values())
 
     def launch():
         _route_kernel[(triton.cdiv(n, block_n),)](
@@ -146,7 +148,7 @@ def _launch(logits, k, mode, bias, cheap=None, drop=None, renormalize=True, p=0.
 
     if variant in _PROVEN:
         launch()
-    elif variant in _FAILED or not _first_launch(launch, variant):
+    elif not _first_launch(launch, variant):
         return None
     return RoutingDecision(experts, gates, mask, torch.zeros_like(mask), probs, logits)
 
