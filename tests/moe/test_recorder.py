@@ -7,7 +7,7 @@ import torch
 
 from nectar.moe.experts import ExpertSpec, build_experts
 from nectar.moe.layer import MoELayer
-from nectar.moe.recorder import RoutingRecorder, active_counts
+from nectar.moe.recorder import RoutingRecorder, active_counts, static_choice
 from nectar.moe.static_routers import CapacityRouter
 from tests.tolerance import approx
 
@@ -63,3 +63,16 @@ def test_active_counts_equal_the_loop_and_trace_without_host_reads():
     assert active_counts(decision).tolist() == loop_counts(decision) == layer.last_metrics.tokens_per_expert
     traced = torch.compile(active_counts, backend="eager", fullgraph=True)  # fails on any host read
     assert traced(decision).tolist() == loop_counts(decision)
+
+
+def test_static_choice_is_topk_and_takes_the_lower_expert_among_equals():
+    """The agreement's static top-k: topk's experts where the logits have no ties (any k), and among
+    equal logits the lower index (as the fused router breaks ties), in bf16 too."""
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = torch.stack([torch.randperm(10, generator=gen) for _ in range(64)]).to(dtype)   # distinct per row
+        for k in (1, 2, 3):
+            assert torch.equal(static_choice(logits, k), logits.topk(k, dim=-1).indices)
+        tied = torch.tensor([[0.0, 2.0, 1.0, 2.0], [3.0, 3.0, 3.0, 0.0], [1.0, 1.0, 1.0, 1.0]], dtype=dtype)
+        assert static_choice(tied, 2).tolist() == [[1, 3], [0, 1], [0, 1]]
+        assert static_choice(tied, 1).tolist() == [[1], [0], [0]]
