@@ -202,3 +202,43 @@ def test_status_says_why_the_fused_path_is_off(monkeypatch):
     assert fused_router.status() == {"triton": fused_router.triton is not None, "switch_on": False, "failed": []}
     monkeypatch.setattr(fused_router, "_FAILED", {("cuda", 8): "RuntimeError: x"})
     assert fused_router.status()["failed"] == ["('cuda', 8): RuntimeError: x"]
+
+
+HOPPER_VARIANTS = [(0, k, False) for k in (1, 2, 3, 4)] + [(1, 2, False), (1, 2, True), (2, 2, False), (3, 2, False),
+                                                         (3, 4, False)]
+
+
+@pytest.mark.skipif(fused_router.triton is None or fused_router.INTERPRET,
+                    reason="needs Triton's compiler (its CUDA backend compiles without a GPU), not its interpreter")
+@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
+def test_every_kernel_variant_compiles_for_hopper_without_a_gpu(dtype):
+    """Every (mode, k, drop) variant a router launches compiles ahead of time for sm_90 (an H100 or
+    H200) with this Triton and keeps its rows in registers (no local memory): a variant that fails
+    its first GPU launch falls back to torch, so this is what to run before a GPU call.
+    `PYTHONPATH=<triton> pytest tests/moe/test_fused_router.py -k hopper` on a CPU machine."""
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    import os
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature = {"logits_ptr": f"*{dtype}", "bias_ptr": "*fp32", "cheap_ptr": "*fp32", "drop_ptr": "*fp32",
+                 "experts_ptr": "*i64", "gates_ptr": f"*{dtype}", "mask_ptr": "*u8", "probs_ptr": f"*{dtype}",
+                 "N": "i32", "P": "fp32"}
+    cuobjdump = os.path.join(os.path.dirname(fused_router.triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    for mode, k, drop in HOPPER_VARIANTS:
+        constants = dict(E=10, BLOCK_E=16, BLOCK_N=128, K=k, MODE=mode, DROP=drop, RENORMALIZE=True,
+                         ROUND=1 if dtype == "bf16" else 0)
+        source = ASTSource(fn=fused_router._route_kernel, signature={**signature, **dict.fromkeys(constants, "constexpr")},
+                           constexprs=constants)
+        compiled = fused_router.triton.compile(source, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm.get("cubin"), (mode, k, drop)
+        if os.path.exists(cuobjdump):
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+                cubin.write(compiled.asm["cubin"])
+                cubin.flush()
+                usage = subprocess.run([cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True,
+                                       text=True, check=True).stdout
+            assert "LOCAL:0" in usage, (mode, k, drop, usage)
