@@ -18,6 +18,8 @@ median of the per-round ratios to static-top2 of the same round):
                        batches): well above the kernels' time, the forward is host-bound
   kernels_vs_top2      the kernels whose launches or device time differ most from static-top2's
                        (policy minus top-2): where an identical-routing gap is spent
+  top_kernels          the kernels with the most device time in one forward (to set one dispatch's
+                       run against another's)
   allocator_in_rounds  the CUDA caching allocator's cudaMalloc / cudaFree calls and cache-flushing retries
                        (each a device-wide sync) over the policy's timed chunks ({} off CUDA)
   host_us_per_forward  the torch ops' summed self host time in the profiled forward (µs; the profiler
@@ -181,6 +183,15 @@ def kernel_difference(profile: dict | None, reference: dict | None, top: int = 1
         if n != n0 or abs(t - t0) > 0:
             rows.append({"kernel": name, "launches": n - n0, unit: round(t - t0, 1)})
     return sorted(rows, key=lambda r: -abs(r[unit]))[:top]
+
+
+def top_kernels(profile: dict | None, top: int = 12) -> list[dict]:
+    """The kernels with the most device time in a profile: [{"kernel", "launches", "gpu_us"}] (where a
+    dispatch spends its forward, to compare one dispatch's run with another's)."""
+    if profile is None:
+        return []
+    rows = [{"kernel": name, "launches": n, "gpu_us": round(t, 1)} for name, (n, t) in profile["by_name"].items()]
+    return sorted(rows, key=lambda r: -r["gpu_us"])[:top]
 
 
 def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -390,6 +401,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "kernel_gpu_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["gpu_us"],
             "forward_wall_us": seconds * 1e6 * args.micro_batch / args.rows,
             "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
+            "top_kernels": top_kernels(info[name]["kernels"]),
             "allocator_in_rounds": info[name].get("allocator", {}),
             "host_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["host_us"],
             "host_ops_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"],

@@ -146,6 +146,11 @@ def test_policy_speed_kernel_difference_is_policy_minus_reference():
     rows = kernel_difference(policy, reference)
     assert rows == [{"kernel": "topk", "launches": 2, "gpu_us": 20.0}, {"kernel": "scatter", "launches": 1, "gpu_us": 2.0}]
     assert kernel_difference(None, reference) == []
+    from benchmarks.policy_speed import top_kernels
+
+    assert top_kernels(policy, top=2) == [{"kernel": "topk", "launches": 3, "gpu_us": 30.0},
+                                          {"kernel": "gemm", "launches": 2, "gpu_us": 20.0}]
+    assert top_kernels(None) == []
 
 
 def test_policy_speed_drop_all_is_static_top1_through_the_drop_path(tmp_path):
