@@ -71,8 +71,8 @@ class SavingRow:
     chunks: int
     gpu_mJ_per_token: float
     sim_mJ_per_token: float
-    gpu_ns_per_token: float = math.nan
-    sim_ns_per_token: float = math.nan
+    gpu_ns_per_token: float
+    sim_ns_per_token: float
 
     @property
     def time_error(self) -> float:
