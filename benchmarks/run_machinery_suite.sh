@@ -14,8 +14,10 @@
 #   calibration_noise.json  the cost calibration's spread over identical experts, with and without a settle
 #   suite.log             everything printed
 # About 14 minutes on an H100/H200 (SKIP_COMPILED=1: about 11, without the compiled row; CHUNK_ONLY=1:
-# about 6, the sync test and the four chunk and graph rows alone); each step has its own time limit, so
-# one that overruns leaves the others. Run from the repository root on the GPU host (torch with CUDA, nvidia-ml-py):
+# about 6, the sync test and the four chunk and graph rows alone; MODEL=train trains a distilgpt2-recipe
+# model for TRAIN_S seconds first, default 60, on the carried data/corpus/built, and runs the rows on it:
+# about 9); each step has its own time limit, so one that overruns leaves the others. Run from the
+# repository root on the GPU host (torch with CUDA, nvidia-ml-py):
 #   bash benchmarks/run_machinery_suite.sh OUTDIR      (exit status 1 if any step failed)
 set -u -o pipefail
 OUT=${1:?usage: bash benchmarks/run_machinery_suite.sh OUTDIR}
@@ -25,7 +27,12 @@ POLICIES=static-top2,fixed-bias:0,fixed-price:1e9,static-top1,static-cheap,top-p
 CHUNK_POLICIES=static-top2,static-top1,drop-all,static-cheap,fixed-bias:3,top-p:0.5,nectar
 . benchmarks/suite_steps.sh
 suite_header
-step sync_test 120 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py \
+if [ "${MODEL:-}" = train ]; then     # a distilgpt2-recipe model of TRAIN_S seconds (needs data/corpus/built)
+  MODEL=/tmp/nectar-machinery-model
+  step "train distilgpt2 ${TRAIN_S:-60} s" $(( ${TRAIN_S:-60} + 120 )) "$PY" -m nectar train --recipe distilgpt2 \
+    --time-budget-s "${TRAIN_S:-60}" --device cuda --out "$MODEL" --overwrite --no-progress
+fi
+step sync_test 150 "$PY" -m pytest -q -p no:cacheprovider tests/moe/test_gpu_sync_free.py tests/moe/test_dispatch_compaction.py \
   tests/moe/test_fused_router.py
 # the experiment's chunk forward (recorder, NLL) with drop-all = static top-1's routing through NECTAR's drop
 # path; MODEL=DIR (`nectar hw-run --save-model DIR`) runs a trained model on its held-out stream
