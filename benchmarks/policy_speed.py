@@ -210,9 +210,11 @@ def selected_pairs(model, ids: torch.Tensor) -> list[torch.Tensor]:
 class GraphedForward:
     """One policy's forward of a micro-batch [b, T] captured once as a CUDA graph (the grouped dispatch
     and the routers wait for nothing, so the capture holds the whole forward) and replayed on each
-    micro-batch's ids: the forward without any host launch cost."""
+    micro-batch's ids: the forward without any host launch cost. The policies' graphs share one memory
+    pool (`pool`): they never run at once, and a replay's outputs are not read (timing only), so one
+    graph's intermediates may reuse another's memory — one forward's worth instead of one a policy."""
 
-    def __init__(self, model, example: torch.Tensor):
+    def __init__(self, model, example: torch.Tensor, pool=None):
         self.ids = example.clone()                                      # [b, T] the graph's input
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -221,8 +223,8 @@ class GraphedForward:
                 model(input_ids=self.ids, use_cache=False)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.no_grad(), torch.cuda.graph(self.graph):
-            self.logits = model(input_ids=self.ids, use_cache=False).logits   # [b, T, V] kept by the graph
+        with torch.no_grad(), torch.cuda.graph(self.graph, pool=pool):
+            model(input_ids=self.ids, use_cache=False)
 
     def __call__(self, ids: torch.Tensor) -> None:
         self.ids.copy_(ids)
@@ -329,6 +331,7 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
             model(input_ids=ids, use_cache=False)
 
     graphs: dict[str, GraphedForward] = {}      # --graphs: each policy's captured forward
+    pool = torch.cuda.graph_pool_handle() if args.graphs else None
 
     def run_chunk(name: str):
         if args.chunk_forward:
@@ -356,7 +359,7 @@ def measure_policies(model, chunk: torch.Tensor, args, device: torch.device, tab
                       "predicted_s": predicted_seconds(model, table, micro[0], name), "pairs": pairs}
         if args.graphs:
             try:
-                graphs[name] = GraphedForward(model, micro[0])
+                graphs[name] = GraphedForward(model, micro[0], pool)
             except RuntimeError as exc:                              # e.g. a host sync inside the forward
                 print(f"# {name}: no CUDA graph ({str(exc).splitlines()[0]}); timed eagerly", flush=True)
         info[name]["graphed"] = name in graphs
