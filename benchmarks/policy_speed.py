@@ -405,7 +405,7 @@ def _rows(args, tokens: int, times: dict, energy: dict, info: dict, static: list
             "forward_wall_us": seconds * 1e6 * args.micro_batch / args.rows,
             "kernels_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"]),
             "top_kernels": top_kernels(info[name]["kernels"]),
-            "allocator_in_rounds": info[name].get("allocator", {}),
+            "allocator_in_rounds": info[name]["allocator"],
             "host_us_per_forward": None if info[name]["kernels"] is None else info[name]["kernels"]["host_us"],
             "host_ops_vs_top2": kernel_difference(info[name]["kernels"], info["static-top2"]["kernels"],
                                                   field="host_by_name"),
